@@ -1,0 +1,239 @@
+// Package agent is the composition root of redis-agent and the Service the
+// API calls: it provisions, binds, restarts and deletes instances by
+// combining the state store, the port allocator, the per-instance volumes,
+// the Redis config renderer and one supervisor per instance, and at start
+// it reconciles what the state says with what runs on the machine.
+//
+// Every operation writes its intent to the state store before it has a
+// side effect, so a crash at any point leaves a record that reconcile can
+// finish (provisioning) or carry out (deleting).
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/redis-agent/redis-agent/ports"
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+	"github.com/redis-agent/redis-agent/volumes"
+)
+
+// Service implements the agent's operations. Create it with New, call
+// Reconcile once, then use it from any goroutine; Close leaves every
+// redis-server running.
+type Service struct {
+	cfg    Config
+	log    *slog.Logger
+	store  *state.Store
+	layout volumes.Layout
+	alloc  ports.Allocator
+	cred   *syscall.Credential
+
+	// ctx is the supervisors' lifetime: cancelling it is agent shutdown.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	locks keyedMutex
+
+	mu        sync.Mutex
+	instances map[string]*instance // live supervision, by id
+
+	reconciled atomic.Bool
+	orphans    atomic.Pointer[[]Orphan]
+}
+
+// instance is the runtime side of one record.
+type instance struct {
+	sup   *supervisor.Supervisor
+	admin *redis.Admin
+}
+
+// Orphan is something on the machine that looks like ours but that no
+// record owns. The agent reports orphans and never deletes them.
+type Orphan struct {
+	// Kind is "directory" or "process".
+	Kind string `json:"kind"`
+	ID   string `json:"id"`
+	Path string `json:"path"`
+	PID  int    `json:"pid,omitempty"`
+}
+
+// New opens the state and prepares the directories. It starts nothing:
+// call Reconcile.
+func New(cfg Config) (*Service, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Service{
+		cfg:       cfg,
+		log:       log,
+		alloc:     ports.Allocator{Range: ports.Range{Min: cfg.PortMin, Max: cfg.PortMax}, Busy: ports.ListenProbe(cfg.BindHost)},
+		instances: map[string]*instance{},
+	}
+	s.layout = volumes.Layout{
+		DataRoot: filepath.Join(cfg.DataDir, "instances"),
+		LogRoot:  cfg.logDir(),
+		Owner:    volumes.Owner{UID: -1, GID: -1},
+	}
+	if cfg.RedisUser != "" && syscall.Geteuid() == 0 {
+		u, err := user.Lookup(cfg.RedisUser)
+		if err != nil {
+			return nil, fmt.Errorf("redis user: %w", err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
+		s.layout.Owner = volumes.Owner{UID: uid, GID: gid}
+	}
+	if err := s.layout.Init(); err != nil {
+		return nil, err
+	}
+	store, err := state.Open(filepath.Join(cfg.DataDir, "state", "agent.db"), time.Second)
+	if err != nil {
+		return nil, err
+	}
+	s.store = store
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Close ends supervision and closes the state. Every redis-server keeps
+// running; the next agent adopts them.
+func (s *Service) Close() error {
+	s.cancel()
+	s.mu.Lock()
+	insts := make([]*instance, 0, len(s.instances))
+	for _, in := range s.instances {
+		insts = append(insts, in)
+	}
+	s.mu.Unlock()
+	for _, in := range insts {
+		<-in.sup.Done()
+		in.admin.Close()
+	}
+	return s.store.Close()
+}
+
+// Ready reports whether the agent can serve: reconcile is done, the state
+// is writable and redis-server is still executable.
+func (s *Service) Ready(ctx context.Context) error {
+	if !s.reconciled.Load() {
+		return fmt.Errorf("reconcile has not finished")
+	}
+	if err := s.store.Writable(); err != nil {
+		return fmt.Errorf("state store is not writable: %w", err)
+	}
+	if err := syscall.Access(s.cfg.RedisServer, 1 /* X_OK */); err != nil {
+		return fmt.Errorf("redis-server %s is not executable: %w", s.cfg.RedisServer, err)
+	}
+	return nil
+}
+
+// Orphans returns what the last reconcile found that no record owns.
+func (s *Service) Orphans() []Orphan {
+	if p := s.orphans.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// conf renders the redis.conf of a record.
+func (s *Service) conf(rec state.Instance) []byte {
+	return redis.Render(redis.Conf{
+		Bind:        s.cfg.BindHost,
+		Port:        rec.Port,
+		Dir:         s.layout.DataDir(rec.ID),
+		LogFile:     s.layout.LogPath(rec.ID),
+		ACLFile:     s.layout.ACLPath(rec.ID),
+		MemoryMB:    rec.MemoryMB,
+		Persistence: rec.Persistence,
+	})
+}
+
+func hash(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// acl renders the ACL file of a record: the agent's admin user and one
+// user per binding.
+func acl(rec state.Instance) []byte {
+	users := append(tenantUsers(rec), redis.User{Name: redis.AdminUser, PasswordHash: redis.HashPassword(rec.AdminPassword), Admin: true})
+	return redis.RenderACL(users)
+}
+
+// tenantUsers are the ACL users of rec's bindings.
+func tenantUsers(rec state.Instance) []redis.User {
+	users := make([]redis.User, 0, len(rec.Bindings))
+	for _, b := range rec.Bindings {
+		users = append(users, redis.User{Name: b.Username, PasswordHash: redis.HashPassword(b.Password)})
+	}
+	return users
+}
+
+// writeFiles writes the config and ACL file of rec, creating its
+// directories first. It is idempotent.
+func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
+	if err := s.layout.Create(rec.ID); err != nil {
+		return "", err
+	}
+	conf := s.conf(rec)
+	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec)); err != nil {
+		return "", err
+	}
+	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf); err != nil {
+		return "", err
+	}
+	return hash(conf), nil
+}
+
+// keyedMutex serialises operations on one id without blocking other ids.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu   sync.Mutex
+	refs int
+}
+
+// lock locks id and returns its unlock function.
+func (k *keyedMutex) lock(id string) func() {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[id]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[id] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.refs--; e.refs == 0 {
+			delete(k.m, id)
+		}
+		k.mu.Unlock()
+	}
+}

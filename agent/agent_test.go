@@ -1,0 +1,584 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+)
+
+// nextPorts hands each test its own port range, so tests running in
+// parallel (and other packages' tests, which use other bases) never race
+// for a port.
+var nextPorts atomic.Int32
+
+const portBase = 21000
+
+func redisServer(t testing.TB) string {
+	t.Helper()
+	p, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("redis-server not installed; CI must run the Redis-backed tests")
+		}
+		t.Skip("redis-server not installed")
+	}
+	return p
+}
+
+// tempDir is a t.TempDir that an unprivileged redis user can traverse.
+func tempDir(t testing.TB) string {
+	t.Helper()
+	d := t.TempDir()
+	for p := d; p != os.TempDir() && p != "/"; p = filepath.Dir(p) {
+		os.Chmod(p, 0o755)
+	}
+	return d
+}
+
+func testConfig(t testing.TB, ports int) Config {
+	t.Helper()
+	cfg := DefaultConfig()
+	n := int(nextPorts.Add(int32(ports)))
+	cfg.PortMin = portBase + n - ports
+	cfg.PortMax = cfg.PortMin + ports - 1
+	cfg.DataDir = tempDir(t)
+	cfg.RedisServer = redisServer(t)
+	cfg.MemoryBudgetMB = 4096
+	cfg.ReadyTimeout = 5 * time.Second
+	cfg.StopTimeout = 5 * time.Second
+	cfg.Logger = testLogger(t)
+	return cfg
+}
+
+// startService opens and reconciles a Service; cleanup deletes every
+// instance it has then (so no redis-server outlives the test) and closes it.
+func startService(t testing.TB, cfg Config) *Service {
+	t.Helper()
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { shutdown(t, s, true) })
+	return s
+}
+
+var closed sync.Map // *Service -> true once shut down
+
+// shutdown closes s; with deleteAll it deletes every instance first.
+func shutdown(t testing.TB, s *Service, deleteAll bool) {
+	if _, done := closed.LoadOrStore(s, true); done {
+		return
+	}
+	if deleteAll {
+		list, _ := s.List(context.Background())
+		for _, in := range list {
+			if err := s.Deprovision(context.Background(), in.ID); err != nil {
+				t.Errorf("cleanup: deprovision %s: %v", in.ID, err)
+			}
+		}
+	}
+	s.Close()
+}
+
+func client(t testing.TB, port int, user, pass string) *goredis.Client {
+	t.Helper()
+	c := goredis.NewClient(&goredis.Options{
+		Addr: "127.0.0.1:" + strconv.Itoa(port), Username: user, Password: pass,
+		MaxRetries: -1, DialerRetries: 1, DisableIdentity: true, Protocol: 2, PoolSize: 1,
+	})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func waitFor(t testing.TB, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func mustGet(t testing.TB, s *Service, id string) Instance {
+	t.Helper()
+	in, err := s.Get(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in
+}
+
+func TestProvisionBindUnbind(t *testing.T) {
+	cfg := testConfig(t, 10)
+	s := startService(t, cfg)
+	ctx := context.Background()
+
+	inst, created, err := s.Provision(ctx, "inst-a", Spec{MemoryMB: 64, Persistence: "aof"})
+	if err != nil || !created {
+		t.Fatalf("Provision = %+v, %v, %v", inst, created, err)
+	}
+	if inst.State != "running" || inst.Port != cfg.PortMin || inst.PID == 0 {
+		t.Fatalf("provisioned instance = %+v; want running on port %d with a pid", inst, cfg.PortMin)
+	}
+	// Modes of the per-instance files.
+	for path, want := range map[string]fs.FileMode{
+		s.layout.ConfPath("inst-a"): 0o640,
+		s.layout.ACLPath("inst-a"):  0o640,
+		s.layout.DataDir("inst-a"):  0o700,
+	} {
+		st, err := os.Stat(path)
+		if err != nil || st.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, %v; want %o", path, st.Mode().Perm(), err, want)
+		}
+	}
+	// The default user is off: no unauthenticated access.
+	if err := client(t, inst.Port, "", "").Ping(ctx).Err(); err == nil {
+		t.Error("unauthenticated PING succeeded; the default user must be off")
+	}
+
+	// Identical repeat: 200, same port. Different spec: conflict.
+	again, created, err := s.Provision(ctx, "inst-a", Spec{MemoryMB: 64, Persistence: "aof"})
+	if err != nil || created || again.Port != inst.Port {
+		t.Fatalf("identical Provision = %+v, %v, %v; want existing, not created", again, created, err)
+	}
+	if _, _, err := s.Provision(ctx, "inst-a", Spec{MemoryMB: 128}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("different Provision = %v, want ErrConflict", err)
+	}
+
+	creds, created, err := s.Bind(ctx, "inst-a", "app1")
+	if err != nil || !created {
+		t.Fatalf("Bind = %+v, %v, %v", creds, created, err)
+	}
+	if creds.Port != inst.Port || creds.Username != "app1" || len(creds.Password) < 32 || creds.Host != "127.0.0.1" {
+		t.Fatalf("credentials = %+v", creds)
+	}
+	if want := fmt.Sprintf("redis://app1:%s@127.0.0.1:%d", creds.Password, creds.Port); creds.URI != want {
+		t.Errorf("URI = %q, want %q", creds.URI, want)
+	}
+	again2, created, err := s.Bind(ctx, "inst-a", "app1")
+	if err != nil || created || again2 != creds {
+		t.Fatalf("repeated Bind = %+v, %v, %v; want the same credentials", again2, created, err)
+	}
+	acl, _ := os.ReadFile(s.layout.ACLPath("inst-a"))
+	if strings.Contains(string(acl), creds.Password) {
+		t.Error("the ACL file holds a plaintext password")
+	}
+
+	app := client(t, creds.Port, creds.Username, creds.Password)
+	if err := app.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatalf("SET as binding user: %v", err)
+	}
+	if v, err := app.Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET = %q, %v", v, err)
+	}
+	if err := app.Do(ctx, "CONFIG", "SET", "maxmemory", "0").Err(); err == nil {
+		t.Error("a binding user could run CONFIG SET")
+	}
+
+	// A second binding leaves the first one's connection open.
+	if _, _, err := s.Bind(ctx, "inst-a", "app2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.Ping(ctx).Err(); err != nil {
+		t.Fatalf("app1's connection broke when app2 was bound: %v", err)
+	}
+
+	// Unbind drops app1's open connection and its password stops working.
+	if err := s.Unbind(ctx, "inst-a", "app1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.Ping(ctx).Err(); err == nil {
+		t.Error("unbound user's open connection still works")
+	}
+	if err := client(t, creds.Port, creds.Username, creds.Password).Ping(ctx).Err(); err == nil {
+		t.Error("unbound user can still log in")
+	}
+	if err := s.Unbind(ctx, "inst-a", "app1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("second Unbind = %v, want ErrNotFound", err)
+	}
+	if got := mustGet(t, s, "inst-a").Bindings; len(got) != 1 || got[0] != "app2" {
+		t.Errorf("bindings = %v, want [app2]", got)
+	}
+}
+
+func TestInvalidInputChangesNothing(t *testing.T) {
+	cfg := testConfig(t, 2)
+	cfg.MemoryBudgetMB = 100
+	s := startService(t, cfg)
+	ctx := context.Background()
+	tests := []struct {
+		name string
+		id   string
+		spec Spec
+		want error
+	}{
+		{"path traversal id", "../etc", Spec{}, ErrInvalid},
+		{"empty id", "", Spec{}, ErrInvalid},
+		{"negative memory", "x", Spec{MemoryMB: -1}, ErrInvalid},
+		{"unknown persistence", "x", Spec{Persistence: "sometimes"}, ErrInvalid},
+		{"over the budget", "x", Spec{MemoryMB: 101}, ErrCapacity},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, _, err := s.Provision(ctx, tt.id, tt.spec); !errors.Is(err, tt.want) {
+				t.Fatalf("Provision = %v, want %v", err, tt.want)
+			}
+		})
+	}
+	if list, _ := s.List(ctx); len(list) != 0 {
+		t.Fatalf("rejected provisions left records: %+v", list)
+	}
+	if dirs, _ := s.layout.List(); len(dirs) != 0 {
+		t.Fatalf("rejected provisions left directories: %v", dirs)
+	}
+	// Two ports: the third instance gets ErrCapacity and leaves nothing.
+	for _, id := range []string{"p1", "p2"} {
+		if _, _, err := s.Provision(ctx, id, Spec{MemoryMB: 10, Persistence: "none"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := s.Provision(ctx, "p3", Spec{MemoryMB: 10}); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("third Provision on two ports = %v, want ErrCapacity", err)
+	}
+	c, err := s.Capacity(ctx)
+	if err != nil || c.Instances != 2 || c.PortsFree != 0 || c.PortsTotal != 2 || c.MemoryReservedMB != 20 || c.MemoryFreeMB != 80 {
+		t.Fatalf("Capacity = %+v, %v", c, err)
+	}
+	for _, tc := range []struct{ id, bid string }{{"p1", "default"}, {"p1", "agent"}, {"p1", "../x"}} {
+		if _, _, err := s.Bind(ctx, tc.id, tc.bid); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Bind(%q, %q) = %v, want ErrInvalid", tc.id, tc.bid, err)
+		}
+	}
+	if _, _, err := s.Bind(ctx, "nope", "b"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Bind on a missing instance = %v, want ErrNotFound", err)
+	}
+}
+
+func TestCrashRecoveryKeepsData(t *testing.T) {
+	cfg := testConfig(t, 2)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	inst, _, err := s.Provision(ctx, "crashy", Spec{Persistence: "aof-always"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, _, err := s.Bind(ctx, "crashy", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, creds.Port, creds.Username, creds.Password)
+	for i := range 100 {
+		if err := c.Set(ctx, "key"+strconv.Itoa(i), i, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	oldPID := inst.PID
+	killed := time.Now()
+	if err := syscall.Kill(oldPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the binding user to PING again", 10*time.Second, func() bool {
+		return client(t, creds.Port, creds.Username, creds.Password).Ping(ctx).Err() == nil
+	})
+	t.Logf("recovered %v after SIGKILL", time.Since(killed))
+	after := mustGet(t, s, "crashy")
+	if after.PID == oldPID || after.Port != inst.Port || after.Restarts != 1 {
+		t.Fatalf("after crash: %+v; want a new pid, port %d, 1 restart", after, inst.Port)
+	}
+	if after.LastExit == nil || after.LastExit.Signal != "killed" || after.LastExit.Reason != "crash" {
+		t.Fatalf("last exit = %+v; want killed, crash", after.LastExit)
+	}
+	n, err := client(t, creds.Port, creds.Username, creds.Password).DBSize(ctx).Result()
+	if err != nil || n != 100 {
+		t.Fatalf("DBSIZE after crash = %d, %v; want 100 (aof-always)", n, err)
+	}
+}
+
+func TestRepeatedCrashesBackOff(t *testing.T) {
+	cfg := testConfig(t, 1)
+	cfg.Restart = supervisor.Policy{Base: 200 * time.Millisecond, Max: 2 * time.Second, StableAfter: time.Minute, CrashloopAfter: 3}
+	s := startService(t, cfg)
+	ctx := context.Background()
+	if _, _, err := s.Provision(ctx, "loop", Spec{Persistence: "none"}); err != nil {
+		t.Fatal(err)
+	}
+	var gaps []time.Duration
+	for i := range 3 {
+		in := mustGet(t, s, "loop")
+		killed := time.Now()
+		syscall.Kill(in.PID, syscall.SIGKILL)
+		waitFor(t, "restart", 10*time.Second, func() bool {
+			cur := mustGet(t, s, "loop")
+			return cur.State == "running" && cur.PID != in.PID && cur.Restarts == i+1
+		})
+		gaps = append(gaps, time.Since(killed))
+	}
+	// Decide's schedule: immediate, then Base, then 2*Base (no jitter set).
+	if gaps[0] >= 200*time.Millisecond || gaps[1] < 200*time.Millisecond || gaps[2] < 400*time.Millisecond {
+		t.Fatalf("restart gaps %v; want <200ms, >=200ms, >=400ms", gaps)
+	}
+	in := mustGet(t, s, "loop")
+	syscall.Kill(in.PID, syscall.SIGKILL)
+	waitFor(t, "crashloop state", 5*time.Second, func() bool { return mustGet(t, s, "loop").State == "crashloop" })
+	// Restart clears the backoff at once.
+	if err := s.Restart(ctx, "loop"); err != nil {
+		t.Fatal(err)
+	}
+	if st := mustGet(t, s, "loop").State; st != "running" {
+		t.Fatalf("after Restart state = %s", st)
+	}
+}
+
+func TestAdoptAfterAgentRestart(t *testing.T) {
+	cfg := testConfig(t, 3)
+	s1, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s1.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var before []Instance
+	for _, id := range []string{"a1", "a2", "a3"} {
+		in, _, err := s1.Provision(ctx, id, Spec{Persistence: "aof"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		before = append(before, in)
+	}
+	creds, _, err := s1.Bind(ctx, "a1", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := client(t, creds.Port, creds.Username, creds.Password)
+	if err := app.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s1, false) // the agent stops; Redis keeps running
+
+	// a3 dies while no agent watches it.
+	syscall.Kill(before[2].PID, syscall.SIGKILL)
+	waitFor(t, "a3 to be gone", 5*time.Second, func() bool {
+		return supervisor.Verify(supervisor.Process{PID: before[2].PID}, "") != nil
+	})
+	if err := app.Ping(ctx).Err(); err != nil {
+		t.Fatalf("tenant connection broke when the agent stopped: %v", err)
+	}
+
+	s2 := startService(t, cfg)
+	for _, b := range before[:2] {
+		in := mustGet(t, s2, b.ID)
+		if in.PID != b.PID || in.Restarts != 0 {
+			t.Errorf("%s after agent restart: pid %d restarts %d; want adopted pid %d, 0 restarts", b.ID, in.PID, in.Restarts, b.PID)
+		}
+	}
+	waitFor(t, "a3 started again", 10*time.Second, func() bool {
+		in := mustGet(t, s2, "a3")
+		return in.State == "running" && in.PID != before[2].PID
+	})
+	waitFor(t, "a1 adopted and ready", 5*time.Second, func() bool { return mustGet(t, s2, "a1").State == "running" })
+	// The tenant connection survived the whole agent restart.
+	if v, err := app.Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET over the original connection = %q, %v", v, err)
+	}
+	// An adopted process's death is noticed (pidfd) and it is restarted.
+	killed := time.Now()
+	syscall.Kill(before[0].PID, syscall.SIGKILL)
+	waitFor(t, "adopted a1 restarted", 10*time.Second, func() bool {
+		in := mustGet(t, s2, "a1")
+		return in.State == "running" && in.PID != before[0].PID
+	})
+	t.Logf("adopted process restarted %v after SIGKILL", time.Since(killed))
+	if v, err := client(t, creds.Port, creds.Username, creds.Password).Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET after restart of adopted process = %q, %v", v, err)
+	}
+}
+
+func TestReusedPIDIsNotAdopted(t *testing.T) {
+	cfg := testConfig(t, 1)
+	s1, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s1.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	in, _, err := s1.Provision(context.Background(), "r1", Spec{Persistence: "none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s1, false)
+	syscall.Kill(in.PID, syscall.SIGKILL)
+	waitFor(t, "r1 gone", 5*time.Second, func() bool {
+		return supervisor.Verify(supervisor.Process{PID: in.PID}, "") != nil
+	})
+	// A foreign process now holds the recorded pid: simulate by pointing
+	// the record at this test process, which has a different start time
+	// and title.
+	st, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.store.Update("r1", func(r *state.Instance) error { r.PID = os.Getpid(); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { shutdown(t, st, true) })
+	waitFor(t, "r1 started fresh", 10*time.Second, func() bool {
+		got := mustGet(t, st, "r1")
+		return got.State == "running" && got.PID != os.Getpid()
+	})
+}
+
+func TestDeprovisionFreesPortAndDirectory(t *testing.T) {
+	cfg := testConfig(t, 1)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	in, _, err := s.Provision(ctx, "gone", Spec{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Deprovision(ctx, "gone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Deprovision(ctx, "gone"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second Deprovision = %v, want ErrNotFound", err)
+	}
+	if s.layout.Exists("gone") {
+		t.Error("directory left after Deprovision")
+	}
+	if _, err := os.Stat(s.layout.LogPath("gone")); !os.IsNotExist(err) {
+		t.Error("log left after Deprovision")
+	}
+	if supervisor.Verify(supervisor.Process{PID: in.PID}, s.layout.ConfPath("gone")) == nil {
+		t.Error("process still running after Deprovision")
+	}
+	if l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(in.Port)); err != nil {
+		t.Errorf("port %d still in use after Deprovision: %v", in.Port, err)
+	} else {
+		l.Close()
+	}
+	// The only port of the range is handed out again.
+	again, _, err := s.Provision(ctx, "next", Spec{})
+	if err != nil || again.Port != in.Port {
+		t.Fatalf("Provision after delete = %+v, %v; want port %d", again, err, in.Port)
+	}
+}
+
+func TestConcurrentProvisionsGetDistinctPorts(t *testing.T) {
+	const n = 50
+	cfg := testConfig(t, n)
+	s := startService(t, cfg)
+	var wg sync.WaitGroup
+	insts := make([]Instance, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			insts[i], _, errs[i] = s.Provision(context.Background(), fmt.Sprintf("c%02d", i), Spec{MemoryMB: 16, Persistence: "none"})
+		}()
+	}
+	wg.Wait()
+	seen := map[int]string{}
+	for i, in := range insts {
+		if errs[i] != nil {
+			t.Fatalf("provision %d: %v", i, errs[i])
+		}
+		if other, dup := seen[in.Port]; dup {
+			t.Fatalf("port %d given to %s and %s", in.Port, other, in.ID)
+		}
+		seen[in.Port] = in.ID
+		if in.State != "running" {
+			t.Errorf("%s is %s, want running", in.ID, in.State)
+		}
+	}
+}
+
+func TestProvisionRollsBackWhenRedisCannotStart(t *testing.T) {
+	cfg := testConfig(t, 1)
+	fake := filepath.Join(tempDir(t), "redis-server")
+	if err := os.WriteFile(fake, []byte("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR' >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg.RedisServer = fake
+	s := startService(t, cfg)
+	_, _, err := s.Provision(context.Background(), "broken", Spec{})
+	if err == nil {
+		t.Fatal("Provision succeeded with a redis-server that exits at once")
+	}
+	if errors.Is(err, ErrInvalid) || errors.Is(err, ErrConflict) || errors.Is(err, ErrCapacity) {
+		t.Fatalf("error %v blames the caller; the agent's fault must be a 5xx", err)
+	}
+	if list, _ := s.List(context.Background()); len(list) != 0 {
+		t.Fatalf("failed provision left a record: %+v", list)
+	}
+	if s.layout.Exists("broken") {
+		t.Fatal("failed provision left its directory")
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	good := DefaultConfig()
+	good.DataDir = "/tmp/x"
+	good.RedisServer = "/bin/sh"
+	good.RedisUser = "nobody"
+	tests := []struct {
+		name string
+		mod  func(*Config)
+		ok   bool
+	}{
+		{"defaults", func(*Config) {}, true},
+		{"non-loopback without token", func(c *Config) { c.Listen = "0.0.0.0:7070" }, false},
+		{"non-loopback with token", func(c *Config) { c.Listen = "0.0.0.0:7070"; c.Token = "t" }, true},
+		{"relative data dir", func(c *Config) { c.DataDir = "data" }, false},
+		{"inverted port range", func(c *Config) { c.PortMin, c.PortMax = 2, 1 }, false},
+		{"missing redis-server", func(c *Config) { c.RedisServer = "/nonexistent/redis-server" }, false},
+		{"not executable", func(c *Config) { c.RedisServer = notExecutable(t) }, false},
+		{"no redis-server found", func(c *Config) { c.RedisServer = "" }, false},
+		{"bad bind host", func(c *Config) { c.BindHost = "example" }, false},
+		{"zero budget", func(c *Config) { c.MemoryBudgetMB = 0 }, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := good
+			tt.mod(&c)
+			if err := c.Validate(); (err == nil) != tt.ok {
+				t.Fatalf("Validate = %v, want ok=%v", err, tt.ok)
+			}
+		})
+	}
+}
+
+func notExecutable(t *testing.T) string {
+	p := filepath.Join(t.TempDir(), "redis-server")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}

@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis-agent/redis-agent/supervisor"
+)
+
+// Config is everything the agent can be told. DefaultConfig gives values
+// that work as root and as an ordinary user; Validate checks a Config.
+type Config struct {
+	// Listen is the API's address.
+	Listen string
+	// DataDir holds the state file (state/) and the instance directories
+	// (instances/<id>/).
+	DataDir string
+	// LogDir holds one redis-server log per instance; "" means DataDir/logs.
+	LogDir string
+	// PortMin and PortMax bound the ports handed to instances (inclusive).
+	PortMin, PortMax int
+	// RedisServer is the redis-server executable.
+	RedisServer string
+	// BindHost is the address every redis-server listens on.
+	BindHost string
+	// AdvertiseHost is the host put in binding credentials; "" means BindHost.
+	AdvertiseHost string
+	// DefaultMemoryMB is the maxmemory of an instance provisioned without one.
+	DefaultMemoryMB int
+	// MemoryBudgetMB is the total maxmemory the agent hands out.
+	MemoryBudgetMB int
+	// RedisUser is the unprivileged user redis-server runs as when the agent
+	// runs as root. Ignored when the agent is not root.
+	RedisUser string
+	// Token is the bearer token every /v1 request must carry; "" disables
+	// authentication, which is only allowed on a loopback Listen address.
+	Token string
+	// ReadyTimeout bounds the wait for a new redis-server to answer PING.
+	ReadyTimeout time.Duration
+	// StopTimeout bounds a graceful stop before SIGKILL.
+	StopTimeout time.Duration
+	// Restart is the restart policy of crashed instances.
+	Restart supervisor.Policy
+	// Logger receives the agent's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns the defaults: API on 127.0.0.1:7070, ports
+// 16000-16999, data under /var/lib/redis-agent as root or
+// ~/.local/state/redis-agent otherwise, redis-server from PATH, a memory
+// budget of 75 % of the machine's memory.
+func DefaultConfig() Config {
+	c := Config{
+		Listen:          "127.0.0.1:7070",
+		PortMin:         16000,
+		PortMax:         16999,
+		BindHost:        "127.0.0.1",
+		DefaultMemoryMB: 64,
+		MemoryBudgetMB:  defaultBudgetMB(),
+		ReadyTimeout:    10 * time.Second,
+		StopTimeout:     10 * time.Second,
+		Restart:         supervisor.DefaultPolicy(),
+	}
+	if os.Geteuid() == 0 {
+		c.DataDir = "/var/lib/redis-agent"
+		if _, err := user.Lookup("redis"); err == nil {
+			c.RedisUser = "redis"
+		}
+	} else if dir := os.Getenv("XDG_STATE_HOME"); dir != "" {
+		c.DataDir = filepath.Join(dir, "redis-agent")
+	} else if home, err := os.UserHomeDir(); err == nil {
+		c.DataDir = filepath.Join(home, ".local", "state", "redis-agent")
+	}
+	if p, err := exec.LookPath("redis-server"); err == nil {
+		c.RedisServer = p
+	} else {
+		for _, p := range []string{"/usr/bin/redis-server", "/usr/local/bin/redis-server", "/usr/sbin/redis-server"} {
+			if _, err := os.Stat(p); err == nil {
+				c.RedisServer = p
+				break
+			}
+		}
+	}
+	return c
+}
+
+// defaultBudgetMB is 75 % of MemTotal, or 1 GiB when it cannot be read.
+func defaultBudgetMB() int {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 1024
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemTotal:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err == nil {
+				return kb / 1024 * 3 / 4
+			}
+		}
+	}
+	return 1024
+}
+
+// Validate checks c and says what to change.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		bad("listen address %q: %v", c.Listen, err)
+	} else if c.Token == "" && !isLoopback(c.Listen) {
+		bad("listen address %q is not loopback and no API token is set: set --token-file (or REDIS_AGENT_TOKEN) or listen on 127.0.0.1", c.Listen)
+	}
+	if c.DataDir == "" || !filepath.IsAbs(c.DataDir) {
+		bad("data dir %q: want an absolute path", c.DataDir)
+	}
+	if c.LogDir != "" && !filepath.IsAbs(c.LogDir) {
+		bad("log dir %q: want an absolute path", c.LogDir)
+	}
+	if c.PortMin < 1 || c.PortMax > 65535 || c.PortMin > c.PortMax {
+		bad("port range %d-%d: want 1 <= min <= max <= 65535", c.PortMin, c.PortMax)
+	}
+	if c.RedisServer == "" {
+		bad("redis-server not found in PATH: install it (apt-get install redis-server) or set --redis-server")
+	} else if st, err := os.Stat(c.RedisServer); err != nil {
+		bad("redis-server %q: %v", c.RedisServer, err)
+	} else if st.IsDir() || st.Mode()&0o111 == 0 {
+		bad("redis-server %q is not an executable file", c.RedisServer)
+	}
+	if net.ParseIP(c.BindHost) == nil {
+		bad("bind host %q: want an IP address", c.BindHost)
+	}
+	if c.DefaultMemoryMB < 1 {
+		bad("default memory %d MB: want >= 1", c.DefaultMemoryMB)
+	}
+	if c.MemoryBudgetMB < 1 {
+		bad("memory budget %d MB: want >= 1", c.MemoryBudgetMB)
+	}
+	if c.ReadyTimeout <= 0 || c.StopTimeout <= 0 {
+		bad("ready and stop timeouts must be positive")
+	}
+	if os.Geteuid() == 0 {
+		if c.RedisUser == "" {
+			bad("running as root: set --redis-user to an unprivileged user for redis-server (no user 'redis' exists)")
+		} else if u, err := user.Lookup(c.RedisUser); err != nil {
+			bad("redis user %q: %v", c.RedisUser, err)
+		} else if u.Uid == "0" {
+			bad("redis user %q is root: want an unprivileged user", c.RedisUser)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func isLoopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func (c Config) logDir() string {
+	if c.LogDir != "" {
+		return c.LogDir
+	}
+	return filepath.Join(c.DataDir, "logs")
+}
+
+func (c Config) advertiseHost() string {
+	if c.AdvertiseHost != "" {
+		return c.AdvertiseHost
+	}
+	return c.BindHost
+}

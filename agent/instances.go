@@ -1,0 +1,367 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/redis-agent/redis-agent/ports"
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+	"github.com/redis-agent/redis-agent/volumes"
+)
+
+func validateID(kind, id string) error {
+	if err := volumes.ValidateID(id); err != nil {
+		return fmt.Errorf("%s id: %w: %w", kind, ErrInvalid, err)
+	}
+	return nil
+}
+
+// normalize fills in defaults and validates a spec.
+func (s *Service) normalize(spec Spec) (Spec, error) {
+	if spec.MemoryMB == 0 {
+		spec.MemoryMB = s.cfg.DefaultMemoryMB
+	}
+	if spec.Persistence == "" {
+		spec.Persistence = PersistenceAOF
+	}
+	if spec.MemoryMB < 0 {
+		return spec, fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", spec.MemoryMB, ErrInvalid)
+	}
+	if !redis.ValidPersistence(spec.Persistence) {
+		return spec, fmt.Errorf("persistence %q: %w: want one of aof, aof-always, rdb, none", spec.Persistence, ErrInvalid)
+	}
+	return spec, nil
+}
+
+// notFound maps the store's ErrNotFound to the Service's.
+func notFound(id string, err error) error {
+	if errors.Is(err, state.ErrNotFound) {
+		return fmt.Errorf("instance %q: %w", id, ErrNotFound)
+	}
+	return err
+}
+
+// Provision creates instance id with spec and returns once its redis-server
+// answers PING. created is false when an identical instance already
+// existed; a different one is ErrConflict.
+func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance, bool, error) {
+	if err := validateID("instance", id); err != nil {
+		return Instance{}, false, err
+	}
+	spec, err := s.normalize(spec)
+	if err != nil {
+		return Instance{}, false, err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+
+	rec := state.Instance{
+		ID:            id,
+		MemoryMB:      spec.MemoryMB,
+		Persistence:   spec.Persistence,
+		AdminPassword: redis.NewPassword(),
+		Phase:         state.PhaseProvisioning,
+		CreatedAt:     time.Now().UTC(),
+	}
+	rec, err = s.store.Create(rec, func(u state.Usage) (int, error) {
+		if free := s.cfg.MemoryBudgetMB - u.MemoryMB; spec.MemoryMB > free {
+			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free: %w",
+				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
+		}
+		port, err := s.alloc.Next(u.PortHeld)
+		if errors.Is(err, ports.ErrExhausted) {
+			return 0, fmt.Errorf("%w: every port of %d-%d is taken", ErrCapacity, s.cfg.PortMin, s.cfg.PortMax)
+		}
+		return port, err
+	})
+	switch {
+	case errors.Is(err, state.ErrExists):
+		if rec.MemoryMB != spec.MemoryMB || rec.Persistence != spec.Persistence {
+			return Instance{}, false, fmt.Errorf("instance %q exists with memory_mb %d and persistence %s: %w",
+				id, rec.MemoryMB, rec.Persistence, ErrConflict)
+		}
+		if rec.Phase == state.PhaseDeleting {
+			return Instance{}, false, fmt.Errorf("instance %q is being deleted: %w", id, ErrConflict)
+		}
+		if rec.Phase == state.PhaseProvisioning {
+			// An earlier provision did not finish (its rollback failed):
+			// finish it now.
+			inst, err := s.finishProvision(ctx, rec)
+			return inst, false, err
+		}
+		return s.view(rec), false, nil
+	case err != nil:
+		return Instance{}, false, err
+	}
+	inst, err := s.finishProvision(ctx, rec)
+	return inst, err == nil, err
+}
+
+// finishProvision does the side effects of a provisioning record: files,
+// process, readiness, then marks it active. On failure it rolls back
+// everything, the record included.
+func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Instance, error) {
+	log := s.log.With("instance", rec.ID)
+	fail := func(err error) (Instance, error) {
+		log.Error("provision failed, rolling back", "err", err)
+		if rerr := s.destroy(rec.ID); rerr != nil {
+			log.Error("rollback failed; the record stays for reconcile", "err", rerr)
+		}
+		return Instance{}, fmt.Errorf("provision %q: %w", rec.ID, err)
+	}
+	confHash, err := s.writeFiles(rec)
+	if err != nil {
+		return fail(err)
+	}
+	if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
+		return fail(err)
+	}
+	in := s.supervise(rec, nil)
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	defer cancel()
+	if err := in.sup.WaitReady(rctx); err != nil {
+		return fail(err)
+	}
+	rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.Phase = state.PhaseActive; return nil })
+	if err != nil {
+		return fail(err)
+	}
+	log.Info("provisioned", "port", rec.Port, "memory_mb", rec.MemoryMB, "persistence", rec.Persistence)
+	return s.view(rec), nil
+}
+
+// supervise starts the supervisor of rec, adopting adopt when set.
+func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *instance {
+	log := s.log.With("instance", rec.ID)
+	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
+	id := rec.ID
+	sup := supervisor.New(supervisor.Config{
+		Binary:       s.cfg.RedisServer,
+		ConfPath:     s.layout.ConfPath(id),
+		Dir:          s.layout.DataDir(id),
+		LogPath:      s.layout.LogPath(id),
+		Credential:   s.cred,
+		OOMScoreAdj:  500,
+		Admin:        admin,
+		Policy:       s.cfg.Restart,
+		ReadyTimeout: s.cfg.ReadyTimeout,
+		StopTimeout:  s.cfg.StopTimeout,
+		Adopt:        adopt,
+		Restarts:     rec.Restarts,
+		Logger:       log,
+		OnEvent:      func(ev supervisor.Event) { s.persistEvent(id, ev) },
+	})
+	in := &instance{sup: sup, admin: admin}
+	s.mu.Lock()
+	s.instances[id] = in
+	s.mu.Unlock()
+	go sup.Run(s.ctx)
+	return in
+}
+
+// persistEvent records what adoption and the API need: the process of a
+// Started event before anything else, and the exit and restart count of an
+// Exited one.
+func (s *Service) persistEvent(id string, ev supervisor.Event) {
+	_, err := s.store.Update(id, func(r *state.Instance) error {
+		switch ev.Kind {
+		case supervisor.Started:
+			r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime
+		case supervisor.Ready:
+			// The process may have read an older ACL file than the record
+			// says (a bind raced with its start, or it was adopted).
+			go s.syncUsers(id)
+		case supervisor.Exited:
+			r.PID, r.StartTime = 0, 0
+			r.Restarts = ev.Restarts
+			if ev.Exit != nil {
+				r.LastExit = &state.Exit{Time: ev.Exit.Time.UTC(), Code: ev.Exit.Code, Signal: ev.Exit.Signal, Reason: ev.Exit.Reason}
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, state.ErrNotFound) {
+		s.log.Error("persist process event", "instance", id, "err", err)
+	}
+}
+
+// syncUsers brings the live ACL users of id in line with its record. It
+// takes the id's lock, so it never races a bind or unbind.
+func (s *Service) syncUsers(id string) {
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return
+	}
+	if err := s.applyACL(s.ctx, rec); err != nil && s.ctx.Err() == nil {
+		s.log.Warn("sync ACL users", "instance", id, "err", err)
+	}
+}
+
+func (s *Service) runtime(id string) *instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.instances[id]
+}
+
+// destroy stops the process of id without saving, removes its files and
+// its record. Each step tolerates what an earlier, interrupted destroy
+// already did.
+func (s *Service) destroy(id string) error {
+	if in := s.runtime(id); in != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout+10*time.Second)
+		err := in.sup.Stop(ctx, true)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("stop: %w", err)
+		}
+		in.admin.Close()
+		s.mu.Lock()
+		delete(s.instances, id)
+		s.mu.Unlock()
+	} else if err := s.killStray(id); err != nil {
+		return err
+	}
+	if err := s.layout.Remove(id); err != nil {
+		return err
+	}
+	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {
+		return err
+	}
+	return nil
+}
+
+// Deprovision stops the instance, removes its data and frees its port.
+func (s *Service) Deprovision(ctx context.Context, id string) error {
+	if err := validateID("instance", id); err != nil {
+		return err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	_, err := s.store.Update(id, func(r *state.Instance) error { r.Phase = state.PhaseDeleting; return nil })
+	if err != nil {
+		return notFound(id, err)
+	}
+	if err := s.destroy(id); err != nil {
+		return fmt.Errorf("deprovision %q: %w", id, err)
+	}
+	s.log.Info("deprovisioned", "instance", id)
+	return nil
+}
+
+// Get returns the instance id.
+func (s *Service) Get(ctx context.Context, id string) (Instance, error) {
+	if err := validateID("instance", id); err != nil {
+		return Instance{}, err
+	}
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return Instance{}, notFound(id, err)
+	}
+	return s.view(rec), nil
+}
+
+// List returns every instance, sorted by id.
+func (s *Service) List(ctx context.Context) ([]Instance, error) {
+	recs, err := s.store.List()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Instance, 0, len(recs))
+	for _, rec := range recs {
+		out = append(out, s.view(rec))
+	}
+	return out, nil
+}
+
+// Restart restarts the instance's process gracefully (its data persisted
+// as its config says) and returns once the new process answers PING.
+func (s *Service) Restart(ctx context.Context, id string) error {
+	if err := validateID("instance", id); err != nil {
+		return err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return notFound(id, err)
+	}
+	in := s.runtime(id)
+	if rec.Phase != state.PhaseActive || in == nil {
+		return fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
+	}
+	if err := in.sup.Restart(ctx); err != nil {
+		return fmt.Errorf("restart %q: %w", id, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	defer cancel()
+	if err := in.sup.WaitReady(rctx); err != nil {
+		return fmt.Errorf("restart %q: %w", id, err)
+	}
+	return nil
+}
+
+// Capacity says how much room is left for new instances.
+func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
+	u, err := s.store.Usage()
+	if err != nil {
+		return Capacity{}, err
+	}
+	c := Capacity{
+		Instances:        u.Instances,
+		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
+		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
+		MemoryReservedMB: u.MemoryMB,
+		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+	}
+	for p := s.cfg.PortMin; p <= s.cfg.PortMax; p++ {
+		if !u.PortHeld(p) && !s.alloc.Busy(p) {
+			c.PortsFree++
+		}
+	}
+	return c, nil
+}
+
+// view combines a record with the live status of its process.
+func (s *Service) view(rec state.Instance) Instance {
+	inst := Instance{
+		ID:          rec.ID,
+		State:       "stopped",
+		MemoryMB:    rec.MemoryMB,
+		Persistence: rec.Persistence,
+		Host:        s.cfg.advertiseHost(),
+		Port:        rec.Port,
+		CreatedAt:   rec.CreatedAt,
+		Restarts:    rec.Restarts,
+		Bindings:    []string{},
+	}
+	for bid := range rec.Bindings {
+		inst.Bindings = append(inst.Bindings, bid)
+	}
+	slices.Sort(inst.Bindings)
+	if rec.LastExit != nil {
+		inst.LastExit = &Exit{Time: rec.LastExit.Time, Code: rec.LastExit.Code, Signal: rec.LastExit.Signal, Reason: rec.LastExit.Reason}
+	}
+	if in := s.runtime(rec.ID); in != nil {
+		st := in.sup.Status()
+		inst.State = st.State.String()
+		inst.PID = st.Process.PID
+		inst.Restarts = st.Restarts
+		if st.Process.PID != 0 && !st.StartedAt.IsZero() {
+			inst.UptimeSeconds = time.Since(st.StartedAt).Seconds()
+		}
+		if st.LastExit != nil {
+			inst.LastExit = &Exit{Time: st.LastExit.Time.UTC(), Code: st.LastExit.Code, Signal: st.LastExit.Signal, Reason: st.LastExit.Reason}
+		}
+	}
+	if rec.Phase == state.PhaseDeleting {
+		inst.State = "stopping"
+	}
+	return inst
+}

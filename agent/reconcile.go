@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+)
+
+// Reconcile brings the machine in line with the state, once, at start:
+// every record being deleted is deleted; every other record gets its files
+// and a process, adopting the one a previous agent left running when it is
+// verifiably the same (pid, start time, config in its title) and starting
+// one otherwise. Directories and redis-servers that no record owns are
+// reported as orphans, never removed.
+func (s *Service) Reconcile(ctx context.Context) error {
+	t0 := time.Now()
+	recs, err := s.store.List()
+	if err != nil {
+		return err
+	}
+	// One /proc scan finds every redis-server running from our data root,
+	// including one spawned just before a crash kept its pid from the
+	// record.
+	root := s.layout.DataRoot + string(filepath.Separator)
+	procs, err := supervisor.Scan(func(conf string) bool { return strings.HasPrefix(conf, root) })
+	if err != nil {
+		return err
+	}
+	owned := map[string]bool{}
+	var adopted, started, deleted int
+	for _, rec := range recs {
+		owned[rec.ID] = true
+		log := s.log.With("instance", rec.ID)
+		if rec.Phase == state.PhaseDeleting {
+			if err := s.destroy(rec.ID); err != nil {
+				log.Error("finish deletion", "err", err)
+			} else {
+				deleted++
+				log.Info("finished an interrupted deletion")
+			}
+			continue
+		}
+		adopt := s.findProcess(rec, procs)
+		confHash, err := s.writeFiles(rec)
+		if err != nil {
+			// Keep the record; report. The operator fixes the disk, the
+			// next start tries again.
+			log.Error("cannot write instance files", "err", err)
+			continue
+		}
+		if adopt != nil && rec.ConfigHash != "" && rec.ConfigHash != confHash {
+			log.Info("running process has an older config; it applies at its next restart")
+		}
+		if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
+			if adopt == nil {
+				r.PID, r.StartTime = 0, 0
+			} else {
+				r.PID, r.StartTime = adopt.PID, adopt.StartTime
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		s.supervise(rec, adopt)
+		if adopt != nil {
+			adopted++
+		} else {
+			started++
+		}
+		if rec.Phase == state.PhaseProvisioning {
+			go s.finishInterrupted(rec.ID)
+		}
+	}
+	s.findOrphans(owned, procs)
+	s.reconciled.Store(true)
+	s.log.Info("reconciled", "instances", len(recs), "adopted", adopted, "started", started,
+		"deletions_finished", deleted, "orphans", len(s.Orphans()), "took", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+// findProcess returns the live process of rec: the recorded one if it
+// verifies, else one found in the /proc scan running rec's config.
+func (s *Service) findProcess(rec state.Instance, procs map[string]supervisor.Process) *supervisor.Process {
+	conf := s.layout.ConfPath(rec.ID)
+	if rec.PID != 0 {
+		p := supervisor.Process{PID: rec.PID, StartTime: rec.StartTime}
+		err := supervisor.Verify(p, conf)
+		if err == nil {
+			return &p
+		}
+		s.log.Info("recorded process is gone", "instance", rec.ID, "pid", rec.PID, "reason", err)
+	}
+	if p, ok := procs[conf]; ok {
+		if err := supervisor.Verify(p, conf); err == nil {
+			s.log.Info("found unrecorded process running the instance's config", "instance", rec.ID, "pid", p.PID)
+			return &p
+		}
+	}
+	return nil
+}
+
+// finishInterrupted marks a provision that a crash interrupted as active
+// once its process is ready. The broker, which got no answer, retries and
+// is told the instance exists.
+func (s *Service) finishInterrupted(id string) {
+	in := s.runtime(id)
+	if in == nil {
+		return
+	}
+	if err := in.sup.WaitReady(s.ctx); err != nil {
+		s.log.Warn("interrupted provision not ready yet", "instance", id, "err", err)
+		return
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	_, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Phase == state.PhaseProvisioning {
+			r.Phase = state.PhaseActive
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, state.ErrNotFound) {
+		s.log.Error("finish interrupted provision", "instance", id, "err", err)
+	}
+}
+
+// findOrphans records instance directories and redis-server processes
+// under our data root that no record owns.
+func (s *Service) findOrphans(owned map[string]bool, procs map[string]supervisor.Process) {
+	var orphans []Orphan
+	dirs, err := s.layout.List()
+	if err != nil {
+		s.log.Error("list instance directories", "err", err)
+	}
+	for _, id := range dirs {
+		if !owned[id] {
+			orphans = append(orphans, Orphan{Kind: "directory", ID: id, Path: s.layout.Dir(id)})
+		}
+	}
+	for conf, p := range procs {
+		id := filepath.Base(filepath.Dir(conf))
+		if !owned[id] {
+			orphans = append(orphans, Orphan{Kind: "process", ID: id, Path: conf, PID: p.PID})
+		}
+	}
+	for _, o := range orphans {
+		s.log.Warn("orphan: no record owns it; left alone", "kind", o.Kind, "id", o.ID, "path", o.Path, "pid", o.PID)
+	}
+	s.orphans.Store(&orphans)
+}
+
+// killStray kills a redis-server still running id's config that no
+// supervisor watches: one spawned by an agent that crashed before it could
+// record or stop it. Only a process verified to run id's config is
+// signalled.
+func (s *Service) killStray(id string) error {
+	conf := s.layout.ConfPath(id)
+	procs, err := supervisor.Scan(func(c string) bool { return c == conf })
+	if err != nil {
+		return err
+	}
+	p, ok := procs[conf]
+	if !ok {
+		return nil
+	}
+	if err := supervisor.Verify(p, conf); err != nil {
+		return nil
+	}
+	s.log.Warn("killing unsupervised redis-server of a deleted instance", "instance", id, "pid", p.PID)
+	if err := syscall.Kill(p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill pid %d: %w", p.PID, err)
+	}
+	// Wait until it is gone (reaped by its parent, or a zombie), so its
+	// port and files are free when the record goes.
+	for range 500 {
+		if supervisor.Verify(p, conf) != nil {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("pid %d survived SIGKILL", p.PID)
+}

@@ -1,0 +1,143 @@
+// Package redis holds what is specific to Redis: it renders an instance's
+// redis.conf and ACL file, and talks to a running redis-server as the
+// agent's admin user (PING, ACL, SHUTDOWN) over github.com/redis/go-redis/v9.
+// It knows nothing about processes, state or HTTP.
+package redis
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// AdminUser is the ACL user the agent itself logs in as.
+const AdminUser = "agent"
+
+// Persistence modes understood by Render.
+const (
+	PersistenceAOF       = "aof"
+	PersistenceAOFAlways = "aof-always"
+	PersistenceRDB       = "rdb"
+	PersistenceNone      = "none"
+)
+
+// ValidPersistence reports whether mode is one Render knows.
+func ValidPersistence(mode string) bool {
+	switch mode {
+	case PersistenceAOF, PersistenceAOFAlways, PersistenceRDB, PersistenceNone:
+		return true
+	}
+	return false
+}
+
+// Conf is what goes into an instance's redis.conf.
+type Conf struct {
+	Bind        string
+	Port        int
+	Dir         string // data directory
+	LogFile     string
+	ACLFile     string
+	MemoryMB    int
+	Persistence string
+}
+
+// Render returns the redis.conf text for c. The output depends only on c,
+// so its hash tells whether a running process has the current config.
+func Render(c Conf) []byte {
+	var b strings.Builder
+	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	line("# Written by redis-agent. Do not edit: the agent rewrites it.")
+	line("bind %s", c.Bind)
+	line("port %d", c.Port)
+	line("protected-mode yes")
+	line("daemonize no")
+	line("supervised no")
+	line(`pidfile ""`)
+	// The agent recognises its processes by the config path in the title.
+	line(`proc-title-template "{title} {listen-addr} {config-file}"`)
+	line("dir %s", quote(c.Dir))
+	line("logfile %s", quote(c.LogFile))
+	line("loglevel notice")
+	line("always-show-logo no")
+	line("aclfile %s", quote(c.ACLFile))
+	line("enable-protected-configs no")
+	line("enable-debug-command no")
+	line("enable-module-command no")
+	line("maxmemory %dmb", c.MemoryMB)
+	line("maxmemory-policy noeviction")
+	line("databases 16")
+	line("tcp-keepalive 60")
+	switch c.Persistence {
+	case PersistenceAOF, PersistenceAOFAlways:
+		fsync := "everysec"
+		if c.Persistence == PersistenceAOFAlways {
+			fsync = "always"
+		}
+		line("appendonly yes")
+		line("appendfsync %s", fsync)
+		line(`appenddirname "appendonlydir"`)
+		line(`save ""`)
+	case PersistenceRDB:
+		line("appendonly no")
+		line("save 3600 1 300 100 60 10000")
+		line(`dbfilename "dump.rdb"`)
+	default: // none
+		line("appendonly no")
+		line(`save ""`)
+	}
+	return []byte(b.String())
+}
+
+func quote(s string) string { return strconv.Quote(s) }
+
+// User is one ACL user of an instance.
+type User struct {
+	Name string
+	// PasswordHash is the hex sha256 of the password (HashPassword).
+	PasswordHash string
+	// Admin users get every command; others get +@all -@admin -migrate.
+	Admin bool
+}
+
+// TenantRules are the ACL rules of a binding's user: every data command on
+// every key and channel, nothing that administers the server.
+const TenantRules = "~* &* +@all -@admin -migrate"
+
+// RenderACL returns the ACL file for users. The default user is always
+// switched off; users are sorted by name so the output is stable.
+func RenderACL(users []User) []byte {
+	us := append([]User(nil), users...)
+	sort.Slice(us, func(i, j int) bool { return us[i].Name < us[j].Name })
+	var b strings.Builder
+	// Without this line Redis would create "default" with nopass and +@all.
+	b.WriteString("user default off resetpass resetkeys resetchannels -@all\n")
+	for _, u := range us {
+		rules := TenantRules
+		if u.Admin {
+			rules = "~* &* +@all"
+		}
+		fmt.Fprintf(&b, "user %s on #%s %s\n", u.Name, u.PasswordHash, rules)
+	}
+	return []byte(b.String())
+}
+
+// HashPassword returns the hex sha256 of a password, the form the ACL file
+// stores.
+func HashPassword(password string) string {
+	sum := sha256.Sum256([]byte(password))
+	return hex.EncodeToString(sum[:])
+}
+
+// NewPassword returns a random password of 48 hex characters (192 bits from
+// crypto/rand).
+func NewPassword() string {
+	var b [24]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic("crypto/rand failed: " + err.Error()) // never fails on Linux
+	}
+	return hex.EncodeToString(b[:])
+}

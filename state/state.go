@@ -1,0 +1,330 @@
+// Package state keeps the agent's durable record of every instance in one
+// bbolt file. The record is the intent: it is written before any side effect
+// (directory, process) exists, so that after a crash reconcile can finish or
+// roll back whatever was half done.
+//
+// Buckets:
+//
+//	meta/
+//	    version            -> schema version, decimal ("1")
+//	instances/
+//	    <id>               -> JSON Instance
+//	ports/
+//	    <port, 2 bytes BE> -> <id>   (index: a port is held by one record)
+//
+// A port is allocated in the same transaction that writes the record and is
+// free again only when the record is deleted.
+package state
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Errors of the store.
+var (
+	ErrNotFound = errors.New("no such record")
+	ErrExists   = errors.New("record exists")
+	// ErrLocked means another process (another agent) holds the state file.
+	ErrLocked = errors.New("state file is locked by another process")
+)
+
+// Phase is the intent recorded for an instance.
+type Phase string
+
+// Phases. Provisioning and Deleting are intents that reconcile finishes
+// (provisioning) or carries out (deleting) after a crash.
+const (
+	PhaseProvisioning Phase = "provisioning"
+	PhaseActive       Phase = "active"
+	PhaseDeleting     Phase = "deleting"
+)
+
+// Binding is one ACL user of an instance.
+type Binding struct {
+	ID       string `json:"id"`
+	Username string `json:"username"`
+	// Password is kept so a repeated bind returns the same credentials; the
+	// ACL file only ever holds its hash.
+	Password  string    `json:"password"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// Exit records how the last process of an instance ended.
+type Exit struct {
+	Time   time.Time `json:"time"`
+	Code   int       `json:"code"`
+	Signal string    `json:"signal,omitempty"`
+	Reason string    `json:"reason"`
+}
+
+// Instance is the durable record of one instance: what is needed to rebuild
+// or adopt it.
+type Instance struct {
+	ID            string             `json:"id"`
+	MemoryMB      int                `json:"memory_mb"`
+	Persistence   string             `json:"persistence"`
+	Port          int                `json:"port"`
+	AdminPassword string             `json:"admin_password"`
+	Bindings      map[string]Binding `json:"bindings,omitempty"`
+	Phase         Phase              `json:"phase"`
+	CreatedAt     time.Time          `json:"created_at"`
+	// PID and StartTime (clock ticks after boot, /proc/<pid>/stat field 22)
+	// identify the running process for adoption; 0 when none is known.
+	PID        int    `json:"pid,omitempty"`
+	StartTime  uint64 `json:"start_time,omitempty"`
+	ConfigHash string `json:"config_hash,omitempty"`
+	Restarts   int    `json:"restarts"`
+	LastExit   *Exit  `json:"last_exit,omitempty"`
+}
+
+// SchemaVersion is the version this code writes.
+const SchemaVersion = 1
+
+var (
+	bucketMeta      = []byte("meta")
+	bucketInstances = []byte("instances")
+	bucketPorts     = []byte("ports")
+	keyVersion      = []byte("version")
+)
+
+// Store is the state file. It is safe for concurrent use.
+type Store struct {
+	db *bolt.DB
+}
+
+// Open opens (creating if needed) the state file at path. It waits at most
+// timeout for another process's lock and then fails with ErrLocked.
+func Open(path string, timeout time.Duration) (*Store, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return nil, fmt.Errorf("open %s: %w (is another redis-agent running on this data dir?)", path, ErrLocked)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	s := &Store{db: db}
+	if err := s.migrate(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Close closes the file and releases the lock.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Path is the file's path.
+func (s *Store) Path() string { return s.db.Path() }
+
+// Writable checks that a write transaction can be committed.
+func (s *Store) Writable() error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketMeta).Put(keyVersion, fmt.Appendf(nil, "%d", SchemaVersion))
+	})
+}
+
+func portKey(p int) []byte {
+	var k [2]byte
+	binary.BigEndian.PutUint16(k[:], uint16(p))
+	return k[:]
+}
+
+func get(tx *bolt.Tx, id string) (Instance, error) {
+	v := tx.Bucket(bucketInstances).Get([]byte(id))
+	if v == nil {
+		return Instance{}, fmt.Errorf("instance %q: %w", id, ErrNotFound)
+	}
+	var inst Instance
+	if err := json.Unmarshal(v, &inst); err != nil {
+		return Instance{}, fmt.Errorf("instance %q: decode: %w", id, err)
+	}
+	return inst, nil
+}
+
+func put(tx *bolt.Tx, inst Instance) error {
+	v, err := json.Marshal(inst)
+	if err != nil {
+		return fmt.Errorf("instance %q: encode: %w", inst.ID, err)
+	}
+	return tx.Bucket(bucketInstances).Put([]byte(inst.ID), v)
+}
+
+// Get returns the record of id, or ErrNotFound.
+func (s *Store) Get(id string) (Instance, error) {
+	var inst Instance
+	err := s.db.View(func(tx *bolt.Tx) (err error) {
+		inst, err = get(tx, id)
+		return err
+	})
+	return inst, err
+}
+
+// List returns every record, sorted by id.
+func (s *Store) List() ([]Instance, error) {
+	var out []Instance
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
+			var inst Instance
+			if err := json.Unmarshal(v, &inst); err != nil {
+				return fmt.Errorf("instance %q: decode: %w", k, err)
+			}
+			out = append(out, inst)
+			return nil
+		})
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, err
+}
+
+// Usage is what the records hold, for admission decisions.
+type Usage struct {
+	// Instances is the number of records.
+	Instances int
+	// MemoryMB is the sum of the records' MemoryMB.
+	MemoryMB int
+	// PortHeld reports whether a record holds the port.
+	PortHeld func(port int) bool
+}
+
+func usage(tx *bolt.Tx) (Usage, error) {
+	u := Usage{}
+	err := tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
+		var m struct {
+			MemoryMB int `json:"memory_mb"`
+		}
+		if err := json.Unmarshal(v, &m); err != nil {
+			return fmt.Errorf("instance %q: decode: %w", k, err)
+		}
+		u.Instances++
+		u.MemoryMB += m.MemoryMB
+		return nil
+	})
+	ports := tx.Bucket(bucketPorts)
+	u.PortHeld = func(p int) bool { return ports.Get(portKey(p)) != nil }
+	return u, err
+}
+
+// Usage returns what the records hold now. PortHeld is only valid until the
+// next call into the store, so it is replaced by a snapshot here.
+func (s *Store) Usage() (Usage, error) {
+	var u Usage
+	held := map[int]bool{}
+	err := s.db.View(func(tx *bolt.Tx) (err error) {
+		u, err = usage(tx)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketPorts).ForEach(func(k, _ []byte) error {
+			held[int(binary.BigEndian.Uint16(k))] = true
+			return nil
+		})
+	})
+	u.PortHeld = func(p int) bool { return held[p] }
+	return u, err
+}
+
+// Create writes a new record in one transaction with its port: admit looks
+// at what the existing records hold and returns the port for inst (or an
+// error, which aborts the transaction). If id exists, Create returns the
+// existing record and ErrExists and writes nothing.
+func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (Instance, error) {
+	var existing Instance
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if e, err := get(tx, inst.ID); err == nil {
+			existing = e
+			return fmt.Errorf("instance %q: %w", inst.ID, ErrExists)
+		} else if !errors.Is(err, ErrNotFound) {
+			return err
+		}
+		u, err := usage(tx)
+		if err != nil {
+			return err
+		}
+		port, err := admit(u)
+		if err != nil {
+			return err
+		}
+		if u.PortHeld(port) {
+			return fmt.Errorf("port %d is already held by a record", port)
+		}
+		inst.Port = port
+		if err := tx.Bucket(bucketPorts).Put(portKey(port), []byte(inst.ID)); err != nil {
+			return err
+		}
+		return put(tx, inst)
+	})
+	if errors.Is(err, ErrExists) {
+		return existing, err
+	}
+	if err != nil {
+		return Instance{}, err
+	}
+	return inst, nil
+}
+
+// Update applies fn to the record of id and writes the result, unless fn
+// returns an error or leaves the record unchanged. The id and port of a
+// record never change.
+func (s *Store) Update(id string, fn func(*Instance) error) (Instance, error) {
+	var out Instance
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		inst, err := get(tx, id)
+		if err != nil {
+			return err
+		}
+		before, _ := json.Marshal(inst)
+		if err := fn(&inst); err != nil {
+			return err
+		}
+		if inst.ID != id {
+			return fmt.Errorf("instance %q: update may not change the id", id)
+		}
+		out = inst
+		after, err := json.Marshal(inst)
+		if err != nil {
+			return err
+		}
+		if string(before) == string(after) {
+			return nil
+		}
+		var old struct {
+			Port int `json:"port"`
+		}
+		_ = json.Unmarshal(before, &old)
+		if old.Port != inst.Port {
+			return fmt.Errorf("instance %q: update may not change the port", id)
+		}
+		return tx.Bucket(bucketInstances).Put([]byte(id), after)
+	})
+	return out, err
+}
+
+// Delete removes the record of id and frees its port. Deleting an absent
+// record returns ErrNotFound.
+func (s *Store) Delete(id string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		inst, err := get(tx, id)
+		if err != nil {
+			return err
+		}
+		ports := tx.Bucket(bucketPorts)
+		if owner := ports.Get(portKey(inst.Port)); string(owner) == id {
+			if err := ports.Delete(portKey(inst.Port)); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket(bucketInstances).Delete([]byte(id))
+	})
+}

@@ -1,0 +1,228 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+func open(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(filepath.Join(t.TempDir(), "state.db"), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// lowest admits the lowest port from 100 that no record holds.
+func lowest(u Usage) (int, error) {
+	for p := 100; p < 200; p++ {
+		if !u.PortHeld(p) {
+			return p, nil
+		}
+	}
+	return 0, errors.New("full")
+}
+
+func TestCreateGetUpdateDelete(t *testing.T) {
+	s := open(t)
+	a, err := s.Create(Instance{ID: "a", MemoryMB: 64, Phase: PhaseProvisioning}, lowest)
+	if err != nil || a.Port != 100 {
+		t.Fatalf("Create a = %+v, %v", a, err)
+	}
+	b, err := s.Create(Instance{ID: "b", MemoryMB: 32}, lowest)
+	if err != nil || b.Port != 101 {
+		t.Fatalf("Create b = %+v, %v", b, err)
+	}
+	// A second create of the same id returns the existing record and writes nothing.
+	got, err := s.Create(Instance{ID: "a", MemoryMB: 128}, lowest)
+	if !errors.Is(err, ErrExists) || got.MemoryMB != 64 || got.Port != 100 {
+		t.Fatalf("Create a again = %+v, %v; want existing and ErrExists", got, err)
+	}
+	u, err := s.Usage()
+	if err != nil || u.Instances != 2 || u.MemoryMB != 96 || !u.PortHeld(100) || u.PortHeld(102) {
+		t.Fatalf("Usage = %+v, %v", u, err)
+	}
+	up, err := s.Update("a", func(i *Instance) error { i.Phase = PhaseActive; i.PID = 42; return nil })
+	if err != nil || up.Phase != PhaseActive || up.PID != 42 {
+		t.Fatalf("Update = %+v, %v", up, err)
+	}
+	if g, _ := s.Get("a"); g.PID != 42 {
+		t.Fatalf("Get after Update: pid %d", g.PID)
+	}
+	if _, err := s.Update("a", func(i *Instance) error { i.Port = 555; return nil }); err == nil {
+		t.Fatal("Update changed the port")
+	}
+	if _, err := s.Update("nope", func(*Instance) error { return nil }); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Update absent = %v", err)
+	}
+	if err := s.Delete("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete("a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second Delete = %v, want ErrNotFound", err)
+	}
+	if _, err := s.Get("a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get deleted = %v", err)
+	}
+	// The freed port is handed out again.
+	c, err := s.Create(Instance{ID: "c"}, lowest)
+	if err != nil || c.Port != 100 {
+		t.Fatalf("Create c = %+v, %v; want port 100 again", c, err)
+	}
+	list, err := s.List()
+	if err != nil || len(list) != 2 || list[0].ID != "b" || list[1].ID != "c" {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+}
+
+func TestCreateAdmitErrorWritesNothing(t *testing.T) {
+	s := open(t)
+	errFull := errors.New("full")
+	if _, err := s.Create(Instance{ID: "a"}, func(Usage) (int, error) { return 0, errFull }); !errors.Is(err, errFull) {
+		t.Fatalf("Create = %v, want the admit error", err)
+	}
+	if _, err := s.Get("a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("record written despite admit error: %v", err)
+	}
+}
+
+func TestConcurrentCreatesGetDistinctPorts(t *testing.T) {
+	s := open(t)
+	const n = 50
+	var wg sync.WaitGroup
+	ports := make([]int, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			inst, err := s.Create(Instance{ID: fmt.Sprintf("i%d", i)}, lowest)
+			ports[i], errs[i] = inst.Port, err
+		}()
+	}
+	wg.Wait()
+	seen := map[int]bool{}
+	for i, p := range ports {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		if seen[p] {
+			t.Fatalf("port %d handed out twice", p)
+		}
+		seen[p] = true
+	}
+}
+
+func TestSecondOpenIsLocked(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	_, err = Open(path, 50*time.Millisecond)
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("second Open = %v, want ErrLocked", err)
+	}
+}
+
+func TestReopenKeepsRecords(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(Instance{ID: "a", AdminPassword: "pw"}, lowest); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if g, err := s.Get("a"); err != nil || g.AdminPassword != "pw" || g.Port != 100 {
+		t.Fatalf("after reopen: %+v, %v", g, err)
+	}
+}
+
+func TestMigrations(t *testing.T) {
+	if SchemaVersion != len(migrations) {
+		t.Fatalf("SchemaVersion %d but %d migrations", SchemaVersion, len(migrations))
+	}
+	t.Run("0->1 creates buckets", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state.db")
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+		s, err := Open(path, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		err = s.db.View(func(tx *bolt.Tx) error {
+			v, err := readVersion(tx)
+			if err != nil || v != 1 {
+				return fmt.Errorf("version %d, %v", v, err)
+			}
+			for _, b := range [][]byte{bucketInstances, bucketPorts} {
+				if tx.Bucket(b) == nil {
+					return fmt.Errorf("bucket %s missing", b)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("newer schema refused", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state.db")
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error {
+			b, _ := tx.CreateBucketIfNotExists(bucketMeta)
+			return b.Put(keyVersion, []byte("99"))
+		})
+		db.Close()
+		if s, err := Open(path, time.Second); err == nil {
+			s.Close()
+			t.Fatal("Open accepted a schema from the future")
+		}
+	})
+}
+
+func BenchmarkCreate(b *testing.B) {
+	s, err := Open(filepath.Join(b.TempDir(), "state.db"), time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	i := 0
+	for b.Loop() {
+		i++
+		_, err := s.Create(Instance{ID: fmt.Sprintf("i%d", i), MemoryMB: 64}, func(u Usage) (int, error) {
+			for p := 1; p < 65536; p++ {
+				if !u.PortHeld(p) {
+					return p, nil
+				}
+			}
+			return 0, errors.New("full")
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+}

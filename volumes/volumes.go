@@ -1,0 +1,212 @@
+// Package volumes owns the per-instance files on disk: the instance
+// directory under the data root with its config, ACL file and data
+// directory, and the log file under the log root. It validates ids before
+// they become paths, writes files atomically and removes everything an
+// instance had.
+//
+//	<data-root>/<id>/redis.conf   0640, written by the agent
+//	<data-root>/<id>/users.acl    0640, ACL users, passwords as sha256 only
+//	<data-root>/<id>/data/        0700, owned by the Redis user
+//	<log-root>/<id>.log           redis-server log, owned by the Redis user
+package volumes
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+)
+
+// ErrInvalidID is returned for an id that may not become a path.
+var ErrInvalidID = errors.New("invalid id")
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidateID checks that id is safe to use as a file name and a Redis user
+// name: 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit.
+func ValidateID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("%w %q: want 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit", ErrInvalidID, id)
+	}
+	return nil
+}
+
+// Owner is the uid and gid that owns what redis-server must write. A
+// negative uid means "leave ownership as it is" (the agent is not root).
+type Owner struct {
+	UID, GID int
+}
+
+// Layout knows where the files of each instance live.
+type Layout struct {
+	DataRoot string
+	LogRoot  string
+	// Owner of the data directory and log file; group owner of the config
+	// and ACL files so redis-server can read but not write them.
+	Owner Owner
+}
+
+// Dir is the instance directory.
+func (l Layout) Dir(id string) string { return filepath.Join(l.DataRoot, id) }
+
+// ConfPath is the instance's redis.conf.
+func (l Layout) ConfPath(id string) string { return filepath.Join(l.DataRoot, id, "redis.conf") }
+
+// ACLPath is the instance's ACL file.
+func (l Layout) ACLPath(id string) string { return filepath.Join(l.DataRoot, id, "users.acl") }
+
+// DataDir is the directory redis-server writes its RDB and AOF into.
+func (l Layout) DataDir(id string) string { return filepath.Join(l.DataRoot, id, "data") }
+
+// LogPath is the instance's redis-server log file.
+func (l Layout) LogPath(id string) string { return filepath.Join(l.LogRoot, id+".log") }
+
+// Init creates the roots.
+func (l Layout) Init() error {
+	for _, d := range []string{l.DataRoot, l.LogRoot} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// Create makes the instance directory, its data directory and its log file
+// with the modes and owners of the package doc. It is idempotent, so that
+// reconcile can finish a half-done create.
+func (l Layout) Create(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	if err := mkdir(l.Dir(id), 0o750, Owner{-1, l.Owner.GID}); err != nil {
+		return err
+	}
+	if err := mkdir(l.DataDir(id), 0o700, l.Owner); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(l.LogPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("create log file: %w", err)
+	}
+	f.Close()
+	return chown(l.LogPath(id), l.Owner)
+}
+
+func mkdir(dir string, mode fs.FileMode, o Owner) error {
+	if err := os.Mkdir(dir, mode); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	// Mkdir is subject to the umask and leaves an existing directory alone.
+	if err := os.Chmod(dir, mode); err != nil {
+		return fmt.Errorf("chmod %s: %w", dir, err)
+	}
+	return chown(dir, o)
+}
+
+func chown(path string, o Owner) error {
+	if o.UID < 0 && o.GID < 0 {
+		return nil
+	}
+	if err := os.Lchown(path, o.UID, o.GID); err != nil {
+		return fmt.Errorf("chown %s: %w", path, err)
+	}
+	return nil
+}
+
+// WriteConfig atomically writes a file of the instance directory that
+// redis-server reads but must not write (redis.conf, users.acl): mode 0640,
+// group owner the Redis user's group.
+func (l Layout) WriteConfig(path string, data []byte) error {
+	return WriteFileAtomic(path, data, 0o640, Owner{-1, l.Owner.GID})
+}
+
+// Remove deletes everything the instance had on disk. Removing what is
+// already gone is not an error.
+func (l Layout) Remove(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(l.Dir(id)); err != nil {
+		return fmt.Errorf("remove %s: %w", l.Dir(id), err)
+	}
+	if err := os.Remove(l.LogPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove %s: %w", l.LogPath(id), err)
+	}
+	return nil
+}
+
+// Exists reports whether the instance directory exists.
+func (l Layout) Exists(id string) bool {
+	_, err := os.Stat(l.Dir(id))
+	return err == nil
+}
+
+// List returns the names of the directories under the data root that are
+// valid instance ids (the ids that may have files here).
+func (l Layout) List() ([]string, error) {
+	entries, err := os.ReadDir(l.DataRoot)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", l.DataRoot, err)
+	}
+	var ids []string
+	for _, e := range entries {
+		if e.IsDir() && ValidateID(e.Name()) == nil {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
+}
+
+// WriteFileAtomic writes data to path so that a reader sees either the old
+// or the new content, never a part: it writes a temporary file in the same
+// directory, fsyncs it, renames it over path and fsyncs the directory.
+func WriteFileAtomic(path string, data []byte, perm fs.FileMode, o Owner) (err error) {
+	dir, base := filepath.Split(path)
+	f, err := os.CreateTemp(dir, "."+base+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if _, err = f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Chmod(perm); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = chown(tmp, o); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	if dir == "" {
+		dir = "."
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,140 @@
+package volumes
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestValidateID(t *testing.T) {
+	valid := []string{"a", "A9", "0d4f6b6e-1c2a-4c3b-9f0e-2b7f8a1c9d10", "x.y_z-1", strings.Repeat("a", 64)}
+	invalid := []string{"", ".", "..", "../etc", "a/b", "-a", ".hidden", "_a", "a b", "a\x00", strings.Repeat("a", 65), "é", "a\n"}
+	for _, id := range valid {
+		if err := ValidateID(id); err != nil {
+			t.Errorf("ValidateID(%q) = %v, want nil", id, err)
+		}
+	}
+	for _, id := range invalid {
+		if err := ValidateID(id); !errors.Is(err, ErrInvalidID) {
+			t.Errorf("ValidateID(%q) = %v, want ErrInvalidID", id, err)
+		}
+	}
+}
+
+func FuzzValidateID(f *testing.F) {
+	for _, s := range []string{"a", "..", "a/b", "0d4f6b6e-1c2a", "\x00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		if ValidateID(id) != nil {
+			return
+		}
+		// Whatever passes must stay a single path element under the root.
+		root := "/data"
+		p := filepath.Join(root, id)
+		if filepath.Dir(p) != root || filepath.Base(p) != id {
+			t.Fatalf("valid id %q escapes the root: %q", id, p)
+		}
+	})
+}
+
+func newLayout(t *testing.T) Layout {
+	t.Helper()
+	root := t.TempDir()
+	l := Layout{DataRoot: filepath.Join(root, "data"), LogRoot: filepath.Join(root, "log"), Owner: Owner{-1, -1}}
+	if err := l.Init(); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func mode(t *testing.T, p string) os.FileMode {
+	t.Helper()
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Mode().Perm()
+}
+
+func TestCreateRemove(t *testing.T) {
+	l := newLayout(t)
+	if err := l.Create("inst-1"); err != nil {
+		t.Fatal(err)
+	}
+	// Idempotent: reconcile may call it again on a half-made instance.
+	if err := l.Create("inst-1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := mode(t, l.DataDir("inst-1")); got != 0o700 {
+		t.Errorf("data dir mode = %o, want 700", got)
+	}
+	if got := mode(t, l.Dir("inst-1")); got != 0o750 {
+		t.Errorf("instance dir mode = %o, want 750", got)
+	}
+	if got := mode(t, l.LogPath("inst-1")); got != 0o640 {
+		t.Errorf("log mode = %o, want 640", got)
+	}
+	if err := l.WriteConfig(l.ConfPath("inst-1"), []byte("port 1\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := mode(t, l.ConfPath("inst-1")); got != 0o640 {
+		t.Errorf("config mode = %o, want 640", got)
+	}
+	ids, err := l.List()
+	if err != nil || len(ids) != 1 || ids[0] != "inst-1" {
+		t.Fatalf("List = %v, %v", ids, err)
+	}
+	if err := l.Remove("inst-1"); err != nil {
+		t.Fatal(err)
+	}
+	if l.Exists("inst-1") {
+		t.Error("instance dir still exists after Remove")
+	}
+	if _, err := os.Stat(l.LogPath("inst-1")); !os.IsNotExist(err) {
+		t.Errorf("log still exists after Remove: %v", err)
+	}
+	if err := l.Remove("inst-1"); err != nil {
+		t.Errorf("second Remove = %v, want nil", err)
+	}
+}
+
+func TestCreateRejectsBadID(t *testing.T) {
+	l := newLayout(t)
+	for _, id := range []string{"..", "../x", "a/b"} {
+		if err := l.Create(id); !errors.Is(err, ErrInvalidID) {
+			t.Errorf("Create(%q) = %v, want ErrInvalidID", id, err)
+		}
+		if err := l.Remove(id); !errors.Is(err, ErrInvalidID) {
+			t.Errorf("Remove(%q) = %v, want ErrInvalidID", id, err)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Dir(l.DataRoot))
+	if len(entries) != 2 {
+		t.Errorf("bad ids created files: %v", entries)
+	}
+}
+
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	for _, content := range []string{"one", "two, longer"} {
+		if err := WriteFileAtomic(p, []byte(content), 0o600, Owner{-1, -1}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(p)
+		if err != nil || string(got) != content {
+			t.Fatalf("read back %q, %v; want %q", got, err, content)
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Errorf("temporary files left behind: %v", entries)
+	}
+	// A failed write leaves the old content and no temporary file.
+	if err := WriteFileAtomic(filepath.Join(dir, "missing", "f"), []byte("x"), 0o600, Owner{-1, -1}); err == nil {
+		t.Error("write into a missing directory succeeded")
+	}
+}
