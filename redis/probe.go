@@ -28,10 +28,8 @@ func probe(ctx context.Context, addr, user, password string) error {
 		deadline = time.Now().Add(2 * time.Second)
 	}
 	conn.SetDeadline(deadline)
-	if _, err := conn.Write(command("AUTH", user, password)); err != nil {
-		return err
-	}
-	if _, err := conn.Write(command("PING")); err != nil {
+	// Both commands in one write: one round trip.
+	if _, err := conn.Write(append(command("AUTH", user, password), command("PING")...)); err != nil {
 		return err
 	}
 	r := bufio.NewReaderSize(conn, 256)

@@ -1,0 +1,214 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+)
+
+func TestRenderPersistence(t *testing.T) {
+	base := Conf{Bind: "127.0.0.1", Port: 16000, Dir: "/d/x/data", LogFile: "/l/x.log", ACLFile: "/d/x/users.acl", MemoryMB: 64}
+	tests := []struct {
+		mode string
+		want []string
+		not  []string
+	}{
+		{PersistenceAOF, []string{"appendonly yes", "appendfsync everysec", `save ""`}, []string{"appendfsync always"}},
+		{PersistenceAOFAlways, []string{"appendonly yes", "appendfsync always"}, []string{"everysec"}},
+		{PersistenceRDB, []string{"appendonly no", "save 3600 1 300 100 60 10000"}, []string{"appendfsync"}},
+		{PersistenceNone, []string{"appendonly no", `save ""`}, []string{"appendfsync"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.mode, func(t *testing.T) {
+			c := base
+			c.Persistence = tt.mode
+			out := string(Render(c))
+			for _, w := range append(tt.want, "port 16000", "maxmemory 64mb", "protected-mode yes",
+				"enable-protected-configs no", "enable-debug-command no", "enable-module-command no",
+				`aclfile "/d/x/users.acl"`, "{config-file}") {
+				if !strings.Contains(out, w) {
+					t.Errorf("config lacks %q:\n%s", w, out)
+				}
+			}
+			for _, n := range tt.not {
+				if strings.Contains(out, n) {
+					t.Errorf("config has %q:\n%s", n, out)
+				}
+			}
+			if string(Render(c)) != out {
+				t.Error("Render is not deterministic")
+			}
+		})
+	}
+	for _, m := range []string{"aof", "aof-always", "rdb", "none"} {
+		if !ValidPersistence(m) {
+			t.Errorf("ValidPersistence(%q) = false", m)
+		}
+	}
+	if ValidPersistence("AOF") || ValidPersistence("") {
+		t.Error("ValidPersistence accepts an unknown mode")
+	}
+}
+
+func TestRenderACL(t *testing.T) {
+	out := string(RenderACL([]User{
+		{Name: "zed", PasswordHash: HashPassword("p1")},
+		{Name: AdminUser, PasswordHash: HashPassword("admin"), Admin: true},
+	}))
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	want := []string{
+		"user default off resetpass resetkeys resetchannels -@all",
+		"user agent on #" + HashPassword("admin") + " ~* &* +@all",
+		"user zed on #" + HashPassword("p1") + " ~* &* +@all -@admin -migrate",
+	}
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("RenderACL =\n%s\nwant\n%s", out, strings.Join(want, "\n"))
+	}
+	if strings.Contains(out, "p1") && !strings.Contains(HashPassword("p1"), "p1") {
+		t.Error("plaintext password in ACL file")
+	}
+	if p := NewPassword(); len(p) < 32 || p == NewPassword() {
+		t.Errorf("NewPassword = %q: want >= 32 random characters", p)
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startRedis runs redis-server with a rendered config and users.
+func startRedis(t *testing.T, users []User) (port int) {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("redis-server not installed")
+		}
+		t.Skip("redis-server not installed")
+	}
+	dir := t.TempDir()
+	port = freePort(t)
+	c := Conf{Bind: "127.0.0.1", Port: port, Dir: dir, LogFile: filepath.Join(dir, "log"), ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: PersistenceNone}
+	if err := os.WriteFile(c.ACLFile, RenderACL(users), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "redis.conf")
+	if err := os.WriteFile(conf, Render(c), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, conf)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return port
+}
+
+func TestAdminAgainstRedis(t *testing.T) {
+	adminPass := NewPassword()
+	port := startRedis(t, []User{{Name: AdminUser, PasswordHash: HashPassword(adminPass), Admin: true}})
+	a := NewAdmin("127.0.0.1", port, adminPass)
+	defer a.Close()
+	ctx := context.Background()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("redis never answered: %v", a.Ping(ctx))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := NewAdmin("127.0.0.1", port, "wrong").Ping(ctx); err == nil {
+		t.Fatal("Ping with a wrong password succeeded")
+	}
+	anon := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:" + strconv.Itoa(port), DisableIdentity: true, MaxRetries: -1})
+	defer anon.Close()
+	if err := anon.Ping(ctx).Err(); err == nil {
+		t.Fatal("the default user can run PING")
+	}
+
+	tenant := func(name, pass string) *goredis.Client {
+		c := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:" + strconv.Itoa(port), Username: name, Password: pass, DisableIdentity: true, MaxRetries: -1, PoolSize: 1})
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	if err := a.SyncUsers(ctx, []User{{Name: "t1", PasswordHash: HashPassword("pw1")}, {Name: "t2", PasswordHash: HashPassword("pw2")}}); err != nil {
+		t.Fatal(err)
+	}
+	t1 := tenant("t1", "pw1")
+	if err := t1.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatalf("tenant SET: %v", err)
+	}
+	for _, cmd := range [][]any{{"CONFIG", "SET", "maxmemory", "0"}, {"ACL", "LIST"}, {"SHUTDOWN"}, {"MIGRATE", "127.0.0.1", "1", "k", "0", "1"}} {
+		if err := t1.Do(ctx, cmd...).Err(); err == nil || !strings.Contains(err.Error(), "NOPERM") {
+			t.Errorf("tenant %v = %v, want NOPERM", cmd, err)
+		}
+	}
+	// Removing t2 keeps t1's connection; t2 can no longer log in.
+	if err := a.SyncUsers(ctx, []User{{Name: "t1", PasswordHash: HashPassword("pw1")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := t1.Ping(ctx).Err(); err != nil {
+		t.Fatalf("t1's connection broke on a sync that kept t1: %v", err)
+	}
+	if err := tenant("t2", "pw2").Ping(ctx).Err(); err == nil {
+		t.Fatal("t2 can log in after it was removed")
+	}
+	if err := a.Shutdown(ctx, true); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := a.Ping(ctx); err == nil {
+		t.Fatal("server still answers after SHUTDOWN")
+	}
+}
+
+func TestProbeLoading(t *testing.T) {
+	// A fake server that answers like Redis loading its data set.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			buf := make([]byte, 512)
+			c.Read(buf)
+			c.Write([]byte("+OK\r\n-LOADING Redis is loading the dataset in memory\r\n"))
+			c.Close()
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	err = NewAdmin("127.0.0.1", port, "x").Ping(context.Background())
+	if !errors.Is(err, ErrLoading) {
+		t.Fatalf("Ping = %v, want ErrLoading", err)
+	}
+	var lo interface{ Loading() bool }
+	if !errors.As(err, &lo) || !lo.Loading() {
+		t.Fatal("the loading error has no Loading() method")
+	}
+}
+
+func BenchmarkRender(b *testing.B) {
+	c := Conf{Bind: "127.0.0.1", Port: 16000, Dir: "/var/lib/redis-agent/instances/x/data", LogFile: "/l", ACLFile: "/a", MemoryMB: 64, Persistence: PersistenceAOF}
+	for b.Loop() {
+		Render(c)
+	}
+}

@@ -1,0 +1,312 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The fake redis-server is this test binary run again with one argument,
+// "fake:<mode>", standing where the config path would be.
+func TestMain(m *testing.M) {
+	if len(os.Args) == 2 && len(os.Args[1]) > 5 && os.Args[1][:5] == "fake:" {
+		fakeServer(os.Args[1][5:])
+		return
+	}
+	os.Exit(m.Run())
+}
+
+func fakeServer(mode string) {
+	switch mode {
+	case "sleep": // runs until SIGTERM
+		ch := make(chan os.Signal, 1)
+		signal.Notify(ch, syscall.SIGTERM)
+		os.WriteFile("ready", nil, 0o600)
+		<-ch
+		os.Exit(0)
+	case "ignore-term": // needs SIGKILL
+		signal.Ignore(syscall.SIGTERM)
+		os.WriteFile("ready", nil, 0o600)
+		time.Sleep(time.Hour)
+	case "exit3":
+		os.Exit(3)
+	}
+	os.Exit(100)
+}
+
+// fakeAdmin answers Ping as told, and only once the fake server has
+// written "ready" into its working directory (its signal handling is set
+// up by then); it cannot shut a server down, so the supervisor falls back
+// to signals.
+type fakeAdmin struct {
+	dir     string
+	pingErr error
+	// alive answers PONG without the marker (for an adopted process).
+	alive bool
+}
+
+func (a *fakeAdmin) Ping(context.Context) error {
+	if a.pingErr != nil || a.alive {
+		return a.pingErr
+	}
+	if _, err := os.Stat(filepath.Join(a.dir, "ready")); err != nil {
+		return errors.New("not ready yet")
+	}
+	// Once read, the marker is removed so a restarted process must write
+	// it again.
+	return os.Remove(filepath.Join(a.dir, "ready"))
+}
+
+func (a *fakeAdmin) Shutdown(context.Context, bool) error { return errors.New("no admin connection") }
+
+type recorder struct {
+	mu     sync.Mutex
+	events []Event
+}
+
+func (r *recorder) on(e Event) { r.mu.Lock(); r.events = append(r.events, e); r.mu.Unlock() }
+
+func (r *recorder) kinds() []EventKind {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var k []EventKind
+	for _, e := range r.events {
+		k = append(k, e.Kind)
+	}
+	return k
+}
+
+func newSup(t *testing.T, mode string, admin Admin, mod func(*Config)) (*Supervisor, *recorder, context.CancelFunc) {
+	t.Helper()
+	rec := &recorder{}
+	dir := t.TempDir()
+	if fa, ok := admin.(*fakeAdmin); ok {
+		fa.dir = dir
+	}
+	cfg := Config{
+		Binary:       os.Args[0],
+		ConfPath:     "fake:" + mode,
+		Dir:          dir,
+		LogPath:      filepath.Join(t.TempDir(), "log"),
+		Admin:        admin,
+		Policy:       Policy{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond, StableAfter: time.Minute, CrashloopAfter: 3},
+		ReadyTimeout: 300 * time.Millisecond,
+		StopTimeout:  300 * time.Millisecond,
+		OnEvent:      rec.on,
+		Rand:         func() float64 { return 0.5 },
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s := New(cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.Run(ctx)
+	t.Cleanup(func() {
+		cancel()
+		<-s.Done()
+		if p := s.Status().Process; p.PID != 0 {
+			syscall.Kill(p.PID, syscall.SIGKILL)
+		}
+	})
+	return s, rec, cancel
+}
+
+func waitState(t *testing.T, s *Supervisor, want State, timeout time.Duration) Status {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st := s.Status()
+		if st.State == want {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("state %v after %v, want %v (status %+v)", st.State, timeout, want, st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestSpawnReadyStop(t *testing.T) {
+	before := runtime.NumGoroutine()
+	s, rec, _ := newSup(t, "sleep", &fakeAdmin{}, nil)
+	if err := s.WaitReady(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := s.Status()
+	if st.State != Running || st.Process.PID == 0 || st.Process.StartTime == 0 {
+		t.Fatalf("status = %+v", st)
+	}
+	if k := rec.kinds(); len(k) != 2 || k[0] != Started || k[1] != Ready {
+		t.Fatalf("events = %v, want Started, Ready", k)
+	}
+	if err := s.Stop(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	<-s.Done()
+	if Verify(st.Process, "fake:sleep") == nil {
+		t.Fatal("process alive after Stop")
+	}
+	if s.Status().State != Stopped {
+		t.Fatalf("state after Stop = %v", s.Status().State)
+	}
+	// No goroutine outlives the supervisor.
+	deadline := time.Now().Add(2 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("goroutines: %d before, %d after:\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestCrashIsRestartedAtOnce(t *testing.T) {
+	s, _, _ := newSup(t, "sleep", &fakeAdmin{}, nil)
+	st := waitState(t, s, Running, 5*time.Second)
+	killed := time.Now()
+	syscall.Kill(st.Process.PID, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		cur := s.Status()
+		if cur.State == Running && cur.Process.PID != st.Process.PID {
+			t.Logf("restarted %v after SIGKILL", time.Since(killed))
+			if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Signal != "killed" || cur.LastExit.Reason != ReasonCrash {
+				t.Fatalf("after crash: %+v, last exit %+v", cur, cur.LastExit)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not restarted: %+v", cur)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestExitCodeAndCrashloop(t *testing.T) {
+	s, _, _ := newSup(t, "exit3", &fakeAdmin{pingErr: errors.New("refused")}, nil)
+	if err := s.WaitReady(context.Background()); err == nil {
+		t.Fatal("WaitReady succeeded for a process that exits at once")
+	}
+	st := waitState(t, s, Crashloop, 5*time.Second)
+	if st.LastExit == nil || st.LastExit.Code != 3 || st.Restarts < 3 {
+		t.Fatalf("crashloop status %+v, last exit %+v", st, st.LastExit)
+	}
+	// It keeps trying: the restart count goes on growing.
+	n := st.Restarts
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Status().Restarts == n {
+		if time.Now().After(deadline) {
+			t.Fatal("supervisor gave up on a crashlooping instance")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestUnreadyProcessIsKilled(t *testing.T) {
+	s, _, _ := newSup(t, "sleep", &fakeAdmin{pingErr: errors.New("refused")}, nil)
+	first := waitState(t, s, Starting, time.Second).Process
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st := s.Status()
+		if st.LastExit != nil {
+			if st.LastExit.Reason != ReasonUnready || st.LastExit.Signal != "killed" {
+				t.Fatalf("last exit %+v, want unready/killed", st.LastExit)
+			}
+			if Verify(first, "fake:sleep") == nil {
+				t.Fatal("unready process still alive")
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unready process never killed: %+v", st)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestStopEscalatesToSIGKILL(t *testing.T) {
+	s, _, _ := newSup(t, "ignore-term", &fakeAdmin{}, nil)
+	st := waitState(t, s, Running, 5*time.Second)
+	t0 := time.Now()
+	if err := s.Stop(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(t0); took < 300*time.Millisecond {
+		t.Fatalf("stop took %v; SIGTERM should have been ignored until the 300ms timeout", took)
+	}
+	if Verify(st.Process, "fake:ignore-term") == nil {
+		t.Fatal("process survived Stop")
+	}
+}
+
+func TestShutdownLeavesProcessAndAdoptWatchesIt(t *testing.T) {
+	s, _, cancel := newSup(t, "sleep", &fakeAdmin{}, nil)
+	st := waitState(t, s, Running, 5*time.Second)
+	cancel() // agent shutdown
+	<-s.Done()
+	if err := Verify(st.Process, "fake:sleep"); err != nil {
+		t.Fatalf("agent shutdown killed the process: %v", err)
+	}
+	// The process is now nobody's child to watch with wait: a new
+	// supervisor adopts it and notices its death through the pidfd.
+	p := st.Process
+	s2, rec, _ := newSup(t, "sleep", &fakeAdmin{alive: true}, func(c *Config) { c.Adopt = &p })
+	st2 := waitState(t, s2, Running, 5*time.Second)
+	if st2.Process != p || st2.Restarts != 0 {
+		t.Fatalf("adopted status %+v, want pid %d and no restart", st2, p.PID)
+	}
+	if k := rec.kinds(); len(k) != 1 || k[0] != Ready {
+		t.Fatalf("events on adoption = %v, want only Ready (no spawn)", k)
+	}
+	killed := time.Now()
+	syscall.Kill(p.PID, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		cur := s2.Status()
+		if cur.Restarts == 1 && cur.Process.PID != p.PID && cur.Process.PID != 0 {
+			t.Logf("adopted process's death noticed and replaced after %v", time.Since(killed))
+			// Not our child: its exit status is unknown.
+			if cur.LastExit.Code != -1 {
+				t.Fatalf("last exit %+v: an adopted process's status cannot be known", cur.LastExit)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("adopted process's death not noticed: %+v", cur)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestVerifyRejectsMismatches(t *testing.T) {
+	self := os.Getpid()
+	p, err := identify(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(Process{PID: self, StartTime: p.StartTime + 1}, ""); !IsGone(err) {
+		t.Errorf("Verify with a wrong start time = %v, want gone", err)
+	}
+	if err := Verify(Process{PID: self, StartTime: p.StartTime}, "/not/my/config"); !IsGone(err) {
+		t.Errorf("Verify with a wrong config = %v, want gone", err)
+	}
+	if err := Verify(Process{PID: 0}, ""); !IsGone(err) {
+		t.Errorf("Verify pid 0 = %v, want gone", err)
+	}
+}
+
+func TestStateString(t *testing.T) {
+	want := map[State]string{Starting: "starting", Running: "running", Backoff: "backoff", Crashloop: "crashloop", Stopping: "stopping", Stopped: "stopped", State(42): "State(42)"}
+	for s, w := range want {
+		if s.String() != w {
+			t.Errorf("%d.String() = %q, want %q", int(s), s.String(), w)
+		}
+	}
+}
