@@ -510,7 +510,11 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 				return
 			case <-time.After(wait):
 			}
-			wait = min(wait*2, 50*time.Millisecond)
+			// Poll every millisecond while a start is still plausible
+			// (redis-server answers ~8 ms after exec), then back off.
+			if time.Since(from) > 100*time.Millisecond {
+				wait = min(wait*2, 50*time.Millisecond)
+			}
 		}
 	}()
 }
