@@ -1,0 +1,107 @@
+// Package api is the agent's REST interface: a gorilla/mux router over the
+// Service it consumes, bearer-token authentication, JSON request parsing
+// with strict limits, the one place where errors become HTTP statuses, and
+// per-route request metrics. openapi.yaml beside this file is the contract.
+package api
+
+//go:generate go tool mockgen -destination=mock_service_test.go -package=api . Service
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+
+	"github.com/gorilla/mux"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/redis-agent/redis-agent/agent"
+)
+
+// Service is what the API needs from the agent.
+type Service interface {
+	Provision(ctx context.Context, id string, spec agent.Spec) (inst agent.Instance, created bool, err error)
+	Deprovision(ctx context.Context, id string) error
+	Get(ctx context.Context, id string) (agent.Instance, error)
+	List(ctx context.Context) ([]agent.Instance, error)
+	Bind(ctx context.Context, id, bindingID string) (creds agent.Credentials, created bool, err error)
+	Unbind(ctx context.Context, id, bindingID string) error
+	Restart(ctx context.Context, id string) error
+	Capacity(ctx context.Context) (agent.Capacity, error)
+}
+
+var _ Service = (*agent.Service)(nil)
+
+// Options configure the handler.
+type Options struct {
+	Service Service
+	// Logger receives 5xx causes and recovered panics; nil discards.
+	Logger *slog.Logger
+	// Token is the bearer token every /v1 request must carry; "" means no
+	// authentication.
+	Token string
+	// Ready backs /readyz; nil means always ready.
+	Ready func(ctx context.Context) error
+	// Registerer receives the HTTP request metrics; nil means none.
+	Registerer prometheus.Registerer
+	// Gatherer is served on /metrics; nil means no /metrics route.
+	Gatherer prometheus.Gatherer
+}
+
+// maxBody bounds every request body.
+const maxBody = 64 << 10
+
+type server struct {
+	svc   Service
+	log   *slog.Logger
+	ready func(context.Context) error
+}
+
+// New returns the API's handler.
+func New(o Options) http.Handler {
+	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.ready == nil {
+		s.ready = func(context.Context) error { return nil }
+	}
+	notFound := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		writeError(w, http.StatusNotFound, "NotFound", "no such route")
+	})
+	notAllowed := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		writeError(w, http.StatusMethodNotAllowed, "MethodNotAllowed", "method not allowed on this route")
+	})
+	r := mux.NewRouter()
+	r.NotFoundHandler, r.MethodNotAllowedHandler = notFound, notAllowed
+
+	r.HandleFunc("/healthz", s.healthz).Methods(http.MethodGet, http.MethodHead)
+	r.HandleFunc("/readyz", s.readyz).Methods(http.MethodGet, http.MethodHead)
+	if o.Gatherer != nil {
+		r.Handle("/metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})).Methods(http.MethodGet)
+	}
+
+	// The /v1 routes sit on the root router (a mux subrouter would turn a
+	// wrong method into a 404) and each carries the auth check.
+	auth := func(h http.HandlerFunc) http.Handler { return h }
+	if o.Token != "" {
+		auth = func(h http.HandlerFunc) http.Handler { return bearer(o.Token)(h) }
+	}
+	v1 := func(method, path string, h http.HandlerFunc) {
+		r.Handle("/v1"+path, auth(h)).Methods(method)
+	}
+	v1(http.MethodGet, "/instances", s.listInstances)
+	v1(http.MethodPut, "/instances/{id}", s.putInstance)
+	v1(http.MethodGet, "/instances/{id}", s.getInstance)
+	v1(http.MethodDelete, "/instances/{id}", s.deleteInstance)
+	v1(http.MethodPut, "/instances/{id}/bindings/{bid}", s.putBinding)
+	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
+	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
+	v1(http.MethodGet, "/capacity", s.capacity)
+
+	var h http.Handler = r
+	if o.Registerer != nil {
+		h = instrument(o.Registerer, r, h)
+	}
+	return recoverer(s.log, h)
+}

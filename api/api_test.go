@@ -1,0 +1,311 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/mock/gomock"
+
+	"github.com/redis-agent/redis-agent/agent"
+)
+
+type env struct {
+	svc *MockService
+	h   http.Handler
+	reg *prometheus.Registry
+}
+
+func newEnv(t *testing.T, token string) *env {
+	t.Helper()
+	ctrl := gomock.NewController(t)
+	svc := NewMockService(ctrl)
+	reg := prometheus.NewRegistry()
+	return &env{svc: svc, reg: reg, h: New(Options{Service: svc, Token: token, Registerer: reg, Gatherer: reg})}
+}
+
+type response struct {
+	code int
+	body string
+	hdr  http.Header
+}
+
+func (e *env) do(method, path, body string, hdr ...string) response {
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req := httptest.NewRequest(method, path, r)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	w := httptest.NewRecorder()
+	e.h.ServeHTTP(w, req)
+	return response{w.Code, w.Body.String(), w.Header()}
+}
+
+func errorCode(t *testing.T, body string) string {
+	t.Helper()
+	var e Error
+	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Code == "" || e.Description == "" {
+		t.Fatalf("body %q is not a JSON error with error and description", body)
+	}
+	return e.Code
+}
+
+var inst = agent.Instance{ID: "i1", State: "running", MemoryMB: 64, Persistence: "aof", Host: "127.0.0.1", Port: 16000, Bindings: []string{}}
+
+func TestSuccessStatuses(t *testing.T) {
+	creds := agent.Credentials{Host: "127.0.0.1", Port: 16000, Username: "b1", Password: "p", URI: "redis://b1:p@127.0.0.1:16000"}
+	tests := []struct {
+		name   string
+		method string
+		path   string
+		body   string
+		expect func(m *MockService)
+		code   int
+		has    string
+	}{
+		{"provision creates", "PUT", "/v1/instances/i1", `{"memory_mb":64,"persistence":"aof"}`, func(m *MockService) {
+			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{MemoryMB: 64, Persistence: "aof"}).Return(inst, true, nil)
+		}, 201, `"port":16000`},
+		{"provision identical", "PUT", "/v1/instances/i1", `{"memory_mb":64}`, func(m *MockService) {
+			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{MemoryMB: 64}).Return(inst, false, nil)
+		}, 200, `"id":"i1"`},
+		{"provision empty body uses defaults", "PUT", "/v1/instances/i1", ``, func(m *MockService) {
+			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{}).Return(inst, true, nil)
+		}, 201, `"id":"i1"`},
+		{"get", "GET", "/v1/instances/i1", ``, func(m *MockService) {
+			m.EXPECT().Get(gomock.Any(), "i1").Return(inst, nil)
+		}, 200, `"state":"running"`},
+		{"list", "GET", "/v1/instances", ``, func(m *MockService) {
+			m.EXPECT().List(gomock.Any()).Return([]agent.Instance{inst}, nil)
+		}, 200, `"instances":[{`},
+		{"empty list is an array", "GET", "/v1/instances", ``, func(m *MockService) {
+			m.EXPECT().List(gomock.Any()).Return(nil, nil)
+		}, 200, `{"instances":[]}`},
+		{"delete", "DELETE", "/v1/instances/i1", ``, func(m *MockService) {
+			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(nil)
+		}, 200, `{}`},
+		{"bind creates", "PUT", "/v1/instances/i1/bindings/b1", ``, func(m *MockService) {
+			m.EXPECT().Bind(gomock.Any(), "i1", "b1").Return(creds, true, nil)
+		}, 201, `"uri":"redis://b1:p@127.0.0.1:16000"`},
+		{"bind again", "PUT", "/v1/instances/i1/bindings/b1", `{}`, func(m *MockService) {
+			m.EXPECT().Bind(gomock.Any(), "i1", "b1").Return(creds, false, nil)
+		}, 200, `"username":"b1"`},
+		{"unbind", "DELETE", "/v1/instances/i1/bindings/b1", ``, func(m *MockService) {
+			m.EXPECT().Unbind(gomock.Any(), "i1", "b1").Return(nil)
+		}, 200, `{}`},
+		{"restart", "POST", "/v1/instances/i1/restart", ``, func(m *MockService) {
+			m.EXPECT().Restart(gomock.Any(), "i1").Return(nil)
+			m.EXPECT().Get(gomock.Any(), "i1").Return(inst, nil)
+		}, 200, `"id":"i1"`},
+		{"capacity", "GET", "/v1/capacity", ``, func(m *MockService) {
+			m.EXPECT().Capacity(gomock.Any()).Return(agent.Capacity{PortsTotal: 1000, PortsFree: 999}, nil)
+		}, 200, `"ports_free":999`},
+		{"healthz", "GET", "/healthz", ``, func(*MockService) {}, 200, `"ok"`},
+		{"readyz", "GET", "/readyz", ``, func(*MockService) {}, 200, `"ready"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, "")
+			tt.expect(e.svc)
+			r := e.do(tt.method, tt.path, tt.body)
+			if r.code != tt.code || !strings.Contains(r.body, tt.has) {
+				t.Fatalf("%s %s = %d %s; want %d containing %s", tt.method, tt.path, r.code, r.body, tt.code, tt.has)
+			}
+			if ct := r.hdr.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type = %q", ct)
+			}
+		})
+	}
+}
+
+func TestErrorMapping(t *testing.T) {
+	wrap := func(s error) error { return fmt.Errorf("instance %q: %w", "i1", s) }
+	tests := []struct {
+		name   string
+		method string
+		path   string
+		expect func(m *MockService, err error)
+		err    error
+		code   int
+		ecode  string
+	}{
+		{"get absent is 404", "GET", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Get(gomock.Any(), "i1").Return(agent.Instance{}, err)
+		}, wrap(agent.ErrNotFound), 404, "NotFound"},
+		{"delete absent is 410", "DELETE", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(err)
+		}, wrap(agent.ErrNotFound), 410, "Gone"},
+		{"unbind absent is 410", "DELETE", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
+			m.EXPECT().Unbind(gomock.Any(), "i1", "b").Return(err)
+		}, wrap(agent.ErrNotFound), 410, "Gone"},
+		{"bind on absent instance is 404", "PUT", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
+			m.EXPECT().Bind(gomock.Any(), "i1", "b").Return(agent.Credentials{}, false, err)
+		}, wrap(agent.ErrNotFound), 404, "NotFound"},
+		{"conflict is 409", "PUT", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Provision(gomock.Any(), "i1", gomock.Any()).Return(agent.Instance{}, false, err)
+		}, wrap(agent.ErrConflict), 409, "Conflict"},
+		{"invalid is 422", "PUT", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Provision(gomock.Any(), "i1", gomock.Any()).Return(agent.Instance{}, false, err)
+		}, wrap(agent.ErrInvalid), 422, "Invalid"},
+		{"capacity is 507", "PUT", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Provision(gomock.Any(), "i1", gomock.Any()).Return(agent.Instance{}, false, err)
+		}, wrap(agent.ErrCapacity), 507, "InsufficientCapacity"},
+		{"anything else is 500", "PUT", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Provision(gomock.Any(), "i1", gomock.Any()).Return(agent.Instance{}, false, err)
+		}, errors.New("disk on fire at /secret/path"), 500, "Internal"},
+		{"restart conflict", "POST", "/v1/instances/i1/restart", func(m *MockService, err error) {
+			m.EXPECT().Restart(gomock.Any(), "i1").Return(err)
+		}, wrap(agent.ErrConflict), 409, "Conflict"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, "")
+			tt.expect(e.svc, tt.err)
+			r := e.do(tt.method, tt.path, "")
+			if r.code != tt.code || errorCode(t, r.body) != tt.ecode {
+				t.Fatalf("= %d %s; want %d %s", r.code, r.body, tt.code, tt.ecode)
+			}
+			if tt.code == 500 && strings.Contains(r.body, "secret") {
+				t.Fatalf("500 body leaks the internal error: %s", r.body)
+			}
+			if tt.code < 500 && !strings.Contains(r.body, "i1") {
+				t.Fatalf("4xx description does not carry the error's sentence: %s", r.body)
+			}
+		})
+	}
+}
+
+// Bad input is answered before the Service is called: the mock has no
+// expectations, so any call fails the test.
+func TestBadInputNeverReachesService(t *testing.T) {
+	tests := []struct {
+		name   string
+		method string
+		path   string
+		body   string
+		hdr    []string
+		code   int
+		ecode  string
+	}{
+		{"malformed JSON", "PUT", "/v1/instances/i1", `{"memory_mb":`, nil, 400, "BadRequest"},
+		{"unknown field", "PUT", "/v1/instances/i1", `{"memory_mb":1,"colour":"red"}`, nil, 400, "BadRequest"},
+		{"wrong type", "PUT", "/v1/instances/i1", `{"memory_mb":"lots"}`, nil, 400, "BadRequest"},
+		{"trailing data", "PUT", "/v1/instances/i1", `{"memory_mb":1} {"memory_mb":2}`, nil, 400, "BadRequest"},
+		{"not an object", "PUT", "/v1/instances/i1", `[1,2]`, nil, 400, "BadRequest"},
+		{"too large", "PUT", "/v1/instances/i1", `{"persistence":"` + strings.Repeat("a", maxBody) + `"}`, nil, 413, "TooLarge"},
+		{"wrong content type", "PUT", "/v1/instances/i1", `{"memory_mb":1}`, []string{"Content-Type", "text/plain"}, 415, "UnsupportedMediaType"},
+		{"binding with unknown field", "PUT", "/v1/instances/i1/bindings/b", `{"x":1}`, nil, 400, "BadRequest"},
+		{"wrong method", "PATCH", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
+		{"unknown route", "GET", "/v2/whatever", ``, nil, 404, "NotFound"},
+		{"restart with GET", "GET", "/v1/instances/i1/restart", ``, nil, 405, "MethodNotAllowed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, "")
+			r := e.do(tt.method, tt.path, tt.body, tt.hdr...)
+			if r.code != tt.code || errorCode(t, r.body) != tt.ecode {
+				t.Fatalf("= %d %s; want %d %s", r.code, r.body, tt.code, tt.ecode)
+			}
+		})
+	}
+}
+
+func TestAuth(t *testing.T) {
+	e := newEnv(t, "s3cret")
+	e.svc.EXPECT().List(gomock.Any()).Return(nil, nil)
+	tests := []struct {
+		name string
+		path string
+		hdr  []string
+		code int
+	}{
+		{"no header", "/v1/instances", nil, 401},
+		{"wrong token", "/v1/instances", []string{"Authorization", "Bearer nope"}, 401},
+		{"token prefix only", "/v1/instances", []string{"Authorization", "Bearer s3cre"}, 401},
+		{"basic auth", "/v1/instances", []string{"Authorization", "Basic czNjcmV0"}, 401},
+		{"right token", "/v1/instances", []string{"Authorization", "Bearer s3cret"}, 200},
+		{"healthz is open", "/healthz", nil, 200},
+		{"readyz is open", "/readyz", nil, 200},
+		{"metrics is open", "/metrics", nil, 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := e.do("GET", tt.path, "", tt.hdr...)
+			if r.code != tt.code {
+				t.Fatalf("= %d %s; want %d", r.code, r.body, tt.code)
+			}
+			if r.code == 401 {
+				if errorCode(t, r.body) != "Unauthorized" || !strings.HasPrefix(r.hdr.Get("WWW-Authenticate"), "Bearer") {
+					t.Fatalf("401 without JSON error or WWW-Authenticate: %v %s", r.hdr, r.body)
+				}
+			}
+		})
+	}
+}
+
+func TestReadyzNotReady(t *testing.T) {
+	h := New(Options{Service: NewMockService(gomock.NewController(t)), Ready: func(context.Context) error { return errors.New("reconcile has not finished") }})
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest("GET", "/readyz", nil))
+	if w.Code != 503 || !strings.Contains(w.Body.String(), "reconcile has not finished") {
+		t.Fatalf("readyz = %d %s", w.Code, w.Body.String())
+	}
+}
+
+func TestPanicIsA500(t *testing.T) {
+	e := newEnv(t, "")
+	e.svc.EXPECT().Get(gomock.Any(), "i1").DoAndReturn(func(context.Context, string) (agent.Instance, error) { panic("boom") })
+	r := e.do("GET", "/v1/instances/i1", "")
+	if r.code != 500 || errorCode(t, r.body) != "Internal" || strings.Contains(r.body, "boom") {
+		t.Fatalf("= %d %s", r.code, r.body)
+	}
+}
+
+func TestMetricsUseRouteTemplates(t *testing.T) {
+	e := newEnv(t, "")
+	e.svc.EXPECT().Get(gomock.Any(), gomock.Any()).Return(inst, nil).Times(2)
+	e.do("GET", "/v1/instances/aaa", "")
+	e.do("GET", "/v1/instances/bbb", "")
+	e.do("GET", "/nowhere", "")
+	want := `
+# HELP redis_agent_http_requests_total HTTP requests served, by route template, method and status code.
+# TYPE redis_agent_http_requests_total counter
+redis_agent_http_requests_total{code="200",method="GET",route="/v1/instances/{id}"} 2
+redis_agent_http_requests_total{code="404",method="GET",route="unmatched"} 1
+`
+	if err := testutil.GatherAndCompare(e.reg, strings.NewReader(want), "redis_agent_http_requests_total"); err != nil {
+		t.Fatal(err)
+	}
+	problems, err := testutil.GatherAndLint(e.reg)
+	if err != nil || len(problems) != 0 {
+		t.Fatalf("promlint: %v %+v", err, problems)
+	}
+}
+
+// Every route the router serves is in the OpenAPI contract.
+func TestOpenAPINamesEveryRoute(t *testing.T) {
+	spec, err := readSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"/v1/instances:", "/v1/instances/{id}:", "/v1/instances/{id}/bindings/{bid}:",
+		"/v1/instances/{id}/restart:", "/v1/capacity:", "/healthz:", "/readyz:", "/metrics:"} {
+		if !strings.Contains(spec, "\n  "+p) {
+			t.Errorf("openapi.yaml has no path %s", strings.TrimSuffix(p, ":"))
+		}
+	}
+}

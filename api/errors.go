@@ -1,0 +1,114 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+
+	"github.com/redis-agent/redis-agent/agent"
+)
+
+// Error is the body of every error response.
+type Error struct {
+	// Code is a stable, machine-readable name ("NotFound", "Conflict", ...).
+	Code string `json:"error"`
+	// Description is a sentence for humans.
+	Description string `json:"description"`
+}
+
+// status maps an error from the Service to an HTTP status and code. It is
+// the only place that does: the Service wraps one sentinel at most; an
+// error that wraps none is the agent's fault.
+func status(method string, err error) (int, string) {
+	switch {
+	case errors.Is(err, agent.ErrNotFound):
+		if method == http.MethodDelete {
+			// Deleting what is absent: the broker's retry after a lost
+			// answer, or a double delete. OSB calls it Gone.
+			return http.StatusGone, "Gone"
+		}
+		return http.StatusNotFound, "NotFound"
+	case errors.Is(err, agent.ErrInvalid):
+		return http.StatusUnprocessableEntity, "Invalid"
+	case errors.Is(err, agent.ErrConflict):
+		return http.StatusConflict, "Conflict"
+	case errors.Is(err, agent.ErrCapacity):
+		return http.StatusInsufficientStorage, "InsufficientCapacity"
+	}
+	return http.StatusInternalServerError, "Internal"
+}
+
+// fail writes err as an error response. A sentinel error carries its own
+// sentence; any other error is logged and answered with a generic one, so
+// internals never leak to the caller.
+func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	code, name := status(r.Method, err)
+	desc := err.Error()
+	if code == http.StatusInternalServerError {
+		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		desc = "the agent failed to complete the request; see its log"
+	}
+	writeError(w, code, name, desc)
+}
+
+func writeError(w http.ResponseWriter, code int, name, desc string) {
+	writeJSON(w, code, Error{Code: name, Description: desc})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		code = http.StatusInternalServerError
+		b = []byte(`{"error":"Internal","description":"cannot encode the response"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	w.Write(append(b, '\n'))
+}
+
+// decode reads a JSON object body into v: at most maxBody bytes, no unknown
+// fields, nothing after the object. An empty body leaves v as it is. It
+// answers the error itself and returns false when the body is bad.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, http.StatusRequestEntityTooLarge, "TooLarge", fmt.Sprintf("request body exceeds %d bytes", maxBody))
+			return false
+		}
+		writeError(w, http.StatusBadRequest, "BadRequest", "cannot read the request body")
+		return false
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return true
+	}
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || mt != "application/json" {
+			writeError(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", "the request body must be application/json")
+			return false
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: "+err.Error())
+		return false
+	}
+	if dec.More() {
+		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
+		return false
+	}
+	var rest json.RawMessage
+	if err := dec.Decode(&rest); err != io.EOF {
+		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
+		return false
+	}
+	return true
+}

@@ -1,0 +1,118 @@
+package api
+
+import (
+	"net/http"
+
+	"github.com/gorilla/mux"
+
+	"github.com/redis-agent/redis-agent/agent"
+)
+
+func (s *server) healthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
+	if err := s.ready(r.Context()); err != nil {
+		writeError(w, http.StatusServiceUnavailable, "NotReady", err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func (s *server) listInstances(w http.ResponseWriter, r *http.Request) {
+	list, err := s.svc.List(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if list == nil {
+		list = []agent.Instance{}
+	}
+	writeJSON(w, http.StatusOK, map[string][]agent.Instance{"instances": list})
+}
+
+func (s *server) putInstance(w http.ResponseWriter, r *http.Request) {
+	var spec agent.Spec
+	if !decode(w, r, &spec) {
+		return
+	}
+	inst, created, err := s.svc.Provision(r.Context(), mux.Vars(r)["id"], spec)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, createdOrOK(created), inst)
+}
+
+func (s *server) getInstance(w http.ResponseWriter, r *http.Request) {
+	inst, err := s.svc.Get(r.Context(), mux.Vars(r)["id"])
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, inst)
+}
+
+func (s *server) deleteInstance(w http.ResponseWriter, r *http.Request) {
+	if err := s.svc.Deprovision(r.Context(), mux.Vars(r)["id"]); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+func (s *server) putBinding(w http.ResponseWriter, r *http.Request) {
+	// A binding takes no parameters yet; a body, if any, must be a JSON
+	// object without fields.
+	var none struct{}
+	if !decode(w, r, &none) {
+		return
+	}
+	v := mux.Vars(r)
+	creds, created, err := s.svc.Bind(r.Context(), v["id"], v["bid"])
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, createdOrOK(created), creds)
+}
+
+func (s *server) deleteBinding(w http.ResponseWriter, r *http.Request) {
+	v := mux.Vars(r)
+	if err := s.svc.Unbind(r.Context(), v["id"], v["bid"]); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+func (s *server) restart(w http.ResponseWriter, r *http.Request) {
+	id := mux.Vars(r)["id"]
+	if err := s.svc.Restart(r.Context(), id); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	inst, err := s.svc.Get(r.Context(), id)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, inst)
+}
+
+func (s *server) capacity(w http.ResponseWriter, r *http.Request) {
+	c, err := s.svc.Capacity(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, c)
+}
+
+func createdOrOK(created bool) int {
+	if created {
+		return http.StatusCreated
+	}
+	return http.StatusOK
+}

@@ -1,0 +1,124 @@
+// Command redis-agent is the node agent that runs one dedicated
+// redis-server per tenant on this machine and serves the REST API a broker
+// calls. main only turns flags and environment into an agent.Config and
+// wires the API into agent.Run.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/api"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "redis-agent:", err)
+		os.Exit(1)
+	}
+}
+
+// env returns the value of REDIS_AGENT_<NAME> or def.
+func env(name, def string) string {
+	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
+		return v
+	}
+	return def
+}
+
+func envInt(name string, def int) int {
+	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
+		if n, err := strconv.Atoi(v); err == nil {
+			return n
+		}
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
+		if d, err := time.ParseDuration(v); err == nil {
+			return d
+		}
+	}
+	return def
+}
+
+func run(args []string) error {
+	cfg := agent.DefaultConfig()
+	fs := flag.NewFlagSet("redis-agent", flag.ContinueOnError)
+	fs.StringVar(&cfg.Listen, "listen", env("LISTEN", cfg.Listen), "API listen address (env REDIS_AGENT_LISTEN)")
+	fs.StringVar(&cfg.DataDir, "data-dir", env("DATA_DIR", cfg.DataDir), "state and instance directories (env REDIS_AGENT_DATA_DIR)")
+	fs.StringVar(&cfg.LogDir, "log-dir", env("LOG_DIR", cfg.LogDir), "redis-server logs; default <data-dir>/logs (env REDIS_AGENT_LOG_DIR)")
+	fs.IntVar(&cfg.PortMin, "port-min", envInt("PORT_MIN", cfg.PortMin), "lowest port for instances (env REDIS_AGENT_PORT_MIN)")
+	fs.IntVar(&cfg.PortMax, "port-max", envInt("PORT_MAX", cfg.PortMax), "highest port for instances (env REDIS_AGENT_PORT_MAX)")
+	fs.StringVar(&cfg.RedisServer, "redis-server", env("REDIS_SERVER", cfg.RedisServer), "redis-server executable; default from PATH (env REDIS_AGENT_REDIS_SERVER)")
+	fs.StringVar(&cfg.BindHost, "bind", env("BIND", cfg.BindHost), "address every redis-server listens on (env REDIS_AGENT_BIND)")
+	fs.StringVar(&cfg.AdvertiseHost, "advertise-host", env("ADVERTISE_HOST", cfg.AdvertiseHost), "host given in credentials; default the bind address (env REDIS_AGENT_ADVERTISE_HOST)")
+	fs.IntVar(&cfg.DefaultMemoryMB, "default-memory-mb", envInt("DEFAULT_MEMORY_MB", cfg.DefaultMemoryMB), "maxmemory of an instance provisioned without one (env REDIS_AGENT_DEFAULT_MEMORY_MB)")
+	fs.IntVar(&cfg.MemoryBudgetMB, "memory-budget-mb", envInt("MEMORY_BUDGET_MB", cfg.MemoryBudgetMB), "total maxmemory handed out; default 75% of RAM (env REDIS_AGENT_MEMORY_BUDGET_MB)")
+	fs.StringVar(&cfg.RedisUser, "redis-user", env("REDIS_USER", cfg.RedisUser), "user redis-server runs as when the agent is root (env REDIS_AGENT_REDIS_USER)")
+	fs.DurationVar(&cfg.ReadyTimeout, "ready-timeout", envDuration("READY_TIMEOUT", cfg.ReadyTimeout), "wait for a new redis-server to answer PING (env REDIS_AGENT_READY_TIMEOUT)")
+	fs.DurationVar(&cfg.StopTimeout, "stop-timeout", envDuration("STOP_TIMEOUT", cfg.StopTimeout), "graceful stop before SIGKILL (env REDIS_AGENT_STOP_TIMEOUT)")
+	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
+	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
+	logFormat := fs.String("log-format", env("LOG_FORMAT", "text"), "text or json (env REDIS_AGENT_LOG_FORMAT)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("log level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+	if *logFormat == "json" {
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	cfg.Logger = slog.New(h)
+
+	cfg.Token = os.Getenv("REDIS_AGENT_TOKEN")
+	if *tokenFile != "" {
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return fmt.Errorf("token file: %w", err)
+		}
+		cfg.Token = strings.TrimSpace(string(b))
+		if cfg.Token == "" {
+			return fmt.Errorf("token file %s is empty", *tokenFile)
+		}
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return agent.Run(ctx, cfg, func(svc *agent.Service) http.Handler {
+		return api.New(api.Options{
+			Service:    svc,
+			Logger:     cfg.Logger,
+			Token:      cfg.Token,
+			Ready:      svc.Ready,
+			Registerer: reg,
+			Gatherer:   reg,
+		})
+	})
+}

@@ -1,0 +1,404 @@
+// Package test holds the end-to-end tests: they build the real redis-agent
+// binary, run it on loopback with temporary directories, and drive it over
+// HTTP against real redis-server processes.
+package test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+)
+
+var agentBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "redis-agent-e2e")
+	if err != nil {
+		panic(err)
+	}
+	agentBin = filepath.Join(dir, "redis-agent")
+	build := exec.Command("go", "build", "-race", "-o", agentBin, "../cmd/redis-agent")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build redis-agent:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireRedis(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("redis-server not installed; CI must run the end-to-end tests")
+		}
+		t.Skip("redis-server not installed")
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// agentProc is one running redis-agent.
+type agentProc struct {
+	t       *testing.T
+	cmd     *exec.Cmd
+	base    string
+	dataDir string
+	args    []string
+	log     *bytes.Buffer
+	exited  chan struct{}
+}
+
+// traversable makes a test directory usable by an unprivileged redis user.
+func traversable(t *testing.T) string {
+	d := t.TempDir()
+	for p := d; p != os.TempDir() && p != "/"; p = filepath.Dir(p) {
+		os.Chmod(p, 0o755)
+	}
+	return d
+}
+
+// startAgent runs the binary with its own data dir and port range. Extra
+// args are appended to the flags.
+func startAgent(t *testing.T, dataDir string, portMin int, extra ...string) *agentProc {
+	t.Helper()
+	listen := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	args := append([]string{
+		"--listen", listen, "--data-dir", dataDir,
+		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin + 19),
+		"--memory-budget-mb", "2048", "--log-level", "debug",
+	}, extra...)
+	a := &agentProc{t: t, base: "http://" + listen, dataDir: dataDir, args: args, log: &bytes.Buffer{}, exited: make(chan struct{})}
+	a.cmd = exec.Command(agentBin, args...)
+	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.cmd.Wait(); close(a.exited) }()
+	t.Cleanup(func() {
+		a.stop(syscall.SIGKILL)
+		if t.Failed() {
+			t.Logf("agent log:\n%s", a.log.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		select {
+		case <-a.exited:
+			t.Fatalf("agent exited at start: %v\n%s", a.cmd.ProcessState, a.log.String())
+		default:
+		}
+		if resp, err := http.Get(a.base + "/readyz"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return a
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready after 20s:\n%s", a.log.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (a *agentProc) stop(sig syscall.Signal) {
+	select {
+	case <-a.exited:
+		return
+	default:
+	}
+	a.cmd.Process.Signal(sig)
+	select {
+	case <-a.exited:
+	case <-time.After(15 * time.Second):
+		a.cmd.Process.Kill()
+		<-a.exited
+	}
+}
+
+// do sends a request and decodes a JSON answer into out (when not nil).
+func (a *agentProc) do(method, path, body string, out any) int {
+	a.t.Helper()
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, a.base+path, r)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		a.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			a.t.Fatalf("%s %s: %d %q: %v", method, path, resp.StatusCode, b, err)
+		}
+	}
+	if resp.StatusCode >= 400 {
+		var e struct{ Error, Description string }
+		if err := json.Unmarshal(b, &e); err != nil || e.Error == "" || e.Description == "" {
+			a.t.Errorf("%s %s: %d with body %q, want a JSON error with error and description", method, path, resp.StatusCode, b)
+		}
+	}
+	return resp.StatusCode
+}
+
+type instance struct {
+	ID       string  `json:"id"`
+	State    string  `json:"state"`
+	Port     int     `json:"port"`
+	PID      int     `json:"pid"`
+	Restarts int     `json:"restarts"`
+	Uptime   float64 `json:"uptime_seconds"`
+	LastExit *struct {
+		Signal string `json:"signal"`
+		Reason string `json:"reason"`
+	} `json:"last_exit"`
+}
+
+type credentials struct {
+	Host     string `json:"host"`
+	Port     int    `json:"port"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+	URI      string `json:"uri"`
+}
+
+func redisClient(t *testing.T, c credentials) *goredis.Client {
+	t.Helper()
+	opt, err := goredis.ParseURL(c.URI)
+	if err != nil {
+		t.Fatalf("credentials URI %q: %v", c.URI, err)
+	}
+	opt.MaxRetries, opt.DialerRetries, opt.DisableIdentity, opt.PoolSize = -1, 1, true, 1
+	cl := goredis.NewClient(opt)
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && b[i+2] != 'Z'
+}
+
+func TestEndToEnd(t *testing.T) {
+	requireRedis(t)
+	dataDir := traversable(t)
+	const portMin = 22000
+	a := startAgent(t, dataDir, portMin)
+	ctx := context.Background()
+	var pids []int
+	t.Cleanup(func() {
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+
+	if code := a.do("GET", "/healthz", "", nil); code != 200 {
+		t.Fatalf("healthz = %d", code)
+	}
+
+	// Provision: 201, then 200 for the same spec, 409 for another.
+	var inst instance
+	if code := a.do("PUT", "/v1/instances/e2e-1", `{"memory_mb":64,"persistence":"aof"}`, &inst); code != 201 {
+		t.Fatalf("PUT instance = %d", code)
+	}
+	pids = append(pids, inst.PID)
+	if inst.State != "running" || inst.Port != portMin || !alive(inst.PID) {
+		t.Fatalf("provisioned %+v: want running on %d with a live pid", inst, portMin)
+	}
+	if code := a.do("PUT", "/v1/instances/e2e-1", `{"memory_mb":64,"persistence":"aof"}`, nil); code != 200 {
+		t.Errorf("identical PUT = %d, want 200", code)
+	}
+	if code := a.do("PUT", "/v1/instances/e2e-1", `{"memory_mb":128,"persistence":"aof"}`, nil); code != 409 {
+		t.Errorf("different PUT = %d, want 409", code)
+	}
+	// Bad input: clear 4xx, nothing created.
+	for _, tc := range []struct {
+		path, body string
+		want       int
+	}{
+		{"/v1/instances/bad", `{"memory_mb":`, 400},
+		{"/v1/instances/bad", `{"memory_mb":64,"colour":"red"}`, 400},
+		{"/v1/instances/bad", `{"persistence":"sometimes"}`, 422},
+		{"/v1/instances/bad", `{"memory_mb":-5}`, 422},
+		{"/v1/instances/bad", `{"memory_mb":999999}`, 507},
+		{"/v1/instances/-dash-first", `{}`, 422},
+	} {
+		if code := a.do("PUT", tc.path, tc.body, nil); code != tc.want {
+			t.Errorf("PUT %s %s = %d, want %d", tc.path, tc.body, code, tc.want)
+		}
+	}
+	if code := a.do("GET", "/v1/instances/bad", "", nil); code != 404 {
+		t.Errorf("GET of a rejected instance = %d, want 404", code)
+	}
+
+	// Bind and use the credentials.
+	var creds credentials
+	if code := a.do("PUT", "/v1/instances/e2e-1/bindings/app", "", &creds); code != 201 {
+		t.Fatalf("PUT binding = %d", code)
+	}
+	rc := redisClient(t, creds)
+	if err := rc.Set(ctx, "greeting", "hello", 0).Err(); err != nil {
+		t.Fatalf("SET with binding credentials: %v", err)
+	}
+	var again credentials
+	if code := a.do("PUT", "/v1/instances/e2e-1/bindings/app", "", &again); code != 200 || again != creds {
+		t.Errorf("repeated bind = %d %+v, want 200 and the same credentials", code, again)
+	}
+
+	// List and get.
+	var list struct{ Instances []instance }
+	if code := a.do("GET", "/v1/instances", "", &list); code != 200 || len(list.Instances) != 1 || list.Instances[0].ID != "e2e-1" {
+		t.Fatalf("GET list = %d %+v", code, list)
+	}
+
+	// kill -9: restarted on the same port with its data (AOF).
+	time.Sleep(1100 * time.Millisecond) // appendfsync everysec: let the write reach the disk
+	syscall.Kill(inst.PID, syscall.SIGKILL)
+	var after instance
+	eventually(t, "restart after kill -9", func() bool {
+		a.do("GET", "/v1/instances/e2e-1", "", &after)
+		return after.State == "running" && after.PID != inst.PID && after.PID != 0
+	})
+	pids = append(pids, after.PID)
+	if after.Port != inst.Port || after.Restarts != 1 || after.LastExit == nil || after.LastExit.Signal != "killed" {
+		t.Fatalf("after kill: %+v", after)
+	}
+	if v, err := redisClient(t, creds).Get(ctx, "greeting").Result(); err != nil || v != "hello" {
+		t.Fatalf("GET after crash = %q, %v", v, err)
+	}
+
+	// Agent stop leaves Redis running; a new agent adopts the same pid.
+	a.stop(syscall.SIGTERM)
+	if a.cmd.ProcessState.ExitCode() != 0 {
+		t.Errorf("agent exit code on SIGTERM = %d, want 0", a.cmd.ProcessState.ExitCode())
+	}
+	if !alive(after.PID) {
+		t.Fatal("redis-server died with the agent")
+	}
+	if err := rc.Ping(ctx).Err(); err != nil {
+		t.Fatalf("tenant connection broke when the agent stopped: %v", err)
+	}
+	a = startAgent(t, dataDir, portMin)
+	var adopted instance
+	eventually(t, "adopted instance running", func() bool {
+		a.do("GET", "/v1/instances/e2e-1", "", &adopted)
+		return adopted.State == "running"
+	})
+	if adopted.PID != after.PID || adopted.Restarts != 1 {
+		t.Fatalf("after agent restart: %+v; want pid %d adopted, restarts still 1", adopted, after.PID)
+	}
+
+	// A second agent on the same data dir exits 1 with a clear error.
+	second := exec.Command(agentBin, "--listen", "127.0.0.1:"+strconv.Itoa(freePort(t)), "--data-dir", dataDir,
+		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin+19))
+	out, err := second.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), "another redis-agent") {
+		t.Errorf("second agent on the same data dir: %v, %q; want exit 1 naming another agent", err, out)
+	}
+
+	// Unbind, then delete: 200, then 410.
+	if code := a.do("DELETE", "/v1/instances/e2e-1/bindings/app", "", nil); code != 200 {
+		t.Errorf("DELETE binding = %d", code)
+	}
+	if code := a.do("DELETE", "/v1/instances/e2e-1/bindings/app", "", nil); code != 410 {
+		t.Errorf("second DELETE binding = %d, want 410", code)
+	}
+	if err := rc.Ping(ctx).Err(); err == nil {
+		t.Error("unbound connection still open")
+	}
+	if code := a.do("DELETE", "/v1/instances/e2e-1", "", nil); code != 200 {
+		t.Fatalf("DELETE instance = %d", code)
+	}
+	if code := a.do("DELETE", "/v1/instances/e2e-1", "", nil); code != 410 {
+		t.Errorf("second DELETE = %d, want 410", code)
+	}
+	if code := a.do("GET", "/v1/instances/e2e-1", "", nil); code != 404 {
+		t.Errorf("GET deleted = %d, want 404", code)
+	}
+	if alive(after.PID) {
+		t.Error("redis-server alive after DELETE")
+	}
+	if _, err := os.Stat(filepath.Join(dataDir, "instances", "e2e-1")); !os.IsNotExist(err) {
+		t.Errorf("instance directory left after DELETE: %v", err)
+	}
+	var capy struct {
+		PortsFree int `json:"ports_free"`
+		Instances int `json:"instances"`
+	}
+	if code := a.do("GET", "/v1/capacity", "", &capy); code != 200 || capy.PortsFree != 20 || capy.Instances != 0 {
+		t.Errorf("capacity after delete = %d %+v; want all 20 ports free", code, capy)
+	}
+}
+
+func TestAgentRefusesBadConfig(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"non-loopback without token", []string{"--listen", "0.0.0.0:0"}, "token"},
+		{"missing redis-server", []string{"--redis-server", "/nonexistent/redis-server"}, "/nonexistent/redis-server"},
+		{"inverted port range", []string{"--port-min", "100", "--port-max", "10"}, "port range"},
+		{"stray argument", []string{"extra"}, "unexpected"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"--data-dir", t.TempDir()}, tt.args...)
+			out, err := exec.Command(agentBin, args...).CombinedOutput()
+			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+				t.Fatalf("exit = %v, want 1; output %q", err, out)
+			}
+			if !strings.Contains(string(out), tt.want) {
+				t.Fatalf("output %q does not mention %q", out, tt.want)
+			}
+		})
+	}
+}
