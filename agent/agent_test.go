@@ -582,3 +582,79 @@ func notExecutable(t *testing.T) string {
 	}
 	return p
 }
+
+// An agent that crashed after spawning a redis-server but before recording
+// its pid leaves a record without one; reconcile finds the process by the
+// config in its title and adopts it instead of starting a second one.
+func TestReconcileAdoptsUnrecordedProcessAndReportsOrphans(t *testing.T) {
+	cfg := testConfig(t, 2)
+	s1, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s1.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	in, _, err := s1.Provision(context.Background(), "u1", Spec{Persistence: "none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s1, false)
+
+	s2, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.store.Update("u1", func(r *state.Instance) error { r.PID, r.StartTime = 0, 0; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	// An orphan directory and an orphan process (a redis-server running a
+	// config under our data root that no record owns).
+	orphanDir := filepath.Join(s2.layout.DataRoot, "ghost")
+	if err := os.MkdirAll(orphanDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ghostConf := filepath.Join(orphanDir, "redis.conf")
+	port := cfg.PortMax
+	os.WriteFile(ghostConf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nproc-title-template \"{title} {listen-addr} {config-file}\"\n", port, orphanDir), 0o644)
+	ghost := exec.Command(cfg.RedisServer, ghostConf)
+	if err := ghost.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ghost.Process.Kill(); ghost.Wait() })
+	waitFor(t, "ghost redis up", 5*time.Second, func() bool {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+
+	if err := s2.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { shutdown(t, s2, true) })
+	if got := mustGet(t, s2, "u1"); got.PID != in.PID || got.Restarts != 0 {
+		t.Fatalf("after reconcile: pid %d restarts %d; want the unrecorded pid %d adopted", got.PID, got.Restarts, in.PID)
+	}
+	if rec, _ := s2.store.Get("u1"); rec.PID != in.PID {
+		t.Fatalf("adopted pid not persisted: record pid %d", rec.PID)
+	}
+	var kinds []string
+	for _, o := range s2.Orphans() {
+		if o.ID != "ghost" {
+			t.Errorf("unexpected orphan %+v", o)
+		}
+		kinds = append(kinds, o.Kind)
+	}
+	if len(kinds) != 2 {
+		t.Fatalf("orphans = %+v; want the ghost directory and process", s2.Orphans())
+	}
+	// Reported, never deleted.
+	if _, err := os.Stat(orphanDir); err != nil {
+		t.Fatal("orphan directory was removed")
+	}
+	if err := ghost.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatal("orphan process was killed")
+	}
+}

@@ -117,9 +117,11 @@ func Scan(match func(confPath string) bool) (map[string]Process, error) {
 		if err != nil {
 			continue
 		}
+		// The title is "<argv0> <listen-addr> <config-file>"; argv0 may be
+		// a full path or a wrapper, so only the config decides.
 		title := cmdline(pid)
 		i := strings.LastIndexByte(title, ' ')
-		if i < 0 || !strings.HasPrefix(title, "redis-server") {
+		if i < 0 {
 			continue
 		}
 		conf := title[i+1:]
