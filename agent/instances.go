@@ -57,6 +57,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 	if err != nil {
 		return Instance{}, false, err
 	}
+	// A caller that hangs up does not roll back a provision half-way: the
+	// side effects run to the end and a retry finds the instance.
+	ctx = context.WithoutCancel(ctx)
 	unlock := s.locks.lock(id)
 	defer unlock()
 

@@ -401,4 +401,12 @@ func TestAgentRefusesBadConfig(t *testing.T) {
 			}
 		})
 	}
+	t.Run("unparsable environment", func(t *testing.T) {
+		cmd := exec.Command(agentBin, "--data-dir", t.TempDir())
+		cmd.Env = append(os.Environ(), "REDIS_AGENT_PORT_MIN=abc")
+		out, err := cmd.CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), "REDIS_AGENT_PORT_MIN") {
+			t.Fatalf("exit = %v, output %q; want 1 naming the variable", err, out)
+		}
+	})
 }

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -31,34 +32,48 @@ func main() {
 	}
 }
 
-// env returns the value of REDIS_AGENT_<NAME> or def.
-func env(name, def string) string {
+// envs reads REDIS_AGENT_* variables as flag defaults and remembers the
+// ones that do not parse, so a typo in the environment is an error rather
+// than a silent default.
+type envs struct{ errs []error }
+
+func (e *envs) str(name, def string) string {
 	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
 		return v
 	}
 	return def
 }
 
-func envInt(name string, def int) int {
-	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
-		if n, err := strconv.Atoi(v); err == nil {
-			return n
-		}
+func (e *envs) int(name string, def int) int {
+	v, ok := os.LookupEnv("REDIS_AGENT_" + name)
+	if !ok {
+		return def
 	}
-	return def
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		e.errs = append(e.errs, fmt.Errorf("REDIS_AGENT_%s=%q: want an integer", name, v))
+		return def
+	}
+	return n
 }
 
-func envDuration(name string, def time.Duration) time.Duration {
-	if v, ok := os.LookupEnv("REDIS_AGENT_" + name); ok {
-		if d, err := time.ParseDuration(v); err == nil {
-			return d
-		}
+func (e *envs) duration(name string, def time.Duration) time.Duration {
+	v, ok := os.LookupEnv("REDIS_AGENT_" + name)
+	if !ok {
+		return def
 	}
-	return def
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		e.errs = append(e.errs, fmt.Errorf("REDIS_AGENT_%s=%q: want a duration like 10s", name, v))
+		return def
+	}
+	return d
 }
 
 func run(args []string) error {
 	cfg := agent.DefaultConfig()
+	var ev envs
+	env, envInt, envDuration := ev.str, ev.int, ev.duration
 	fs := flag.NewFlagSet("redis-agent", flag.ContinueOnError)
 	fs.StringVar(&cfg.Listen, "listen", env("LISTEN", cfg.Listen), "API listen address (env REDIS_AGENT_LISTEN)")
 	fs.StringVar(&cfg.DataDir, "data-dir", env("DATA_DIR", cfg.DataDir), "state and instance directories (env REDIS_AGENT_DATA_DIR)")
@@ -81,6 +96,9 @@ func run(args []string) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := errors.Join(ev.errs...); err != nil {
+		return err
 	}
 
 	var level slog.Level
