@@ -19,6 +19,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
@@ -30,36 +31,14 @@ var nextPorts atomic.Int32
 
 const portBase = 21000
 
-func redisServer(t testing.TB) string {
-	t.Helper()
-	p, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("redis-server not installed; CI must run the Redis-backed tests")
-		}
-		t.Skip("redis-server not installed")
-	}
-	return p
-}
-
-// tempDir is a t.TempDir that an unprivileged redis user can traverse.
-func tempDir(t testing.TB) string {
-	t.Helper()
-	d := t.TempDir()
-	for p := d; p != os.TempDir() && p != "/"; p = filepath.Dir(p) {
-		os.Chmod(p, 0o755)
-	}
-	return d
-}
-
 func testConfig(t testing.TB, ports int) Config {
 	t.Helper()
 	cfg := DefaultConfig()
 	n := int(nextPorts.Add(int32(ports)))
 	cfg.PortMin = portBase + n - ports
 	cfg.PortMax = cfg.PortMin + ports - 1
-	cfg.DataDir = tempDir(t)
-	cfg.RedisServer = redisServer(t)
+	cfg.DataDir = testenv.TraversableDir(t)
+	cfg.RedisServer = testenv.RedisServer(t)
 	cfg.MemoryBudgetMB = 4096
 	cfg.ReadyTimeout = 5 * time.Second
 	cfg.StopTimeout = 5 * time.Second
@@ -522,7 +501,7 @@ func TestConcurrentProvisionsGetDistinctPorts(t *testing.T) {
 
 func TestProvisionRollsBackWhenRedisCannotStart(t *testing.T) {
 	cfg := testConfig(t, 1)
-	fake := filepath.Join(tempDir(t), "redis-server")
+	fake := filepath.Join(testenv.TraversableDir(t), "redis-server")
 	if err := os.WriteFile(fake, []byte("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR' >&2\nexit 1\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 // BenchmarkProvision measures Provision from call to return, which is when
@@ -37,8 +39,8 @@ func BenchmarkProvision(b *testing.B) {
 // BenchmarkBareRedisStart is the reference: exec redis-server with a
 // minimal config and poll it (every millisecond) until it answers PING.
 func BenchmarkBareRedisStart(b *testing.B) {
-	bin := redisServer(b)
-	dir := tempDir(b)
+	bin := testenv.RedisServer(b)
+	dir := testenv.TraversableDir(b)
 	port := portBase + 990
 	conf := filepath.Join(dir, "redis.conf")
 	if err := os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644); err != nil {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 func TestRenderPersistence(t *testing.T) {
@@ -81,28 +83,12 @@ func TestRenderACL(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startRedis runs redis-server with a rendered config and users.
 func startRedis(t *testing.T, users []User) (port int) {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("redis-server not installed")
-		}
-		t.Skip("redis-server not installed")
-	}
+	bin := testenv.RedisServer(t)
 	dir := t.TempDir()
-	port = freePort(t)
+	port = testenv.FreePort(t)
 	c := Conf{Bind: "127.0.0.1", Port: port, Dir: dir, LogFile: filepath.Join(dir, "log"), ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: PersistenceNone}
 	if err := os.WriteFile(c.ACLFile, RenderACL(users), 0o600); err != nil {
 		t.Fatal(err)

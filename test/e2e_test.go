@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,6 +20,8 @@ import (
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 var agentBin string
@@ -42,26 +43,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireRedis(t *testing.T) {
-	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("redis-server not installed; CI must run the end-to-end tests")
-		}
-		t.Skip("redis-server not installed")
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // agentProc is one running redis-agent.
 type agentProc struct {
 	t       *testing.T
@@ -73,20 +54,11 @@ type agentProc struct {
 	exited  chan struct{}
 }
 
-// traversable makes a test directory usable by an unprivileged redis user.
-func traversable(t *testing.T) string {
-	d := t.TempDir()
-	for p := d; p != os.TempDir() && p != "/"; p = filepath.Dir(p) {
-		os.Chmod(p, 0o755)
-	}
-	return d
-}
-
 // startAgent runs the binary with its own data dir and port range. Extra
 // args are appended to the flags.
 func startAgent(t *testing.T, dataDir string, portMin int, extra ...string) *agentProc {
 	t.Helper()
-	listen := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	listen := "127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
 	args := append([]string{
 		"--listen", listen, "--data-dir", dataDir,
 		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin + 19),
@@ -228,8 +200,8 @@ func alive(pid int) bool {
 }
 
 func TestEndToEnd(t *testing.T) {
-	requireRedis(t)
-	dataDir := traversable(t)
+	testenv.RedisServer(t)
+	dataDir := testenv.TraversableDir(t)
 	const portMin = 22000
 	a := startAgent(t, dataDir, portMin)
 	ctx := context.Background()
@@ -337,7 +309,7 @@ func TestEndToEnd(t *testing.T) {
 	}
 
 	// A second agent on the same data dir exits 1 with a clear error.
-	second := exec.Command(agentBin, "--listen", "127.0.0.1:"+strconv.Itoa(freePort(t)), "--data-dir", dataDir,
+	second := exec.Command(agentBin, "--listen", "127.0.0.1:"+strconv.Itoa(testenv.FreePort(t)), "--data-dir", dataDir,
 		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin+19))
 	out, err := second.CombinedOutput()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), "another redis-agent") {
