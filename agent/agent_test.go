@@ -637,3 +637,37 @@ func TestReconcileAdoptsUnrecordedProcessAndReportsOrphans(t *testing.T) {
 		t.Fatal("orphan process was killed")
 	}
 }
+
+func TestHungInstanceIsReplaced(t *testing.T) {
+	cfg := testConfig(t, 2)
+	cfg.Health = supervisor.Health{Interval: 50 * time.Millisecond, Timeout: 50 * time.Millisecond, Failures: 3}
+	s := startService(t, cfg)
+	ctx := context.Background()
+	in, _, err := s.Provision(ctx, "hang", Spec{Persistence: "aof-always"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, _, err := s.Bind(ctx, "hang", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client(t, creds.Port, creds.Username, creds.Password).Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	if err := syscall.Kill(in.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the stopped redis-server to be replaced", 10*time.Second, func() bool {
+		cur := mustGet(t, s, "hang")
+		return cur.State == "running" && cur.PID != in.PID
+	})
+	t.Logf("SIGSTOPped process replaced after %v", time.Since(stopped))
+	cur := mustGet(t, s, "hang")
+	if cur.LastExit == nil || cur.LastExit.Reason != "hung" || cur.LastExit.Signal != "killed" || cur.Restarts != 1 {
+		t.Fatalf("after hang: %+v last exit %+v; want reason hung, killed, 1 restart", cur, cur.LastExit)
+	}
+	if v, err := client(t, creds.Port, creds.Username, creds.Password).Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET after hang recovery = %q, %v", v, err)
+	}
+}

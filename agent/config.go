@@ -51,6 +51,8 @@ type Config struct {
 	StopTimeout time.Duration
 	// Restart is the restart policy of crashed instances.
 	Restart supervisor.Policy
+	// Health is the hang detection of running instances.
+	Health supervisor.Health
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -70,6 +72,7 @@ func DefaultConfig() Config {
 		ReadyTimeout:    10 * time.Second,
 		StopTimeout:     10 * time.Second,
 		Restart:         supervisor.DefaultPolicy(),
+		Health:          supervisor.DefaultHealth(),
 	}
 	if os.Geteuid() == 0 {
 		c.DataDir = "/var/lib/redis-agent"
@@ -149,6 +152,9 @@ func (c Config) Validate() error {
 	}
 	if c.ReadyTimeout <= 0 || c.StopTimeout <= 0 {
 		bad("ready and stop timeouts must be positive")
+	}
+	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
+		bad("health check: interval and timeout must be positive and failures >= 1")
 	}
 	if os.Geteuid() == 0 {
 		if c.RedisUser == "" {

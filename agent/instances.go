@@ -154,6 +154,7 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 		Policy:       s.cfg.Restart,
 		ReadyTimeout: s.cfg.ReadyTimeout,
 		StopTimeout:  s.cfg.StopTimeout,
+		Health:       s.cfg.Health,
 		Adopt:        adopt,
 		Restarts:     rec.Restarts,
 		Logger:       log,

@@ -42,6 +42,9 @@ func probe(ctx context.Context, addr, user, password string) error {
 		if strings.HasPrefix(line, "-LOADING") {
 			return loadingError{errors.New(line[1:])}
 		}
+		if strings.HasPrefix(line, "-BUSY") {
+			return busyError{line[1:]}
+		}
 		if line != want {
 			return fmt.Errorf("unexpected reply %q", line)
 		}
@@ -57,3 +60,10 @@ func command(args ...string) []byte {
 	}
 	return b
 }
+
+// busyError is Ping's error while a script runs past busy-reply-threshold:
+// the server is alive, and only SCRIPT KILL or the script's end frees it.
+type busyError struct{ msg string }
+
+func (e busyError) Error() string { return e.msg }
+func (busyError) Busy() bool      { return true }

@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -196,5 +197,39 @@ func BenchmarkRender(b *testing.B) {
 	c := Conf{Bind: "127.0.0.1", Port: 16000, Dir: "/var/lib/redis-agent/instances/x/data", LogFile: "/l", ACLFile: "/a", MemoryMB: 64, Persistence: PersistenceAOF}
 	for b.Loop() {
 		Render(c)
+	}
+}
+
+// A script running past busy-reply-threshold makes PING answer BUSY, which
+// Ping reports as an error with Busy() true: alive, not hung.
+func TestPingDuringLongScriptIsBusy(t *testing.T) {
+	bin := testenv.RedisServer(t)
+	dir := t.TempDir()
+	port := testenv.FreePort(t)
+	conf := filepath.Join(dir, "redis.conf")
+	acl := filepath.Join(dir, "users.acl")
+	os.WriteFile(acl, RenderACL([]User{{Name: AdminUser, PasswordHash: HashPassword("pw"), Admin: true}}), 0o600)
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\naclfile %s\nsave \"\"\nbusy-reply-threshold 50\n", port, dir, acl)), 0o600)
+	cmd := exec.Command(bin, conf)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	a := NewAdmin("127.0.0.1", port, "pw")
+	defer a.Close()
+	ctx := context.Background()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("redis not up")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	go a.c.Eval(ctx, "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); if (n[1]-t[1])*1000000 + (n[2]-t[2]) > 500000 then break end end return 1", nil)
+	time.Sleep(150 * time.Millisecond)
+	err := a.Ping(ctx)
+	var b interface{ Busy() bool }
+	if !errors.As(err, &b) || !b.Busy() {
+		t.Fatalf("Ping during a long script = %v; want a Busy() error", err)
 	}
 }

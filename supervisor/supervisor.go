@@ -57,6 +57,7 @@ const (
 	ReasonUnready = "unready" // it did not answer PING within the ready timeout
 	ReasonManual  = "manual"  // a restart was asked for
 	ReasonStopped = "stopped" // Stop was called
+	ReasonHung    = "hung"    // it stopped answering PING and was killed
 )
 
 // Exit describes how a process ended.
@@ -126,6 +127,11 @@ type Config struct {
 	ReadyTimeout time.Duration
 	// StopTimeout bounds a graceful stop before SIGKILL.
 	StopTimeout time.Duration
+	// Health checks a running process: a PING every Interval, failing
+	// after Timeout; Failures failures in a row mean it hangs, and it is
+	// killed and restarted. LOADING and BUSY (a long script) answers are
+	// alive. Zero values mean DefaultHealth.
+	Health Health
 	// Adopt, when set, is a live process from a previous agent to watch
 	// instead of spawning one. It must have been checked with Verify.
 	Adopt *Process
@@ -137,6 +143,20 @@ type Config struct {
 	Logger  *slog.Logger
 	// Rand returns uniform numbers in [0, 1) for jitter; nil = math/rand.
 	Rand func() float64
+}
+
+// Health configures hang detection.
+type Health struct {
+	Interval time.Duration
+	Timeout  time.Duration
+	Failures int
+}
+
+// DefaultHealth kills a process only after about 18 s without an answer:
+// long enough for a legitimately slow command, and a Lua script past
+// busy-reply-threshold answers BUSY, which counts as alive.
+func DefaultHealth() Health {
+	return Health{Interval: 5 * time.Second, Timeout: 3 * time.Second, Failures: 4}
 }
 
 // Status is a snapshot of a supervised instance.
@@ -185,6 +205,9 @@ func New(cfg Config) *Supervisor {
 	}
 	if cfg.StopTimeout <= 0 {
 		cfg.StopTimeout = 10 * time.Second
+	}
+	if d := DefaultHealth(); cfg.Health.Interval <= 0 || cfg.Health.Timeout <= 0 || cfg.Health.Failures <= 0 {
+		cfg.Health = d
 	}
 	return &Supervisor{
 		cfg:       cfg,
@@ -311,6 +334,16 @@ func (s *Supervisor) Run(ctx context.Context) {
 	}
 	defer stopTimer()
 
+	// Health checks: one PING in flight at a time, only while running.
+	health := time.NewTicker(s.cfg.Health.Interval)
+	defer health.Stop()
+	type healthResult struct {
+		pid int
+		err error
+	}
+	healthRes := make(chan healthResult, 1)
+	checking, healthFails := false, 0
+
 	start := func() {
 		stopTimer()
 		r, err := s.spawn()
@@ -423,6 +456,36 @@ func (s *Supervisor) Run(ctx context.Context) {
 		case <-timerC:
 			timer, timerC = nil, nil
 			start()
+
+		case <-health.C:
+			if cur == nil || cur.ready != nil || checking {
+				continue
+			}
+			checking = true
+			go func(pid int) {
+				ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Health.Timeout)
+				defer cancel()
+				healthRes <- healthResult{pid, s.cfg.Admin.Ping(ctx)}
+			}(cur.p.PID)
+
+		case res := <-healthRes:
+			checking = false
+			if cur == nil || res.pid != cur.p.PID || cur.kind != "" {
+				healthFails = 0
+				continue
+			}
+			if res.err == nil || isLoading(res.err) || isBusy(res.err) {
+				healthFails = 0
+				continue
+			}
+			healthFails++
+			s.log.Warn("health check failed", "pid", cur.p.PID, "failures", healthFails, "of", s.cfg.Health.Failures, "err", res.err)
+			if healthFails >= s.cfg.Health.Failures {
+				healthFails = 0
+				s.log.Error("redis-server hangs, killing it", "pid", cur.p.PID)
+				cur.kind = ReasonHung
+				s.kill(cur)
+			}
 		}
 	}
 }
@@ -517,6 +580,13 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 			}
 		}
 	}()
+}
+
+// isBusy reports whether a Ping error says the server is alive but busy
+// running a script: the error has a Busy() bool method that returns true.
+func isBusy(err error) bool {
+	var b interface{ Busy() bool }
+	return errors.As(err, &b) && b.Busy()
 }
 
 // isLoading reports whether a Ping error says the server is alive but

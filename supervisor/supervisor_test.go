@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -50,9 +51,14 @@ type fakeAdmin struct {
 	pingErr error
 	// alive answers PONG without the marker (for an adopted process).
 	alive bool
+	// after, when set, is what Ping answers once the process was ready.
+	after atomic.Pointer[error]
 }
 
 func (a *fakeAdmin) Ping(context.Context) error {
+	if e := a.after.Load(); e != nil {
+		return *e
+	}
 	if a.pingErr != nil || a.alive {
 		return a.pingErr
 	}
@@ -310,3 +316,52 @@ func TestStateString(t *testing.T) {
 		}
 	}
 }
+
+type busyErr struct{}
+
+func (busyErr) Error() string { return "BUSY Redis is busy running a script" }
+func (busyErr) Busy() bool    { return true }
+
+func TestHealthChecks(t *testing.T) {
+	health := func(c *Config) {
+		c.Health = Health{Interval: 10 * time.Millisecond, Timeout: 10 * time.Millisecond, Failures: 3}
+	}
+	t.Run("no answer is a hang", func(t *testing.T) {
+		a := &fakeAdmin{}
+		s, _, _ := newSup(t, "sleep", a, health)
+		first := waitState(t, s, Running, 5*time.Second).Process
+		var noAnswer error = context.DeadlineExceeded
+		a.after.Store(&noAnswer)
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			st := s.Status()
+			if st.LastExit != nil {
+				if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != "killed" || Verify(first, "fake:sleep") == nil {
+					t.Fatalf("last exit %+v; want hung and killed", st.LastExit)
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("a process that stopped answering was not killed")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
+	t.Run("busy and loading are alive", func(t *testing.T) {
+		for _, e := range []error{busyErr{}, loadingErr{}} {
+			a := &fakeAdmin{}
+			s, _, _ := newSup(t, "sleep", a, health)
+			waitState(t, s, Running, 5*time.Second)
+			a.after.Store(&e)
+			time.Sleep(200 * time.Millisecond) // 20 intervals, far past 3 failures
+			if st := s.Status(); st.State != Running || st.Restarts != 0 {
+				t.Fatalf("%v answers: status %+v; want running, never restarted", e, st)
+			}
+		}
+	})
+}
+
+type loadingErr struct{}
+
+func (loadingErr) Error() string { return "LOADING Redis is loading the dataset in memory" }
+func (loadingErr) Loading() bool { return true }
