@@ -60,16 +60,6 @@ type instance struct {
 	admin *redis.Admin
 }
 
-// Orphan is something on the machine that looks like ours but that no
-// record owns. The agent reports orphans and never deletes them.
-type Orphan struct {
-	// Kind is "directory" or "process".
-	Kind string `json:"kind"`
-	ID   string `json:"id"`
-	Path string `json:"path"`
-	PID  int    `json:"pid,omitempty"`
-}
-
 // New opens the state and prepares the directories. It starts nothing:
 // call Reconcile.
 func New(cfg Config) (*Service, error) {
@@ -146,11 +136,11 @@ func (s *Service) Ready(ctx context.Context) error {
 }
 
 // Orphans returns what the last reconcile found that no record owns.
-func (s *Service) Orphans() []Orphan {
+func (s *Service) Orphans(ctx context.Context) ([]Orphan, error) {
 	if p := s.orphans.Load(); p != nil {
-		return *p
+		return *p, nil
 	}
-	return nil
+	return nil, nil
 }
 
 // conf renders the redis.conf of a record.

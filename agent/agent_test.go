@@ -620,14 +620,15 @@ func TestReconcileAdoptsUnrecordedProcessAndReportsOrphans(t *testing.T) {
 		t.Fatalf("adopted pid not persisted: record pid %d", rec.PID)
 	}
 	var kinds []string
-	for _, o := range s2.Orphans() {
+	orphans, _ := s2.Orphans(context.Background())
+	for _, o := range orphans {
 		if o.ID != "ghost" {
 			t.Errorf("unexpected orphan %+v", o)
 		}
 		kinds = append(kinds, o.Kind)
 	}
 	if len(kinds) != 2 {
-		t.Fatalf("orphans = %+v; want the ghost directory and process", s2.Orphans())
+		t.Fatalf("orphans = %+v; want the ghost directory and process", orphans)
 	}
 	// Reported, never deleted.
 	if _, err := os.Stat(orphanDir); err != nil {
@@ -669,5 +670,80 @@ func TestHungInstanceIsReplaced(t *testing.T) {
 	}
 	if v, err := client(t, creds.Port, creds.Username, creds.Password).Get(ctx, "k").Result(); err != nil || v != "v" {
 		t.Fatalf("GET after hang recovery = %q, %v", v, err)
+	}
+}
+
+// A corrupt AOF keeps redis-server from starting: the instance reports it
+// (backoff or crashloop, with the log's last lines) and nothing is deleted.
+func TestCorruptAOFIsReportedNotDeleted(t *testing.T) {
+	cfg := testConfig(t, 1)
+	cfg.Restart = supervisor.Policy{Base: 20 * time.Millisecond, Max: 100 * time.Millisecond, StableAfter: time.Minute, CrashloopAfter: 3}
+	s := startService(t, cfg)
+	ctx := context.Background()
+	in, _, err := s.Provision(ctx, "aofbad", Spec{Persistence: "aof-always"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, _, err := s.Bind(ctx, "aofbad", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client(t, creds.Port, creds.Username, creds.Password).Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	incr, _ := filepath.Glob(filepath.Join(s.layout.DataDir("aofbad"), "appendonlydir", "*.incr.aof"))
+	if len(incr) != 1 {
+		t.Fatalf("incr AOF files: %v", incr)
+	}
+	good, _ := os.ReadFile(incr[0])
+	corrupt := append([]byte("this is not an AOF\r\n"), good...)
+	if err := os.WriteFile(incr[0], corrupt, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(in.PID, syscall.SIGKILL)
+	waitFor(t, "crashloop", 10*time.Second, func() bool { return mustGet(t, s, "aofbad").State == "crashloop" })
+	got := mustGet(t, s, "aofbad")
+	if !strings.Contains(strings.Join(got.LogTail, "\n"), "Bad file format reading the append only file") {
+		t.Fatalf("log tail does not say why:\n%s", strings.Join(got.LogTail, "\n"))
+	}
+	if got.LastExit == nil || got.LastExit.Code != 1 {
+		t.Fatalf("last exit %+v; want code 1", got.LastExit)
+	}
+	if after, err := os.ReadFile(incr[0]); err != nil || string(after) != string(corrupt) {
+		t.Fatalf("the AOF was changed or removed: %v", err)
+	}
+	// The operator repairs the file; the agent, still trying, recovers.
+	if err := os.WriteFile(incr[0], good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Restart(ctx, "aofbad"); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := client(t, creds.Port, creds.Username, creds.Password).Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("GET after repair = %q, %v", v, err)
+	}
+	if tail := mustGet(t, s, "aofbad").LogTail; tail != nil {
+		t.Errorf("a running instance shows a log tail: %q", tail)
+	}
+}
+
+// A process of the instance runs with an oom_score_adj above the agent's,
+// so the kernel's OOM killer picks a tenant before the agent.
+func TestOOMScoreAdjAboveAgent(t *testing.T) {
+	s := startService(t, testConfig(t, 1))
+	in, _, err := s.Provision(context.Background(), "oom", Spec{Persistence: "none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(pid string) int {
+		b, err := os.ReadFile("/proc/" + pid + "/oom_score_adj")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return n
+	}
+	if child, agent := read(strconv.Itoa(in.PID)), read("self"); child <= agent {
+		t.Fatalf("redis-server oom_score_adj %d, agent %d; want the tenant above", child, agent)
 	}
 }

@@ -14,6 +14,9 @@ import (
 	"github.com/redis-agent/redis-agent/volumes"
 )
 
+// logTailLines is how much of its log a non-running instance shows.
+const logTailLines = 20
+
 func validateID(kind, id string) error {
 	if err := volumes.ValidateID(id); err != nil {
 		return fmt.Errorf("%s id: %w: %w", kind, ErrInvalid, err)
@@ -366,6 +369,10 @@ func (s *Service) view(rec state.Instance) Instance {
 	}
 	if rec.Phase == state.PhaseDeleting {
 		inst.State = "stopping"
+	}
+	if inst.State != "running" && inst.State != "stopping" {
+		// Why it does not run is in its log.
+		inst.LogTail, _ = volumes.Tail(s.layout.LogPath(rec.ID), logTailLines)
 	}
 	return inst
 }

@@ -81,7 +81,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	s.findOrphans(owned, procs)
 	s.reconciled.Store(true)
 	s.log.Info("reconciled", "instances", len(recs), "adopted", adopted, "started", started,
-		"deletions_finished", deleted, "orphans", len(s.Orphans()), "took", time.Since(t0).Round(time.Millisecond))
+		"deletions_finished", deleted, "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))
 	return nil
 }
 

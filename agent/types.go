@@ -65,6 +65,19 @@ type Instance struct {
 	Restarts int      `json:"restarts"`
 	LastExit *Exit    `json:"last_exit,omitempty"`
 	Bindings []string `json:"bindings"`
+	// LogTail holds the last lines of the redis-server log while the
+	// instance is not running: why it does not start.
+	LogTail []string `json:"log_tail,omitempty"`
+}
+
+// Orphan is something on the machine that looks like an instance's but
+// that no record owns. The agent reports orphans and never deletes them.
+type Orphan struct {
+	// Kind is "directory" or "process".
+	Kind string `json:"kind"`
+	ID   string `json:"id"`
+	Path string `json:"path"`
+	PID  int    `json:"pid,omitempty"`
 }
 
 // Credentials are what a binding hands to the application.

@@ -28,6 +28,7 @@ type Service interface {
 	Unbind(ctx context.Context, id, bindingID string) error
 	Restart(ctx context.Context, id string) error
 	Capacity(ctx context.Context) (agent.Capacity, error)
+	Orphans(ctx context.Context) ([]agent.Orphan, error)
 }
 
 var _ Service = (*agent.Service)(nil)
@@ -98,6 +99,7 @@ func New(o Options) http.Handler {
 	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
 	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
 	v1(http.MethodGet, "/capacity", s.capacity)
+	v1(http.MethodGet, "/orphans", s.orphans)
 
 	var h http.Handler = r
 	if o.Registerer != nil {

@@ -114,6 +114,12 @@ func TestSuccessStatuses(t *testing.T) {
 		{"capacity", "GET", "/v1/capacity", ``, func(m *MockService) {
 			m.EXPECT().Capacity(gomock.Any()).Return(agent.Capacity{PortsTotal: 1000, PortsFree: 999}, nil)
 		}, 200, `"ports_free":999`},
+		{"orphans", "GET", "/v1/orphans", ``, func(m *MockService) {
+			m.EXPECT().Orphans(gomock.Any()).Return([]agent.Orphan{{Kind: "directory", ID: "ghost", Path: "/d/ghost"}}, nil)
+		}, 200, `{"orphans":[{"kind":"directory","id":"ghost","path":"/d/ghost"}]}`},
+		{"no orphans is an empty array", "GET", "/v1/orphans", ``, func(m *MockService) {
+			m.EXPECT().Orphans(gomock.Any()).Return(nil, nil)
+		}, 200, `{"orphans":[]}`},
 		{"healthz", "GET", "/healthz", ``, func(*MockService) {}, 200, `"ok"`},
 		{"readyz", "GET", "/readyz", ``, func(*MockService) {}, 200, `"ready"`},
 	}
@@ -303,7 +309,7 @@ func TestOpenAPINamesEveryRoute(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range []string{"/v1/instances:", "/v1/instances/{id}:", "/v1/instances/{id}/bindings/{bid}:",
-		"/v1/instances/{id}/restart:", "/v1/capacity:", "/healthz:", "/readyz:", "/metrics:"} {
+		"/v1/instances/{id}/restart:", "/v1/capacity:", "/v1/orphans:", "/healthz:", "/readyz:", "/metrics:"} {
 		if !strings.Contains(spec, "\n  "+p) {
 			t.Errorf("openapi.yaml has no path %s", strings.TrimSuffix(p, ":"))
 		}

@@ -53,6 +53,7 @@ func (fakeService) Restart(_ context.Context, id string) error   { return errFor
 func (fakeService) Capacity(context.Context) (agent.Capacity, error) {
 	return agent.Capacity{}, nil
 }
+func (fakeService) Orphans(context.Context) ([]agent.Orphan, error) { return nil, nil }
 
 func FuzzHandler(f *testing.F) {
 	seeds := []struct{ method, path, ctype, body string }{

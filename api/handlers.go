@@ -110,6 +110,18 @@ func (s *server) capacity(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, c)
 }
 
+func (s *server) orphans(w http.ResponseWriter, r *http.Request) {
+	list, err := s.svc.Orphans(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if list == nil {
+		list = []agent.Orphan{}
+	}
+	writeJSON(w, http.StatusOK, map[string][]agent.Orphan{"orphans": list})
+}
+
 func createdOrOK(created bool) int {
 	if created {
 		return http.StatusCreated

@@ -116,6 +116,21 @@ func (mr *MockServiceMockRecorder) List(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "List", reflect.TypeOf((*MockService)(nil).List), ctx)
 }
 
+// Orphans mocks base method.
+func (m *MockService) Orphans(ctx context.Context) ([]agent.Orphan, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Orphans", ctx)
+	ret0, _ := ret[0].([]agent.Orphan)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Orphans indicates an expected call of Orphans.
+func (mr *MockServiceMockRecorder) Orphans(ctx any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Orphans", reflect.TypeOf((*MockService)(nil).Orphans), ctx)
+}
+
 // Provision mocks base method.
 func (m *MockService) Provision(ctx context.Context, id string, spec agent.Spec) (agent.Instance, bool, error) {
 	m.ctrl.T.Helper()

@@ -2,6 +2,7 @@ package volumes
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -136,5 +137,30 @@ func TestWriteFileAtomic(t *testing.T) {
 	// A failed write leaves the old content and no temporary file.
 	if err := WriteFileAtomic(filepath.Join(dir, "missing", "f"), []byte("x"), 0o600, Owner{-1, -1}); err == nil {
 		t.Error("write into a missing directory succeeded")
+	}
+}
+
+func TestTail(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "log")
+	if lines, err := Tail(p, 5); err != nil || lines != nil {
+		t.Fatalf("Tail of a missing file = %v, %v", lines, err)
+	}
+	var b strings.Builder
+	for i := range 5000 {
+		fmt.Fprintf(&b, "line %d\n", i)
+	}
+	os.WriteFile(p, []byte(b.String()), 0o600)
+	lines, err := Tail(p, 3)
+	if err != nil || strings.Join(lines, "|") != "line 4997|line 4998|line 4999" {
+		t.Fatalf("Tail = %q, %v", lines, err)
+	}
+	os.WriteFile(p, []byte("only\n"), 0o600)
+	if lines, _ := Tail(p, 10); len(lines) != 1 || lines[0] != "only" {
+		t.Fatalf("Tail of a short file = %q", lines)
+	}
+	os.WriteFile(p, nil, 0o600)
+	if lines, _ := Tail(p, 10); lines != nil {
+		t.Fatalf("Tail of an empty file = %q", lines)
 	}
 }
