@@ -209,13 +209,19 @@ func New(cfg Config) *Supervisor {
 	if d := DefaultHealth(); cfg.Health.Interval <= 0 || cfg.Health.Timeout <= 0 || cfg.Health.Failures <= 0 {
 		cfg.Health = d
 	}
+	st := Status{State: Starting, Restarts: cfg.Restarts}
+	if cfg.Adopt != nil {
+		// Known from the start, so Status never shows an adopted instance
+		// without its process.
+		st.Process, st.StartedAt = *cfg.Adopt, cfg.Adopt.StartedAt()
+	}
 	return &Supervisor{
 		cfg:       cfg,
 		log:       cfg.Logger,
 		stopCh:    make(chan stopRequest),
 		restartCh: make(chan chan error),
 		done:      make(chan struct{}),
-		status:    Status{State: Starting, Restarts: cfg.Restarts},
+		status:    st,
 		changed:   make(chan struct{}),
 	}
 }
