@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -49,13 +50,38 @@ func Run(ctx context.Context, cfg Config, newHandler func(*Service) http.Handler
 		srv.Close()
 		return fmt.Errorf("reconcile: %w", err)
 	}
-	notify(log, daemon.SdNotifyReady)
+	notify(log, daemon.SdNotifyReady+"\n"+svc.statusLine())
 
-	select {
-	case <-ctx.Done():
-	case err := <-serveErr:
-		if !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
+	// The main loop: systemd's watchdog is fed only while the agent can
+	// serve (state writable, redis-server executable), and STATUS= tells
+	// systemctl what runs.
+	watchdog, _ := daemon.SdWatchdogEnabled(false)
+	tick := 10 * time.Second
+	if watchdog > 0 {
+		tick = min(tick, watchdog/2)
+	}
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case err := <-serveErr:
+			if !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve: %w", err)
+			}
+			break loop
+		case <-ticker.C:
+			msg := svc.statusLine()
+			if watchdog > 0 {
+				if err := svc.Ready(ctx); err != nil {
+					log.Error("not feeding the systemd watchdog", "err", err)
+				} else {
+					msg = daemon.SdNotifyWatchdog + "\n" + msg
+				}
+			}
+			notify(log, msg)
 		}
 	}
 	notify(log, daemon.SdNotifyStopping)
@@ -66,6 +92,26 @@ func Run(ctx context.Context, cfg Config, newHandler func(*Service) http.Handler
 		log.Warn("API shutdown", "err", err)
 	}
 	return nil
+}
+
+// statusLine summarises the instances for systemd's STATUS=.
+func (s *Service) statusLine() string {
+	counts := map[string]int{}
+	n := 0
+	s.mu.Lock()
+	for _, in := range s.instances {
+		counts[in.sup.Status().State.String()]++
+		n++
+	}
+	s.mu.Unlock()
+	var b strings.Builder
+	fmt.Fprintf(&b, "STATUS=%d instances", n)
+	for _, st := range []string{"running", "starting", "backoff", "crashloop", "stopping"} {
+		if counts[st] > 0 {
+			fmt.Fprintf(&b, ", %d %s", counts[st], st)
+		}
+	}
+	return b.String()
 }
 
 func notify(log *slog.Logger, state string) {
