@@ -50,6 +50,7 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 	if err != nil {
 		return Credentials{}, false, notFound(id, err)
 	}
+	crashAt(FaultBindRecorded)
 	// The record is written first; the ACL file follows from it, here or,
 	// after a crash, in reconcile.
 	if err := s.applyACL(ctx, rec); err != nil {
@@ -79,6 +80,7 @@ func (s *Service) Unbind(ctx context.Context, id, bid string) error {
 	if err != nil {
 		return notFound(id, err)
 	}
+	crashAt(FaultUnbindRecorded)
 	if err := s.applyACL(ctx, rec); err != nil {
 		return fmt.Errorf("unbind %q/%q: %w", id, bid, err)
 	}

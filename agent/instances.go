@@ -85,6 +85,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		return port, err
 	})
+	if err == nil {
+		crashAt(FaultProvisionRecorded)
+	}
 	switch {
 	case errors.Is(err, state.ErrExists):
 		if rec.MemoryMB != spec.MemoryMB || rec.Persistence != spec.Persistence {
@@ -120,20 +123,27 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		}
 		return Instance{}, fmt.Errorf("provision %q: %w", rec.ID, err)
 	}
-	confHash, err := s.writeFiles(rec)
-	if err != nil {
-		return fail(err)
+	// After an agent crash, reconcile may already supervise the instance:
+	// then only readiness is left to wait for.
+	in := s.runtime(rec.ID)
+	if in == nil {
+		confHash, err := s.writeFiles(rec)
+		if err != nil {
+			return fail(err)
+		}
+		crashAt(FaultProvisionFiles)
+		if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
+			return fail(err)
+		}
+		in = s.supervise(rec, nil)
 	}
-	if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
-		return fail(err)
-	}
-	in := s.supervise(rec, nil)
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
 	defer cancel()
 	if err := in.sup.WaitReady(rctx); err != nil {
 		return fail(err)
 	}
-	rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.Phase = state.PhaseActive; return nil })
+	crashAt(FaultProvisionReady)
+	rec, err := s.store.Update(rec.ID, func(r *state.Instance) error { r.Phase = state.PhaseActive; return nil })
 	if err != nil {
 		return fail(err)
 	}
@@ -175,6 +185,9 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 // Started event before anything else, and the exit and restart count of an
 // Exited one.
 func (s *Service) persistEvent(id string, ev supervisor.Event) {
+	if ev.Kind == supervisor.Started {
+		crashAt(FaultSpawnUnrecorded)
+	}
 	_, err := s.store.Update(id, func(r *state.Instance) error {
 		switch ev.Kind {
 		case supervisor.Started:
@@ -235,9 +248,11 @@ func (s *Service) destroy(id string) error {
 	} else if err := s.killStray(id); err != nil {
 		return err
 	}
+	crashAt(FaultDeleteStopped)
 	if err := s.layout.Remove(id); err != nil {
 		return err
 	}
+	crashAt(FaultDeleteRemoved)
 	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {
 		return err
 	}
@@ -255,6 +270,7 @@ func (s *Service) Deprovision(ctx context.Context, id string) error {
 	if err != nil {
 		return notFound(id, err)
 	}
+	crashAt(FaultDeleteMarked)
 	if err := s.destroy(id); err != nil {
 		return fmt.Errorf("deprovision %q: %w", id, err)
 	}

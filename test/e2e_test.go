@@ -54,18 +54,41 @@ type agentProc struct {
 	exited  chan struct{}
 }
 
+// agentOpts say how to run an agent; zero values take defaults.
+type agentOpts struct {
+	bin     string   // default: the normal build
+	env     []string // added to the environment
+	dataDir string
+	portMin int
+	ports   int // size of the port range; default 20
+	extra   []string
+}
+
 // startAgent runs the binary with its own data dir and port range. Extra
 // args are appended to the flags.
 func startAgent(t *testing.T, dataDir string, portMin int, extra ...string) *agentProc {
 	t.Helper()
+	return runAgent(t, agentOpts{dataDir: dataDir, portMin: portMin, extra: extra})
+}
+
+// launchAgent starts an agent and returns without waiting for it.
+func launchAgent(t *testing.T, o agentOpts) *agentProc {
+	t.Helper()
+	if o.bin == "" {
+		o.bin = agentBin
+	}
+	if o.ports == 0 {
+		o.ports = 20
+	}
 	listen := "127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
 	args := append([]string{
-		"--listen", listen, "--data-dir", dataDir,
-		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin + 19),
-		"--memory-budget-mb", "2048", "--log-level", "debug",
-	}, extra...)
-	a := &agentProc{t: t, base: "http://" + listen, dataDir: dataDir, args: args, log: &bytes.Buffer{}, exited: make(chan struct{})}
-	a.cmd = exec.Command(agentBin, args...)
+		"--listen", listen, "--data-dir", o.dataDir,
+		"--port-min", strconv.Itoa(o.portMin), "--port-max", strconv.Itoa(o.portMin + o.ports - 1),
+		"--memory-budget-mb", "4096", "--log-level", "debug",
+	}, o.extra...)
+	a := &agentProc{t: t, base: "http://" + listen, dataDir: o.dataDir, args: args, log: &bytes.Buffer{}, exited: make(chan struct{})}
+	a.cmd = exec.Command(o.bin, args...)
+	a.cmd.Env = append(os.Environ(), o.env...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -77,6 +100,13 @@ func startAgent(t *testing.T, dataDir string, portMin int, extra ...string) *age
 			t.Logf("agent log:\n%s", a.log.String())
 		}
 	})
+	return a
+}
+
+// runAgent starts an agent and waits until /readyz says 200.
+func runAgent(t *testing.T, o agentOpts) *agentProc {
+	t.Helper()
+	a := launchAgent(t, o)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		select {
@@ -202,6 +232,7 @@ func alive(pid int) bool {
 func TestEndToEnd(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
+	killRedisUnder(t, dataDir)
 	const portMin = 22000
 	a := startAgent(t, dataDir, portMin)
 	ctx := context.Background()

@@ -1,0 +1,24 @@
+package agent
+
+// Fault-injection points: named places inside the operations where a test
+// build (go build -tags faultinject) kills the agent with SIGKILL when
+// REDIS_AGENT_CRASH_AT names the point. A normal build compiles crashAt to
+// nothing. The crash-consistency test loops over FaultPoints.
+const (
+	FaultProvisionRecorded = "provision.recorded" // record written, nothing on disk
+	FaultProvisionFiles    = "provision.files"    // directory and config written, no process
+	FaultSpawnUnrecorded   = "spawn.unrecorded"   // process spawned, its pid not yet persisted
+	FaultProvisionReady    = "provision.ready"    // process ready, record still provisioning
+	FaultDeleteMarked      = "delete.marked"      // record marked deleting, process running
+	FaultDeleteStopped     = "delete.stopped"     // process stopped, files still there
+	FaultDeleteRemoved     = "delete.removed"     // files removed, record still there
+	FaultBindRecorded      = "bind.recorded"      // binding in the record, not yet in Redis
+	FaultUnbindRecorded    = "unbind.recorded"    // binding gone from the record, still in Redis
+)
+
+// FaultPoints lists every fault-injection point.
+var FaultPoints = []string{
+	FaultProvisionRecorded, FaultProvisionFiles, FaultSpawnUnrecorded, FaultProvisionReady,
+	FaultDeleteMarked, FaultDeleteStopped, FaultDeleteRemoved,
+	FaultBindRecorded, FaultUnbindRecorded,
+}

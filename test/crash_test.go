@@ -1,0 +1,167 @@
+package test
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/internal/testenv"
+)
+
+var (
+	faultBinOnce sync.Once
+	faultBin     string
+	faultBinErr  error
+)
+
+// faultAgent builds (once) the agent with -tags faultinject.
+func faultAgent(t *testing.T) string {
+	t.Helper()
+	faultBinOnce.Do(func() {
+		faultBin = filepath.Join(filepath.Dir(agentBin), "redis-agent-faultinject")
+		out, err := exec.Command("go", "build", "-race", "-tags", "faultinject", "-o", faultBin, "../cmd/redis-agent").CombinedOutput()
+		if err != nil {
+			faultBinErr = err
+			t.Logf("%s", out)
+		}
+	})
+	if faultBinErr != nil {
+		t.Fatal(faultBinErr)
+	}
+	return faultBin
+}
+
+// TestCrashAtEveryPoint kills the agent with SIGKILL at each fault point
+// of provision, delete, bind and unbind; a new agent must then converge to
+// exactly what the state says, and the broker's retry of the operation
+// must succeed.
+func TestCrashAtEveryPoint(t *testing.T) {
+	testenv.RedisServer(t)
+	bin := faultAgent(t)
+	for i, point := range agent.FaultPoints {
+		t.Run(point, func(t *testing.T) {
+			dataDir := testenv.TraversableDir(t)
+			portMin := 22200 + 20*i
+			creds := map[string]credentials{}
+			killRedisUnder(t, dataDir)
+			// Setup that does not pass the point under test, on an agent
+			// without the fault; the crashing agent adopts it.
+			a := runAgent(t, agentOpts{bin: bin, dataDir: dataDir, portMin: portMin})
+			bystander := mustProvision(t, a, "bystander")
+			var method, path string
+			switch point {
+			case agent.FaultDeleteMarked, agent.FaultDeleteStopped, agent.FaultDeleteRemoved:
+				mustProvision(t, a, "victim")
+				creds["victim/app"] = mustBind(t, a, "victim", "app")
+				method, path = "DELETE", "/v1/instances/victim"
+			case agent.FaultBindRecorded:
+				mustProvision(t, a, "victim")
+				method, path = "PUT", "/v1/instances/victim/bindings/app"
+			case agent.FaultUnbindRecorded:
+				mustProvision(t, a, "victim")
+				creds["victim/app"] = mustBind(t, a, "victim", "app")
+				method, path = "DELETE", "/v1/instances/victim/bindings/app"
+			default:
+				method, path = "PUT", "/v1/instances/victim"
+			}
+			a.stop(syscall.SIGTERM)
+			a = runAgent(t, agentOpts{bin: bin, dataDir: dataDir, portMin: portMin, env: []string{"REDIS_AGENT_CRASH_AT=" + point}})
+
+			code, body, err := a.try(method, path, "")
+			select {
+			case <-a.exited:
+			case <-time.After(15 * time.Second):
+				t.Fatalf("%s %s = %d %s %v; the agent did not crash at %s", method, path, code, body, err, point)
+			}
+			if ws, ok := a.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+				t.Fatalf("agent ended with %v, want SIGKILL at %s", a.cmd.ProcessState, point)
+			}
+
+			a = runAgent(t, agentOpts{dataDir: dataDir, portMin: portMin})
+			unbound := creds["victim/app"]
+			if point == agent.FaultUnbindRecorded {
+				delete(creds, "victim/app") // unbound in the record: must not work
+			}
+			insts := checkInvariants(t, a, creds)
+			for _, in := range insts {
+				if in.ID == "bystander" && (in.PID != bystander.PID || in.Restarts != 0) {
+					t.Errorf("bystander was disturbed: pid %d -> %d, restarts %d", bystander.PID, in.PID, in.Restarts)
+				}
+			}
+
+			// The broker retries; the answer is the one a first try would
+			// have had, or the idempotent repeat of it.
+			code, body, err = a.try(method, path, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch method + " " + point {
+			case "PUT " + agent.FaultBindRecorded:
+				if code != 200 && code != 201 {
+					t.Fatalf("retried bind = %d %s", code, body)
+				}
+				var c credentials
+				json.Unmarshal(body, &c)
+				creds["victim/app"] = c
+			case "DELETE " + agent.FaultUnbindRecorded:
+				if code != 410 {
+					t.Fatalf("retried unbind = %d %s; want 410, it was done", code, body)
+				}
+				if err := redisClient(t, unbound).Ping(t.Context()).Err(); err == nil {
+					t.Fatal("the unbound user can still log in after reconcile")
+				}
+				creds["victim/app2"] = mustBind(t, a, "victim", "app2")
+			case "DELETE " + agent.FaultDeleteMarked, "DELETE " + agent.FaultDeleteStopped, "DELETE " + agent.FaultDeleteRemoved:
+				if code != 410 {
+					t.Fatalf("retried delete = %d %s; want 410, reconcile finished it", code, body)
+				}
+				if _, err := os.Stat(filepath.Join(dataDir, "instances", "victim")); !os.IsNotExist(err) {
+					t.Fatalf("victim directory still there: %v", err)
+				}
+			default: // provision
+				if code != 200 {
+					t.Fatalf("retried provision = %d %s; want 200, reconcile finished it", code, body)
+				}
+				creds["victim/app"] = mustBind(t, a, "victim", "app")
+			}
+			checkInvariants(t, a, creds)
+			for _, id := range []string{"victim", "bystander"} {
+				a.try("DELETE", "/v1/instances/"+id, "")
+			}
+		})
+	}
+}
+
+func mustProvision(t *testing.T, a *agentProc, id string) instance {
+	t.Helper()
+	var in instance
+	if code := a.do("PUT", "/v1/instances/"+id, `{"memory_mb":32,"persistence":"aof-always"}`, &in); code != 201 {
+		t.Fatalf("provision %s = %d", id, code)
+	}
+	return in
+}
+
+func mustBind(t *testing.T, a *agentProc, id, bid string) credentials {
+	t.Helper()
+	var c credentials
+	if code := a.do("PUT", "/v1/instances/"+id+"/bindings/"+bid, "", &c); code != 201 {
+		t.Fatalf("bind %s/%s = %d", id, bid, code)
+	}
+	return c
+}
+
+// killRedisUnder makes sure no redis-server started from dir outlives the
+// test, whatever state the agents under test left.
+func killRedisUnder(t *testing.T, dir string) {
+	t.Cleanup(func() {
+		for pid := range redisProcs(filepath.Join(dir, "instances") + "/") {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+}
