@@ -1,7 +1,7 @@
 # redis-agent. `make test` is the test command the README and CI use.
 GO ?= go
 
-.PHONY: build test test-short bench generate lint run clean
+.PHONY: build test chaos bench generate run clean
 
 build:
 	$(GO) build -o bin/redis-agent ./cmd/redis-agent
@@ -11,6 +11,9 @@ build:
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
+
+chaos:
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} CHAOS_INSTANCES=$${CHAOS_INSTANCES:-20} $(GO) test -count=1 -v -run TestChaos -timeout 30m ./test/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./agent/ ./ports/ ./state/ ./redis/
