@@ -130,11 +130,17 @@ func (l Layout) Remove(id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(l.Dir(id)); err != nil {
-		return fmt.Errorf("remove %s: %w", l.Dir(id), err)
+	// What does not exist is removed already, even on a file system that
+	// refuses every change (EROFS comes before ENOENT there).
+	if _, err := os.Lstat(l.Dir(id)); err == nil {
+		if err := os.RemoveAll(l.Dir(id)); err != nil {
+			return fmt.Errorf("remove %s: %w", l.Dir(id), err)
+		}
 	}
-	if err := os.Remove(l.LogPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove %s: %w", l.LogPath(id), err)
+	if _, err := os.Lstat(l.LogPath(id)); err == nil {
+		if err := os.Remove(l.LogPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", l.LogPath(id), err)
+		}
 	}
 	return nil
 }
