@@ -52,6 +52,7 @@ type Service struct {
 
 	reconciled atomic.Bool
 	orphans    atomic.Pointer[[]Orphan]
+	metrics    *metrics
 }
 
 // instance is the runtime side of one record.
@@ -99,6 +100,7 @@ func New(cfg Config) (*Service, error) {
 		return nil, err
 	}
 	s.store = store
+	s.metrics = newMetrics(cfg.Registerer, s)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }

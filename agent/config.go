@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
@@ -55,6 +57,8 @@ type Config struct {
 	Health supervisor.Health
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Registerer receives the agent's metrics; nil means none.
+	Registerer prometheus.Registerer
 }
 
 // DefaultConfig returns the defaults: API on 127.0.0.1:7070, ports

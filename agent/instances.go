@@ -56,6 +56,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, false, err
 	}
+	start := time.Now()
 	spec, err := s.normalize(spec)
 	if err != nil {
 		return Instance{}, false, err
@@ -108,6 +109,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		return Instance{}, false, err
 	}
 	inst, err := s.finishProvision(ctx, rec)
+	if err == nil {
+		s.metrics.observe("provision", start)
+	}
 	return inst, err == nil, err
 }
 
@@ -197,6 +201,9 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 			// says (a bind raced with its start, or it was adopted).
 			go s.syncUsers(id)
 		case supervisor.Exited:
+			if ev.Exit != nil && ev.Exit.Reason != supervisor.ReasonStopped {
+				s.metrics.restarts.WithLabelValues(id, restartReason(ev.Exit.Reason)).Inc()
+			}
 			r.PID, r.StartTime = 0, 0
 			r.Restarts = ev.Restarts
 			if ev.Exit != nil {
@@ -256,6 +263,7 @@ func (s *Service) destroy(id string) error {
 	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {
 		return err
 	}
+	s.metrics.forget(id)
 	return nil
 }
 
@@ -266,6 +274,7 @@ func (s *Service) Deprovision(ctx context.Context, id string) error {
 	}
 	unlock := s.locks.lock(id)
 	defer unlock()
+	start := time.Now()
 	_, err := s.store.Update(id, func(r *state.Instance) error { r.Phase = state.PhaseDeleting; return nil })
 	if err != nil {
 		return notFound(id, err)
@@ -274,6 +283,7 @@ func (s *Service) Deprovision(ctx context.Context, id string) error {
 	if err := s.destroy(id); err != nil {
 		return fmt.Errorf("deprovision %q: %w", id, err)
 	}
+	s.metrics.observe("deprovision", start)
 	s.log.Info("deprovisioned", "instance", id)
 	return nil
 }
@@ -311,6 +321,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 	}
 	unlock := s.locks.lock(id)
 	defer unlock()
+	start := time.Now()
 	rec, err := s.store.Get(id)
 	if err != nil {
 		return notFound(id, err)
@@ -327,7 +338,18 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 	if err := in.sup.WaitReady(rctx); err != nil {
 		return fmt.Errorf("restart %q: %w", id, err)
 	}
+	s.metrics.observe("restart", start)
 	return nil
+}
+
+// restartReason folds exit reasons into the bounded set of the restarts
+// metric's reason label.
+func restartReason(r string) string {
+	switch r {
+	case supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual:
+		return r
+	}
+	return "spawn_failed"
 }
 
 // Capacity says how much room is left for new instances.

@@ -79,6 +79,10 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		}
 	}
 	s.findOrphans(owned, procs)
+	s.metrics.reconcileSecs.Set(time.Since(t0).Seconds())
+	s.metrics.reconcileCounts.WithLabelValues("adopted").Set(float64(adopted))
+	s.metrics.reconcileCounts.WithLabelValues("started").Set(float64(started))
+	s.metrics.reconcileCounts.WithLabelValues("deleted").Set(float64(deleted))
 	s.reconciled.Store(true)
 	s.log.Info("reconciled", "instances", len(recs), "adopted", adopted, "started", started,
 		"deletions_finished", deleted, "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))

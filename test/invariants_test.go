@@ -146,3 +146,6 @@ func pidOf(list []instance, id string) any {
 	}
 	return "(no record)"
 }
+
+// teeReader copies what is read from r into w.
+func teeReader(r io.Reader, w io.Writer) io.Reader { return io.TeeReader(r, w) }

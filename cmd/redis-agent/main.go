@@ -131,7 +131,8 @@ func run(args []string) error {
 	defer stop()
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), collectors.NewBuildInfoCollector())
+	cfg.Registerer = reg
 	return agent.Run(ctx, cfg, func(svc *agent.Service) http.Handler {
 		return api.New(api.Options{
 			Service:    svc,
