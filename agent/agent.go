@@ -59,6 +59,17 @@ type Service struct {
 type instance struct {
 	sup   *supervisor.Supervisor
 	admin *redis.Admin
+	// stats is what the last health check saw; metrics read it.
+	stats atomic.Pointer[instanceStats]
+}
+
+// instanceStats is one health check's harvest: INFO and /proc figures.
+type instanceStats struct {
+	ok      bool
+	info    redis.Info
+	rss     float64 // bytes
+	cpu     float64 // seconds, user + system
+	checked time.Time
 }
 
 // New opens the state and prepares the directories. It starts nothing:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,7 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/redis-agent/redis-agent/internal/testenv"
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
 )
 
 // BenchmarkProvision measures Provision from call to return, which is when
@@ -75,4 +82,42 @@ func pingOnce(addr string) bool {
 	buf := make([]byte, 7)
 	n, _ := c.Read(buf)
 	return string(buf[:n]) == "+PONG\r\n"
+}
+
+// BenchmarkScrape1000 measures a /metrics scrape with 1000 instances: the
+// collector reads supervisor status and cached INFO from memory and the
+// records' usage from the state file; no instance is contacted.
+func BenchmarkScrape1000(b *testing.B) {
+	cfg := testConfig(b, 1000)
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	s, err := New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.store.Close()
+	for i := range 1000 {
+		id := fmt.Sprintf("inst-%04d", i)
+		_, err := s.store.Create(state.Instance{ID: id, MemoryMB: 64, Phase: state.PhaseActive}, func(u state.Usage) (int, error) {
+			return s.alloc.Next(u.PortHeld)
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		in := &instance{sup: supervisor.New(supervisor.Config{Admin: redis.NewAdmin("127.0.0.1", 1, "x")})}
+		in.stats.Store(&instanceStats{ok: true, rss: 12 << 20, cpu: 1.5, info: redis.Info{
+			UptimeSeconds: 100, UsedMemory: 1 << 20, MaxMemory: 64 << 20, DBKeys: map[string]float64{"db0": 10},
+			RDBLastBgsaveOK: true, AOFLastWriteOK: true,
+		}})
+		s.instances[id] = in
+	}
+	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	req := httptest.NewRequest("GET", "/metrics", nil)
+	var size int
+	for b.Loop() {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		size = w.Body.Len()
+	}
+	b.ReportMetric(float64(size), "bytes/scrape")
 }

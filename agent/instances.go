@@ -160,6 +160,7 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 	log := s.log.With("instance", rec.ID)
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
+	in := &instance{admin: admin}
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.cfg.RedisServer,
 		ConfPath:     s.layout.ConfPath(id),
@@ -168,6 +169,7 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 		Credential:   s.cred,
 		OOMScoreAdj:  500,
 		Admin:        admin,
+		Check:        in.check,
 		Policy:       s.cfg.Restart,
 		ReadyTimeout: s.cfg.ReadyTimeout,
 		StopTimeout:  s.cfg.StopTimeout,
@@ -177,7 +179,7 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 		Logger:       log,
 		OnEvent:      func(ev supervisor.Event) { s.persistEvent(id, ev) },
 	})
-	in := &instance{sup: sup, admin: admin}
+	in.sup = sup
 	s.mu.Lock()
 	s.instances[id] = in
 	s.mu.Unlock()
@@ -413,4 +415,16 @@ func (s *Service) view(rec state.Instance) Instance {
 		inst.LogTail, _ = volumes.Tail(s.layout.LogPath(rec.ID), logTailLines)
 	}
 	return inst
+}
+
+// check is the health check: INFO over a fresh connection (it answers
+// while loading, and BUSY during a long script, both alive) plus the
+// process's RSS and CPU from /proc. What it sees is cached for metrics,
+// so a scrape does no I/O to instances.
+func (in *instance) check(ctx context.Context, pid int) error {
+	info, err := in.admin.Info(ctx)
+	st := &instanceStats{ok: err == nil, info: info, checked: time.Now()}
+	st.rss, st.cpu = procUsage(pid)
+	in.stats.Store(st)
+	return err
 }

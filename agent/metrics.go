@@ -69,13 +69,84 @@ var (
 		"Memory budget reserved by instances.", nil, nil)
 )
 
+// Per-instance figures, named and meant as oliver006/redis_exporter's so
+// its dashboards carry over, labelled instance="<id>". They come from the
+// INFO each health check caches.
+func instanceDesc(name, help string, extra ...string) *prometheus.Desc {
+	return prometheus.NewDesc(name, help, append([]string{"instance"}, extra...), nil)
+}
+
+var (
+	descUp             = instanceDesc("redis_up", "1 when the instance runs and its last health check succeeded.")
+	descUptime         = instanceDesc("redis_uptime_in_seconds", "Seconds since the redis-server process started (INFO uptime_in_seconds).")
+	descMemUsed        = instanceDesc("redis_memory_used_bytes", "Memory allocated by Redis (INFO used_memory).")
+	descMemMax         = instanceDesc("redis_memory_max_bytes", "maxmemory of the instance.")
+	descClients        = instanceDesc("redis_connected_clients", "Client connections (INFO connected_clients).")
+	descBlocked        = instanceDesc("redis_blocked_clients", "Clients blocked in a blocking call (INFO blocked_clients).")
+	descCommands       = instanceDesc("redis_commands_processed_total", "Commands processed (INFO total_commands_processed).")
+	descHits           = instanceDesc("redis_keyspace_hits_total", "Successful key lookups (INFO keyspace_hits).")
+	descMisses         = instanceDesc("redis_keyspace_misses_total", "Failed key lookups (INFO keyspace_misses).")
+	descEvicted        = instanceDesc("redis_evicted_keys_total", "Keys evicted for maxmemory (INFO evicted_keys).")
+	descExpired        = instanceDesc("redis_expired_keys_total", "Keys expired (INFO expired_keys).")
+	descDBKeys         = instanceDesc("redis_db_keys", "Keys per database.", "db")
+	descBgsaveOK       = instanceDesc("redis_rdb_last_bgsave_status", "1 when the last RDB save succeeded.")
+	descAOFWriteOK     = instanceDesc("redis_aof_last_write_status", "1 when the last AOF write succeeded.")
+	descProcRSS        = instanceDesc("redis_agent_instance_resident_memory_bytes", "Resident memory of the instance's redis-server process (/proc).")
+	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
+	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
+)
+
 // collector reads the agent's state at scrape time.
 type collector struct{ s *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved} {
+	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
+		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
+		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates} {
 		ch <- d
 	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// collectInstance emits the figures of one instance from its cached stats.
+func collectInstance(ch chan<- prometheus.Metric, id string, in *instance) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, append([]string{id}, labels...)...)
+	}
+	counter := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, id)
+	}
+	state := in.sup.Status().State
+	gauge(descInstanceStates, 1, state.String())
+	st := in.stats.Load()
+	gauge(descUp, b2f(state == supervisor.Running && st != nil && st.ok))
+	if st == nil || !st.ok {
+		return
+	}
+	i := st.info
+	gauge(descUptime, i.UptimeSeconds)
+	gauge(descMemUsed, i.UsedMemory)
+	gauge(descMemMax, i.MaxMemory)
+	gauge(descClients, i.ConnectedClients)
+	gauge(descBlocked, i.BlockedClients)
+	counter(descCommands, i.CommandsProcessed)
+	counter(descHits, i.KeyspaceHits)
+	counter(descMisses, i.KeyspaceMisses)
+	counter(descEvicted, i.EvictedKeys)
+	counter(descExpired, i.ExpiredKeys)
+	for db, n := range i.DBKeys {
+		gauge(descDBKeys, n, db)
+	}
+	gauge(descBgsaveOK, b2f(i.RDBLastBgsaveOK))
+	gauge(descAOFWriteOK, b2f(i.AOFLastWriteOK))
+	gauge(descProcRSS, st.rss)
+	counter(descProcCPU, st.cpu)
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -84,11 +155,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for st := supervisor.Starting; st <= supervisor.Stopped; st++ {
 		counts[st.String()] = 0
 	}
+	// Copy under the lock; emit without it (the registry may block on ch).
 	s.mu.Lock()
-	for _, in := range s.instances {
-		counts[in.sup.Status().State.String()]++
+	insts := make(map[string]*instance, len(s.instances))
+	for id, in := range s.instances {
+		insts[id] = in
 	}
 	s.mu.Unlock()
+	for id, in := range insts {
+		counts[in.sup.Status().State.String()]++
+		collectInstance(ch, id, in)
+	}
 	for st, n := range counts {
 		ch <- prometheus.MustNewConstMetric(descInstances, prometheus.GaugeValue, n, st)
 	}

@@ -233,3 +233,53 @@ func TestPingDuringLongScriptIsBusy(t *testing.T) {
 		t.Fatalf("Ping during a long script = %v; want a Busy() error", err)
 	}
 }
+
+func TestParseInfo(t *testing.T) {
+	text := "# Server\r\nredis_version:7.0.15\r\nuptime_in_seconds:42\r\n# Clients\r\nconnected_clients:3\r\nblocked_clients:1\r\n" +
+		"# Memory\r\nused_memory:1048576\r\nmaxmemory:67108864\r\n# Persistence\r\nloading:0\r\nrdb_last_bgsave_status:ok\r\naof_last_write_status:err\r\n" +
+		"# Stats\r\ntotal_commands_processed:100\r\nkeyspace_hits:7\r\nkeyspace_misses:2\r\nevicted_keys:5\r\nexpired_keys:6\r\n" +
+		"# Keyspace\r\ndb0:keys=10,expires=1,avg_ttl=0\r\ndb3:keys=4,expires=0,avg_ttl=0\r\n"
+	in, err := ParseInfo(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Info{UptimeSeconds: 42, UsedMemory: 1 << 20, MaxMemory: 64 << 20, ConnectedClients: 3, BlockedClients: 1,
+		CommandsProcessed: 100, KeyspaceHits: 7, KeyspaceMisses: 2, EvictedKeys: 5, ExpiredKeys: 6,
+		DBKeys: map[string]float64{"db0": 10, "db3": 4}, RDBLastBgsaveOK: true, AOFLastWriteOK: false}
+	if fmt.Sprint(in) != fmt.Sprint(want) {
+		t.Fatalf("ParseInfo =\n%+v\nwant\n%+v", in, want)
+	}
+	if _, err := ParseInfo("garbage"); err == nil {
+		t.Fatal("ParseInfo accepted text without fields")
+	}
+}
+
+func FuzzParseInfo(f *testing.F) {
+	f.Add("db0:keys=1,expires=0\r\nused_memory:12\r\n")
+	f.Add("# x\r\n:\r\ndb:keys=\r\n")
+	f.Fuzz(func(t *testing.T, s string) { ParseInfo(s) })
+}
+
+func TestInfoAgainstRedis(t *testing.T) {
+	adminPass := NewPassword()
+	port := startRedis(t, []User{{Name: AdminUser, PasswordHash: HashPassword(adminPass), Admin: true}})
+	a := NewAdmin("127.0.0.1", port, adminPass)
+	defer a.Close()
+	ctx := context.Background()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("redis not up")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	a.c.Set(ctx, "k1", "v", 0)
+	a.c.Set(ctx, "k2", "v", 0)
+	in, err := a.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.DBKeys["db0"] != 2 || in.MaxMemory != 16<<20 || in.UsedMemory <= 0 || in.CommandsProcessed < 2 || !in.RDBLastBgsaveOK {
+		t.Fatalf("Info = %+v", in)
+	}
+}

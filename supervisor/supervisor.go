@@ -121,7 +121,10 @@ type Config struct {
 	// when non-zero, so the kernel prefers it to the agent under pressure.
 	OOMScoreAdj int
 	Admin       Admin
-	Policy      Policy
+	// Check is the periodic health check of a running process, given its
+	// pid; nil means Admin.Ping. Its error is judged like Ping's.
+	Check  func(ctx context.Context, pid int) error
+	Policy Policy
 	// ReadyTimeout bounds the wait for the first PONG after a spawn (time
 	// spent loading the data set, answered with LOADING, does not count).
 	ReadyTimeout time.Duration
@@ -199,6 +202,9 @@ func New(cfg Config) *Supervisor {
 	}
 	if cfg.OnEvent == nil {
 		cfg.OnEvent = func(Event) {}
+	}
+	if cfg.Check == nil {
+		cfg.Check = func(ctx context.Context, _ int) error { return cfg.Admin.Ping(ctx) }
 	}
 	if cfg.ReadyTimeout <= 0 {
 		cfg.ReadyTimeout = 10 * time.Second
@@ -471,7 +477,7 @@ func (s *Supervisor) Run(ctx context.Context) {
 			go func(pid int) {
 				ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Health.Timeout)
 				defer cancel()
-				healthRes <- healthResult{pid, s.cfg.Admin.Ping(ctx)}
+				healthRes <- healthResult{pid, s.cfg.Check(ctx, pid)}
 			}(cur.p.PID)
 
 		case res := <-healthRes:
