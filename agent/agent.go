@@ -51,6 +51,9 @@ type Service struct {
 	instances map[string]*instance // live supervision, by id
 
 	reconciled atomic.Bool
+	// heartbeat is when the main loop last went round (unix nanoseconds).
+	heartbeat  atomic.Int64
+	heartEvery atomic.Int64 // nanoseconds
 	orphans    atomic.Pointer[[]Orphan]
 	metrics    *metrics
 }
@@ -112,6 +115,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.store = store
 	s.metrics = newMetrics(cfg.Registerer, s)
+	s.beat(10 * time.Second)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -131,6 +135,22 @@ func (s *Service) Close() error {
 		in.admin.Close()
 	}
 	return s.store.Close()
+}
+
+// beat records that the main loop is alive and how often it beats.
+func (s *Service) beat(every time.Duration) {
+	s.heartEvery.Store(int64(every))
+	s.heartbeat.Store(time.Now().UnixNano())
+}
+
+// Live reports whether the agent's main loop still goes round: it fails
+// when the loop missed three beats.
+func (s *Service) Live(ctx context.Context) error {
+	last := time.Unix(0, s.heartbeat.Load())
+	if age := time.Since(last); age > 3*time.Duration(s.heartEvery.Load()) {
+		return fmt.Errorf("main loop last ran %v ago", age.Round(time.Second))
+	}
+	return nil
 }
 
 // Ready reports whether the agent can serve: reconcile is done, the state

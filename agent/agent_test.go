@@ -747,3 +747,31 @@ func TestOOMScoreAdjAboveAgent(t *testing.T) {
 		t.Fatalf("redis-server oom_score_adj %d, agent %d; want the tenant above", child, agent)
 	}
 }
+
+func TestLogAndLiveness(t *testing.T) {
+	s := startService(t, testConfig(t, 1))
+	ctx := context.Background()
+	if _, _, err := s.Provision(ctx, "logged", Spec{Persistence: "none"}); err != nil {
+		t.Fatal(err)
+	}
+	lines, err := s.Log(ctx, "logged", 5)
+	if err != nil || len(lines) == 0 || len(lines) > 5 || !strings.Contains(strings.Join(lines, "\n"), "Ready to accept connections") {
+		t.Fatalf("Log = %q, %v; want at most 5 lines ending with Redis's ready line", lines, err)
+	}
+	for _, n := range []int{0, -1, MaxLogLines + 1} {
+		if _, err := s.Log(ctx, "logged", n); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Log(lines=%d) = %v, want ErrInvalid", n, err)
+		}
+	}
+	if _, err := s.Log(ctx, "nope", 5); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Log of a missing instance = %v, want ErrNotFound", err)
+	}
+	if err := s.Live(ctx); err != nil {
+		t.Fatalf("Live = %v", err)
+	}
+	s.beat(time.Millisecond)
+	time.Sleep(10 * time.Millisecond)
+	if err := s.Live(ctx); err == nil {
+		t.Fatal("Live = nil after the main loop missed its beats")
+	}
+}

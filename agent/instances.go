@@ -354,6 +354,27 @@ func restartReason(r string) string {
 	return "spawn_failed"
 }
 
+// MaxLogLines bounds a log request.
+const MaxLogLines = 10000
+
+// Log returns the last n lines of the instance's redis-server log.
+func (s *Service) Log(ctx context.Context, id string, n int) ([]string, error) {
+	if err := validateID("instance", id); err != nil {
+		return nil, err
+	}
+	if n < 1 || n > MaxLogLines {
+		return nil, fmt.Errorf("lines %d: %w: want 1 to %d", n, ErrInvalid, MaxLogLines)
+	}
+	if _, err := s.store.Get(id); err != nil {
+		return nil, notFound(id, err)
+	}
+	lines, err := volumes.Tail(s.layout.LogPath(id), n)
+	if lines == nil {
+		lines = []string{}
+	}
+	return lines, err
+}
+
 // Capacity says how much room is left for new instances.
 func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 	u, err := s.store.Usage()

@@ -62,6 +62,7 @@ func Run(ctx context.Context, cfg Config, newHandler func(*Service) http.Handler
 	}
 	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
+	svc.beat(tick)
 loop:
 	for {
 		select {
@@ -73,6 +74,7 @@ loop:
 			}
 			break loop
 		case <-ticker.C:
+			svc.beat(tick)
 			msg := svc.statusLine()
 			if watchdog > 0 {
 				if err := svc.Ready(ctx); err != nil {

@@ -29,6 +29,7 @@ type Service interface {
 	Restart(ctx context.Context, id string) error
 	Capacity(ctx context.Context) (agent.Capacity, error)
 	Orphans(ctx context.Context) ([]agent.Orphan, error)
+	Log(ctx context.Context, id string, lines int) ([]string, error)
 }
 
 var _ Service = (*agent.Service)(nil)
@@ -43,6 +44,8 @@ type Options struct {
 	Token string
 	// Ready backs /readyz; nil means always ready.
 	Ready func(ctx context.Context) error
+	// Live backs /healthz; nil means always alive.
+	Live func(ctx context.Context) error
 	// Registerer receives the HTTP request metrics; nil means none.
 	Registerer prometheus.Registerer
 	// Gatherer is served on /metrics; nil means no /metrics route.
@@ -56,16 +59,20 @@ type server struct {
 	svc   Service
 	log   *slog.Logger
 	ready func(context.Context) error
+	live  func(context.Context) error
 }
 
 // New returns the API's handler.
 func New(o Options) http.Handler {
-	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready}
+	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, live: o.Live}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	if s.ready == nil {
 		s.ready = func(context.Context) error { return nil }
+	}
+	if s.live == nil {
+		s.live = func(context.Context) error { return nil }
 	}
 	notFound := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		writeError(w, http.StatusNotFound, "NotFound", "no such route")
@@ -98,6 +105,7 @@ func New(o Options) http.Handler {
 	v1(http.MethodPut, "/instances/{id}/bindings/{bid}", s.putBinding)
 	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
 	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
+	v1(http.MethodGet, "/instances/{id}/log", s.instanceLog)
 	v1(http.MethodGet, "/capacity", s.capacity)
 	v1(http.MethodGet, "/orphans", s.orphans)
 

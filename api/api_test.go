@@ -120,6 +120,12 @@ func TestSuccessStatuses(t *testing.T) {
 		{"no orphans is an empty array", "GET", "/v1/orphans", ``, func(m *MockService) {
 			m.EXPECT().Orphans(gomock.Any()).Return(nil, nil)
 		}, 200, `{"orphans":[]}`},
+		{"log", "GET", "/v1/instances/i1/log?lines=2", ``, func(m *MockService) {
+			m.EXPECT().Log(gomock.Any(), "i1", 2).Return([]string{"a", "b"}, nil)
+		}, 200, `{"id":"i1","lines":["a","b"]}`},
+		{"log default lines", "GET", "/v1/instances/i1/log", ``, func(m *MockService) {
+			m.EXPECT().Log(gomock.Any(), "i1", 100).Return([]string{}, nil)
+		}, 200, `"lines":[]`},
 		{"healthz", "GET", "/healthz", ``, func(*MockService) {}, 200, `"ok"`},
 		{"readyz", "GET", "/readyz", ``, func(*MockService) {}, 200, `"ready"`},
 	}
@@ -218,6 +224,7 @@ func TestBadInputNeverReachesService(t *testing.T) {
 		{"wrong method", "PATCH", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
 		{"unknown route", "GET", "/v2/whatever", ``, nil, 404, "NotFound"},
 		{"restart with GET", "GET", "/v1/instances/i1/restart", ``, nil, 405, "MethodNotAllowed"},
+		{"log lines not a number", "GET", "/v1/instances/i1/log?lines=many", ``, nil, 400, "BadRequest"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,6 +267,15 @@ func TestAuth(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestHealthzNotAlive(t *testing.T) {
+	h := New(Options{Service: NewMockService(gomock.NewController(t)), Live: func(context.Context) error { return errors.New("main loop last ran 40s ago") }})
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest("GET", "/healthz", nil))
+	if w.Code != 503 || !strings.Contains(w.Body.String(), "main loop") {
+		t.Fatalf("healthz = %d %s", w.Code, w.Body.String())
 	}
 }
 
@@ -309,7 +325,7 @@ func TestOpenAPINamesEveryRoute(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range []string{"/v1/instances:", "/v1/instances/{id}:", "/v1/instances/{id}/bindings/{bid}:",
-		"/v1/instances/{id}/restart:", "/v1/capacity:", "/v1/orphans:", "/healthz:", "/readyz:", "/metrics:"} {
+		"/v1/instances/{id}/restart:", "/v1/instances/{id}/log:", "/v1/capacity:", "/v1/orphans:", "/healthz:", "/readyz:", "/metrics:"} {
 		if !strings.Contains(spec, "\n  "+p) {
 			t.Errorf("openapi.yaml has no path %s", strings.TrimSuffix(p, ":"))
 		}

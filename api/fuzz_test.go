@@ -54,6 +54,12 @@ func (fakeService) Capacity(context.Context) (agent.Capacity, error) {
 	return agent.Capacity{}, nil
 }
 func (fakeService) Orphans(context.Context) ([]agent.Orphan, error) { return nil, nil }
+func (fakeService) Log(_ context.Context, id string, n int) ([]string, error) {
+	if n < 1 {
+		return nil, agent.ErrInvalid
+	}
+	return []string{"x"}, errFor(id)
+}
 
 func FuzzHandler(f *testing.F) {
 	seeds := []struct{ method, path, ctype, body string }{

@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"strconv"
 
 	"github.com/gorilla/mux"
 
@@ -9,7 +10,35 @@ import (
 )
 
 func (s *server) healthz(w http.ResponseWriter, r *http.Request) {
+	if err := s.live(r.Context()); err != nil {
+		writeError(w, http.StatusServiceUnavailable, "NotAlive", err.Error())
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// defaultLogLines is what GET .../log returns without ?lines.
+const defaultLogLines = 100
+
+func (s *server) instanceLog(w http.ResponseWriter, r *http.Request) {
+	n := defaultLogLines
+	if v := r.URL.Query().Get("lines"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil {
+			writeError(w, http.StatusBadRequest, "BadRequest", "lines must be a number")
+			return
+		}
+	}
+	id := mux.Vars(r)["id"]
+	lines, err := s.svc.Log(r.Context(), id, n)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct {
+		ID    string   `json:"id"`
+		Lines []string `json:"lines"`
+	}{id, lines})
 }
 
 func (s *server) readyz(w http.ResponseWriter, r *http.Request) {

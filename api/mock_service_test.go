@@ -116,6 +116,21 @@ func (mr *MockServiceMockRecorder) List(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "List", reflect.TypeOf((*MockService)(nil).List), ctx)
 }
 
+// Log mocks base method.
+func (m *MockService) Log(ctx context.Context, id string, lines int) ([]string, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Log", ctx, id, lines)
+	ret0, _ := ret[0].([]string)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Log indicates an expected call of Log.
+func (mr *MockServiceMockRecorder) Log(ctx, id, lines any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Log", reflect.TypeOf((*MockService)(nil).Log), ctx, id, lines)
+}
+
 // Orphans mocks base method.
 func (m *MockService) Orphans(ctx context.Context) ([]agent.Orphan, error) {
 	m.ctrl.T.Helper()

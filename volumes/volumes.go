@@ -220,7 +220,8 @@ func syncDir(dir string) error {
 }
 
 // Tail returns up to n last lines of the file at path, reading at most its
-// last 16 KiB. A missing file has no lines.
+// last max(16 KiB, 512 bytes a line) and never more than 4 MiB. A missing
+// file has no lines.
 func Tail(path string, n int) ([]string, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -234,7 +235,7 @@ func Tail(path string, n int) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	const window = 16 << 10
+	window := min(max(int64(16<<10), int64(n)*512), 4<<20)
 	off := max(st.Size()-window, 0)
 	buf := make([]byte, st.Size()-off)
 	if _, err := f.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {

@@ -139,6 +139,7 @@ func run(args []string) error {
 			Logger:     cfg.Logger,
 			Token:      cfg.Token,
 			Ready:      svc.Ready,
+			Live:       svc.Live,
 			Registerer: reg,
 			Gatherer:   reg,
 		})
