@@ -424,6 +424,9 @@ func (s *Service) view(rec state.Instance) Instance {
 		if st.Process.PID != 0 && !st.StartedAt.IsZero() {
 			inst.UptimeSeconds = time.Since(st.StartedAt).Seconds()
 		}
+		if hs := in.stats.Load(); hs != nil && hs.ok && st.State == supervisor.Running {
+			inst.MemoryUsedBytes, inst.RSSBytes = int64(hs.info.UsedMemory), int64(hs.rss)
+		}
 		if st.LastExit != nil {
 			inst.LastExit = &Exit{Time: st.LastExit.Time.UTC(), Code: st.LastExit.Code, Signal: st.LastExit.Signal, Reason: st.LastExit.Reason}
 		}

@@ -62,9 +62,13 @@ type Instance struct {
 	// UptimeSeconds is how long the current process has run; 0 when none runs.
 	UptimeSeconds float64 `json:"uptime_seconds"`
 	// Restarts counts the restarts of the process since the instance was created.
-	Restarts int      `json:"restarts"`
-	LastExit *Exit    `json:"last_exit,omitempty"`
-	Bindings []string `json:"bindings"`
+	Restarts int `json:"restarts"`
+	// MemoryUsedBytes (INFO used_memory) and RSSBytes (the process's
+	// resident memory) come from the last health check; 0 before one.
+	MemoryUsedBytes int64    `json:"memory_used_bytes,omitempty"`
+	RSSBytes        int64    `json:"rss_bytes,omitempty"`
+	LastExit        *Exit    `json:"last_exit,omitempty"`
+	Bindings        []string `json:"bindings"`
 	// LogTail holds the last lines of the redis-server log while the
 	// instance is not running: why it does not start.
 	LogTail []string `json:"log_tail,omitempty"`

@@ -413,3 +413,37 @@ func TestAgentRefusesBadConfig(t *testing.T) {
 		}
 	})
 }
+
+func TestStatusCommand(t *testing.T) {
+	testenv.RedisServer(t)
+	dataDir := testenv.TraversableDir(t)
+	killRedisUnder(t, dataDir)
+	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 22800, extra: []string{"--health-interval", "20ms"}})
+	in := mustProvision(t, a, "shown")
+	eventually(t, "memory figures from a health check", func() bool {
+		var got struct {
+			MemoryUsedBytes int64 `json:"memory_used_bytes"`
+		}
+		a.do("GET", "/v1/instances/shown", "", &got)
+		return got.MemoryUsedBytes > 0
+	})
+	out, err := exec.Command(agentBin, "status", "--addr", strings.TrimPrefix(a.base, "http://")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	t.Logf("redis-agent status:\n%s", out)
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "ID") {
+		t.Fatalf("status output:\n%s", out)
+	}
+	f := strings.Fields(lines[1])
+	if f[0] != "shown" || f[1] != "running" || f[2] != strconv.Itoa(in.Port) || f[3] != strconv.Itoa(in.PID) || !strings.Contains(lines[1], "MiB/32MiB") {
+		t.Fatalf("status line %q does not describe the instance %+v", lines[1], in)
+	}
+	// The agent down: a clear error, exit 1.
+	a.stop(syscall.SIGTERM)
+	out, err = exec.Command(agentBin, "status", "--addr", strings.TrimPrefix(a.base, "http://")).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), "ask the agent") {
+		t.Fatalf("status with no agent: %v %q", err, out)
+	}
+}

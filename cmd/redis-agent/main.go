@@ -26,6 +26,11 @@ import (
 )
 
 func main() {
+	run := run
+	if len(os.Args) > 1 && os.Args[1] == "status" {
+		run = status
+		os.Args = append(os.Args[:1], os.Args[2:]...)
+	}
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "redis-agent:", err)
 		os.Exit(1)
@@ -93,7 +98,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.Health.Failures, "health-failures", envInt("HEALTH_FAILURES", cfg.Health.Failures), "failed PINGs in a row before a hung redis-server is killed (env REDIS_AGENT_HEALTH_FAILURES)")
 	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
-	logFormat := fs.String("log-format", env("LOG_FORMAT", "text"), "text or json (env REDIS_AGENT_LOG_FORMAT)")
+	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -109,9 +114,20 @@ func run(args []string) error {
 		return fmt.Errorf("log level: %w", err)
 	}
 	opts := &slog.HandlerOptions{Level: level}
-	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
-	if *logFormat == "json" {
+	var h slog.Handler
+	switch *logFormat {
+	case "text":
+		h = slog.NewTextHandler(os.Stderr, opts)
+	case "json":
 		h = slog.NewJSONHandler(os.Stderr, opts)
+	case "auto":
+		if st, err := os.Stderr.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			h = slog.NewTextHandler(os.Stderr, opts)
+		} else {
+			h = slog.NewJSONHandler(os.Stderr, opts)
+		}
+	default:
+		return fmt.Errorf("log format %q: want text, json or auto", *logFormat)
 	}
 	cfg.Logger = slog.New(h)
 
