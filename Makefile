@@ -1,7 +1,7 @@
 # redis-agent. `make test` is the test command the README and CI use.
 GO ?= go
 
-.PHONY: build test chaos bench generate run clean
+.PHONY: build test chaos bench microbench generate run clean
 
 build:
 	$(GO) build -o bin/redis-agent ./cmd/redis-agent
@@ -15,7 +15,14 @@ test:
 chaos:
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} CHAOS_INSTANCES=$${CHAOS_INSTANCES:-20} $(GO) test -count=1 -v -run TestChaos -timeout 30m ./test/
 
-bench:
+# The benchmark suite: the real agent and a bare redis-server on this
+# machine, one table (also written to docs/benchmarks.md). About 3 minutes;
+# it starts 1000 redis-servers (~12 GiB RSS).
+bench: build
+	$(GO) run ./test/bench -agent bin/redis-agent -out docs/benchmarks.md
+
+# Go micro-benchmarks of the hot paths.
+microbench:
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./agent/ ./ports/ ./state/ ./redis/
 
 generate:

@@ -157,6 +157,9 @@ func (c Config) Validate() error {
 	if c.ReadyTimeout <= 0 || c.StopTimeout <= 0 {
 		bad("ready and stop timeouts must be positive")
 	}
+	if r := c.Restart; r.Base <= 0 || r.Max < r.Base || r.StableAfter <= 0 {
+		bad("restart policy: want 0 < base <= max and stable-after > 0")
+	}
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")
 	}

@@ -1,0 +1,69 @@
+// Command bench runs the benchmark suite (package benchsuite) against the
+// real agent binary and a bare redis-server, prints the table and writes
+// it to docs/benchmarks.md. `make bench` runs it; -quick is the CI smoke.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"time"
+
+	"github.com/redis-agent/redis-agent/test/benchsuite"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	cfg := benchsuite.Config{Log: os.Stderr}
+	fs := flag.CommandLine
+	fs.StringVar(&cfg.Agent, "agent", "bin/redis-agent", "redis-agent binary")
+	fs.IntVar(&cfg.PortMin, "port-min", 30000, "first port of the agent's range")
+	fs.IntVar(&cfg.Samples, "samples", 200, "provisions and deletes measured")
+	fs.IntVar(&cfg.Concurrency, "concurrency", 16, "callers of the concurrent provision scenario")
+	fs.IntVar(&cfg.Kills, "kills", 100, "crash recoveries measured")
+	fs.IntVar(&cfg.Density, "density", 1000, "instances of the density scenario")
+	fs.DurationVar(&cfg.Idle, "idle", 30*time.Second, "idle measurement at density")
+	fs.DurationVar(&cfg.APIDuration, "api-duration", 5*time.Second, "GET throughput measurement")
+	fs.IntVar(&cfg.APIClients, "api-clients", 32, "concurrent GET clients")
+	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
+	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
+	flag.Parse()
+	if *quick {
+		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
+		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
+	}
+	var err error
+	if cfg.RedisServer, err = exec.LookPath("redis-server"); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "redis-agent-bench")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	cfg.Dir = dir
+	res, err := benchsuite.Run(context.Background(), cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Print(res.Table())
+	if *out != "" {
+		command := "make bench"
+		if *quick {
+			command = "go run ./test/bench -quick"
+		}
+		if err := os.WriteFile(*out, []byte(res.Markdown(command)), 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintln(os.Stderr, "wrote", *out)
+	}
+	return nil
+}

@@ -1,0 +1,711 @@
+// Package benchsuite measures the agent against bare redis-server on this
+// machine: provisioning, deletion, crash recovery, density, agent restart
+// and API throughput, each next to a reference measured in the same run.
+// It drives the real agent binary over HTTP on loopback; test/bench is
+// its command and `make bench` runs it.
+package benchsuite
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Config says what to run.
+type Config struct {
+	// Agent is the redis-agent binary; RedisServer the redis-server one.
+	Agent, RedisServer string
+	// Dir is a scratch directory (data dirs of the agent and the bare
+	// reference).
+	Dir string
+	// PortMin starts the port range; the agent gets Density ports.
+	PortMin int
+	// Samples is the number of provisions and deletes measured.
+	Samples int
+	// Concurrency of the concurrent provision scenario.
+	Concurrency int
+	// Kills is the number of crash recoveries measured.
+	Kills int
+	// Density is the number of instances of the density scenario.
+	Density int
+	// Idle is how long the density scenario measures the idle agent.
+	Idle time.Duration
+	// APIDuration and APIClients drive the GET throughput scenario.
+	APIDuration time.Duration
+	APIClients  int
+	// Log receives progress lines.
+	Log io.Writer
+}
+
+// Row is one figure of the table.
+type Row struct {
+	Figure    string
+	Value     float64
+	Unit      string
+	Reference float64 // 0 when there is none
+	Aim       string
+}
+
+// Ratio is Value/Reference, or 0.
+func (r Row) Ratio() float64 {
+	if r.Reference == 0 {
+		return 0
+	}
+	return r.Value / r.Reference
+}
+
+// Result is a whole run.
+type Result struct {
+	Rows    []Row
+	Machine string
+	Started time.Time
+	Took    time.Duration
+}
+
+type agentProc struct {
+	cmd    *exec.Cmd
+	base   string
+	exited chan struct{}
+	log    *bytes.Buffer
+}
+
+type suite struct {
+	cfg    Config
+	client *http.Client
+	agent  *agentProc
+	data   string
+	rows   []Row
+}
+
+func (s *suite) logf(format string, args ...any) {
+	if s.cfg.Log != nil {
+		fmt.Fprintf(s.cfg.Log, format+"\n", args...)
+	}
+}
+
+func (s *suite) add(r Row) {
+	s.rows = append(s.rows, r)
+	s.logf("  %-44s %10.2f %-5s", r.Figure, r.Value, r.Unit)
+}
+
+// Run runs every scenario and returns the table. It leaves no process
+// behind: the instances are deleted and the agent stopped, and on an
+// error every redis-server under its data dir is killed.
+func Run(ctx context.Context, cfg Config) (res Result, err error) {
+	res.Started = time.Now()
+	s := &suite{cfg: cfg, client: &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: 256}}}
+	s.data = filepath.Join(cfg.Dir, "agent")
+	if err := os.MkdirAll(s.data, 0o755); err != nil {
+		return res, err
+	}
+	for p := cfg.Dir; p != "/" && p != "."; p = filepath.Dir(p) {
+		os.Chmod(p, 0o755) // the unprivileged redis user walks to its files
+	}
+	defer func() {
+		if s.agent != nil {
+			s.stopAgent(syscall.SIGKILL)
+		}
+		for pid := range redisUnder(s.data) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		res.Took = time.Since(res.Started)
+	}()
+	res.Machine = machine(cfg.RedisServer)
+
+	bare, err := s.bareStart(cfg.Samples)
+	if err != nil {
+		return res, fmt.Errorf("bare redis-server: %w", err)
+	}
+	bareP50 := pct(bare, 50)
+	s.add(Row{Figure: "bare redis-server start, p50", Value: ms(bareP50), Unit: "ms"})
+	s.add(Row{Figure: "bare redis-server start, p99", Value: ms(pct(bare, 99)), Unit: "ms"})
+
+	if err := s.startAgent(); err != nil {
+		return res, err
+	}
+	prov, del, err := s.provisionDelete(cfg.Samples)
+	if err != nil {
+		return res, err
+	}
+	s.add(Row{Figure: "provision (PUT -> 201 ready), sequential, p50", Value: ms(pct(prov, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 2x bare"})
+	s.add(Row{Figure: "provision, sequential, p99", Value: ms(pct(prov, 99)), Unit: "ms", Reference: ms(pct(bare, 99))})
+	s.add(Row{Figure: "delete (DELETE -> 200), p50", Value: ms(pct(del, 50)), Unit: "ms"})
+	s.add(Row{Figure: "delete, p99", Value: ms(pct(del, 99)), Unit: "ms"})
+
+	conc, err := s.provisionConcurrent(cfg.Samples, cfg.Concurrency)
+	if err != nil {
+		return res, err
+	}
+	s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p50", cfg.Concurrency), Value: ms(pct(conc, 50)), Unit: "ms", Reference: ms(bareP50)})
+	s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p99", cfg.Concurrency), Value: ms(pct(conc, 99)), Unit: "ms"})
+
+	rec, err := s.crashRecovery(cfg.Kills)
+	if err != nil {
+		return res, err
+	}
+	s.add(Row{Figure: "crash recovery (SIGKILL -> binding PING), p50", Value: ms(pct(rec, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 3x bare"})
+	s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
+
+	if err := s.density(cfg.Density, cfg.Idle); err != nil {
+		return res, err
+	}
+	if err := s.api(cfg.APIDuration, cfg.APIClients); err != nil {
+		return res, err
+	}
+	if err := s.agentRestart(); err != nil {
+		return res, err
+	}
+	if err := s.deleteAll(); err != nil {
+		return res, err
+	}
+	s.stopAgent(syscall.SIGTERM)
+	s.agent = nil
+	res.Rows = s.rows
+	return res, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func pct(ds []time.Duration, p int) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*p + 99) / 100
+	return s[min(max(i-1, 0), len(s)-1)]
+}
+
+// bareStart execs redis-server with a minimal config and polls it every
+// millisecond with PING on a fresh connection until it answers: the floor
+// of provision and recovery.
+func (s *suite) bareStart(n int) ([]time.Duration, error) {
+	s.logf("bare redis-server start x%d", n)
+	dir := filepath.Join(s.cfg.Dir, "bare")
+	os.MkdirAll(dir, 0o755)
+	port := s.cfg.PortMin + s.cfg.Density + 1
+	conf := filepath.Join(dir, "redis.conf")
+	if err := os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644); err != nil {
+		return nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	var out []time.Duration
+	for range n {
+		cmd := exec.Command(s.cfg.RedisServer, conf)
+		t0 := time.Now()
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		deadline := t0.Add(10 * time.Second)
+		for !resp(addr, "", "", "PING") {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				cmd.Wait()
+				return nil, errors.New("no PONG in 10s")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		out = append(out, time.Since(t0))
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	return out, nil
+}
+
+// resp sends AUTH (when user is set) and one command on a fresh
+// connection and reports whether every reply was positive.
+func resp(addr, user, pass, cmd string) bool {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	var req []byte
+	n := 1
+	if user != "" {
+		req = fmt.Appendf(req, "*3\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", len(user), user, len(pass), pass)
+		n++
+	}
+	req = fmt.Appendf(req, "*1\r\n$%d\r\n%s\r\n", len(cmd), cmd)
+	if _, err := c.Write(req); err != nil {
+		return false
+	}
+	r := bufio.NewReader(c)
+	for range n {
+		line, err := r.ReadString('\n')
+		if err != nil || line[0] != '+' {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *suite) startAgent() error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	listen := ln.Addr().String()
+	ln.Close()
+	a := &agentProc{base: "http://" + listen, exited: make(chan struct{}), log: &bytes.Buffer{}}
+	a.cmd = exec.Command(s.cfg.Agent, "--listen", listen, "--data-dir", s.data,
+		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin+s.cfg.Density-1),
+		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density+1024), "--log-level", "warn", "--log-format", "json",
+		"--restart-stable-after", "200ms")
+	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
+	if err := a.cmd.Start(); err != nil {
+		return err
+	}
+	go func() { a.cmd.Wait(); close(a.exited) }()
+	s.agent = a
+	_, err = s.waitReady()
+	return err
+}
+
+func (s *suite) waitReady() (time.Duration, error) {
+	t0 := time.Now()
+	deadline := t0.Add(2 * time.Minute)
+	for {
+		select {
+		case <-s.agent.exited:
+			return 0, fmt.Errorf("agent exited: %v\n%s", s.agent.cmd.ProcessState, s.agent.log.String())
+		default:
+		}
+		if code, _, err := s.do("GET", "/readyz", ""); err == nil && code == 200 {
+			return time.Since(t0), nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("agent not ready after 2m:\n%s", s.agent.log.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (s *suite) stopAgent(sig syscall.Signal) {
+	s.agent.cmd.Process.Signal(sig)
+	select {
+	case <-s.agent.exited:
+	case <-time.After(30 * time.Second):
+		s.agent.cmd.Process.Kill()
+		<-s.agent.exited
+	}
+}
+
+func (s *suite) do(method, path, body string) (int, []byte, error) {
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, s.agent.base+path, r)
+	if err != nil {
+		return 0, nil, err
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
+}
+
+const spec = `{"memory_mb":16,"persistence":"none"}`
+
+func (s *suite) provision(id string) (time.Duration, error) {
+	t0 := time.Now()
+	code, body, err := s.do("PUT", "/v1/instances/"+id, spec)
+	d := time.Since(t0)
+	if err != nil {
+		return 0, err
+	}
+	if code != 201 {
+		return 0, fmt.Errorf("PUT %s = %d %s", id, code, body)
+	}
+	return d, nil
+}
+
+func (s *suite) remove(id string) (time.Duration, error) {
+	t0 := time.Now()
+	code, body, err := s.do("DELETE", "/v1/instances/"+id, "")
+	d := time.Since(t0)
+	if err != nil {
+		return 0, err
+	}
+	if code != 200 {
+		return 0, fmt.Errorf("DELETE %s = %d %s", id, code, body)
+	}
+	return d, nil
+}
+
+func (s *suite) provisionDelete(n int) (prov, del []time.Duration, err error) {
+	s.logf("provision and delete x%d, sequential", n)
+	for i := range n {
+		id := fmt.Sprintf("seq-%d", i)
+		d, err := s.provision(id)
+		if err != nil {
+			return nil, nil, err
+		}
+		prov = append(prov, d)
+		if d, err = s.remove(id); err != nil {
+			return nil, nil, err
+		}
+		del = append(del, d)
+	}
+	return prov, del, nil
+}
+
+func (s *suite) provisionConcurrent(n, workers int) ([]time.Duration, error) {
+	s.logf("provision x%d with %d concurrent callers", n, workers)
+	var (
+		mu   sync.Mutex
+		out  []time.Duration
+		next atomic.Int64
+		errs = make(chan error, workers)
+		wg   sync.WaitGroup
+	)
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(n) {
+					return
+				}
+				d, err := s.provision(fmt.Sprintf("conc-%d", i))
+				if err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				out = append(out, d)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	for i := range n {
+		if _, err := s.remove(fmt.Sprintf("conc-%d", i)); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+type instance struct {
+	ID    string `json:"id"`
+	State string `json:"state"`
+	Port  int    `json:"port"`
+	PID   int    `json:"pid"`
+}
+
+type creds struct {
+	Host, Username, Password string
+	Port                     int
+}
+
+func (s *suite) get(id string) (instance, error) {
+	var in instance
+	code, body, err := s.do("GET", "/v1/instances/"+id, "")
+	if err != nil {
+		return in, err
+	}
+	if code != 200 {
+		return in, fmt.Errorf("GET %s = %d", id, code)
+	}
+	return in, json.Unmarshal(body, &in)
+}
+
+// crashRecovery SIGKILLs one stable instance n times and times how long
+// until its binding user's authenticated PING works again. The agent runs
+// with --restart-stable-after 200ms and each kill waits 300ms of stable
+// running, so every crash is a first crash (immediate restart).
+func (s *suite) crashRecovery(n int) ([]time.Duration, error) {
+	s.logf("crash recovery x%d", n)
+	if _, err := s.provision("crashy"); err != nil {
+		return nil, err
+	}
+	code, body, err := s.do("PUT", "/v1/instances/crashy/bindings/app", "")
+	if err != nil || code != 201 {
+		return nil, fmt.Errorf("bind: %d %s %v", code, body, err)
+	}
+	var c creds
+	json.Unmarshal(body, &c)
+	addr := net.JoinHostPort(c.Host, strconv.Itoa(c.Port))
+	var out []time.Duration
+	for range n {
+		time.Sleep(300 * time.Millisecond)
+		in, err := s.get("crashy")
+		if err != nil {
+			return nil, err
+		}
+		if in.State != "running" || in.PID == 0 {
+			return nil, fmt.Errorf("crashy is %s", in.State)
+		}
+		t0 := time.Now()
+		syscall.Kill(in.PID, syscall.SIGKILL)
+		// Wait for the old process to be gone so the PING below cannot
+		// reach it.
+		for resp(addr, c.Username, c.Password, "PING") && time.Since(t0) < time.Second {
+			time.Sleep(100 * time.Microsecond)
+		}
+		for !resp(addr, c.Username, c.Password, "PING") {
+			if time.Since(t0) > 30*time.Second {
+				return nil, errors.New("no recovery in 30s")
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		out = append(out, time.Since(t0))
+	}
+	_, err = s.remove("crashy")
+	return out, err
+}
+
+// density fills the port range, then watches the idle agent.
+func (s *suite) density(n int, idle time.Duration) error {
+	s.logf("density: %d instances", n)
+	t0 := time.Now()
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+		errs = make(chan error, 16)
+	)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(n) {
+					return
+				}
+				if _, err := s.provision(fmt.Sprintf("dense-%04d", i)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	s.add(Row{Figure: "instances provisioned", Value: float64(n), Unit: "", Aim: "1000"})
+	s.add(Row{Figure: "time to provision them (16 callers)", Value: time.Since(t0).Seconds(), Unit: "s"})
+	s.logf("idle for %v", idle)
+	pid := s.agent.cmd.Process.Pid
+	_, cpu0 := procUsage(pid)
+	w0 := time.Now()
+	time.Sleep(idle)
+	rss, cpu1 := procUsage(pid)
+	cpuPct := 100 * (cpu1 - cpu0) / time.Since(w0).Seconds()
+	var redisRSS float64
+	for p := range redisUnder(s.data) {
+		r, _ := procUsage(p)
+		redisRSS += r
+	}
+	s.add(Row{Figure: fmt.Sprintf("agent RSS at %d instances", n), Value: rss / (1 << 20), Unit: "MiB", Aim: "<= 100 MiB"})
+	s.add(Row{Figure: fmt.Sprintf("agent idle CPU at %d instances", n), Value: cpuPct, Unit: "%", Aim: "<= 5 % of a core"})
+	s.add(Row{Figure: fmt.Sprintf("all redis-servers' RSS at %d", n), Value: redisRSS / (1 << 20), Unit: "MiB"})
+	s.add(Row{Figure: "mean redis-server RSS", Value: redisRSS / (1 << 20) / float64(n), Unit: "MiB"})
+	return nil
+}
+
+// api measures GET /v1/instances/{id} throughput and /metrics scrapes.
+func (s *suite) api(d time.Duration, clients int) error {
+	s.logf("API: GET /v1/instances/{id} with %d clients for %v", clients, d)
+	var count atomic.Int64
+	var failed atomic.Int64
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			path := fmt.Sprintf("/v1/instances/dense-%04d", i%max(s.cfg.Density, 1))
+			for ctx.Err() == nil {
+				if code, _, err := s.do("GET", path, ""); err != nil || code != 200 {
+					failed.Add(1)
+					continue
+				}
+				count.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if f := failed.Load(); f > 0 {
+		return fmt.Errorf("%d GETs failed", f)
+	}
+	s.add(Row{Figure: fmt.Sprintf("GET /v1/instances/{id}, %d clients", clients), Value: float64(count.Load()) / d.Seconds(), Unit: "req/s", Aim: ">= 10000"})
+	var scrapes []time.Duration
+	for range 10 {
+		t0 := time.Now()
+		code, body, err := s.do("GET", "/metrics", "")
+		if err != nil || code != 200 || len(body) == 0 {
+			return fmt.Errorf("/metrics: %d %v", code, err)
+		}
+		scrapes = append(scrapes, time.Since(t0))
+	}
+	s.add(Row{Figure: fmt.Sprintf("/metrics scrape at %d instances, p50", s.cfg.Density), Value: ms(pct(scrapes, 50)), Unit: "ms", Aim: "<= 250 ms"})
+	return nil
+}
+
+// agentRestart stops the agent with SIGTERM at full density, starts it
+// again, and counts the redis-servers that did not survive.
+func (s *suite) agentRestart() error {
+	s.logf("agent restart at density")
+	before := redisUnder(s.data)
+	s.stopAgent(syscall.SIGTERM)
+	t0 := time.Now()
+	if err := s.startAgent(); err != nil { // returns once /readyz says 200
+		return err
+	}
+	ready := time.Since(t0)
+	after := redisUnder(s.data)
+	restarted := 0
+	for pid := range before {
+		if _, ok := after[pid]; !ok {
+			restarted++
+		}
+	}
+	s.add(Row{Figure: fmt.Sprintf("agent restart at %d: start -> /readyz 200", len(before)), Value: ms(ready), Unit: "ms", Aim: "<= 1000 ms"})
+	s.add(Row{Figure: "redis-servers restarted by the agent restart", Value: float64(restarted), Unit: "", Aim: "0"})
+	return nil
+}
+
+func (s *suite) deleteAll() error {
+	s.logf("deleting %d instances", s.cfg.Density)
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	errs := make(chan error, 16)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(s.cfg.Density) {
+					return
+				}
+				if _, err := s.remove(fmt.Sprintf("dense-%04d", i)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
+
+// redisUnder returns the live redis-servers whose config lies under dir.
+func redisUnder(dir string) map[int]bool {
+	out := map[int]bool{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if !bytes.Contains(b, []byte(dir+"/")) {
+			continue
+		}
+		st, _ := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) && st[i+2] != 'Z' {
+			out[pid] = true
+		}
+	}
+	return out
+}
+
+// procUsage returns RSS in bytes and CPU seconds of pid.
+func procUsage(pid int) (rss, cpu float64) {
+	p := "/proc/" + strconv.Itoa(pid)
+	if b, err := os.ReadFile(p + "/statm"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 1 {
+			pages, _ := strconv.ParseFloat(f[1], 64)
+			rss = pages * float64(os.Getpagesize())
+		}
+	}
+	if b, err := os.ReadFile(p + "/stat"); err == nil {
+		if i := bytes.LastIndexByte(b, ')'); i > 0 {
+			f := strings.Fields(string(b[i+2:]))
+			if len(f) > 12 {
+				ut, _ := strconv.ParseFloat(f[11], 64)
+				st, _ := strconv.ParseFloat(f[12], 64)
+				cpu = (ut + st) / 100
+			}
+		}
+	}
+	return rss, cpu
+}
+
+func machine(redisServer string) string {
+	var memTotal string
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+				kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+				memTotal = fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
+			}
+		}
+	}
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	ver, _ := exec.Command(redisServer, "--version").Output()
+	return fmt.Sprintf("%d cores, %s memory, Linux %s, %s, %s", runtime.NumCPU(), memTotal,
+		strings.TrimSpace(string(kernel)), strings.TrimSpace(string(ver)), runtime.Version())
+}
+
+// Markdown renders the result as the docs/benchmarks.md page.
+func (r Result) Markdown(command string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured %s with `%s` (took %v).\n\nMachine: %s.\n\n",
+		r.Started.UTC().Format("2006-01-02 15:04 MST"), command, r.Took.Round(time.Second), r.Machine)
+	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
+	b.WriteString(r.Table())
+	return b.String()
+}
+
+// Table renders the rows as a Markdown table.
+func (r Result) Table() string {
+	var b strings.Builder
+	b.WriteString("| figure | value | reference | ratio | aim |\n|---|---:|---:|---:|---|\n")
+	for _, row := range r.Rows {
+		ref, ratio := "", ""
+		if row.Reference != 0 {
+			ref = fmt.Sprintf("%.2f %s", row.Reference, row.Unit)
+			ratio = fmt.Sprintf("%.2fx", row.Ratio())
+		}
+		fmt.Fprintf(&b, "| %s | %.2f %s | %s | %s | %s |\n", row.Figure, row.Value, row.Unit, ref, ratio, row.Aim)
+	}
+	return b.String()
+}
