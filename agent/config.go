@@ -45,8 +45,16 @@ type Config struct {
 	// runs as root. Ignored when the agent is not root.
 	RedisUser string
 	// Token is the bearer token every /v1 request must carry; "" disables
-	// authentication, which is only allowed on a loopback Listen address.
+	// token authentication.
 	Token string
+	// TLSCert and TLSKey, when set, make the API serve HTTPS.
+	TLSCert, TLSKey string
+	// TLSClientCA, when set, lets a client certificate signed by it
+	// authenticate /v1 requests (mTLS), instead of or beside the token.
+	// Without a token nor a client CA, the API only listens on loopback.
+	TLSClientCA string
+	// MetricsAuth puts /metrics behind the same authentication as /v1.
+	MetricsAuth bool
 	// ReadyTimeout bounds the wait for a new redis-server to answer PING.
 	ReadyTimeout time.Duration
 	// StopTimeout bounds a graceful stop before SIGKILL.
@@ -126,8 +134,14 @@ func (c Config) Validate() error {
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		bad("listen address %q: %v", c.Listen, err)
-	} else if c.Token == "" && !isLoopback(c.Listen) {
-		bad("listen address %q is not loopback and no API token is set: set --token-file (or REDIS_AGENT_TOKEN) or listen on 127.0.0.1", c.Listen)
+	} else if c.Token == "" && c.TLSClientCA == "" && !isLoopback(c.Listen) {
+		bad("listen address %q is not loopback and no authentication is configured: set --token-file (or REDIS_AGENT_TOKEN), or --tls-cert, --tls-key and --tls-client-ca for mTLS, or listen on 127.0.0.1", c.Listen)
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		bad("--tls-cert and --tls-key go together")
+	}
+	if c.TLSClientCA != "" && c.TLSCert == "" {
+		bad("--tls-client-ca needs --tls-cert and --tls-key: client certificates are only checked over TLS")
 	}
 	if c.DataDir == "" || !filepath.IsAbs(c.DataDir) {
 		bad("data dir %q: want an absolute path", c.DataDir)

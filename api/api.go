@@ -39,9 +39,14 @@ type Options struct {
 	Service Service
 	// Logger receives 5xx causes and recovered panics; nil discards.
 	Logger *slog.Logger
-	// Token is the bearer token every /v1 request must carry; "" means no
-	// authentication.
+	// Token is a bearer token that authenticates /v1 requests.
 	Token string
+	// ClientCert lets a verified TLS client certificate authenticate /v1
+	// requests (the TLS layer checks it against the client CA). With
+	// neither Token nor ClientCert, /v1 is open.
+	ClientCert bool
+	// MetricsAuth puts /metrics behind the same authentication.
+	MetricsAuth bool
 	// Ready backs /readyz; nil means always ready.
 	Ready func(ctx context.Context) error
 	// Live backs /healthz; nil means always alive.
@@ -85,15 +90,18 @@ func New(o Options) http.Handler {
 
 	r.HandleFunc("/healthz", s.healthz).Methods(http.MethodGet, http.MethodHead)
 	r.HandleFunc("/readyz", s.readyz).Methods(http.MethodGet, http.MethodHead)
-	if o.Gatherer != nil {
-		r.Handle("/metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})).Methods(http.MethodGet)
-	}
-
 	// The /v1 routes sit on the root router (a mux subrouter would turn a
 	// wrong method into a 404) and each carries the auth check.
-	auth := func(h http.HandlerFunc) http.Handler { return h }
-	if o.Token != "" {
-		auth = func(h http.HandlerFunc) http.Handler { return bearer(o.Token)(h) }
+	auth := func(h http.Handler) http.Handler { return h }
+	if o.Token != "" || o.ClientCert {
+		auth = authenticate(o.Token, o.ClientCert)
+	}
+	if o.Gatherer != nil {
+		var m http.Handler = promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})
+		if o.MetricsAuth {
+			m = auth(m)
+		}
+		r.Handle("/metrics", m).Methods(http.MethodGet)
 	}
 	v1 := func(method, path string, h http.HandlerFunc) {
 		r.Handle("/v1"+path, auth(h)).Methods(method)

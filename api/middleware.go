@@ -14,21 +14,29 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// bearer requires "Authorization: Bearer <token>". The comparison is of
-// fixed-length digests in constant time, so neither the token's content
-// nor its length leaks through timing.
-func bearer(token string) mux.MiddlewareFunc {
+// authenticate lets a request through when it carries
+// "Authorization: Bearer <token>" (token set) or a verified TLS client
+// certificate (clientCert set). The token comparison is of fixed-length
+// digests in constant time, so neither its content nor its length leaks
+// through timing.
+func authenticate(token string, clientCert bool) mux.MiddlewareFunc {
 	want := sha256.Sum256([]byte(token))
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			sum := sha256.Sum256([]byte(got))
-			if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="redis-agent"`)
-				writeError(w, http.StatusUnauthorized, "Unauthorized", "a valid bearer token is required")
+			if clientCert && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+				next.ServeHTTP(w, r)
 				return
 			}
-			next.ServeHTTP(w, r)
+			if token != "" {
+				got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+				sum := sha256.Sum256([]byte(got))
+				if ok && subtle.ConstantTimeCompare(sum[:], want[:]) == 1 {
+					next.ServeHTTP(w, r)
+					return
+				}
+			}
+			w.Header().Set("WWW-Authenticate", `Bearer realm="redis-agent"`)
+			writeError(w, http.StatusUnauthorized, "Unauthorized", "a valid bearer token or client certificate is required")
 		})
 	}
 }

@@ -100,6 +100,10 @@ func run(args []string) error {
 	fs.DurationVar(&cfg.Restart.Max, "restart-max", envDuration("RESTART_MAX", cfg.Restart.Max), "longest restart delay (env REDIS_AGENT_RESTART_MAX)")
 	fs.DurationVar(&cfg.Restart.StableAfter, "restart-stable-after", envDuration("RESTART_STABLE_AFTER", cfg.Restart.StableAfter), "a run this long resets the crash count (env REDIS_AGENT_RESTART_STABLE_AFTER)")
 	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", env("TLS_CERT", ""), "PEM certificate: serve the API over HTTPS (env REDIS_AGENT_TLS_CERT)")
+	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
+	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
+	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
 	if err := fs.Parse(args); err != nil {
@@ -154,13 +158,15 @@ func run(args []string) error {
 	cfg.Registerer = reg
 	return agent.Run(ctx, cfg, func(svc *agent.Service) http.Handler {
 		return api.New(api.Options{
-			Service:    svc,
-			Logger:     cfg.Logger,
-			Token:      cfg.Token,
-			Ready:      svc.Ready,
-			Live:       svc.Live,
-			Registerer: reg,
-			Gatherer:   reg,
+			Service:     svc,
+			Logger:      cfg.Logger,
+			Token:       cfg.Token,
+			ClientCert:  cfg.TLSClientCA != "",
+			MetricsAuth: cfg.MetricsAuth,
+			Ready:       svc.Ready,
+			Live:        svc.Live,
+			Registerer:  reg,
+			Gatherer:    reg,
 		})
 	})
 }
