@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -50,8 +51,27 @@ type agentProc struct {
 	base    string
 	dataDir string
 	args    []string
-	log     *bytes.Buffer
+	log     *lockedBuffer
 	exited  chan struct{}
+}
+
+// lockedBuffer collects the agent's output; the test may read it while
+// the agent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // agentOpts say how to run an agent; zero values take defaults.
@@ -86,7 +106,7 @@ func launchAgent(t *testing.T, o agentOpts) *agentProc {
 		"--port-min", strconv.Itoa(o.portMin), "--port-max", strconv.Itoa(o.portMin + o.ports - 1),
 		"--memory-budget-mb", "4096", "--log-level", "debug",
 	}, o.extra...)
-	a := &agentProc{t: t, base: "http://" + listen, dataDir: o.dataDir, args: args, log: &bytes.Buffer{}, exited: make(chan struct{})}
+	a := &agentProc{t: t, base: "http://" + listen, dataDir: o.dataDir, args: args, log: &lockedBuffer{}, exited: make(chan struct{})}
 	a.cmd = exec.Command(o.bin, args...)
 	a.cmd.Env = append(os.Environ(), o.env...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
