@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -23,11 +24,16 @@ func (e loadingError) Error() string   { return ErrLoading.Error() + ": " + e.er
 func (e loadingError) Unwrap() []error { return []error{ErrLoading, e.err} }
 func (loadingError) Loading() bool     { return true }
 
-// Admin is a connection to one redis-server as the agent's admin user. It is
-// safe for concurrent use.
+// Admin talks to one redis-server as the agent's admin user. It holds no
+// connection between calls: the agent's admin commands are rare (bind,
+// unbind, stop) and its probes use fresh connections, so a thousand idle
+// instances cost no sockets or buffers. It is safe for concurrent use.
 type Admin struct {
-	c                  *goredis.Client
+	opts               *goredis.Options
 	addr, user, secret string
+
+	mu     sync.Mutex
+	health *healthConn // kept between Info calls
 }
 
 // The agent reports connection failures itself; go-redis's own logging of
@@ -42,7 +48,7 @@ func (quietLogger) Printf(context.Context, string, ...any) {}
 // until the first command.
 func NewAdmin(host string, port int, password string) *Admin {
 	addr := net.JoinHostPort(host, strconv.Itoa(port))
-	c := goredis.NewClient(&goredis.Options{
+	opts := &goredis.Options{
 		Addr:                  addr,
 		DialerRetries:         1,
 		Username:              AdminUser,
@@ -51,19 +57,29 @@ func NewAdmin(host string, port int, password string) *Admin {
 		ReadTimeout:           2 * time.Second,
 		WriteTimeout:          2 * time.Second,
 		MaxRetries:            -1, // the caller decides about retries
-		PoolSize:              2,
-		MinIdleConns:          0,
-		MaxIdleConns:          1,
-		ConnMaxIdleTime:       time.Minute,
+		PoolSize:              1,
+		ReadBufferSize:        4096,
+		WriteBufferSize:       4096,
 		DisableIdentity:       true, // no CLIENT SETINFO noise on every connection
 		ContextTimeoutEnabled: true,
 		Protocol:              2,
-	})
-	return &Admin{c: c, addr: addr, user: AdminUser, secret: password}
+	}
+	return &Admin{opts: opts, addr: addr, user: AdminUser, secret: password}
 }
 
-// Close releases the connections.
-func (a *Admin) Close() error { return a.c.Close() }
+// client returns a go-redis client for one call; the caller closes it.
+func (a *Admin) client() *goredis.Client { return goredis.NewClient(a.opts) }
+
+// Close drops the health connection.
+func (a *Admin) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.health != nil {
+		a.health.c.Close()
+		a.health = nil
+	}
+	return nil
+}
 
 // Ping returns nil when the server answers PONG, ErrLoading while it loads
 // its data, and another error when it cannot be reached.
@@ -79,7 +95,9 @@ func (a *Admin) Ping(ctx context.Context) error {
 // theirs. It never uses ACL LOAD: on Redis 7.0 that disconnects every
 // client, tenants included.
 func (a *Admin) SyncUsers(ctx context.Context, users []User) error {
-	live, err := a.c.Do(ctx, "ACL", "USERS").StringSlice()
+	c := a.client()
+	defer c.Close()
+	live, err := c.Do(ctx, "ACL", "USERS").StringSlice()
 	if err != nil {
 		return fmt.Errorf("ACL USERS: %w", err)
 	}
@@ -90,7 +108,7 @@ func (a *Admin) SyncUsers(ctx context.Context, users []User) error {
 		for _, r := range strings.Fields(TenantRules) {
 			args = append(args, r)
 		}
-		if err := a.c.Do(ctx, args...).Err(); err != nil {
+		if err := c.Do(ctx, args...).Err(); err != nil {
 			return fmt.Errorf("ACL SETUSER %s: %w", u.Name, err)
 		}
 	}
@@ -98,7 +116,7 @@ func (a *Admin) SyncUsers(ctx context.Context, users []User) error {
 		if want[name] || name == AdminUser || name == "default" {
 			continue
 		}
-		if err := a.c.Do(ctx, "ACL", "DELUSER", name).Err(); err != nil {
+		if err := c.Do(ctx, "ACL", "DELUSER", name).Err(); err != nil {
 			return fmt.Errorf("ACL DELUSER %s: %w", name, err)
 		}
 	}
@@ -115,7 +133,9 @@ func (a *Admin) Shutdown(ctx context.Context, nosave bool) error {
 	if nosave {
 		args = append(args, "NOSAVE")
 	}
-	err := a.c.Do(ctx, args...).Err()
+	c := a.client()
+	defer c.Close()
+	err := c.Do(ctx, args...).Err()
 	if err == nil || isConnDrop(err) {
 		return nil
 	}

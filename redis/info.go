@@ -35,31 +35,72 @@ type Info struct {
 	Loading bool
 }
 
-// Info logs in on a fresh connection (see probe) and reads INFO. While
-// the server runs a script past busy-reply-threshold the error has
-// Busy() true; INFO itself is answered while loading.
+// infoCommand asks for the sections the agent exports, not the default
+// set (replication, cpu, errorstats, cluster ... are not read).
+var infoCommand = command("INFO", "server", "clients", "memory", "persistence", "stats", "keyspace")
+
+// healthConn is the connection the periodic INFO reuses, logged in as the
+// admin user. Any error drops it; the next call dials again.
+type healthConn struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+// Info reads INFO on a connection kept between calls (dialled and
+// authenticated again after any error). While the server runs a script
+// past busy-reply-threshold the error has Busy() true; INFO itself is
+// answered while loading.
 func (a *Admin) Info(ctx context.Context) (Info, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", a.addr)
-	if err != nil {
-		return Info{}, err
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	reused := a.health != nil
+	in, err := a.info(ctx)
+	if err != nil && reused && !isBusy(err) && ctx.Err() == nil {
+		// The kept connection may have died with an earlier process
+		// (a restart); that is not this process's failure.
+		return a.info(ctx)
 	}
-	defer conn.Close()
+	return in, err
+}
+
+func (a *Admin) info(ctx context.Context) (in Info, err error) {
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(2 * time.Second)
 	}
-	conn.SetDeadline(deadline)
-	if _, err := conn.Write(append(command("AUTH", a.user, a.secret), command("INFO")...)); err != nil {
+	hc := a.health
+	req := infoCommand
+	if hc == nil {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", a.addr)
+		if err != nil {
+			return Info{}, err
+		}
+		hc = &healthConn{c: c, r: bufio.NewReaderSize(c, 1024)}
+		req = append(command("AUTH", a.user, a.secret), infoCommand...)
+	}
+	a.health = nil
+	defer func() {
+		if err == nil || isBusy(err) {
+			a.health = hc // the connection is in a known state: keep it
+		} else {
+			hc.c.Close()
+		}
+	}()
+	hc.c.SetDeadline(deadline)
+	if _, err := hc.c.Write(req); err != nil {
 		return Info{}, err
 	}
-	r := bufio.NewReaderSize(conn, 8192)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return Info{}, fmt.Errorf("read AUTH reply: %w", err)
-	}
-	if strings.TrimRight(line, "\r\n") != "+OK" {
-		return Info{}, fmt.Errorf("AUTH: %s", strings.TrimSpace(line))
+	r := hc.r
+	var line string
+	if len(req) != len(infoCommand) {
+		line, err = r.ReadString('\n')
+		if err != nil {
+			return Info{}, fmt.Errorf("read AUTH reply: %w", err)
+		}
+		if strings.TrimRight(line, "\r\n") != "+OK" {
+			return Info{}, fmt.Errorf("AUTH: %s", strings.TrimSpace(line))
+		}
 	}
 	line, err = r.ReadString('\n')
 	if err != nil {

@@ -61,6 +61,11 @@ func command(args ...string) []byte {
 	return b
 }
 
+func isBusy(err error) bool {
+	var b busyError
+	return errors.As(err, &b)
+}
+
 // busyError is Ping's error while a script runs past busy-reply-threshold:
 // the server is alive, and only SCRIPT KILL or the script's end frees it.
 type busyError struct{ msg string }

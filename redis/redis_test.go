@@ -225,7 +225,9 @@ func TestPingDuringLongScriptIsBusy(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	go a.c.Eval(ctx, "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); if (n[1]-t[1])*1000000 + (n[2]-t[2]) > 500000 then break end end return 1", nil)
+	c := a.client()
+	defer c.Close()
+	go c.Eval(ctx, "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); if (n[1]-t[1])*1000000 + (n[2]-t[2]) > 500000 then break end end return 1", nil)
 	time.Sleep(150 * time.Millisecond)
 	err := a.Ping(ctx)
 	var b interface{ Busy() bool }
@@ -273,13 +275,73 @@ func TestInfoAgainstRedis(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	a.c.Set(ctx, "k1", "v", 0)
-	a.c.Set(ctx, "k2", "v", 0)
+	c := a.client()
+	defer c.Close()
+	c.Set(ctx, "k1", "v", 0)
+	c.Set(ctx, "k2", "v", 0)
 	in, err := a.Info(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if in.DBKeys["db0"] != 2 || in.MaxMemory != 16<<20 || in.UsedMemory <= 0 || in.CommandsProcessed < 2 || !in.RDBLastBgsaveOK {
 		t.Fatalf("Info = %+v", in)
+	}
+}
+
+// Info keeps its connection between calls and survives a restart of the
+// server without reporting a failure for the dead connection.
+func TestInfoReusesConnectionAcrossRestart(t *testing.T) {
+	bin := testenv.RedisServer(t)
+	dir := t.TempDir()
+	port := testenv.FreePort(t)
+	conf := filepath.Join(dir, "redis.conf")
+	acl := filepath.Join(dir, "users.acl")
+	os.WriteFile(acl, RenderACL([]User{{Name: AdminUser, PasswordHash: HashPassword("pw"), Admin: true}}), 0o600)
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\naclfile %s\nsave \"\"\n", port, dir, acl)), 0o600)
+	start := func() *exec.Cmd {
+		cmd := exec.Command(bin, conf)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	a := NewAdmin("127.0.0.1", port, "pw")
+	defer a.Close()
+	ctx := context.Background()
+	waitInfo := func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			if _, err := a.Info(ctx); err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no INFO")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	first := start()
+	waitInfo()
+	c1 := a.health.c
+	if _, err := a.Info(ctx); err != nil || a.health.c != c1 {
+		t.Fatalf("second Info: %v, reused %v", err, a.health.c == c1)
+	}
+	first.Process.Kill()
+	first.Wait()
+	start()
+	deadline := time.Now().Add(5 * time.Second)
+	for a.Ping(ctx) != nil { // fresh connections: the new server is up
+		if time.Now().After(deadline) {
+			t.Fatal("restarted server never answered")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The kept connection is dead; the first Info must still succeed.
+	if _, err := a.Info(ctx); err != nil {
+		t.Fatalf("first Info after the restart failed: %v", err)
+	}
+	if a.health == nil || a.health.c == c1 {
+		t.Fatal("Info did not replace the dead connection")
 	}
 }

@@ -11,6 +11,7 @@
 package volumes
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -119,8 +120,15 @@ func chown(path string, o Owner) error {
 
 // WriteConfig atomically writes a file of the instance directory that
 // redis-server reads but must not write (redis.conf, users.acl): mode 0640,
-// group owner the Redis user's group.
+// group owner the Redis user's group. A file that already has this content
+// and mode is left alone (no write, no fsync): reconcile rewrites every
+// instance's files at start.
 func (l Layout) WriteConfig(path string, data []byte) error {
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == 0o640 {
+			return nil
+		}
+	}
 	return WriteFileAtomic(path, data, 0o640, Owner{-1, l.Owner.GID})
 }
 

@@ -104,6 +104,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
+	pprofListen := fs.String("pprof-listen", env("PPROF_LISTEN", ""), "serve net/http/pprof on this loopback address, for profiling (env REDIS_AGENT_PPROF_LISTEN)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
 	if err := fs.Parse(args); err != nil {
@@ -147,6 +148,12 @@ func run(args []string) error {
 		cfg.Token = strings.TrimSpace(string(b))
 		if cfg.Token == "" {
 			return fmt.Errorf("token file %s is empty", *tokenFile)
+		}
+	}
+
+	if *pprofListen != "" {
+		if err := servePprof(*pprofListen); err != nil {
+			return err
 		}
 	}
 
