@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -34,49 +35,44 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		return err
 	}
 	owned := map[string]bool{}
-	var adopted, started, deleted int
 	for _, rec := range recs {
 		owned[rec.ID] = true
-		log := s.log.With("instance", rec.ID)
-		if rec.Phase == state.PhaseDeleting {
-			if err := s.destroy(rec.ID); err != nil {
-				log.Error("finish deletion", "err", err)
-			} else {
+	}
+	// Records are independent: reconcile them a few at a time, so an agent
+	// restart at a thousand instances is not a thousand sequential rounds
+	// of /proc reads and file checks.
+	var (
+		mu                        sync.Mutex
+		adopted, started, deleted int
+		firstErr                  error
+		wg                        sync.WaitGroup
+		sem                       = make(chan struct{}, reconcileWorkers)
+	)
+	for _, rec := range recs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			outcome, err := s.reconcileOne(rec, procs)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				if firstErr == nil {
+					firstErr = err
+				}
+			case outcome == "adopted":
+				adopted++
+			case outcome == "started":
+				started++
+			case outcome == "deleted":
 				deleted++
-				log.Info("finished an interrupted deletion")
 			}
-			continue
-		}
-		adopt := s.findProcess(rec, procs)
-		confHash, err := s.writeFiles(rec)
-		if err != nil {
-			// Keep the record; report. The operator fixes the disk, the
-			// next start tries again.
-			log.Error("cannot write instance files", "err", err)
-			continue
-		}
-		if adopt != nil && rec.ConfigHash != "" && rec.ConfigHash != confHash {
-			log.Info("running process has an older config; it applies at its next restart")
-		}
-		if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
-			if adopt == nil {
-				r.PID, r.StartTime = 0, 0
-			} else {
-				r.PID, r.StartTime = adopt.PID, adopt.StartTime
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-		s.supervise(rec, adopt)
-		if adopt != nil {
-			adopted++
-		} else {
-			started++
-		}
-		if rec.Phase == state.PhaseProvisioning {
-			go s.finishInterrupted(rec.ID)
-		}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
 	}
 	s.findOrphans(owned, procs)
 	s.metrics.reconcileSecs.Set(time.Since(t0).Seconds())
@@ -87,6 +83,53 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	s.log.Info("reconciled", "instances", len(recs), "adopted", adopted, "started", started,
 		"deletions_finished", deleted, "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))
 	return nil
+}
+
+// reconcileWorkers bounds how many records reconcile handles at once.
+const reconcileWorkers = 8
+
+// reconcileOne brings one record's instance in line and says what it did:
+// "deleted", "adopted", "started", or "" when it had to leave it (logged).
+// An error is the state store's, which stops reconcile.
+func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.Process) (string, error) {
+	log := s.log.With("instance", rec.ID)
+	if rec.Phase == state.PhaseDeleting {
+		if err := s.destroy(rec.ID); err != nil {
+			log.Error("finish deletion", "err", err)
+			return "", nil
+		}
+		log.Info("finished an interrupted deletion")
+		return "deleted", nil
+	}
+	adopt := s.findProcess(rec, procs)
+	confHash, err := s.writeFiles(rec)
+	if err != nil {
+		// Keep the record; report. The operator fixes the disk, the next
+		// start tries again.
+		log.Error("cannot write instance files", "err", err)
+		return "", nil
+	}
+	if adopt != nil && rec.ConfigHash != "" && rec.ConfigHash != confHash {
+		log.Info("running process has an older config; it applies at its next restart")
+	}
+	if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
+		if adopt == nil {
+			r.PID, r.StartTime = 0, 0
+		} else {
+			r.PID, r.StartTime = adopt.PID, adopt.StartTime
+		}
+		return nil
+	}); err != nil {
+		return "", err
+	}
+	s.supervise(rec, adopt)
+	if rec.Phase == state.PhaseProvisioning {
+		go s.finishInterrupted(rec.ID)
+	}
+	if adopt != nil {
+		return "adopted", nil
+	}
+	return "started", nil
 }
 
 // findProcess returns the live process of rec: the recorded one if it
