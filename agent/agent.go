@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
@@ -56,6 +57,8 @@ type Service struct {
 	heartEvery atomic.Int64 // nanoseconds
 	orphans    atomic.Pointer[[]Orphan]
 	metrics    *metrics
+	// cg manages the instances' cgroups; nil when off or unavailable.
+	cg *limits.Manager
 }
 
 // instance is the runtime side of one record.
@@ -64,6 +67,8 @@ type instance struct {
 	admin *redis.Admin
 	// stats is what the last health check saw; metrics read it.
 	stats atomic.Pointer[instanceStats]
+	// oomKills is the cgroup's OOM-kill count last seen.
+	oomKills atomic.Uint64
 }
 
 // instanceStats is one health check's harvest: INFO and /proc figures.
@@ -115,6 +120,14 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.store = store
 	s.metrics = newMetrics(cfg.Registerer, s)
+	if cfg.Cgroups == "auto" {
+		if s.cg, err = limits.New("redis-agent"); err != nil {
+			log.Warn("instances run without resource limits", "reason", err)
+			s.cg = nil
+		} else {
+			log.Info("a cgroup per instance", "mode", s.cg.Mode(), "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
+		}
+	}
 	s.beat(10 * time.Second)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil

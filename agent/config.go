@@ -63,6 +63,15 @@ type Config struct {
 	Restart supervisor.Policy
 	// Health is the hang detection of running instances.
 	Health supervisor.Health
+	// Cgroups is "auto" (a cgroup per instance where the host allows it,
+	// with a log line when it does not) or "off".
+	Cgroups string
+	// CPUShares is each instance's relative CPU weight (1024 = a fair
+	// share); CPUQuota an optional hard cap in cores (0 = none); Pids the
+	// most processes and threads an instance may have.
+	CPUShares uint64
+	CPUQuota  float64
+	Pids      int64
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the agent's metrics; nil means none.
@@ -85,6 +94,9 @@ func DefaultConfig() Config {
 		StopTimeout:     10 * time.Second,
 		Restart:         supervisor.DefaultPolicy(),
 		Health:          supervisor.DefaultHealth(),
+		Cgroups:         "auto",
+		CPUShares:       1024,
+		Pids:            128,
 	}
 	if os.Geteuid() == 0 {
 		c.DataDir = "/var/lib/redis-agent"
@@ -173,6 +185,12 @@ func (c Config) Validate() error {
 	}
 	if r := c.Restart; r.Base <= 0 || r.Max < r.Base || r.StableAfter <= 0 {
 		bad("restart policy: want 0 < base <= max and stable-after > 0")
+	}
+	if c.Cgroups != "auto" && c.Cgroups != "off" {
+		bad("cgroups %q: want auto or off", c.Cgroups)
+	}
+	if c.CPUQuota < 0 || c.Pids < 0 {
+		bad("cpu quota and pids limit must not be negative")
 	}
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")

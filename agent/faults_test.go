@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
@@ -193,5 +195,64 @@ func TestReadOnlyDiskGivesClearErrorAndNoHalfState(t *testing.T) {
 	assertOnly(t, s, "first")
 	if _, _, err := s.Provision(ctx, "second", Spec{Persistence: "none"}); err != nil {
 		t.Fatalf("Provision once writable again: %v", err)
+	}
+}
+
+// A tenant that blows past its memory (here: output buffers of a pipeline
+// of GETs it never reads) is killed by its own cgroup, restarted with
+// reason oom, while its neighbour keeps serving with its data.
+func TestMemoryContainment(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("cgroups need root (CI runs as root)")
+	}
+	cfg := testConfig(t, 2)
+	s := startService(t, cfg)
+	if s.cg == nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("cgroups unavailable in CI")
+		}
+		t.Skip("cgroups unavailable on this host")
+	}
+	ctx := context.Background()
+	noisy, _, err := s.Provision(ctx, "noisy", Spec{MemoryMB: 8, Persistence: "none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Provision(ctx, "quiet", Spec{MemoryMB: 8, Persistence: "aof-always"}); err != nil {
+		t.Fatal(err)
+	}
+	qc, _, _ := s.Bind(ctx, "quiet", "app")
+	quiet := client(t, qc.Port, qc.Username, qc.Password)
+	if err := quiet.Set(ctx, "keep", "me", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	nc, _, _ := s.Bind(ctx, "noisy", "app")
+	if err := client(t, nc.Port, nc.Username, nc.Password).Set(ctx, "big", strings.Repeat("x", 1<<20), 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// 400 GETs of 1 MiB, never read: 400 MiB of output buffer against a
+	// cgroup limit of 2*8+64 = 80 MiB.
+	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(nc.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "AUTH %s %s\r\n", nc.Username, nc.Password)
+	for range 400 {
+		conn.Write([]byte("GET big\r\n"))
+	}
+	waitFor(t, "the noisy instance to be OOM-killed and restarted", 20*time.Second, func() bool {
+		in := mustGet(t, s, "noisy")
+		return in.PID != noisy.PID && in.State == "running" && in.LastExit != nil
+	})
+	got := mustGet(t, s, "noisy")
+	if got.LastExit.Reason != ReasonOOM || got.LastExit.Signal != "killed" {
+		t.Fatalf("noisy's last exit %+v; want oom, killed", got.LastExit)
+	}
+	if v, err := quiet.Get(ctx, "keep").Result(); err != nil || v != "me" {
+		t.Fatalf("the neighbour lost its data or connection: %q, %v", v, err)
+	}
+	if q := mustGet(t, s, "quiet"); q.Restarts != 0 {
+		t.Fatalf("the neighbour restarted %d times", q.Restarts)
 	}
 }

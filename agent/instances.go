@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
@@ -178,8 +179,16 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 		Restarts:     rec.Restarts,
 		Logger:       log,
 		OnEvent:      func(ev supervisor.Event) { s.persistEvent(id, ev) },
+		Classify:     func(ex *supervisor.Exit) { s.classify(id, in, ex) },
 	})
 	in.sup = sup
+	if s.cg != nil {
+		n, _ := s.cg.OOMKills(id)
+		in.oomKills.Store(n)
+		if adopt != nil {
+			s.confine(id, adopt.PID) // a no-op when it is there already
+		}
+	}
 	s.mu.Lock()
 	s.instances[id] = in
 	s.mu.Unlock()
@@ -192,6 +201,7 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 // Exited one.
 func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	if ev.Kind == supervisor.Started {
+		s.confine(id, ev.Process.PID)
 		crashAt(FaultSpawnUnrecorded)
 	}
 	_, err := s.store.Update(id, func(r *state.Instance) error {
@@ -218,6 +228,45 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		s.log.Error("persist process event", "instance", id, "err", err)
 	}
 }
+
+// limitsFor are the cgroup limits of an instance of memoryMB maxmemory.
+func (s *Service) limitsFor(memoryMB int) limits.Limits {
+	return limits.Limits{MemoryBytes: limits.MemoryFor(memoryMB), CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids}
+}
+
+// confine puts the process of id into the instance's cgroup. A failure is
+// logged: the instance runs, unconfined, rather than not at all.
+func (s *Service) confine(id string, pid int) {
+	if s.cg == nil || pid == 0 {
+		return
+	}
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return
+	}
+	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB)); err != nil {
+		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
+	}
+}
+
+// classify calls an exit "oom" when the instance's cgroup counted a new
+// OOM kill.
+func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
+	if s.cg == nil {
+		return
+	}
+	n, err := s.cg.OOMKills(id)
+	if err != nil {
+		return
+	}
+	if n > in.oomKills.Swap(n) && ex.Signal == "killed" {
+		ex.Reason = ReasonOOM
+	}
+}
+
+// ReasonOOM is the exit reason of a redis-server killed by its cgroup's
+// memory limit.
+const ReasonOOM = "oom"
 
 // syncUsers brings the live ACL users of id in line with its record. It
 // takes the id's lock, so it never races a bind or unbind.
@@ -258,6 +307,11 @@ func (s *Service) destroy(id string) error {
 		return err
 	}
 	crashAt(FaultDeleteStopped)
+	if s.cg != nil {
+		if err := s.cg.Remove(id); err != nil {
+			return err
+		}
+	}
 	if err := s.layout.Remove(id); err != nil {
 		return err
 	}
@@ -348,7 +402,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 // metric's reason label.
 func restartReason(r string) string {
 	switch r {
-	case supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual:
+	case supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual, ReasonOOM:
 		return r
 	}
 	return "spawn_failed"

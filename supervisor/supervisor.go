@@ -143,7 +143,10 @@ type Config struct {
 	// OnEvent is called for each event, from the supervisor goroutine. It
 	// must not call back into the Supervisor.
 	OnEvent func(Event)
-	Logger  *slog.Logger
+	// Classify, when set, may refine an exit's Reason (e.g. "oom" from the
+	// cgroup's OOM-kill count) before it is recorded.
+	Classify func(*Exit)
+	Logger   *slog.Logger
 	// Rand returns uniform numbers in [0, 1) for jitter; nil = math/rand.
 	Rand func() float64
 }
@@ -624,6 +627,9 @@ func (s *Supervisor) exitOf(r *running) *Exit {
 				ex.Code = ps.ExitCode()
 			}
 		}
+	}
+	if s.cfg.Classify != nil {
+		s.cfg.Classify(ex)
 	}
 	return ex
 }

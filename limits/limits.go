@@ -1,0 +1,200 @@
+// Package limits puts each instance's redis-server in a cgroup of its own
+// with memory, CPU and pids limits, on cgroup v2 (unified) and v1 (legacy)
+// hosts alike, through github.com/containerd/cgroups/v3, and reads the
+// cgroup's OOM-kill count so a restart can be told apart as "oom".
+//
+// Cgroups live under <mountpoint>/<Root>/<id> (v2) or
+// <mountpoint>/<controller>/<Root>/<id> (v1).
+package limits
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path"
+
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// ErrUnsupported means the host offers no writable cgroup hierarchy.
+var ErrUnsupported = errors.New("cgroups are not available")
+
+// Limits of one instance.
+type Limits struct {
+	// MemoryBytes is the hard memory limit; 0 means none.
+	MemoryBytes int64
+	// CPUShares is the relative CPU weight (v1 shares, 1024 = default);
+	// on v2 it is converted to cpu.weight.
+	CPUShares uint64
+	// CPUQuota is a hard CPU limit in cores (0.5 = half a core); 0 means
+	// none.
+	CPUQuota float64
+	// Pids caps the processes and threads (redis-server's threads and its
+	// BGSAVE child); 0 means none.
+	Pids int64
+}
+
+// MemoryFor returns the memory limit the agent gives an instance of
+// maxmemory mb MiB: twice maxmemory, for a fork that copies every page it
+// writes during BGSAVE or an AOF rewrite, plus 64 MiB for client buffers,
+// the allocator's fragmentation and the process itself.
+func MemoryFor(maxmemoryMB int) int64 {
+	return 2*int64(maxmemoryMB)<<20 + 64<<20
+}
+
+const cpuPeriod = 100000 // µs
+
+func (l Limits) spec() *specs.LinuxResources {
+	r := &specs.LinuxResources{}
+	if l.MemoryBytes > 0 {
+		m := l.MemoryBytes
+		r.Memory = &specs.LinuxMemory{Limit: &m}
+	}
+	if l.CPUShares > 0 || l.CPUQuota > 0 {
+		r.CPU = &specs.LinuxCPU{}
+		if l.CPUShares > 0 {
+			s := l.CPUShares
+			r.CPU.Shares = &s
+		}
+		if l.CPUQuota > 0 {
+			q, p := int64(l.CPUQuota*cpuPeriod), uint64(cpuPeriod)
+			r.CPU.Quota, r.CPU.Period = &q, &p
+		}
+	}
+	if l.Pids > 0 {
+		n := l.Pids
+		r.Pids = &specs.LinuxPids{Limit: &n}
+	}
+	return r
+}
+
+// Manager creates and removes the instances' cgroups.
+type Manager struct {
+	// Root is the parent cgroup of every instance's, e.g. "redis-agent".
+	Root string
+	mode cgroups.CGMode
+}
+
+// New detects the host's cgroup mode and checks that the agent may create
+// cgroups under root. It returns ErrUnsupported (wrapped, with the reason)
+// when it cannot.
+func New(root string) (*Manager, error) {
+	m := &Manager{Root: path.Clean("/" + root), mode: cgroups.Mode()}
+	switch m.mode {
+	case cgroups.Unified:
+		mg, err := cgroup2.NewManager("/sys/fs/cgroup", m.Root, &cgroup2.Resources{})
+		if err != nil {
+			return nil, fmt.Errorf("%w: create %s: %v", ErrUnsupported, m.Root, err)
+		}
+		// Enable the controllers for the children (v2 needs it in
+		// cgroup.subtree_control of the parent).
+		if err := mg.ToggleControllers([]string{"memory", "cpu", "pids"}, cgroup2.Enable); err != nil {
+			return nil, fmt.Errorf("%w: enable controllers under %s: %v", ErrUnsupported, m.Root, err)
+		}
+	case cgroups.Legacy, cgroups.Hybrid:
+		if _, err := cgroup1.New(cgroup1.StaticPath(m.Root), &specs.LinuxResources{}, cgroup1.WithHierarchy(v1Hierarchy)); err != nil {
+			return nil, fmt.Errorf("%w: create %s: %v", ErrUnsupported, m.Root, err)
+		}
+	default:
+		return nil, fmt.Errorf("%w: no cgroup file system mounted", ErrUnsupported)
+	}
+	return m, nil
+}
+
+// Mode names the host's cgroup mode: "v2", "v1" or "hybrid".
+func (m *Manager) Mode() string {
+	switch m.mode {
+	case cgroups.Unified:
+		return "v2"
+	case cgroups.Hybrid:
+		return "hybrid"
+	}
+	return "v1"
+}
+
+// v1Hierarchy is the controllers the agent uses on v1: memory, cpu, pids.
+func v1Hierarchy() ([]cgroup1.Subsystem, error) {
+	root := "/sys/fs/cgroup"
+	return []cgroup1.Subsystem{cgroup1.NewMemory(root), cgroup1.NewCpu(root), cgroup1.NewPids(root)}, nil
+}
+
+func (m *Manager) group(id string) string { return path.Join(m.Root, id) }
+
+// Apply puts pid into id's cgroup, creating it with l or updating it to l.
+func (m *Manager) Apply(id string, pid int, l Limits) error {
+	if m.mode == cgroups.Unified {
+		mg, err := cgroup2.NewManager("/sys/fs/cgroup", m.group(id), cgroup2.ToResources(l.spec()))
+		if err != nil {
+			return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+		}
+		if err := mg.Update(cgroup2.ToResources(l.spec())); err != nil {
+			return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+		}
+		return mg.AddProc(uint64(pid))
+	}
+	cg, err := cgroup1.New(cgroup1.StaticPath(m.group(id)), l.spec(), cgroup1.WithHierarchy(v1Hierarchy))
+	if err != nil {
+		return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+	}
+	if err := cg.Update(l.spec()); err != nil {
+		return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+	}
+	return cg.Add(cgroup1.Process{Pid: pid})
+}
+
+// OOMKills returns how many processes the kernel's OOM killer has killed
+// in id's cgroup.
+func (m *Manager) OOMKills(id string) (uint64, error) {
+	if m.mode == cgroups.Unified {
+		mg, err := cgroup2.Load(m.group(id))
+		if err != nil {
+			return 0, err
+		}
+		st, err := mg.Stat()
+		if err != nil {
+			return 0, err
+		}
+		if st.MemoryEvents == nil {
+			return 0, nil
+		}
+		return st.MemoryEvents.OomKill, nil
+	}
+	cg, err := cgroup1.Load(cgroup1.StaticPath(m.group(id)), cgroup1.WithHierarchy(v1Hierarchy))
+	if err != nil {
+		return 0, err
+	}
+	st, err := cg.Stat(cgroup1.IgnoreNotExist)
+	if err != nil {
+		return 0, err
+	}
+	if st.MemoryOomControl == nil {
+		return 0, nil
+	}
+	return st.MemoryOomControl.OomKill, nil
+}
+
+// Remove deletes id's cgroup; its processes must have exited. Removing
+// what does not exist is not an error.
+func (m *Manager) Remove(id string) error {
+	if m.mode == cgroups.Unified {
+		mg, err := cgroup2.Load(m.group(id))
+		if err != nil {
+			return nil
+		}
+		if err := mg.Delete(); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove cgroup %s: %w", m.group(id), err)
+		}
+		return nil
+	}
+	cg, err := cgroup1.Load(cgroup1.StaticPath(m.group(id)), cgroup1.WithHierarchy(v1Hierarchy))
+	if err != nil {
+		return nil
+	}
+	if err := cg.Delete(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove cgroup %s: %w", m.group(id), err)
+	}
+	return nil
+}

@@ -1,0 +1,74 @@
+package limits
+
+import (
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMemoryFor(t *testing.T) {
+	if got := MemoryFor(64); got != (2*64+64)<<20 {
+		t.Fatalf("MemoryFor(64) = %d", got)
+	}
+}
+
+func TestSpec(t *testing.T) {
+	s := Limits{MemoryBytes: 100, CPUShares: 512, CPUQuota: 0.5, Pids: 64}.spec()
+	if *s.Memory.Limit != 100 || *s.CPU.Shares != 512 || *s.CPU.Quota != 50000 || *s.CPU.Period != 100000 || *s.Pids.Limit != 64 {
+		t.Fatalf("spec = %+v", s)
+	}
+	if s := (Limits{}).spec(); s.Memory != nil || s.CPU != nil || s.Pids != nil {
+		t.Fatalf("empty limits set something: %+v", s)
+	}
+}
+
+// On a host that allows it (root, cgroups mounted), a process put in an
+// instance's cgroup is limited and counted; Remove cleans up.
+func TestApplyOnThisHost(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("creating cgroups needs root (CI runs as root)")
+	}
+	m, err := New("redis-agent-test-" + strconv.Itoa(os.Getpid()))
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("cgroups unavailable in CI: %v", err)
+		}
+		t.Skip(err)
+	}
+	t.Logf("cgroup mode %s", m.Mode())
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		m.Remove("x")
+		os.Remove("/sys/fs/cgroup/memory" + m.Root)
+		os.Remove("/sys/fs/cgroup/cpu" + m.Root)
+		os.Remove("/sys/fs/cgroup/pids" + m.Root)
+		os.Remove("/sys/fs/cgroup" + m.Root)
+	}()
+	if err := m.Apply("x", cmd.Process.Pid, Limits{MemoryBytes: 64 << 20, CPUShares: 256, Pids: 32}); err != nil {
+		t.Fatal(err)
+	}
+	cg, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup")
+	if !strings.Contains(string(cg), m.Root+"/x") {
+		t.Fatalf("process not in the cgroup:\n%s", cg)
+	}
+	if n, err := m.OOMKills("x"); err != nil || n != 0 {
+		t.Fatalf("OOMKills = %d, %v", n, err)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	time.Sleep(50 * time.Millisecond)
+	if err := m.Remove("x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Remove("x"); err != nil {
+		t.Fatalf("second Remove: %v", err)
+	}
+}
