@@ -100,7 +100,15 @@ func (s *Service) applyACL(ctx context.Context, rec state.Instance) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	return in.admin.SyncUsers(ctx, tenantUsers(rec))
+	err := in.admin.SyncUsers(ctx, tenantUsers(rec))
+	if redis.Unreachable(err) {
+		// The process is going down (a crash, a hang being killed): the
+		// record and the ACL file are written, and the next process loads
+		// the file and is synced again when it is ready.
+		s.log.Info("redis-server unreachable; the ACL change applies when it is back", "instance", rec.ID, "err", err)
+		return nil
+	}
+	return err
 }
 
 func (s *Service) credentials(rec state.Instance, b state.Binding) Credentials {

@@ -308,8 +308,9 @@ func (s *Service) destroy(id string) error {
 	}
 	crashAt(FaultDeleteStopped)
 	if s.cg != nil {
+		// A leftover cgroup directory must not keep a tenant's data alive.
 		if err := s.cg.Remove(id); err != nil {
-			return err
+			s.log.Warn("cgroup left behind", "instance", id, "err", err)
 		}
 	}
 	if err := s.layout.Remove(id); err != nil {

@@ -112,15 +112,20 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 	if adopt != nil && rec.ConfigHash != "" && rec.ConfigHash != confHash {
 		log.Info("running process has an older config; it applies at its next restart")
 	}
-	if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
-		if adopt == nil {
-			r.PID, r.StartTime = 0, 0
-		} else {
-			r.PID, r.StartTime = adopt.PID, adopt.StartTime
+	var pid int
+	var start uint64
+	if adopt != nil {
+		pid, start = adopt.PID, adopt.StartTime
+	}
+	// A bbolt write transaction commits (and fsyncs) even when nothing
+	// changed, so only records whose process changed are written.
+	if rec.PID != pid || rec.StartTime != start {
+		if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
+			r.PID, r.StartTime = pid, start
+			return nil
+		}); err != nil {
+			return "", err
 		}
-		return nil
-	}); err != nil {
-		return "", err
 	}
 	s.supervise(rec, adopt)
 	if rec.Phase == state.PhaseProvisioning {

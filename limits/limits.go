@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"time"
 
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
@@ -176,9 +177,21 @@ func (m *Manager) OOMKills(id string) (uint64, error) {
 	return st.MemoryOomControl.OomKill, nil
 }
 
-// Remove deletes id's cgroup; its processes must have exited. Removing
-// what does not exist is not an error.
+// Remove deletes id's cgroup. A process that was just killed may still be
+// listed for a moment, so it retries for up to two seconds. Removing what
+// does not exist is not an error.
 func (m *Manager) Remove(id string) error {
+	var err error
+	for range 200 {
+		if err = m.remove(id); err == nil {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return err
+}
+
+func (m *Manager) remove(id string) error {
 	if m.mode == cgroups.Unified {
 		mg, err := cgroup2.Load(m.group(id))
 		if err != nil {

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"io"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -142,7 +144,14 @@ func (a *Admin) Shutdown(ctx context.Context, nosave bool) error {
 	return fmt.Errorf("SHUTDOWN: %w", err)
 }
 
+// Unreachable reports whether err says the server could not be talked to
+// at all (refused, reset, closed, timed out), as opposed to an error reply.
+func Unreachable(err error) bool { return err != nil && isConnDrop(err) }
+
 func isConnDrop(err error) bool {
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+		return true
+	}
 	if errors.Is(err, net.ErrClosed) {
 		return true
 	}

@@ -163,5 +163,13 @@ func killRedisUnder(t *testing.T, dir string) {
 		for pid := range redisProcs(filepath.Join(dir, "instances") + "/") {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
+		// And the (now empty) cgroups of instances the test left behind.
+		time.Sleep(20 * time.Millisecond)
+		entries, _ := os.ReadDir(filepath.Join(dir, "instances"))
+		for _, e := range entries {
+			for _, c := range []string{"memory", "cpu", "pids", ""} {
+				os.Remove(filepath.Join("/sys/fs/cgroup", c, "redis-agent", e.Name()))
+			}
+		}
 	})
 }
