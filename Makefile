@@ -1,7 +1,7 @@
 # redis-agent. `make test` is the test command the README and CI use.
 GO ?= go
 
-.PHONY: build test chaos bench microbench generate run clean
+.PHONY: build test fuzz chaos bench microbench generate run clean
 
 build:
 	$(GO) build -o bin/redis-agent ./cmd/redis-agent
@@ -11,6 +11,14 @@ build:
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
+
+# Short runs of every fuzz target (CI runs this after the tests).
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzHandler$$' -fuzztime $(FUZZTIME) ./api/
+	$(GO) test -run '^$$' -fuzz '^FuzzValidateID$$' -fuzztime $(FUZZTIME) ./volumes/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseInfo$$' -fuzztime $(FUZZTIME) ./redis/
+	$(GO) test -run '^$$' -fuzz '^FuzzNormalize$$' -fuzztime $(FUZZTIME) ./agent/
 
 chaos:
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} CHAOS_INSTANCES=$${CHAOS_INSTANCES:-20} $(GO) test -count=1 -v -run TestChaos -timeout 30m ./test/

@@ -775,3 +775,26 @@ func TestLogAndLiveness(t *testing.T) {
 		t.Fatal("Live = nil after the main loop missed its beats")
 	}
 }
+
+// Whatever spec comes in, normalize either rejects it as invalid or
+// returns one the agent can run.
+func FuzzNormalize(f *testing.F) {
+	f.Add(0, "")
+	f.Add(64, "aof")
+	f.Add(-1, "rdb")
+	f.Add(1<<30, "AOF")
+	f.Add(1, "none\x00")
+	s := &Service{cfg: DefaultConfig()}
+	f.Fuzz(func(t *testing.T, mem int, persistence string) {
+		spec, err := s.normalize(Spec{MemoryMB: mem, Persistence: persistence})
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("normalize error %v is not ErrInvalid", err)
+			}
+			return
+		}
+		if spec.MemoryMB < 1 || (spec.Persistence != "aof" && spec.Persistence != "aof-always" && spec.Persistence != "rdb" && spec.Persistence != "none") {
+			t.Fatalf("normalize accepted %+v", spec)
+		}
+	})
+}
