@@ -158,6 +158,13 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 
 // supervise starts the supervisor of rec, adopting adopt when set.
 func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *instance {
+	in := s.prepare(rec, adopt)
+	go in.sup.Run(s.ctx)
+	return in
+}
+
+// prepare creates and registers the supervisor of rec without running it.
+func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instance {
 	log := s.log.With("instance", rec.ID)
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
@@ -185,14 +192,13 @@ func (s *Service) supervise(rec state.Instance, adopt *supervisor.Process) *inst
 	if s.cg != nil {
 		n, _ := s.cg.OOMKills(id)
 		in.oomKills.Store(n)
-		if adopt != nil {
-			s.confine(id, adopt.PID) // a no-op when it is there already
+		if adopt != nil && !s.cg.Contains(id, adopt.PID) {
+			s.confine(id, adopt.PID)
 		}
 	}
 	s.mu.Lock()
 	s.instances[id] = in
 	s.mu.Unlock()
-	go sup.Run(s.ctx)
 	return in
 }
 

@@ -71,8 +71,18 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	s.mu.Lock()
+	for _, in := range s.instances {
+		go in.sup.Run(s.ctx) // also on error: Close waits for every Run
+	}
+	s.mu.Unlock()
 	if firstErr != nil {
 		return firstErr
+	}
+	for _, rec := range recs {
+		if rec.Phase == state.PhaseProvisioning {
+			go s.finishInterrupted(rec.ID)
+		}
 	}
 	s.findOrphans(owned, procs)
 	s.metrics.reconcileSecs.Set(time.Since(t0).Seconds())
@@ -127,10 +137,9 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 			return "", err
 		}
 	}
-	s.supervise(rec, adopt)
-	if rec.Phase == state.PhaseProvisioning {
-		go s.finishInterrupted(rec.ID)
-	}
+	// Run starts after the loop: the supervisors' first probes would
+	// otherwise compete with reconcile for the CPU.
+	s.prepare(rec, adopt)
 	if adopt != nil {
 		return "adopted", nil
 	}

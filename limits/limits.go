@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/containerd/cgroups/v3"
@@ -147,34 +149,45 @@ func (m *Manager) Apply(id string, pid int, l Limits) error {
 }
 
 // OOMKills returns how many processes the kernel's OOM killer has killed
-// in id's cgroup.
+// in id's cgroup: the oom_kill line of memory.events (v2) or
+// memory.oom_control (v1). It reads that one file, not the cgroup's whole
+// statistics, since it runs at every exit and adoption.
 func (m *Manager) OOMKills(id string) (uint64, error) {
-	if m.mode == cgroups.Unified {
-		mg, err := cgroup2.Load(m.group(id))
-		if err != nil {
-			return 0, err
-		}
-		st, err := mg.Stat()
-		if err != nil {
-			return 0, err
-		}
-		if st.MemoryEvents == nil {
-			return 0, nil
-		}
-		return st.MemoryEvents.OomKill, nil
+	file := path.Join("/sys/fs/cgroup", m.group(id), "memory.events")
+	if m.mode != cgroups.Unified {
+		file = path.Join("/sys/fs/cgroup/memory", m.group(id), "memory.oom_control")
 	}
-	cg, err := cgroup1.Load(cgroup1.StaticPath(m.group(id)), cgroup1.WithHierarchy(v1Hierarchy))
+	b, err := os.ReadFile(file)
 	if err != nil {
 		return 0, err
 	}
-	st, err := cg.Stat(cgroup1.IgnoreNotExist)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, nil
+}
+
+// Contains reports whether pid is in id's cgroup (its memory controller's
+// on v1), from /proc/<pid>/cgroup.
+func (m *Manager) Contains(id string, pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
 	if err != nil {
-		return 0, err
+		return false
 	}
-	if st.MemoryOomControl == nil {
-		return 0, nil
+	want := m.group(id)
+	for _, line := range strings.Split(string(b), "\n") {
+		// "0::/path" (v2) or "N:memory:/path" (v1)
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || parts[2] != want {
+			continue
+		}
+		if m.mode == cgroups.Unified || strings.Contains(","+parts[1]+",", ",memory,") {
+			return true
+		}
 	}
-	return st.MemoryOomControl.OomKill, nil
+	return false
 }
 
 // Remove deletes id's cgroup. A process that was just killed may still be

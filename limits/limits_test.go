@@ -59,6 +59,9 @@ func TestApplyOnThisHost(t *testing.T) {
 	if !strings.Contains(string(cg), m.Root+"/x") {
 		t.Fatalf("process not in the cgroup:\n%s", cg)
 	}
+	if !m.Contains("x", cmd.Process.Pid) || m.Contains("x", os.Getpid()) {
+		t.Fatal("Contains is wrong about who is in the cgroup")
+	}
 	if n, err := m.OOMKills("x"); err != nil || n != 0 {
 		t.Fatalf("OOMKills = %d, %v", n, err)
 	}

@@ -76,17 +76,17 @@ func TestListenProbeSeesForeignListener(t *testing.T) {
 	if !probe(port) {
 		t.Fatalf("probe(%d) = free, but a listener holds it", port)
 	}
-	a := Allocator{Range: Range{port, port + 1}, Busy: probe}
-	got, err := a.Next(func(int) bool { return false })
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got == port {
-		t.Fatalf("allocator handed out port %d that a foreign process listens on", port)
+	// A range of only that port has nothing to give while it is held.
+	a := Allocator{Range: Range{port, port}, Busy: probe}
+	if got, err := a.Next(func(int) bool { return false }); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("Next = %d, %v: handed out a port a foreign process listens on", got, err)
 	}
 	l.Close()
 	if probe(port) {
 		t.Fatalf("probe(%d) = busy after the listener closed", port)
+	}
+	if got, err := a.Next(func(int) bool { return false }); err != nil || got != port {
+		t.Fatalf("Next after close = %d, %v; want %d", got, err, port)
 	}
 }
 
