@@ -112,13 +112,7 @@ func TestAdminAgainstRedis(t *testing.T) {
 	a := NewAdmin("127.0.0.1", port, adminPass)
 	defer a.Close()
 	ctx := context.Background()
-	deadline := time.Now().Add(5 * time.Second)
-	for a.Ping(ctx) != nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("redis never answered: %v", a.Ping(ctx))
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitUp(t, a)
 	if err := NewAdmin("127.0.0.1", port, "wrong").Ping(ctx); err == nil {
 		t.Fatal("Ping with a wrong password succeeded")
 	}
@@ -200,31 +194,51 @@ func BenchmarkRender(b *testing.B) {
 	}
 }
 
-// A script running past busy-reply-threshold makes PING answer BUSY, which
-// Ping reports as an error with Busy() true: alive, not hung.
-func TestPingDuringLongScriptIsBusy(t *testing.T) {
-	bin := testenv.RedisServer(t)
+// plainRedis writes a minimal config (plus extra lines) with an admin user
+// whose password is "pw", and returns the config's path and the port.
+func plainRedis(t *testing.T, extra string) (conf string, port int) {
+	t.Helper()
 	dir := t.TempDir()
-	port := testenv.FreePort(t)
-	conf := filepath.Join(dir, "redis.conf")
+	port = testenv.FreePort(t)
+	conf = filepath.Join(dir, "redis.conf")
 	acl := filepath.Join(dir, "users.acl")
 	os.WriteFile(acl, RenderACL([]User{{Name: AdminUser, PasswordHash: HashPassword("pw"), Admin: true}}), 0o600)
-	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\naclfile %s\nsave \"\"\nbusy-reply-threshold 50\n", port, dir, acl)), 0o600)
-	cmd := exec.Command(bin, conf)
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\naclfile %s\nsave \"\"\n%s", port, dir, acl, extra)), 0o600)
+	return conf, port
+}
+
+// runRedis starts redis-server on conf, killed at the test's end.
+func runRedis(t *testing.T, conf string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(testenv.RedisServer(t), conf)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	a := NewAdmin("127.0.0.1", port, "pw")
-	defer a.Close()
-	ctx := context.Background()
+	return cmd
+}
+
+// waitUp waits until a answers PING on fresh connections.
+func waitUp(t *testing.T, a *Admin) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for a.Ping(ctx) != nil {
+	for a.Ping(context.Background()) != nil {
 		if time.Now().After(deadline) {
 			t.Fatal("redis not up")
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// A script running past busy-reply-threshold makes PING answer BUSY, which
+// Ping reports as an error with Busy() true: alive, not hung.
+func TestPingDuringLongScriptIsBusy(t *testing.T) {
+	conf, port := plainRedis(t, "busy-reply-threshold 50\n")
+	runRedis(t, conf)
+	a := NewAdmin("127.0.0.1", port, "pw")
+	defer a.Close()
+	ctx := context.Background()
+	waitUp(t, a)
 	c := a.client()
 	defer c.Close()
 	go c.Eval(ctx, "local t = redis.call('TIME'); while true do local n = redis.call('TIME'); if (n[1]-t[1])*1000000 + (n[2]-t[2]) > 500000 then break end end return 1", nil)
@@ -268,13 +282,7 @@ func TestInfoAgainstRedis(t *testing.T) {
 	a := NewAdmin("127.0.0.1", port, adminPass)
 	defer a.Close()
 	ctx := context.Background()
-	deadline := time.Now().Add(5 * time.Second)
-	for a.Ping(ctx) != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("redis not up")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitUp(t, a)
 	c := a.client()
 	defer c.Close()
 	c.Set(ctx, "k1", "v", 0)
@@ -291,21 +299,8 @@ func TestInfoAgainstRedis(t *testing.T) {
 // Info keeps its connection between calls and survives a restart of the
 // server without reporting a failure for the dead connection.
 func TestInfoReusesConnectionAcrossRestart(t *testing.T) {
-	bin := testenv.RedisServer(t)
-	dir := t.TempDir()
-	port := testenv.FreePort(t)
-	conf := filepath.Join(dir, "redis.conf")
-	acl := filepath.Join(dir, "users.acl")
-	os.WriteFile(acl, RenderACL([]User{{Name: AdminUser, PasswordHash: HashPassword("pw"), Admin: true}}), 0o600)
-	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\naclfile %s\nsave \"\"\n", port, dir, acl)), 0o600)
-	start := func() *exec.Cmd {
-		cmd := exec.Command(bin, conf)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		return cmd
-	}
+	conf, port := plainRedis(t, "")
+	start := func() *exec.Cmd { return runRedis(t, conf) }
 	a := NewAdmin("127.0.0.1", port, "pw")
 	defer a.Close()
 	ctx := context.Background()
@@ -330,13 +325,7 @@ func TestInfoReusesConnectionAcrossRestart(t *testing.T) {
 	first.Process.Kill()
 	first.Wait()
 	start()
-	deadline := time.Now().Add(5 * time.Second)
-	for a.Ping(ctx) != nil { // fresh connections: the new server is up
-		if time.Now().After(deadline) {
-			t.Fatal("restarted server never answered")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitUp(t, a) // fresh connections: the new server is up
 	// The kept connection is dead; the first Info must still succeed.
 	if _, err := a.Info(ctx); err != nil {
 		t.Fatalf("first Info after the restart failed: %v", err)

@@ -407,35 +407,20 @@ func (s *suite) provisionDelete(n int) (prov, del []time.Duration, err error) {
 func (s *suite) provisionConcurrent(n, workers int) ([]time.Duration, error) {
 	s.logf("provision x%d with %d concurrent callers", n, workers)
 	var (
-		mu   sync.Mutex
-		out  []time.Duration
-		next atomic.Int64
-		errs = make(chan error, workers)
-		wg   sync.WaitGroup
+		mu  sync.Mutex
+		out []time.Duration
 	)
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(n) {
-					return
-				}
-				d, err := s.provision(fmt.Sprintf("conc-%d", i))
-				if err != nil {
-					errs <- err
-					return
-				}
-				mu.Lock()
-				out = append(out, d)
-				mu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
+	err := parallel(n, workers, func(i int) error {
+		d, err := s.provision(fmt.Sprintf("conc-%d", i))
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		out = append(out, d)
+		mu.Unlock()
+		return nil
+	})
+	if err != nil {
 		return nil, err
 	}
 	for i := range n {
@@ -515,16 +500,15 @@ func (s *suite) crashRecovery(n int) ([]time.Duration, error) {
 	return out, err
 }
 
-// density fills the port range, then watches the idle agent.
-func (s *suite) density(n int, idle time.Duration) error {
-	s.logf("density: %d instances", n)
-	t0 := time.Now()
+// parallel runs fn(0..n-1) on workers goroutines and returns the first
+// error; a worker stops at its first error.
+func parallel(n, workers int, fn func(i int) error) error {
 	var (
 		next atomic.Int64
 		wg   sync.WaitGroup
-		errs = make(chan error, 16)
+		errs = make(chan error, workers)
 	)
-	for range 16 {
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -533,7 +517,7 @@ func (s *suite) density(n int, idle time.Duration) error {
 				if i >= int64(n) {
 					return
 				}
-				if _, err := s.provision(fmt.Sprintf("dense-%04d", i)); err != nil {
+				if err := fn(int(i)); err != nil {
 					errs <- err
 					return
 				}
@@ -542,7 +526,18 @@ func (s *suite) density(n int, idle time.Duration) error {
 	}
 	wg.Wait()
 	close(errs)
-	if err := <-errs; err != nil {
+	return <-errs
+}
+
+// density fills the port range, then watches the idle agent.
+func (s *suite) density(n int, idle time.Duration) error {
+	s.logf("density: %d instances", n)
+	t0 := time.Now()
+	err := parallel(n, 16, func(i int) error {
+		_, err := s.provision(fmt.Sprintf("dense-%04d", i))
+		return err
+	})
+	if err != nil {
 		return err
 	}
 	s.add(Row{Figure: "instances provisioned", Value: float64(n), Unit: "", Aim: "1000"})
@@ -639,28 +634,10 @@ func (s *suite) agentRestart() error {
 
 func (s *suite) deleteAll() error {
 	s.logf("deleting %d instances", s.cfg.Density)
-	var wg sync.WaitGroup
-	var next atomic.Int64
-	errs := make(chan error, 16)
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(s.cfg.Density) {
-					return
-				}
-				if _, err := s.remove(fmt.Sprintf("dense-%04d", i)); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	return <-errs
+	return parallel(s.cfg.Density, 16, func(i int) error {
+		_, err := s.remove(fmt.Sprintf("dense-%04d", i))
+		return err
+	})
 }
 
 // redisUnder returns the live redis-servers whose config lies under dir.
