@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/json"
 	"fmt"
 	"strconv"
 
@@ -18,6 +19,22 @@ var migrations = []func(tx *bolt.Tx) error{
 			}
 		}
 		return nil
+	},
+	// 1 -> 2: the reserved index (id -> memory_mb), filled from the records.
+	func(tx *bolt.Tx) error {
+		res, err := tx.CreateBucketIfNotExists(bucketReserved)
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
+			var m struct {
+				MemoryMB int `json:"memory_mb"`
+			}
+			if err := json.Unmarshal(v, &m); err != nil {
+				return fmt.Errorf("instance %q: decode: %w", k, err)
+			}
+			return res.Put(k, []byte(strconv.Itoa(m.MemoryMB)))
+		})
 	},
 }
 

@@ -11,9 +11,13 @@
 //	    <id>               -> JSON Instance
 //	ports/
 //	    <port, 2 bytes BE> -> <id>   (index: a port is held by one record)
+//	reserved/
+//	    <id>               -> memory_mb, decimal (index: the memory budget
+//	                          in use, summed without decoding every record)
 //
 // A port is allocated in the same transaction that writes the record and is
-// free again only when the record is deleted.
+// free again only when the record is deleted. The indexes change in the
+// same transactions as the records they index.
 package state
 
 import (
@@ -24,6 +28,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -87,12 +92,13 @@ type Instance struct {
 }
 
 // SchemaVersion is the version this code writes.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 var (
 	bucketMeta      = []byte("meta")
 	bucketInstances = []byte("instances")
 	bucketPorts     = []byte("ports")
+	bucketReserved  = []byte("reserved")
 	keyVersion      = []byte("version")
 )
 
@@ -200,15 +206,13 @@ type Usage struct {
 
 func usage(tx *bolt.Tx) (Usage, error) {
 	u := Usage{}
-	err := tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
-		var m struct {
-			MemoryMB int `json:"memory_mb"`
-		}
-		if err := json.Unmarshal(v, &m); err != nil {
-			return fmt.Errorf("instance %q: decode: %w", k, err)
+	err := tx.Bucket(bucketReserved).ForEach(func(k, v []byte) error {
+		mb, err := strconv.Atoi(string(v))
+		if err != nil {
+			return fmt.Errorf("reserved %q: %w", k, err)
 		}
 		u.Instances++
-		u.MemoryMB += m.MemoryMB
+		u.MemoryMB += mb
 		return nil
 	})
 	ports := tx.Bucket(bucketPorts)
@@ -263,6 +267,9 @@ func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (
 		if err := tx.Bucket(bucketPorts).Put(portKey(port), []byte(inst.ID)); err != nil {
 			return err
 		}
+		if err := tx.Bucket(bucketReserved).Put([]byte(inst.ID), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
+			return err
+		}
 		return put(tx, inst)
 	})
 	if errors.Is(err, ErrExists) {
@@ -300,11 +307,17 @@ func (s *Store) Update(id string, fn func(*Instance) error) (Instance, error) {
 			return nil
 		}
 		var old struct {
-			Port int `json:"port"`
+			Port     int `json:"port"`
+			MemoryMB int `json:"memory_mb"`
 		}
 		_ = json.Unmarshal(before, &old)
 		if old.Port != inst.Port {
 			return fmt.Errorf("instance %q: update may not change the port", id)
+		}
+		if old.MemoryMB != inst.MemoryMB {
+			if err := tx.Bucket(bucketReserved).Put([]byte(id), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
+				return err
+			}
 		}
 		return tx.Bucket(bucketInstances).Put([]byte(id), after)
 	})
@@ -324,6 +337,9 @@ func (s *Store) Delete(id string) error {
 			if err := ports.Delete(portKey(inst.Port)); err != nil {
 				return err
 			}
+		}
+		if err := tx.Bucket(bucketReserved).Delete([]byte(id)); err != nil {
+			return err
 		}
 		return tx.Bucket(bucketInstances).Delete([]byte(id))
 	})

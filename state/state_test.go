@@ -158,7 +158,7 @@ func TestMigrations(t *testing.T) {
 	if SchemaVersion != len(migrations) {
 		t.Fatalf("SchemaVersion %d but %d migrations", SchemaVersion, len(migrations))
 	}
-	t.Run("0->1 creates buckets", func(t *testing.T) {
+	t.Run("an empty file gets every bucket and the current version", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "state.db")
 		db, err := bolt.Open(path, 0o600, nil)
 		if err != nil {
@@ -172,10 +172,10 @@ func TestMigrations(t *testing.T) {
 		defer s.Close()
 		err = s.db.View(func(tx *bolt.Tx) error {
 			v, err := readVersion(tx)
-			if err != nil || v != 1 {
+			if err != nil || v != SchemaVersion {
 				return fmt.Errorf("version %d, %v", v, err)
 			}
-			for _, b := range [][]byte{bucketInstances, bucketPorts} {
+			for _, b := range [][]byte{bucketInstances, bucketPorts, bucketReserved} {
 				if tx.Bucket(b) == nil {
 					return fmt.Errorf("bucket %s missing", b)
 				}
@@ -184,6 +184,49 @@ func TestMigrations(t *testing.T) {
 		})
 		if err != nil {
 			t.Fatal(err)
+		}
+	})
+	t.Run("1->2 indexes the reserved memory of existing records", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state.db")
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A version-1 file with two records.
+		err = db.Update(func(tx *bolt.Tx) error {
+			meta, _ := tx.CreateBucketIfNotExists(bucketMeta)
+			meta.Put(keyVersion, []byte("1"))
+			inst, _ := tx.CreateBucketIfNotExists(bucketInstances)
+			ports, _ := tx.CreateBucketIfNotExists(bucketPorts)
+			for i, mb := range []int{64, 128} {
+				id := fmt.Sprintf("v1-%d", i)
+				inst.Put([]byte(id), fmt.Appendf(nil, `{"id":%q,"memory_mb":%d,"port":%d,"phase":"active"}`, id, mb, 100+i))
+				ports.Put(portKey(100+i), []byte(id))
+			}
+			return nil
+		})
+		db.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(path, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		u, err := s.Usage()
+		if err != nil || u.Instances != 2 || u.MemoryMB != 192 || !u.PortHeld(101) {
+			t.Fatalf("Usage after migration = %+v, %v; want 2 instances, 192 MiB", u, err)
+		}
+		// The index follows later changes.
+		if _, err := s.Update("v1-0", func(r *Instance) error { r.MemoryMB = 32; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Delete("v1-1"); err != nil {
+			t.Fatal(err)
+		}
+		if u, _ := s.Usage(); u.Instances != 1 || u.MemoryMB != 32 {
+			t.Fatalf("Usage after update and delete = %+v", u)
 		}
 	})
 	t.Run("newer schema refused", func(t *testing.T) {
