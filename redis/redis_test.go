@@ -87,7 +87,7 @@ func TestRenderACL(t *testing.T) {
 // startRedis runs redis-server with a rendered config and users.
 func startRedis(t *testing.T, users []User) (port int) {
 	t.Helper()
-	bin := testenv.RedisServer(t)
+	testenv.RedisServer(t) // skip or fail before writing anything
 	dir := t.TempDir()
 	port = testenv.FreePort(t)
 	c := Conf{Bind: "127.0.0.1", Port: port, Dir: dir, LogFile: filepath.Join(dir, "log"), ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: PersistenceNone}
@@ -98,11 +98,7 @@ func startRedis(t *testing.T, users []User) (port int) {
 	if err := os.WriteFile(conf, Render(c), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, conf)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	runRedis(t, conf)
 	return port
 }
 
