@@ -502,7 +502,7 @@ func (s *Service) view(rec state.Instance) Instance {
 	return inst
 }
 
-// check is the health check: INFO over a fresh connection (it answers
+// check is the health check: INFO on the kept admin connection (it answers
 // while loading, and BUSY during a long script, both alive) plus the
 // process's RSS and CPU from /proc. What it sees is cached for metrics,
 // so a scrape does no I/O to instances.
