@@ -8,8 +8,10 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 
 	"github.com/gorilla/mux"
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,6 +38,7 @@ var _ Service = (*agent.Service)(nil)
 
 // Options configure the handler.
 type Options struct {
+	// Service does the work behind every /v1 route.
 	Service Service
 	// Logger receives 5xx causes and recovered panics; nil discards.
 	Logger *slog.Logger
@@ -67,7 +70,8 @@ type server struct {
 	live  func(context.Context) error
 }
 
-// New returns the API's handler.
+// New returns the API's handler: the router, with panics recovered into
+// logged 500s and, when o.Registerer is set, every request counted.
 func New(o Options) http.Handler {
 	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, live: o.Live}
 	if s.log == nil {
@@ -79,14 +83,26 @@ func New(o Options) http.Handler {
 	if s.live == nil {
 		s.live = func(context.Context) error { return nil }
 	}
-	notFound := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	r := s.router(o)
+	h := recoverer(s.log, r)
+	if o.Registerer != nil {
+		// Outside the recoverer, so a recovered panic counts as its 500.
+		h = instrument(o.Registerer, r, h)
+	}
+	return h
+}
+
+// router registers every route. Each route names one method, so the
+// router alone knows which methods a path allows.
+func (s *server) router(o Options) *mux.Router {
+	r := mux.NewRouter()
+	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		writeError(w, http.StatusNotFound, "NotFound", "no such route")
 	})
-	notAllowed := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		writeError(w, http.StatusMethodNotAllowed, "MethodNotAllowed", "method not allowed on this route")
+	r.MethodNotAllowedHandler = http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		w.Header().Set("Allow", strings.Join(allowed(r, req), ", "))
+		writeError(w, http.StatusMethodNotAllowed, "MethodNotAllowed", fmt.Sprintf("%s is not allowed on this route", req.Method))
 	})
-	r := mux.NewRouter()
-	r.NotFoundHandler, r.MethodNotAllowedHandler = notFound, notAllowed
 
 	r.HandleFunc("/healthz", s.healthz).Methods(http.MethodGet, http.MethodHead)
 	r.HandleFunc("/readyz", s.readyz).Methods(http.MethodGet, http.MethodHead)
@@ -116,10 +132,23 @@ func New(o Options) http.Handler {
 	v1(http.MethodGet, "/instances/{id}/log", s.instanceLog)
 	v1(http.MethodGet, "/capacity", s.capacity)
 	v1(http.MethodGet, "/orphans", s.orphans)
+	return r
+}
 
-	var h http.Handler = r
-	if o.Registerer != nil {
-		h = instrument(o.Registerer, r, h)
+// methods are those a route may be registered with, in the order an Allow
+// header lists them.
+var methods = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete}
+
+// allowed returns the methods router serves on req's path.
+func allowed(router *mux.Router, req *http.Request) []string {
+	var allow []string
+	for _, m := range methods {
+		try := req.WithContext(req.Context())
+		try.Method = m
+		var match mux.RouteMatch
+		if router.Match(try, &match) && match.MatchErr == nil {
+			allow = append(allow, m)
+		}
 	}
-	return recoverer(s.log, h)
+	return allow
 }

@@ -8,12 +8,16 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/gorilla/mux"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/mock/gomock"
+	"gopkg.in/yaml.v3"
 
 	"github.com/redis-agent/redis-agent/agent"
 )
@@ -83,6 +87,9 @@ func TestSuccessStatuses(t *testing.T) {
 		{"provision identical", "PUT", "/v1/instances/i1", `{"memory_mb":64}`, func(m *MockService) {
 			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{MemoryMB: 64}).Return(inst, false, nil)
 		}, 200, `"id":"i1"`},
+		{"provision with a charset", "PUT", "/v1/instances/i1", `{"persistence":"rdb"}`, func(m *MockService) {
+			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{Persistence: "rdb"}).Return(inst, true, nil)
+		}, 201, `"id":"i1"`},
 		{"provision empty body uses defaults", "PUT", "/v1/instances/i1", ``, func(m *MockService) {
 			m.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{}).Return(inst, true, nil)
 		}, 201, `"id":"i1"`},
@@ -133,7 +140,11 @@ func TestSuccessStatuses(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, "")
 			tt.expect(e.svc)
-			r := e.do(tt.method, tt.path, tt.body)
+			var hdr []string
+			if tt.name == "provision with a charset" {
+				hdr = []string{"Content-Type", "application/json; charset=utf-8"}
+			}
+			r := e.do(tt.method, tt.path, tt.body, hdr...)
 			if r.code != tt.code || !strings.Contains(r.body, tt.has) {
 				t.Fatalf("%s %s = %d %s; want %d containing %s", tt.method, tt.path, r.code, r.body, tt.code, tt.has)
 			}
@@ -182,6 +193,34 @@ func TestErrorMapping(t *testing.T) {
 		{"restart conflict", "POST", "/v1/instances/i1/restart", func(m *MockService, err error) {
 			m.EXPECT().Restart(gomock.Any(), "i1").Return(err)
 		}, wrap(agent.ErrConflict), 409, "Conflict"},
+		{"restart of absent is 404", "POST", "/v1/instances/i1/restart", func(m *MockService, err error) {
+			m.EXPECT().Restart(gomock.Any(), "i1").Return(err)
+		}, wrap(agent.ErrNotFound), 404, "NotFound"},
+		{"get after restart fails", "POST", "/v1/instances/i1/restart", func(m *MockService, err error) {
+			m.EXPECT().Restart(gomock.Any(), "i1").Return(nil)
+			m.EXPECT().Get(gomock.Any(), "i1").Return(agent.Instance{}, err)
+		}, wrap(agent.ErrNotFound), 404, "NotFound"},
+		{"bind invalid is 422", "PUT", "/v1/instances/i1/bindings/default", func(m *MockService, err error) {
+			m.EXPECT().Bind(gomock.Any(), "i1", "default").Return(agent.Credentials{}, false, err)
+		}, wrap(agent.ErrInvalid), 422, "Invalid"},
+		{"bind conflict is 409", "PUT", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
+			m.EXPECT().Bind(gomock.Any(), "i1", "b").Return(agent.Credentials{}, false, err)
+		}, wrap(agent.ErrConflict), 409, "Conflict"},
+		{"delete invalid id is 422", "DELETE", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(err)
+		}, wrap(agent.ErrInvalid), 422, "Invalid"},
+		{"delete conflict is 409", "DELETE", "/v1/instances/i1", func(m *MockService, err error) {
+			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(err)
+		}, wrap(agent.ErrConflict), 409, "Conflict"},
+		{"list failure is 500", "GET", "/v1/instances", func(m *MockService, err error) {
+			m.EXPECT().List(gomock.Any()).Return(nil, err)
+		}, errors.New("bolt: secret file corrupt"), 500, "Internal"},
+		{"capacity failure is 500", "GET", "/v1/capacity", func(m *MockService, err error) {
+			m.EXPECT().Capacity(gomock.Any()).Return(agent.Capacity{}, err)
+		}, errors.New("secret"), 500, "Internal"},
+		{"unbind failure is 500", "DELETE", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
+			m.EXPECT().Unbind(gomock.Any(), "i1", "b").Return(err)
+		}, errors.New("secret ACL error"), 500, "Internal"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -217,13 +256,23 @@ func TestBadInputNeverReachesService(t *testing.T) {
 		{"unknown field", "PUT", "/v1/instances/i1", `{"memory_mb":1,"colour":"red"}`, nil, 400, "BadRequest"},
 		{"wrong type", "PUT", "/v1/instances/i1", `{"memory_mb":"lots"}`, nil, 400, "BadRequest"},
 		{"trailing data", "PUT", "/v1/instances/i1", `{"memory_mb":1} {"memory_mb":2}`, nil, 400, "BadRequest"},
+		{"trailing brace", "PUT", "/v1/instances/i1", `{"memory_mb":1}}`, nil, 400, "BadRequest"},
+		{"trailing garbage", "PUT", "/v1/instances/i1", `{"memory_mb":1}x`, nil, 400, "BadRequest"},
+		{"a string, not an object", "PUT", "/v1/instances/i1", `"aof"`, nil, 400, "BadRequest"},
 		{"not an object", "PUT", "/v1/instances/i1", `[1,2]`, nil, 400, "BadRequest"},
 		{"too large", "PUT", "/v1/instances/i1", `{"persistence":"` + strings.Repeat("a", maxBody) + `"}`, nil, 413, "TooLarge"},
 		{"wrong content type", "PUT", "/v1/instances/i1", `{"memory_mb":1}`, []string{"Content-Type", "text/plain"}, 415, "UnsupportedMediaType"},
+		{"form body", "PUT", "/v1/instances/i1", `memory_mb=1`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, "UnsupportedMediaType"},
+		{"unparsable content type", "PUT", "/v1/instances/i1/bindings/b", `{}`, []string{"Content-Type", "application/json; =;"}, 415, "UnsupportedMediaType"},
+		{"too large binding body", "PUT", "/v1/instances/i1/bindings/b", strings.Repeat(" ", maxBody+1), nil, 413, "TooLarge"},
 		{"binding with unknown field", "PUT", "/v1/instances/i1/bindings/b", `{"x":1}`, nil, 400, "BadRequest"},
 		{"wrong method", "PATCH", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
 		{"unknown route", "GET", "/v2/whatever", ``, nil, 404, "NotFound"},
+		{"unknown sub-route", "GET", "/v1/instances/i1/bindings", ``, nil, 404, "NotFound"},
 		{"restart with GET", "GET", "/v1/instances/i1/restart", ``, nil, 405, "MethodNotAllowed"},
+		{"POST a list", "POST", "/v1/instances", `{}`, nil, 405, "MethodNotAllowed"},
+		{"POST a binding", "POST", "/v1/instances/i1/bindings/b", ``, nil, 405, "MethodNotAllowed"},
+		{"DELETE healthz", "DELETE", "/healthz", ``, nil, 405, "MethodNotAllowed"},
 		{"log lines not a number", "GET", "/v1/instances/i1/log?lines=many", ``, nil, 400, "BadRequest"},
 	}
 	for _, tt := range tests {
@@ -232,6 +281,26 @@ func TestBadInputNeverReachesService(t *testing.T) {
 			r := e.do(tt.method, tt.path, tt.body, tt.hdr...)
 			if r.code != tt.code || errorCode(t, r.body) != tt.ecode {
 				t.Fatalf("= %d %s; want %d %s", r.code, r.body, tt.code, tt.ecode)
+			}
+		})
+	}
+}
+
+// A 405 says, in Allow, which methods the path does serve.
+func TestMethodNotAllowedListsAllow(t *testing.T) {
+	tests := []struct{ method, path, allow string }{
+		{"PATCH", "/v1/instances/i1", "GET, PUT, DELETE"},
+		{"POST", "/v1/instances", "GET"},
+		{"GET", "/v1/instances/i1/bindings/b", "PUT, DELETE"},
+		{"GET", "/v1/instances/i1/restart", "POST"},
+		{"PUT", "/healthz", "GET, HEAD"},
+		{"POST", "/metrics", "GET"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			r := newEnv(t, "").do(tt.method, tt.path, "")
+			if r.code != 405 || r.hdr.Get("Allow") != tt.allow {
+				t.Fatalf("= %d, Allow %q; want 405, Allow %q", r.code, r.hdr.Get("Allow"), tt.allow)
 			}
 		})
 	}
@@ -295,6 +364,15 @@ func TestPanicIsA500(t *testing.T) {
 	if r.code != 500 || errorCode(t, r.body) != "Internal" || strings.Contains(r.body, "boom") {
 		t.Fatalf("= %d %s", r.code, r.body)
 	}
+	// The recovered panic is counted like any other 500.
+	want := `
+# HELP redis_agent_http_requests_total HTTP requests served, by route template, method and status code.
+# TYPE redis_agent_http_requests_total counter
+redis_agent_http_requests_total{code="500",method="GET",route="/v1/instances/{id}"} 1
+`
+	if err := testutil.GatherAndCompare(e.reg, strings.NewReader(want), "redis_agent_http_requests_total"); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestMetricsUseRouteTemplates(t *testing.T) {
@@ -318,16 +396,122 @@ redis_agent_http_requests_total{code="404",method="GET",route="unmatched"} 1
 	}
 }
 
-// Every route the router serves is in the OpenAPI contract.
-func TestOpenAPINamesEveryRoute(t *testing.T) {
-	spec, err := readSpec()
+// openAPI is the part of openapi.yaml the tests look at.
+type openAPI struct {
+	OpenAPI    string                          `yaml:"openapi"`
+	Security   []map[string][]string           `yaml:"security"`
+	Paths      map[string]map[string]yaml.Node `yaml:"paths"`
+	Components struct {
+		Schemas         map[string]any                           `yaml:"schemas"`
+		SecuritySchemes map[string]struct{ Type, Scheme string } `yaml:"securitySchemes"`
+	} `yaml:"components"`
+}
+
+type openAPIOperation struct {
+	// Security is nil when the operation inherits the document's.
+	Security  *[]map[string][]string `yaml:"security"`
+	Responses map[string]any         `yaml:"responses"`
+}
+
+// operations are the keys of an OpenAPI path item that are operations.
+var operations = []string{"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+func loadOpenAPI(t *testing.T) *openAPI {
+	t.Helper()
+	b, err := os.ReadFile("openapi.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"/v1/instances:", "/v1/instances/{id}:", "/v1/instances/{id}/bindings/{bid}:",
-		"/v1/instances/{id}/restart:", "/v1/instances/{id}/log:", "/v1/capacity:", "/v1/orphans:", "/healthz:", "/readyz:", "/metrics:"} {
-		if !strings.Contains(spec, "\n  "+p) {
-			t.Errorf("openapi.yaml has no path %s", strings.TrimSuffix(p, ":"))
+	var doc openAPI
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		t.Fatalf("openapi.yaml: %v", err)
+	}
+	return &doc
+}
+
+// routes lists "METHOD template" for every route the router serves, HEAD
+// aside (it goes with GET).
+func routes(t *testing.T) map[string]bool {
+	t.Helper()
+	s := &server{}
+	r := s.router(Options{Token: "t", Gatherer: prometheus.NewRegistry()})
+	got := map[string]bool{}
+	err := r.Walk(func(route *mux.Route, _ *mux.Router, _ []*mux.Route) error {
+		tpl, err := route.GetPathTemplate()
+		if err != nil {
+			return err
+		}
+		ms, err := route.GetMethods()
+		if err != nil {
+			return fmt.Errorf("%s: every route names its methods: %w", tpl, err)
+		}
+		for _, m := range ms {
+			if !slices.Contains(methods, m) {
+				t.Errorf("%s %s: method missing from methods, so Allow headers would leave it out", m, tpl)
+			}
+			if m != http.MethodHead {
+				got[m+" "+tpl] = true
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+// The OpenAPI document and the router describe the same routes, and the
+// document says what the router enforces: bearer auth on /v1 and nowhere
+// else, the schemas the handlers write.
+func TestOpenAPIMatchesRouter(t *testing.T) {
+	doc := loadOpenAPI(t)
+	if !strings.HasPrefix(doc.OpenAPI, "3.0.") {
+		t.Errorf("openapi = %q, want 3.0.x", doc.OpenAPI)
+	}
+	if ss := doc.Components.SecuritySchemes["bearerAuth"]; ss.Type != "http" || ss.Scheme != "bearer" {
+		t.Errorf("securitySchemes.bearerAuth = %+v, want http bearer", ss)
+	}
+	if len(doc.Security) != 1 || doc.Security[0]["bearerAuth"] == nil {
+		t.Errorf("document security = %v, want bearerAuth", doc.Security)
+	}
+	for _, name := range []string{"Spec", "Instance", "Exit", "Credentials", "Capacity", "Orphan", "Error"} {
+		if doc.Components.Schemas[name] == nil {
+			t.Errorf("components.schemas has no %s", name)
+		}
+	}
+
+	served := routes(t)
+	documented := map[string]bool{}
+	for path, item := range doc.Paths {
+		for method, node := range item {
+			if !slices.Contains(operations, method) {
+				continue // parameters, summary, ...
+			}
+			var op openAPIOperation
+			if err := node.Decode(&op); err != nil {
+				t.Fatalf("%s %s: %v", method, path, err)
+			}
+			key := strings.ToUpper(method) + " " + path
+			documented[key] = true
+			if !served[key] {
+				t.Errorf("openapi.yaml documents %s, which the router does not serve", key)
+			}
+			open := op.Security != nil && len(*op.Security) == 0
+			if v1 := strings.HasPrefix(path, "/v1/"); v1 == open {
+				t.Errorf("%s: open = %v; want /v1 behind bearerAuth and nothing else", key, open)
+			} else if v1 {
+				for _, code := range []string{"401", "500"} {
+					if op.Responses[code] == nil {
+						t.Errorf("%s lists no %s response", key, code)
+					}
+				}
+			}
+		}
+	}
+	for key := range served {
+		if !documented[key] {
+			t.Errorf("the router serves %s, which openapi.yaml does not document", key)
 		}
 	}
 }

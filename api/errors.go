@@ -71,9 +71,11 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Write(append(b, '\n'))
 }
 
-// decode reads a JSON object body into v: at most maxBody bytes, no unknown
-// fields, nothing after the object. An empty body leaves v as it is. It
-// answers the error itself and returns false when the body is bad.
+// decode reads a JSON object body into v: at most maxBody bytes (413),
+// application/json when a Content-Type is given (415), no unknown fields and
+// nothing after the object (400). An empty body leaves v as it is. It
+// answers the error itself and returns false when the body is bad, so a bad
+// request never reaches the Service.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
@@ -101,12 +103,9 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: "+err.Error())
 		return false
 	}
-	if dec.More() {
-		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
-		return false
-	}
-	var rest json.RawMessage
-	if err := dec.Decode(&rest); err != io.EOF {
+	// Anything but white space after the object, even a stray '}', is an
+	// error: the body is one object and nothing else.
+	if _, err := dec.Token(); err != io.EOF {
 		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
 		return false
 	}
