@@ -141,3 +141,32 @@ func NewPassword() string {
 	}
 	return hex.EncodeToString(b[:])
 }
+
+// RenderLoader returns the redis.conf of a loader: a short-lived server
+// that loads dir/dump.rdb, reachable only on the unix socket at socket with
+// the default user (the socket's directory is 0700), saving nothing by
+// itself. It uses the instances' AOF names, so an AOF it writes (EnableAOF)
+// is one an instance loads.
+func RenderLoader(dir, socket string) []byte {
+	var b strings.Builder
+	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	line("# A redis-agent restore loader. Written by redis-agent.")
+	line("port 0")
+	line("unixsocket %s", quote(socket))
+	line("unixsocketperm 700")
+	line("daemonize no")
+	line(`pidfile ""`)
+	line(`proc-title-template "{title} {listen-addr} {config-file}"`)
+	line("dir %s", quote(dir))
+	line(`logfile ""`)
+	line("always-show-logo no")
+	line("enable-protected-configs no")
+	line("enable-debug-command no")
+	line("enable-module-command no")
+	line("maxmemory 0")
+	line("appendonly no")
+	line(`appenddirname "appendonlydir"`)
+	line(`dbfilename "dump.rdb"`)
+	line(`save ""`)
+	return []byte(b.String())
+}

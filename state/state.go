@@ -89,6 +89,17 @@ type Instance struct {
 	ConfigHash string `json:"config_hash,omitempty"`
 	Restarts   int    `json:"restarts"`
 	LastExit   *Exit  `json:"last_exit,omitempty"`
+	// Binary is the redis-server executable the instance's process was
+	// started from, and BinaryID that file's identity then (device, inode,
+	// size, modification time): a rollout moves instances whose pair
+	// differs from the configured binary's. Empty in records written
+	// before rollouts existed, which reconcile fills in.
+	Binary   string `json:"binary,omitempty"`
+	BinaryID string `json:"binary_id,omitempty"`
+	// RolloutFailed is the BinaryID of a binary this instance failed to
+	// start on in a rollout: the automatic rollout at agent start does not
+	// try that binary again (POST /v1/rollout does).
+	RolloutFailed string `json:"rollout_failed,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.
@@ -285,6 +296,19 @@ func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (
 // returns an error or leaves the record unchanged. The id and port of a
 // record never change.
 func (s *Store) Update(id string, fn func(*Instance) error) (Instance, error) {
+	return s.update(id, false, func(inst *Instance, _ Usage) error { return fn(inst) })
+}
+
+// Admit is Update for a change that must fit what all records hold (a
+// bigger memory reservation): fn sees the usage, this record's included,
+// in the same transaction as the write.
+func (s *Store) Admit(id string, fn func(*Instance, Usage) error) (Instance, error) {
+	return s.update(id, true, fn)
+}
+
+// update is Update, with the usage computed only when withUsage (it reads
+// the whole reserved index).
+func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) error) (Instance, error) {
 	var out Instance
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		inst, err := get(tx, id)
@@ -292,7 +316,13 @@ func (s *Store) Update(id string, fn func(*Instance) error) (Instance, error) {
 			return err
 		}
 		before, _ := json.Marshal(inst)
-		if err := fn(&inst); err != nil {
+		var u Usage
+		if withUsage {
+			if u, err = usage(tx); err != nil {
+				return err
+			}
+		}
+		if err := fn(&inst, u); err != nil {
 			return err
 		}
 		if inst.ID != id {

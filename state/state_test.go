@@ -269,3 +269,34 @@ func BenchmarkCreate(b *testing.B) {
 		}
 	}
 }
+
+// Admit sees the usage of every record, its own included, and its change
+// moves the reserved index with the record.
+func TestAdmitSeesUsage(t *testing.T) {
+	s := open(t)
+	for i, id := range []string{"a", "b"} {
+		if _, err := s.Create(Instance{ID: id, MemoryMB: 100}, func(Usage) (int, error) { return 7000 + i, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var seen int
+	tooBig := errors.New("too big")
+	_, err := s.Admit("a", func(r *Instance, u Usage) error {
+		seen = u.MemoryMB
+		if u.MemoryMB-r.MemoryMB+500 > 300 {
+			return tooBig
+		}
+		r.MemoryMB = 500
+		return nil
+	})
+	if !errors.Is(err, tooBig) || seen != 200 {
+		t.Fatalf("Admit = %v, saw %d MiB; want the fn's error after seeing 200", err, seen)
+	}
+	if _, err := s.Admit("a", func(r *Instance, u Usage) error { r.MemoryMB = 150; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	u, err := s.Usage()
+	if err != nil || u.MemoryMB != 250 {
+		t.Fatalf("usage after Admit = %d MiB, %v; want 250", u.MemoryMB, err)
+	}
+}

@@ -102,6 +102,8 @@ type Event struct {
 	State State
 	// Restarts is the restart count after the event.
 	Restarts int
+	// Binary is the executable a Started process runs.
+	Binary string
 }
 
 // Config is what a Supervisor needs to run one instance.
@@ -177,6 +179,9 @@ type Status struct {
 	LastExit  *Exit
 	// NextStart is when a backed-off instance starts again.
 	NextStart time.Time
+	// Binary is the redis-server executable the next start runs (and the
+	// current process ran, unless Replace changed it since).
+	Binary string
 }
 
 // Supervisor watches one instance. Create it with New and call Run once.
@@ -185,7 +190,7 @@ type Supervisor struct {
 	log *slog.Logger
 
 	stopCh    chan stopRequest
-	restartCh chan chan error
+	restartCh chan restartRequest
 	done      chan struct{}
 
 	mu      sync.Mutex
@@ -196,6 +201,12 @@ type Supervisor struct {
 type stopRequest struct {
 	nosave bool
 	done   chan error
+}
+
+type restartRequest struct {
+	binary  string
+	between func() error
+	done    chan error
 }
 
 // New returns a Supervisor for cfg; nothing runs until Run.
@@ -221,7 +232,7 @@ func New(cfg Config) *Supervisor {
 	if d := DefaultHealth(); cfg.Health.Interval <= 0 || cfg.Health.Timeout <= 0 || cfg.Health.Failures <= 0 {
 		cfg.Health = d
 	}
-	st := Status{State: Starting, Restarts: cfg.Restarts}
+	st := Status{State: Starting, Restarts: cfg.Restarts, Binary: cfg.Binary}
 	if cfg.Adopt != nil {
 		// Known from the start, so Status never shows an adopted instance
 		// without its process.
@@ -231,7 +242,7 @@ func New(cfg Config) *Supervisor {
 		cfg:       cfg,
 		log:       cfg.Logger,
 		stopCh:    make(chan stopRequest),
-		restartCh: make(chan chan error),
+		restartCh: make(chan restartRequest),
 		done:      make(chan struct{}),
 		status:    st,
 		changed:   make(chan struct{}),
@@ -307,20 +318,37 @@ func (s *Supervisor) Stop(ctx context.Context, nosave bool) error {
 // again at once, clearing any backoff. It returns once the new process is
 // spawned; use WaitReady to wait for it to answer.
 func (s *Supervisor) Restart(ctx context.Context) error {
-	done := make(chan error, 1)
+	return s.Replace(ctx, "", nil)
+}
+
+// Replace is Restart with two changes in the gap between the processes:
+// between, when set, runs while none runs (the data directory may be
+// swapped then), and binary, when set, is what the new process and every
+// later restart run. An error from between is returned after the start, so
+// the instance is never left down: the caller undoes its change and
+// replaces again.
+func (s *Supervisor) Replace(ctx context.Context, binary string, between func() error) error {
+	req := restartRequest{binary: binary, between: between, done: make(chan error, 1)}
 	select {
-	case s.restartCh <- done:
+	case s.restartCh <- req:
 	case <-s.done:
 		return errors.New("supervisor is not running")
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	select {
-	case err := <-done:
+	case err := <-req.done:
 		return err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// Binary returns the redis-server executable the supervisor starts.
+func (s *Supervisor) Binary() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status.Binary
 }
 
 // running is the process the loop currently watches.
@@ -383,7 +411,7 @@ func (s *Supervisor) Run(ctx context.Context) {
 		st := s.update(func(st *Status) {
 			st.State, st.Process, st.StartedAt, st.NextStart = Starting, r.p, r.started, time.Time{}
 		})
-		s.cfg.OnEvent(Event{Kind: Started, Process: r.p, State: st.State, Restarts: st.Restarts})
+		s.cfg.OnEvent(Event{Kind: Started, Process: r.p, State: st.State, Restarts: st.Restarts, Binary: st.Binary})
 	}
 
 	if a := s.cfg.Adopt; a != nil {
@@ -420,21 +448,30 @@ func (s *Supervisor) Run(ctx context.Context) {
 			req.done <- err
 			return
 
-		case done := <-s.restartCh:
+		case req := <-s.restartCh:
 			var err error
 			if cur != nil {
 				cur.kind = ReasonManual
 				err = s.terminate(cur, false)
 				ex := s.exitOf(cur)
+				cur.cancel()
 				cur = nil
-				st := s.update(func(st *Status) { st.Restarts++; st.LastExit = ex })
+				st := s.update(func(st *Status) { st.Restarts++; st.LastExit = ex; st.Process = Process{} })
 				s.cfg.OnEvent(Event{Kind: Exited, Exit: ex, State: st.State, Restarts: st.Restarts})
 			}
 			failures = 0
 			if err == nil {
+				var berr error
+				if req.between != nil {
+					berr = req.between()
+				}
+				if req.binary != "" {
+					s.update(func(st *Status) { st.Binary = req.binary })
+				}
 				start()
+				err = berr
 			}
-			done <- err
+			req.done <- err
 
 		case err := <-readyC:
 			cur.ready = nil
@@ -522,7 +559,7 @@ func (s *Supervisor) spawn() (*running, error) {
 		return nil, fmt.Errorf("open log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(s.cfg.Binary, s.cfg.ConfPath)
+	cmd := exec.Command(s.Status().Binary, s.cfg.ConfPath)
 	cmd.Dir = s.cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A clean environment: nothing of the agent's (tokens included) leaks.
