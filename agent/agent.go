@@ -59,6 +59,10 @@ type Service struct {
 	metrics    *metrics
 	// cg manages the instances' cgroups; nil when off or unavailable.
 	cg *limits.Manager
+
+	roll rollout
+	// wg counts background work (a rollout) that Close waits for.
+	wg sync.WaitGroup
 }
 
 // instance is the runtime side of one record.
@@ -143,6 +147,7 @@ func (s *Service) Close() error {
 		insts = append(insts, in)
 	}
 	s.mu.Unlock()
+	s.wg.Wait()
 	for _, in := range insts {
 		<-in.sup.Done()
 		in.admin.Close()

@@ -33,6 +33,9 @@ type Config struct {
 	PortMin, PortMax int
 	// RedisServer is the redis-server executable.
 	RedisServer string
+	// RedisCheckRDB is the redis-check-rdb executable a restore checks its
+	// file with; "" means the one beside RedisServer, else from PATH.
+	RedisCheckRDB string
 	// BindHost is the address every redis-server listens on.
 	BindHost string
 	// AdvertiseHost is the host put in binding credentials; "" means BindHost.
@@ -119,6 +122,22 @@ func DefaultConfig() Config {
 		}
 	}
 	return c
+}
+
+// checkRDB returns the redis-check-rdb to use.
+func (c Config) checkRDB() (string, error) {
+	if c.RedisCheckRDB != "" {
+		return c.RedisCheckRDB, nil
+	}
+	beside := filepath.Join(filepath.Dir(c.RedisServer), "redis-check-rdb")
+	if _, err := os.Stat(beside); err == nil {
+		return beside, nil
+	}
+	p, err := exec.LookPath("redis-check-rdb")
+	if err != nil {
+		return "", fmt.Errorf("redis-check-rdb is neither beside %s nor in PATH (set --redis-check-rdb): %w", c.RedisServer, err)
+	}
+	return p, nil
 }
 
 // defaultBudgetMB is 75 % of MemTotal, or 1 GiB when it cannot be read.

@@ -14,6 +14,8 @@ const (
 	FaultDeleteRemoved     = "delete.removed"     // files removed, record still there
 	FaultBindRecorded      = "bind.recorded"      // binding in the record, not yet in Redis
 	FaultUnbindRecorded    = "unbind.recorded"    // binding gone from the record, still in Redis
+	FaultRestoreStaged     = "restore.staged"     // new data staged and checked, old data live
+	FaultRestoreSwapped    = "restore.swapped"    // data directories swapped, no process running
 )
 
 // FaultPoints lists every fault-injection point.
@@ -21,4 +23,5 @@ var FaultPoints = []string{
 	FaultProvisionRecorded, FaultProvisionFiles, FaultSpawnUnrecorded, FaultProvisionReady,
 	FaultDeleteMarked, FaultDeleteStopped, FaultDeleteRemoved,
 	FaultBindRecorded, FaultUnbindRecorded,
+	FaultRestoreStaged, FaultRestoreSwapped,
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/redis-agent/redis-agent/limits"
@@ -170,7 +171,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	id := rec.ID
 	in := &instance{admin: admin}
 	sup := supervisor.New(supervisor.Config{
-		Binary:       s.cfg.RedisServer,
+		Binary:       s.binaryOf(rec),
 		ConfPath:     s.layout.ConfPath(id),
 		Dir:          s.layout.DataDir(id),
 		LogPath:      s.layout.LogPath(id),
@@ -202,6 +203,16 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	return in
 }
 
+// binaryOf is the redis-server rec's instance runs: the one it was
+// started from, until a rollout moves it, unless that is no longer
+// executable.
+func (s *Service) binaryOf(rec state.Instance) string {
+	if rec.Binary != "" && rec.Binary != s.cfg.RedisServer && syscall.Access(rec.Binary, 1 /* X_OK */) == nil {
+		return rec.Binary
+	}
+	return s.cfg.RedisServer
+}
+
 // persistEvent records what adoption and the API need: the process of a
 // Started event before anything else, and the exit and restart count of an
 // Exited one.
@@ -214,10 +225,15 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		switch ev.Kind {
 		case supervisor.Started:
 			r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime
+			// The file, not just the path: a package upgrade in place
+			// makes a restart run the new binary.
+			r.Binary = ev.Binary
+			r.BinaryID, _ = binaryID(ev.Binary)
 		case supervisor.Ready:
-			// The process may have read an older ACL file than the record
-			// says (a bind raced with its start, or it was adopted).
-			go s.syncUsers(id)
+			// The process may have read an older ACL file or config than
+			// the record says (a bind or resize raced with its start, or it
+			// was adopted).
+			go s.syncLive(id)
 		case supervisor.Exited:
 			if ev.Exit != nil && ev.Exit.Reason != supervisor.ReasonStopped {
 				s.metrics.restarts.WithLabelValues(id, restartReason(ev.Exit.Reason)).Inc()
@@ -274,9 +290,10 @@ func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
 // memory limit.
 const ReasonOOM = "oom"
 
-// syncUsers brings the live ACL users of id in line with its record. It
-// takes the id's lock, so it never races a bind or unbind.
-func (s *Service) syncUsers(id string) {
+// syncLive brings the live ACL users and maxmemory of id in line with its
+// record. It takes the id's lock, so it never races a bind, unbind or
+// resize.
+func (s *Service) syncLive(id string) {
 	unlock := s.locks.lock(id)
 	defer unlock()
 	rec, err := s.store.Get(id)
@@ -285,6 +302,18 @@ func (s *Service) syncUsers(id string) {
 	}
 	if err := s.applyACL(s.ctx, rec); err != nil && s.ctx.Err() == nil {
 		s.log.Warn("sync ACL users", "instance", id, "err", err)
+	}
+	in := s.runtime(id)
+	if in == nil {
+		return
+	}
+	if hs := in.stats.Load(); hs != nil && hs.ok && hs.info.MaxMemory == float64(int64(rec.MemoryMB)<<20) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+	defer cancel()
+	if err := in.admin.SetMaxmemory(ctx, rec.MemoryMB); err != nil && s.ctx.Err() == nil && !redis.Unreachable(err) {
+		s.log.Warn("sync maxmemory", "instance", id, "err", err)
 	}
 }
 
@@ -449,6 +478,11 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 		MemoryReservedMB: u.MemoryMB,
 		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
 	}
+	t, err := s.target(ctx)
+	if err != nil {
+		return Capacity{}, err
+	}
+	c.RedisVersion = t.version.Version
 	for p := s.cfg.PortMin; p <= s.cfg.PortMax; p++ {
 		if !u.PortHeld(p) && !s.alloc.Busy(p) {
 			c.PortsFree++
@@ -469,6 +503,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		CreatedAt:   rec.CreatedAt,
 		Restarts:    rec.Restarts,
 		Bindings:    []string{},
+		Binary:      rec.Binary,
 	}
 	for bid := range rec.Bindings {
 		inst.Bindings = append(inst.Bindings, bid)
@@ -482,6 +517,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		inst.State = st.State.String()
 		inst.PID = st.Process.PID
 		inst.Restarts = st.Restarts
+		inst.Binary = st.Binary
 		if st.Process.PID != 0 && !st.StartedAt.IsZero() {
 			inst.UptimeSeconds = time.Since(st.StartedAt).Seconds()
 		}

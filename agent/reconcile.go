@@ -38,6 +38,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	for _, rec := range recs {
 		owned[rec.ID] = true
 	}
+	s.killLoaders(procs)
 	// Records are independent: reconcile them a few at a time, so an agent
 	// restart at a thousand instances is not a thousand sequential rounds
 	// of /proc reads and file checks.
@@ -111,6 +112,7 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 		log.Info("finished an interrupted deletion")
 		return "deleted", nil
 	}
+	s.finishRestore(rec.ID)
 	adopt := s.findProcess(rec, procs)
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
@@ -129,9 +131,16 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 	}
 	// A bbolt write transaction commits (and fsyncs) even when nothing
 	// changed, so only records whose process changed are written.
-	if rec.PID != pid || rec.StartTime != start {
-		if _, err := s.store.Update(rec.ID, func(r *state.Instance) error {
+	if rec.PID != pid || rec.StartTime != start || rec.Binary == "" {
+		var err error
+		if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error {
 			r.PID, r.StartTime = pid, start
+			if r.Binary == "" {
+				// A record from before rollouts: its process was started
+				// from the configured binary, as far as anyone knows.
+				r.Binary = s.cfg.RedisServer
+				r.BinaryID, _ = binaryID(r.Binary)
+			}
 			return nil
 		}); err != nil {
 			return "", err
@@ -144,6 +153,47 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 		return "adopted", nil
 	}
 	return "started", nil
+}
+
+// killLoaders kills restore loaders a crashed agent left running (they
+// die with the agent unless that failed) and takes them out of procs.
+func (s *Service) killLoaders(procs map[string]supervisor.Process) {
+	for conf, p := range procs {
+		if filepath.Base(conf) != "loader.conf" || filepath.Base(filepath.Dir(conf)) != "restore" {
+			continue
+		}
+		delete(procs, conf)
+		if supervisor.Verify(p, conf) != nil {
+			continue
+		}
+		s.log.Warn("killing the loader of an interrupted restore", "pid", p.PID, "config", conf)
+		if err := syscall.Kill(p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			s.log.Error("kill loader", "pid", p.PID, "err", err)
+		}
+	}
+}
+
+// finishRestore settles a restore a crash interrupted. The staging
+// directory's marker tells which data directory is live: if the swap
+// happened, the restored data is (it was checked and loaded before the
+// swap) and the previous data is removed; if not, the staged data is. No
+// process runs on the staged directory, so either is safe.
+func (s *Service) finishRestore(id string) {
+	if !s.layout.Staging(id) {
+		return
+	}
+	log := s.log.With("instance", id)
+	if s.layout.Restored(id) {
+		log.Warn("an interrupted restore had swapped the data in: keeping the restored data")
+		if err := s.layout.FinishRestore(id); err != nil {
+			log.Error("remove the previous data", "err", err)
+		}
+		return
+	}
+	log.Warn("an interrupted restore had not swapped the data in: keeping the current data")
+	if err := s.layout.RemoveStaging(id); err != nil {
+		log.Error("remove the staged data", "err", err)
+	}
 }
 
 // findProcess returns the live process of rec: the recorded one if it

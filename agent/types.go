@@ -69,6 +69,9 @@ type Instance struct {
 	RSSBytes        int64    `json:"rss_bytes,omitempty"`
 	LastExit        *Exit    `json:"last_exit,omitempty"`
 	Bindings        []string `json:"bindings"`
+	// Binary is the redis-server executable the instance runs (or will
+	// run at its next start).
+	Binary string `json:"binary,omitempty"`
 	// LogTail holds the last lines of the redis-server log while the
 	// instance is not running: why it does not start.
 	LogTail []string `json:"log_tail,omitempty"`
@@ -101,4 +104,7 @@ type Capacity struct {
 	MemoryTotalMB    int `json:"memory_total_mb"`
 	MemoryReservedMB int `json:"memory_reserved_mb"`
 	MemoryFreeMB     int `json:"memory_free_mb"`
+	// RedisVersion is the version of the configured redis-server, the one
+	// new instances run.
+	RedisVersion string `json:"redis_version"`
 }

@@ -9,6 +9,7 @@ package api
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -32,6 +33,11 @@ type Service interface {
 	Capacity(ctx context.Context) (agent.Capacity, error)
 	Orphans(ctx context.Context) ([]agent.Orphan, error)
 	Log(ctx context.Context, id string, lines int) ([]string, error)
+	Resize(ctx context.Context, id string, memoryMB int) (agent.Instance, error)
+	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
+	Restore(ctx context.Context, id string, rdb io.Reader, sha256 string) (agent.Instance, error)
+	StartRollout(ctx context.Context) (agent.Rollout, error)
+	RolloutStatus(ctx context.Context) (agent.Rollout, error)
 }
 
 var _ Service = (*agent.Service)(nil)
@@ -126,6 +132,11 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodPut, "/instances/{id}", s.putInstance)
 	v1(http.MethodGet, "/instances/{id}", s.getInstance)
 	v1(http.MethodDelete, "/instances/{id}", s.deleteInstance)
+	v1(http.MethodPatch, "/instances/{id}", s.patchInstance)
+	v1(http.MethodGet, "/instances/{id}/snapshot", s.getSnapshot)
+	v1(http.MethodPut, "/instances/{id}/snapshot", s.putSnapshot)
+	v1(http.MethodGet, "/rollout", s.getRollout)
+	v1(http.MethodPost, "/rollout", s.postRollout)
 	v1(http.MethodPut, "/instances/{id}/bindings/{bid}", s.putBinding)
 	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
 	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
@@ -137,7 +148,7 @@ func (s *server) router(o Options) *mux.Router {
 
 // methods are those a route may be registered with, in the order an Allow
 // header lists them.
-var methods = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete}
+var methods = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete}
 
 // allowed returns the methods router serves on req's path.
 func allowed(router *mux.Router, req *http.Request) []string {

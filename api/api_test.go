@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -133,6 +134,15 @@ func TestSuccessStatuses(t *testing.T) {
 		{"log default lines", "GET", "/v1/instances/i1/log", ``, func(m *MockService) {
 			m.EXPECT().Log(gomock.Any(), "i1", 100).Return([]string{}, nil)
 		}, 200, `"lines":[]`},
+		{"resize", "PATCH", "/v1/instances/i1", `{"memory_mb":128}`, func(m *MockService) {
+			m.EXPECT().Resize(gomock.Any(), "i1", 128).Return(agent.Instance{ID: "i1", MemoryMB: 128}, nil)
+		}, 200, `"memory_mb":128`},
+		{"rollout status", "GET", "/v1/rollout", ``, func(m *MockService) {
+			m.EXPECT().RolloutStatus(gomock.Any()).Return(agent.Rollout{State: agent.RolloutDone, Moved: 2}, nil)
+		}, 200, `"state":"done"`},
+		{"rollout start", "POST", "/v1/rollout", ``, func(m *MockService) {
+			m.EXPECT().StartRollout(gomock.Any()).Return(agent.Rollout{State: agent.RolloutRunning, Total: 3}, nil)
+		}, 202, `"total":3`},
 		{"healthz", "GET", "/healthz", ``, func(*MockService) {}, 200, `"ok"`},
 		{"readyz", "GET", "/readyz", ``, func(*MockService) {}, 200, `"ready"`},
 	}
@@ -266,7 +276,12 @@ func TestBadInputNeverReachesService(t *testing.T) {
 		{"unparsable content type", "PUT", "/v1/instances/i1/bindings/b", `{}`, []string{"Content-Type", "application/json; =;"}, 415, "UnsupportedMediaType"},
 		{"too large binding body", "PUT", "/v1/instances/i1/bindings/b", strings.Repeat(" ", maxBody+1), nil, 413, "TooLarge"},
 		{"binding with unknown field", "PUT", "/v1/instances/i1/bindings/b", `{"x":1}`, nil, 400, "BadRequest"},
-		{"wrong method", "PATCH", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
+		{"wrong method", "POST", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
+		{"resize without memory_mb", "PATCH", "/v1/instances/i1", `{}`, nil, 422, "Invalid"},
+		{"resize with unknown field", "PATCH", "/v1/instances/i1", `{"memory_mb":1,"persistence":"rdb"}`, nil, 400, "BadRequest"},
+		{"resize as text", "PATCH", "/v1/instances/i1", `{"memory_mb":1}`, []string{"Content-Type", "text/plain"}, 415, "UnsupportedMediaType"},
+		{"restore as JSON", "PUT", "/v1/instances/i1/snapshot", `{}`, []string{"Content-Type", "application/json"}, 415, "UnsupportedMediaType"},
+		{"rollout with a body", "POST", "/v1/rollout", `{"binary":"/tmp/x"}`, nil, 400, "BadRequest"},
 		{"unknown route", "GET", "/v2/whatever", ``, nil, 404, "NotFound"},
 		{"unknown sub-route", "GET", "/v1/instances/i1/bindings", ``, nil, 404, "NotFound"},
 		{"restart with GET", "GET", "/v1/instances/i1/restart", ``, nil, 405, "MethodNotAllowed"},
@@ -289,7 +304,9 @@ func TestBadInputNeverReachesService(t *testing.T) {
 // A 405 says, in Allow, which methods the path does serve.
 func TestMethodNotAllowedListsAllow(t *testing.T) {
 	tests := []struct{ method, path, allow string }{
-		{"PATCH", "/v1/instances/i1", "GET, PUT, DELETE"},
+		{"POST", "/v1/instances/i1", "GET, PUT, PATCH, DELETE"},
+		{"DELETE", "/v1/instances/i1/snapshot", "GET, PUT"},
+		{"PUT", "/v1/rollout", "GET, POST"},
 		{"POST", "/v1/instances", "GET"},
 		{"GET", "/v1/instances/i1/bindings/b", "PUT, DELETE"},
 		{"GET", "/v1/instances/i1/restart", "POST"},
@@ -475,7 +492,7 @@ func TestOpenAPIMatchesRouter(t *testing.T) {
 	if len(doc.Security) != 1 || doc.Security[0]["bearerAuth"] == nil {
 		t.Errorf("document security = %v, want bearerAuth", doc.Security)
 	}
-	for _, name := range []string{"Spec", "Instance", "Exit", "Credentials", "Capacity", "Orphan", "Error"} {
+	for _, name := range []string{"Spec", "Resize", "Instance", "Exit", "Credentials", "Capacity", "Rollout", "Orphan", "Error"} {
 		if doc.Components.Schemas[name] == nil {
 			t.Errorf("components.schemas has no %s", name)
 		}
@@ -513,5 +530,42 @@ func TestOpenAPIMatchesRouter(t *testing.T) {
 		if !documented[key] {
 			t.Errorf("the router serves %s, which openapi.yaml does not document", key)
 		}
+	}
+}
+
+// A snapshot download streams the file with its length and sha256; an
+// upload hands the body and the sha256 header to Restore untouched.
+func TestSnapshotTransfer(t *testing.T) {
+	e := newEnv(t, "")
+	f, err := os.CreateTemp(t.TempDir(), "rdb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := "REDIS0010\x00binary\xff"
+	f.WriteString(rdb)
+	f.Seek(0, io.SeekStart)
+	e.svc.EXPECT().Snapshot(gomock.Any(), "i1").Return(&agent.Snapshot{File: f, Size: int64(len(rdb)), SHA256: "ab12"}, nil)
+	r := e.do("GET", "/v1/instances/i1/snapshot", "")
+	if r.code != 200 || r.body != rdb || r.hdr.Get("Content-Type") != "application/octet-stream" ||
+		r.hdr.Get("X-Snapshot-Sha256") != "ab12" || r.hdr.Get("Content-Length") != strconv.Itoa(len(rdb)) {
+		t.Fatalf("GET snapshot = %d %q %v", r.code, r.body, r.hdr)
+	}
+
+	e.svc.EXPECT().Restore(gomock.Any(), "i1", gomock.Any(), "cd34").DoAndReturn(
+		func(_ context.Context, id string, body io.Reader, _ string) (agent.Instance, error) {
+			b, _ := io.ReadAll(body)
+			if string(b) != rdb {
+				t.Errorf("Restore got body %q, want %q", b, rdb)
+			}
+			return agent.Instance{ID: id}, nil
+		})
+	r = e.do("PUT", "/v1/instances/i1/snapshot", rdb, "Content-Type", "application/octet-stream", "X-Snapshot-Sha256", "cd34")
+	if r.code != 200 || !strings.Contains(r.body, `"id":"i1"`) {
+		t.Fatalf("PUT snapshot = %d %s", r.code, r.body)
+	}
+
+	e.svc.EXPECT().Snapshot(gomock.Any(), "busy").Return(nil, fmt.Errorf("instance is backoff: %w", agent.ErrConflict))
+	if r := e.do("GET", "/v1/instances/busy/snapshot", ""); r.code != 409 || errorCode(t, r.body) != "Conflict" {
+		t.Fatalf("GET snapshot of a stopped instance = %d %s", r.code, r.body)
 	}
 }

@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -62,6 +65,35 @@ func (f *fakeService) Log(_ context.Context, id string, n int) ([]string, error)
 		return nil, agent.ErrInvalid
 	}
 	return []string{"x"}, f.errFor(id)
+}
+
+func (f *fakeService) Resize(_ context.Context, id string, mb int) (agent.Instance, error) {
+	if mb < 1 {
+		return agent.Instance{}, agent.ErrInvalid
+	}
+	return agent.Instance{ID: id, MemoryMB: mb}, f.errFor(id)
+}
+func (f *fakeService) Snapshot(_ context.Context, id string) (*agent.Snapshot, error) {
+	if err := f.errFor(id); err != nil {
+		return nil, err
+	}
+	file, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, err
+	}
+	return &agent.Snapshot{File: file, SHA256: strings.Repeat("0", 64)}, nil
+}
+func (f *fakeService) Restore(_ context.Context, id string, rdb io.Reader, _ string) (agent.Instance, error) {
+	if _, err := io.Copy(io.Discard, rdb); err != nil {
+		return agent.Instance{}, fmt.Errorf("read: %w", agent.ErrInvalid)
+	}
+	return agent.Instance{ID: id}, f.errFor(id)
+}
+func (f *fakeService) StartRollout(context.Context) (agent.Rollout, error) {
+	return agent.Rollout{State: agent.RolloutRunning}, nil
+}
+func (f *fakeService) RolloutStatus(context.Context) (agent.Rollout, error) {
+	return agent.Rollout{State: agent.RolloutIdle}, nil
 }
 
 // FuzzHandler throws arbitrary requests at the handler. Seeds beyond these

@@ -1,8 +1,11 @@
 package api
 
 import (
+	"io"
+	"mime"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/gorilla/mux"
 
@@ -156,4 +159,94 @@ func createdOrOK(created bool) int {
 		return http.StatusCreated
 	}
 	return http.StatusOK
+}
+
+// resizeRequest is the body of PATCH /v1/instances/{id}.
+type resizeRequest struct {
+	MemoryMB *int `json:"memory_mb"`
+}
+
+func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
+	var req resizeRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if req.MemoryMB == nil {
+		writeError(w, http.StatusUnprocessableEntity, "Invalid", "memory_mb is required: it is the only field that can change")
+		return
+	}
+	inst, err := s.svc.Resize(r.Context(), mux.Vars(r)["id"], *req.MemoryMB)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, inst)
+}
+
+// snapshotTransfer bounds the time a snapshot download or upload may take.
+const snapshotTransfer = time.Hour
+
+// SnapshotSHA256Header carries the hex sha256 of a snapshot: set on a
+// download, checked on an upload when given.
+const SnapshotSHA256Header = "X-Snapshot-Sha256"
+
+func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
+	id := mux.Vars(r)["id"]
+	snap, err := s.svc.Snapshot(r.Context(), id)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	defer snap.File.Close()
+	// The server's write timeout is for JSON answers, not for streaming a
+	// data set.
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(snapshotTransfer))
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Content-Length", strconv.FormatInt(snap.Size, 10))
+	h.Set("Content-Disposition", `attachment; filename="`+id+`.rdb"`)
+	h.Set(SnapshotSHA256Header, snap.SHA256)
+	w.WriteHeader(http.StatusOK)
+	if _, err := io.Copy(w, io.LimitReader(snap.File, snap.Size)); err != nil {
+		s.log.Warn("snapshot download cut short", "instance", id, "err", err)
+	}
+}
+
+func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/octet-stream" {
+			writeError(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", "a snapshot is sent as application/octet-stream")
+			return
+		}
+	}
+	want := r.Header.Get(SnapshotSHA256Header)
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(snapshotTransfer))
+	inst, err := s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, want)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, inst)
+}
+
+func (s *server) getRollout(w http.ResponseWriter, r *http.Request) {
+	st, err := s.svc.RolloutStatus(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *server) postRollout(w http.ResponseWriter, r *http.Request) {
+	var none struct{}
+	if !decode(w, r, &none) {
+		return
+	}
+	st, err := s.svc.StartRollout(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusAccepted, st)
 }

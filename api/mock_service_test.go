@@ -11,6 +11,7 @@ package api
 
 import (
 	context "context"
+	io "io"
 	reflect "reflect"
 
 	agent "github.com/redis-agent/redis-agent/agent"
@@ -162,6 +163,21 @@ func (mr *MockServiceMockRecorder) Provision(ctx, id, spec any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Provision", reflect.TypeOf((*MockService)(nil).Provision), ctx, id, spec)
 }
 
+// Resize mocks base method.
+func (m *MockService) Resize(ctx context.Context, id string, memoryMB int) (agent.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Resize", ctx, id, memoryMB)
+	ret0, _ := ret[0].(agent.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Resize indicates an expected call of Resize.
+func (mr *MockServiceMockRecorder) Resize(ctx, id, memoryMB any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Resize", reflect.TypeOf((*MockService)(nil).Resize), ctx, id, memoryMB)
+}
+
 // Restart mocks base method.
 func (m *MockService) Restart(ctx context.Context, id string) error {
 	m.ctrl.T.Helper()
@@ -174,6 +190,66 @@ func (m *MockService) Restart(ctx context.Context, id string) error {
 func (mr *MockServiceMockRecorder) Restart(ctx, id any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Restart", reflect.TypeOf((*MockService)(nil).Restart), ctx, id)
+}
+
+// Restore mocks base method.
+func (m *MockService) Restore(ctx context.Context, id string, rdb io.Reader, sha256 string) (agent.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Restore", ctx, id, rdb, sha256)
+	ret0, _ := ret[0].(agent.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Restore indicates an expected call of Restore.
+func (mr *MockServiceMockRecorder) Restore(ctx, id, rdb, sha256 any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Restore", reflect.TypeOf((*MockService)(nil).Restore), ctx, id, rdb, sha256)
+}
+
+// RolloutStatus mocks base method.
+func (m *MockService) RolloutStatus(ctx context.Context) (agent.Rollout, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "RolloutStatus", ctx)
+	ret0, _ := ret[0].(agent.Rollout)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// RolloutStatus indicates an expected call of RolloutStatus.
+func (mr *MockServiceMockRecorder) RolloutStatus(ctx any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "RolloutStatus", reflect.TypeOf((*MockService)(nil).RolloutStatus), ctx)
+}
+
+// Snapshot mocks base method.
+func (m *MockService) Snapshot(ctx context.Context, id string) (*agent.Snapshot, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Snapshot", ctx, id)
+	ret0, _ := ret[0].(*agent.Snapshot)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Snapshot indicates an expected call of Snapshot.
+func (mr *MockServiceMockRecorder) Snapshot(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Snapshot", reflect.TypeOf((*MockService)(nil).Snapshot), ctx, id)
+}
+
+// StartRollout mocks base method.
+func (m *MockService) StartRollout(ctx context.Context) (agent.Rollout, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "StartRollout", ctx)
+	ret0, _ := ret[0].(agent.Rollout)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// StartRollout indicates an expected call of StartRollout.
+func (mr *MockServiceMockRecorder) StartRollout(ctx any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "StartRollout", reflect.TypeOf((*MockService)(nil).StartRollout), ctx)
 }
 
 // Unbind mocks base method.

@@ -122,6 +122,13 @@ func TestOpenAPIContract(t *testing.T) {
 		{"GET", "/v1/instances/c1/log?lines=5", "", 200},
 		{"GET", "/v1/capacity", "", 200},
 		{"GET", "/v1/orphans", "", 200},
+		{"PATCH", "/v1/instances/c1", `{"memory_mb":48}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 507},
+		{"PATCH", "/v1/instances/c1", `{}`, 422},
+		{"PATCH", "/v1/instances/none", `{"memory_mb":48}`, 404},
+		{"GET", "/v1/instances/none/snapshot", "", 404},
+		{"GET", "/v1/rollout", "", 200},
+		{"POST", "/v1/rollout", "", 202},
 		{"DELETE", "/v1/instances/c1/bindings/app", "", 200},
 		{"DELETE", "/v1/instances/c1/bindings/app", "", 410},
 		{"DELETE", "/v1/instances/c1", "", 200},
@@ -135,6 +142,16 @@ func TestOpenAPIContract(t *testing.T) {
 	// A crashlooping instance shows last_exit and log_tail; validate that
 	// shape too.
 	in := mustProvision(t, a, "c3")
+	// Snapshots are not JSON: a download, and uploads of a good and a bad
+	// file.
+	rdb := a.snapshot("c3")
+	if code, body := a.restore("c3", rdb, sha(rdb)); code != 200 {
+		t.Errorf("restore = %d %s", code, body)
+	}
+	if code, body := a.restore("c3", []byte("not an RDB"), ""); code != 422 {
+		t.Errorf("restore of junk = %d %s", code, body)
+	}
+	a.do("GET", "/v1/instances/c3", "", &in)
 	syscall.Kill(in.PID, syscall.SIGKILL)
 	eventually(t, "restart", func() bool {
 		var got instance

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -54,7 +55,7 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			// without the fault; the crashing agent adopts it.
 			a := runAgent(t, agentOpts{bin: bin, dataDir: dataDir, portMin: portMin})
 			bystander := mustProvision(t, a, "bystander")
-			var method, path string
+			var method, path, body string
 			switch point {
 			case agent.FaultDeleteMarked, agent.FaultDeleteStopped, agent.FaultDeleteRemoved:
 				mustProvision(t, a, "victim")
@@ -67,17 +68,26 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				mustProvision(t, a, "victim")
 				creds["victim/app"] = mustBind(t, a, "victim", "app")
 				method, path = "DELETE", "/v1/instances/victim/bindings/app"
+			case agent.FaultRestoreStaged, agent.FaultRestoreSwapped:
+				// The victim's data "old" is replaced by a snapshot of the
+				// bystander's, "new".
+				mustProvision(t, a, "victim")
+				creds["victim/app"] = mustBind(t, a, "victim", "app")
+				creds["bystander/app"] = mustBind(t, a, "bystander", "app")
+				redisClient(t, creds["victim/app"]).Set(t.Context(), "k", "old", 0)
+				redisClient(t, creds["bystander/app"]).Set(t.Context(), "k", "new", 0)
+				method, path, body = "PUT", "/v1/instances/victim/snapshot", string(a.snapshot("bystander"))
 			default:
 				method, path = "PUT", "/v1/instances/victim"
 			}
 			a.stop(syscall.SIGTERM)
 			a = runAgent(t, agentOpts{bin: bin, dataDir: dataDir, portMin: portMin, env: []string{"REDIS_AGENT_CRASH_AT=" + point}})
 
-			code, body, err := a.try(method, path, "")
+			code, answer, err := a.try(method, path, body)
 			select {
 			case <-a.exited:
 			case <-time.After(15 * time.Second):
-				t.Fatalf("%s %s = %d %s %v; the agent did not crash at %s", method, path, code, body, err, point)
+				t.Fatalf("%s %s = %d %s %v; the agent did not crash at %s", method, path, code, answer, err, point)
 			}
 			if ws, ok := a.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
 				t.Fatalf("agent ended with %v, want SIGKILL at %s", a.cmd.ProcessState, point)
@@ -95,23 +105,35 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				}
 			}
 
+			if method == "PUT" && strings.HasSuffix(path, "/snapshot") {
+				// Reconcile kept the data of the side the crash was on,
+				// and cleared the restore's leftovers.
+				want := map[string]string{agent.FaultRestoreStaged: "old", agent.FaultRestoreSwapped: "new"}[point]
+				if got := redisClient(t, creds["victim/app"]).Get(t.Context(), "k").Val(); got != want {
+					t.Fatalf("after a crash at %s the victim holds %q, want %q", point, got, want)
+				}
+				if _, err := os.Stat(filepath.Join(dataDir, "instances", "victim", "restore")); !os.IsNotExist(err) {
+					t.Fatalf("the restore's staging directory is still there: %v", err)
+				}
+			}
+
 			// The broker retries; the answer is the one a first try would
 			// have had, or the idempotent repeat of it.
-			code, body, err = a.try(method, path, "")
+			code, answer, err = a.try(method, path, body)
 			if err != nil {
 				t.Fatal(err)
 			}
 			switch method + " " + point {
 			case "PUT " + agent.FaultBindRecorded:
 				if code != 200 && code != 201 {
-					t.Fatalf("retried bind = %d %s", code, body)
+					t.Fatalf("retried bind = %d %s", code, answer)
 				}
 				var c credentials
-				json.Unmarshal(body, &c)
+				json.Unmarshal(answer, &c)
 				creds["victim/app"] = c
 			case "DELETE " + agent.FaultUnbindRecorded:
 				if code != 410 {
-					t.Fatalf("retried unbind = %d %s; want 410, it was done", code, body)
+					t.Fatalf("retried unbind = %d %s; want 410, it was done", code, answer)
 				}
 				if err := redisClient(t, unbound).Ping(t.Context()).Err(); err == nil {
 					t.Fatal("the unbound user can still log in after reconcile")
@@ -119,14 +141,21 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				creds["victim/app2"] = mustBind(t, a, "victim", "app2")
 			case "DELETE " + agent.FaultDeleteMarked, "DELETE " + agent.FaultDeleteStopped, "DELETE " + agent.FaultDeleteRemoved:
 				if code != 410 {
-					t.Fatalf("retried delete = %d %s; want 410, reconcile finished it", code, body)
+					t.Fatalf("retried delete = %d %s; want 410, reconcile finished it", code, answer)
 				}
 				if _, err := os.Stat(filepath.Join(dataDir, "instances", "victim")); !os.IsNotExist(err) {
 					t.Fatalf("victim directory still there: %v", err)
 				}
+			case "PUT " + agent.FaultRestoreStaged, "PUT " + agent.FaultRestoreSwapped:
+				if code != 200 {
+					t.Fatalf("retried restore = %d %s", code, answer)
+				}
+				if got := redisClient(t, creds["victim/app"]).Get(t.Context(), "k").Val(); got != "new" {
+					t.Fatalf("after the retried restore the victim holds %q, want new", got)
+				}
 			default: // provision
 				if code != 200 {
-					t.Fatalf("retried provision = %d %s; want 200, reconcile finished it", code, body)
+					t.Fatalf("retried provision = %d %s; want 200, reconcile finished it", code, answer)
 				}
 				creds["victim/app"] = mustBind(t, a, "victim", "app")
 			}

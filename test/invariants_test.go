@@ -26,7 +26,10 @@ func (a *agentProc) try(method, path, body string) (int, []byte, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if body != "" {
+	switch {
+	case method == "PUT" && strings.HasSuffix(path, "/snapshot"):
+		req.Header.Set("Content-Type", "application/octet-stream") // an RDB
+	case body != "":
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := http.DefaultClient.Do(req)

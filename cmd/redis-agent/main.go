@@ -86,6 +86,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.PortMin, "port-min", envInt("PORT_MIN", cfg.PortMin), "lowest port for instances (env REDIS_AGENT_PORT_MIN)")
 	fs.IntVar(&cfg.PortMax, "port-max", envInt("PORT_MAX", cfg.PortMax), "highest port for instances (env REDIS_AGENT_PORT_MAX)")
 	fs.StringVar(&cfg.RedisServer, "redis-server", env("REDIS_SERVER", cfg.RedisServer), "redis-server executable; default from PATH (env REDIS_AGENT_REDIS_SERVER)")
+	fs.StringVar(&cfg.RedisCheckRDB, "redis-check-rdb", env("REDIS_CHECK_RDB", cfg.RedisCheckRDB), "redis-check-rdb executable a restore checks its file with; default beside redis-server, else from PATH (env REDIS_AGENT_REDIS_CHECK_RDB)")
 	fs.StringVar(&cfg.BindHost, "bind", env("BIND", cfg.BindHost), "address every redis-server listens on (env REDIS_AGENT_BIND)")
 	fs.StringVar(&cfg.AdvertiseHost, "advertise-host", env("ADVERTISE_HOST", cfg.AdvertiseHost), "host given in credentials; default the bind address (env REDIS_AGENT_ADVERTISE_HOST)")
 	fs.IntVar(&cfg.DefaultMemoryMB, "default-memory-mb", envInt("DEFAULT_MEMORY_MB", cfg.DefaultMemoryMB), "maxmemory of an instance provisioned without one (env REDIS_AGENT_DEFAULT_MEMORY_MB)")

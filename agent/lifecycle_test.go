@@ -1,0 +1,546 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
+	"github.com/redis-agent/redis-agent/state"
+)
+
+// fill writes n keys key:0..key:n-1 with values of size bytes (plus a
+// hash and a list, so the RDB holds more than strings).
+func fill(t testing.TB, c *goredis.Client, n, size int) {
+	t.Helper()
+	ctx := context.Background()
+	pad := strings.Repeat("x", size)
+	for i := 0; i < n; i += 1000 {
+		p := c.Pipeline()
+		for j := i; j < min(i+1000, n); j++ {
+			p.Set(ctx, "key:"+strconv.Itoa(j), strconv.Itoa(j)+pad, 0)
+		}
+		if _, err := p.Exec(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.HSet(ctx, "hash", "a", "1", "b", "2").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.RPush(ctx, "list", "x", "y", "z").Err(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkFilled fails unless c holds exactly what fill(n, size) wrote.
+func checkFilled(t testing.TB, c *goredis.Client, n, size int) {
+	t.Helper()
+	ctx := context.Background()
+	if got := c.DBSize(ctx).Val(); got != int64(n+2) {
+		t.Fatalf("DBSIZE = %d, want %d", got, n+2)
+	}
+	pad := strings.Repeat("x", size)
+	for i := 0; i < n; i += 1000 {
+		keys := make([]string, 0, 1000)
+		for j := i; j < min(i+1000, n); j++ {
+			keys = append(keys, "key:"+strconv.Itoa(j))
+		}
+		vals, err := c.MGet(ctx, keys...).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range vals {
+			if want := strconv.Itoa(i+k) + pad; v != want {
+				t.Fatalf("%s = %.20v..., want %.20s...", keys[k], v, want)
+			}
+		}
+	}
+	if h := c.HGetAll(ctx, "hash").Val(); h["a"] != "1" || h["b"] != "2" {
+		t.Fatalf("hash = %v", h)
+	}
+	if l := c.LRange(ctx, "list", 0, -1).Val(); strings.Join(l, "") != "xyz" {
+		t.Fatalf("list = %v", l)
+	}
+}
+
+// bound provisions id and returns a client of a binding of it.
+func bound(t testing.TB, s *Service, id string, spec Spec) (*goredis.Client, Instance) {
+	t.Helper()
+	c, inst, _ := boundCreds(t, s, id, spec)
+	return c, inst
+}
+
+func boundCreds(t testing.TB, s *Service, id string, spec Spec) (*goredis.Client, Instance, Credentials) {
+	t.Helper()
+	ctx := context.Background()
+	inst, _, err := s.Provision(ctx, id, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr, _, err := s.Bind(ctx, id, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client(t, inst.Port, cr.Username, cr.Password), inst, cr
+}
+
+// pingOnce dials a fresh connection (a go-redis client remembers dial
+// errors for a while, which would blur an outage) and PINGs as cr.
+func pingAs(ctx context.Context, cr Credentials) error {
+	c := goredis.NewClient(&goredis.Options{
+		Addr: "127.0.0.1:" + strconv.Itoa(cr.Port), Username: cr.Username, Password: cr.Password,
+		MaxRetries: -1, DialerRetries: 1, DisableIdentity: true, Protocol: 2, PoolSize: 1,
+	})
+	defer c.Close()
+	return c.Ping(ctx).Err()
+}
+
+// snapshotBytes takes a snapshot of id and checks its length and sha256.
+func snapshotBytes(t testing.TB, s *Service, id string) []byte {
+	t.Helper()
+	snap, err := s.Snapshot(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.File.Close()
+	b, err := io.ReadAll(snap.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	if int64(len(b)) != snap.Size || hex.EncodeToString(sum[:]) != snap.SHA256 || !bytes.HasPrefix(b, []byte("REDIS")) {
+		t.Fatalf("snapshot: %d bytes (said %d), sha256 %x (said %s), starts %q", len(b), snap.Size, sum, snap.SHA256, b[:min(len(b), 9)])
+	}
+	return b
+}
+
+// Snapshot out of one instance and restore into another, in every
+// persistence mode: the data arrives whole, the destination's old data is
+// gone, its binding keeps working, and (except without persistence) the
+// restored data survives a graceful restart and a SIGKILL.
+func TestSnapshotRestoreEveryMode(t *testing.T) {
+	cfg := testConfig(t, 12)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	for _, mode := range []string{PersistenceAOF, PersistenceAOFAlways, PersistenceRDB, PersistenceNone} {
+		t.Run(mode, func(t *testing.T) {
+			src, _ := bound(t, s, "src-"+mode, Spec{MemoryMB: 64, Persistence: mode})
+			dst, dinst := bound(t, s, "dst-"+mode, Spec{MemoryMB: 64, Persistence: mode})
+			fill(t, src, 5000, 100)
+			if err := dst.Set(ctx, "old", "data", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+			rdb := snapshotBytes(t, s, "src-"+mode)
+			_, err := os.Stat(filepath.Join(s.layout.DataDir("src-"+mode), rdbName))
+			if kept := err == nil; kept != (mode == PersistenceRDB) {
+				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
+			}
+
+			sum := sha256.Sum256(rdb)
+			if _, err := s.Restore(ctx, "dst-"+mode, bytes.NewReader(rdb), hex.EncodeToString(sum[:])); err != nil {
+				t.Fatal(err)
+			}
+			checkFilled(t, dst, 5000, 100) // the binding's client reconnects
+			if dst.Exists(ctx, "old").Val() != 0 {
+				t.Fatal("the old data survived the restore")
+			}
+			if s.layout.Staging("dst-"+mode) || s.layout.Restored("dst-"+mode) {
+				t.Fatal("restore left its staging directory or marker")
+			}
+			if mode == PersistenceAOF || mode == PersistenceAOFAlways {
+				if _, err := os.Stat(filepath.Join(s.layout.DataDir("dst-"+mode), "appendonlydir")); err != nil {
+					t.Fatalf("no AOF after the restore: %v", err)
+				}
+			}
+			if mode == PersistenceNone {
+				return // nothing survives a restart: that is the mode
+			}
+			if err := s.Restart(ctx, "dst-"+mode); err != nil {
+				t.Fatal(err)
+			}
+			checkFilled(t, dst, 5000, 100)
+			pid := mustGet(t, s, "dst-"+mode).PID
+			if err := dst.Set(ctx, "after", "restore", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+			if mode != PersistenceRDB {
+				// Written after the restore, in the AOF: survives a crash.
+				time.Sleep(1100 * time.Millisecond) // appendfsync everysec
+				syscallKill(t, pid)
+				waitFor(t, "restart after SIGKILL", 10*time.Second, func() bool {
+					in := mustGet(t, s, "dst-"+mode)
+					return in.State == "running" && in.PID != pid
+				})
+				if v, err := dst.Get(ctx, "after").Result(); v != "restore" {
+					t.Fatalf("a write after the restore was lost in a crash: %q %v", v, err)
+				}
+				dst.Del(ctx, "after")
+				checkFilled(t, dst, 5000, 100)
+			}
+			if dinst.Port != mustGet(t, s, "dst-"+mode).Port {
+				t.Fatal("the port changed")
+			}
+		})
+	}
+}
+
+func syscallKill(t testing.TB, pid int) {
+	t.Helper()
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Kill(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A bad file is refused with ErrInvalid before anything changes: the
+// instance keeps its process, its data and its directories.
+func TestRestoreRefusesBadFiles(t *testing.T) {
+	cfg := testConfig(t, 10)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	src, _ := bound(t, s, "src", Spec{MemoryMB: 64})
+	fill(t, src, 20000, 1000) // ~20 MiB
+	good := snapshotBytes(t, s, "src")
+	dst, _ := bound(t, s, "dst", Spec{MemoryMB: 8})
+	if err := dst.Set(ctx, "old", "data", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	before := mustGet(t, s, "dst")
+
+	sum := sha256.Sum256(good)
+	tests := []struct {
+		name string
+		body []byte
+		sha  string
+		says string
+	}{
+		{"garbage", []byte("this is not an RDB file at all\n"), "", "redis-check-rdb"},
+		{"truncated", good[:len(good)/2], "", "redis-check-rdb"},
+		{"flipped byte", flip(good, len(good)/3), "", "redis-check-rdb"},
+		{"empty", nil, "", "empty"},
+		{"wrong sha256", good, strings.Repeat("ab", 32), "sha256"},
+		{"malformed sha256", good, "xyz", "sha256"},
+		{"larger than maxmemory", good, hex.EncodeToString(sum[:]), "more than the instance's memory_mb 8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := s.Restore(ctx, "dst", bytes.NewReader(tt.body), tt.sha)
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tt.says) {
+				t.Fatalf("Restore = %v; want ErrInvalid saying %q", err, tt.says)
+			}
+			after := mustGet(t, s, "dst")
+			if after.PID != before.PID || after.State != "running" {
+				t.Fatalf("instance disturbed: pid %d -> %d, %s", before.PID, after.PID, after.State)
+			}
+			if dst.Get(ctx, "old").Val() != "data" {
+				t.Fatal("the old data is gone")
+			}
+			if s.layout.Staging("dst") {
+				t.Fatal("staging directory left behind")
+			}
+		})
+	}
+	if _, err := s.Restore(ctx, "absent", bytes.NewReader(good), ""); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("restore into an absent instance = %v, want ErrNotFound", err)
+	}
+	if _, err := s.Snapshot(ctx, "absent"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("snapshot of an absent instance = %v, want ErrNotFound", err)
+	}
+}
+
+func flip(b []byte, i int) []byte {
+	c := bytes.Clone(b)
+	c[i] ^= 0xff
+	return c
+}
+
+// PATCH memory_mb: maxmemory, config file and cgroup limit change; the
+// process and its clients' connections stay; the budget is respected.
+func TestResizeLive(t *testing.T) {
+	cfg := testConfig(t, 10)
+	cfg.MemoryBudgetMB = 200
+	s := startService(t, cfg)
+	ctx := context.Background()
+	c, inst := bound(t, s, "r", Spec{MemoryMB: 32})
+	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	connID := c.ClientID(ctx).Val()
+
+	got, err := s.Resize(ctx, "r", 100)
+	if err != nil || got.MemoryMB != 100 {
+		t.Fatalf("Resize = %+v, %v", got, err)
+	}
+	admin := s.runtime("r").admin
+	f, err := admin.Fields(ctx, "memory")
+	if err != nil || f["maxmemory"] != strconv.Itoa(100<<20) {
+		t.Fatalf("live maxmemory = %s, %v; want %d", f["maxmemory"], err, 100<<20)
+	}
+	conf, _ := os.ReadFile(s.layout.ConfPath("r"))
+	if !bytes.Contains(conf, []byte("maxmemory 100mb\n")) {
+		t.Fatalf("redis.conf was not rewritten:\n%s", conf)
+	}
+	if after := mustGet(t, s, "r"); after.PID != inst.PID || after.Restarts != 0 {
+		t.Fatalf("resize restarted the process: pid %d -> %d", inst.PID, after.PID)
+	}
+	if id := c.ClientID(ctx).Val(); id != connID {
+		t.Fatalf("the client's connection changed: %d -> %d", connID, id)
+	}
+	if s.cg != nil {
+		limit := cgroupMemoryLimit(t, "r")
+		if limit != 2*100<<20+64<<20 {
+			t.Fatalf("cgroup memory limit = %d, want %d", limit, 2*100<<20+64<<20)
+		}
+	}
+
+	// The budget: 200 MiB in all; another instance holds 50.
+	if _, _, err := s.Provision(ctx, "other", Spec{MemoryMB: 50}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Resize(ctx, "r", 151); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("resize beyond the budget = %v, want ErrCapacity", err)
+	}
+	if _, err := s.Resize(ctx, "r", 150); err != nil {
+		t.Fatalf("resize to exactly the budget = %v", err)
+	}
+	if capa, _ := s.Capacity(ctx); capa.MemoryReservedMB != 200 || capa.MemoryFreeMB != 0 {
+		t.Fatalf("capacity after resize = %+v", capa)
+	}
+
+	// Shrinking below the data set is refused; to an invalid size too.
+	if err := c.Set(ctx, "big", strings.Repeat("x", 3<<20), 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Resize(ctx, "r", 2); !errors.Is(err, ErrConflict) {
+		t.Fatalf("shrink below the data set = %v, want ErrConflict", err)
+	}
+	if _, err := s.Resize(ctx, "r", 0); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("resize to 0 = %v, want ErrInvalid", err)
+	}
+	if _, err := s.Resize(ctx, "absent", 10); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("resize of an absent instance = %v, want ErrNotFound", err)
+	}
+	if rec, _ := s.store.Get("r"); rec.MemoryMB != 150 {
+		t.Fatalf("a refused resize changed the record: %d", rec.MemoryMB)
+	}
+	got, err = s.Resize(ctx, "r", 16)
+	if err != nil || got.MemoryMB != 16 {
+		t.Fatalf("shrink = %+v, %v", got, err)
+	}
+	if f, _ := admin.Fields(ctx, "memory"); f["maxmemory"] != strconv.Itoa(16<<20) {
+		t.Fatalf("live maxmemory after shrink = %s", f["maxmemory"])
+	}
+
+	// A resize a crash left half done (record only) is finished when the
+	// process is adopted: the Ready sync sets maxmemory.
+	if _, err := s.store.Update("r", func(r *state.Instance) error { r.MemoryMB = 40; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s, false)
+	s2 := startService(t, cfg)
+	waitFor(t, "maxmemory synced after adoption", 5*time.Second, func() bool {
+		f, err := s2.runtime("r").admin.Fields(ctx, "memory")
+		return err == nil && f["maxmemory"] == strconv.Itoa(40<<20)
+	})
+	if after := mustGet(t, s2, "r"); after.PID != inst.PID {
+		t.Fatal("adoption restarted the process")
+	}
+}
+
+// cgroupMemoryLimit reads the memory limit of an instance's cgroup (v1 or v2).
+func cgroupMemoryLimit(t *testing.T, id string) int64 {
+	t.Helper()
+	for _, p := range []string{
+		filepath.Join("/sys/fs/cgroup/memory/redis-agent", id, "memory.limit_in_bytes"),
+		filepath.Join("/sys/fs/cgroup/redis-agent", id, "memory.max"),
+	} {
+		if b, err := os.ReadFile(p); err == nil {
+			n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no memory limit file for the instance's cgroup")
+	return 0
+}
+
+// writeWrapper writes an executable script that says it is version
+// version and otherwise runs redis-server (exit code fail instead, when
+// not 0): a second "build" of Redis for rollout tests.
+func writeWrapper(t *testing.T, real, version string, fail int) string {
+	t.Helper()
+	path := filepath.Join(testenvDir(t), "redis-server-"+version)
+	run := `exec ` + real + ` "$@"`
+	if fail != 0 {
+		run = "echo broken build >&2; exit " + strconv.Itoa(fail)
+	}
+	script := fmt.Sprintf(`#!/bin/sh
+if [ "$1" = "--version" ]; then
+	echo "Redis server v=%s sha=00000000:0 malloc=libc bits=64 build=test%s"
+	exit 0
+fi
+%s
+`, version, strings.ReplaceAll(version, ".", ""), run)
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// testenvDir is a directory the Redis user can reach (the scripts in it
+// run as that user).
+func testenvDir(t *testing.T) string { return testenv.TraversableDir(t) }
+
+func waitRollout(t *testing.T, s *Service, timeout time.Duration) Rollout {
+	t.Helper()
+	var st Rollout
+	waitFor(t, "rollout to end", timeout, func() bool {
+		var err error
+		st, err = s.RolloutStatus(context.Background())
+		return err == nil && st.State != RolloutRunning
+	})
+	return st
+}
+
+// A new redis-server binary: instances move to it one at a time, keep their
+// data, and never more than one is down at once. A binary on which an
+// instance does not start stops the rollout and that instance goes back to
+// its old binary.
+func TestRollingUpgrade(t *testing.T) {
+	cfg := testConfig(t, 10)
+	real := cfg.RedisServer
+	s := startService(t, cfg)
+	ctx := context.Background()
+	ids := []string{"u1", "u2", "u3"}
+	creds := map[string]Credentials{}
+	pids := map[string]int{}
+	for i, id := range ids {
+		mode := []string{PersistenceAOF, PersistenceRDB, PersistenceAOFAlways}[i]
+		c, inst, cr := boundCreds(t, s, id, Spec{MemoryMB: 32, Persistence: mode})
+		fill(t, c, 2000, 50)
+		creds[id], pids[id] = cr, inst.PID
+	}
+	// A new client each time: go-redis remembers failed dials.
+	fresh := func(id string) *goredis.Client {
+		return client(t, creds[id].Port, creds[id].Username, creds[id].Password)
+	}
+	if st, err := s.StartRollout(ctx); err != nil || st.State != RolloutDone || st.Total != 0 {
+		t.Fatalf("rollout with nothing to move = %+v, %v; want done at once", st, err)
+	}
+	shutdown(t, s, false)
+
+	// The agent comes back configured with "7.0.99".
+	cfg.RedisServer = writeWrapper(t, real, "7.0.99", 0)
+	s = startService(t, cfg)
+	if capa, err := s.Capacity(ctx); err != nil || capa.RedisVersion != "7.0.99" {
+		t.Fatalf("capacity redis_version = %q, %v", capa.RedisVersion, err)
+	}
+	if st, _ := s.RolloutStatus(ctx); st.Pending != 3 || st.State != RolloutIdle {
+		t.Fatalf("before the rollout: %+v; want 3 pending", st)
+	}
+	for _, id := range ids {
+		if in := mustGet(t, s, id); in.PID != pids[id] {
+			t.Fatalf("%s: the agent's restart restarted it", id)
+		}
+	}
+
+	// Watch availability while it runs: how many are down at once.
+	stop := make(chan struct{})
+	maxDown := make(chan int, 1)
+	go func() {
+		worst := 0
+		for {
+			select {
+			case <-stop:
+				maxDown <- worst
+				return
+			default:
+			}
+			down := 0
+			for _, id := range ids {
+				pctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				if pingAs(pctx, creds[id]) != nil {
+					down++
+				}
+				cancel()
+			}
+			worst = max(worst, down)
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	st, err := s.StartRollout(ctx)
+	if err != nil || st.State != RolloutRunning || st.Total != 3 {
+		t.Fatalf("StartRollout = %+v, %v", st, err)
+	}
+	st = waitRollout(t, s, 60*time.Second)
+	close(stop)
+	if worst := <-maxDown; worst > 1 {
+		t.Errorf("%d instances were down at once; want at most 1", worst)
+	}
+	if st.State != RolloutDone || st.Moved != 3 || st.Pending != 0 || st.MaxUnavailableSeconds <= 0 {
+		t.Fatalf("rollout = %+v; want done, 3 moved", st)
+	}
+	t.Logf("longest unavailability of one instance: %.0f ms", st.MaxUnavailableSeconds*1000)
+	for _, id := range ids {
+		in := mustGet(t, s, id)
+		if in.Binary != cfg.RedisServer || in.PID == pids[id] || in.State != "running" {
+			t.Fatalf("%s after the rollout: binary %s pid %d (was %d) %s", id, in.Binary, in.PID, pids[id], in.State)
+		}
+		checkFilled(t, fresh(id), 2000, 50)
+		pids[id] = in.PID
+	}
+
+	// A broken build: the first instance fails on it, goes back, and the
+	// rollout stops there.
+	good := cfg.RedisServer
+	shutdown(t, s, false)
+	cfg.RedisServer = writeWrapper(t, real, "7.0.100", 1)
+	s = startService(t, cfg)
+	if _, err := s.StartRollout(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st = waitRollout(t, s, 60*time.Second)
+	if st.State != RolloutFailed || st.FailedInstance != "u1" || st.Moved != 0 || !strings.Contains(st.Error, "not ready") {
+		t.Fatalf("rollout onto a broken build = %+v; want failed at u1", st)
+	}
+	for _, id := range ids {
+		in := mustGet(t, s, id)
+		if in.Binary != good || in.State != "running" {
+			t.Fatalf("%s after the failed rollout: binary %s, %s; want back on %s, running", id, in.Binary, in.State, good)
+		}
+		if id != "u1" && in.PID != pids[id] {
+			t.Fatalf("%s was touched by a rollout that stopped before it", id)
+		}
+		checkFilled(t, fresh(id), 2000, 50)
+	}
+	// The next agent start does not try the broken build again by itself.
+	shutdown(t, s, false)
+	s = startService(t, cfg)
+	s.autoRollout(ctx)
+	if st, _ := s.RolloutStatus(ctx); st.State != RolloutFailed || st.Pending != 3 {
+		t.Fatalf("automatic rollout after a failure = %+v; want failed, not run", st)
+	}
+	if in := mustGet(t, s, "u2"); in.PID != pids["u2"] || in.Binary != good {
+		t.Fatal("the automatic rollout touched an instance")
+	}
+	if rec, _ := s.store.Get("u1"); rec.RolloutFailed == "" {
+		t.Fatal("the failure is not recorded")
+	}
+}

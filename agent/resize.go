@@ -1,0 +1,92 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+)
+
+// Resize changes the maxmemory of instance id to memoryMB, live: the
+// record (against the memory budget), the config file, the running
+// server's maxmemory and its cgroup's limit. No restart, no dropped
+// connection. Shrinking below what the data set uses is a conflict.
+func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance, error) {
+	if err := validateID("instance", id); err != nil {
+		return Instance{}, err
+	}
+	if memoryMB <= 0 {
+		return Instance{}, fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", memoryMB, ErrInvalid)
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return Instance{}, notFound(id, err)
+	}
+	if rec.Phase != state.PhaseActive {
+		return Instance{}, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
+	}
+	if rec.MemoryMB == memoryMB {
+		return s.view(rec), nil
+	}
+	in := s.runtime(id)
+	running := in != nil && in.sup.Status().State == supervisor.Running
+	shrink := memoryMB < rec.MemoryMB
+	if shrink && running {
+		f, err := in.admin.Fields(ctx, "memory")
+		if err != nil {
+			return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+		}
+		if used, _ := strconv.ParseInt(f["used_memory"], 10, 64); used > int64(memoryMB)<<20 {
+			return Instance{}, fmt.Errorf("instance %q uses %.1f MiB, more than memory_mb %d: %w",
+				id, float64(used)/(1<<20), memoryMB, ErrConflict)
+		}
+	}
+	old := rec.MemoryMB
+	// The record first: it is the intent. A crash after it leaves a config
+	// that reconcile rewrites and a live maxmemory the next Ready sets.
+	rec, err = s.store.Admit(id, func(r *state.Instance, u state.Usage) error {
+		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB); memoryMB > free {
+			return fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free for this instance: %w",
+				memoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
+		}
+		r.MemoryMB = memoryMB
+		return nil
+	})
+	if err != nil {
+		return Instance{}, notFound(id, err)
+	}
+	confHash, err := s.writeFiles(rec)
+	if err != nil {
+		return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+	}
+	if rec, err = s.store.Update(id, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
+		return Instance{}, err
+	}
+	if in != nil {
+		// Growing: the cgroup first, so the new maxmemory always fits in
+		// it; shrinking: maxmemory first, for the same reason.
+		pid := in.sup.Status().Process.PID
+		if !shrink {
+			s.confine(id, pid)
+		}
+		if running {
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := in.admin.SetMaxmemory(ctx, memoryMB)
+			cancel()
+			if err != nil && !redis.Unreachable(err) {
+				return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+			}
+		}
+		if shrink {
+			s.confine(id, pid)
+		}
+	}
+	s.log.Info("resized", "instance", id, "from_mb", old, "to_mb", memoryMB)
+	return s.view(rec), nil
+}

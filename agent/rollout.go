@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+	"github.com/redis-agent/redis-agent/volumes"
+)
+
+// Rollout states.
+const (
+	RolloutIdle    = "idle"    // none has run since the agent started
+	RolloutRunning = "running" // moving instances, one at a time
+	RolloutDone    = "done"    // every instance runs the configured binary
+	RolloutFailed  = "failed"  // an instance did not start on it; the rest wait
+)
+
+// Rollout is the progress of moving instances to the configured
+// redis-server binary.
+type Rollout struct {
+	State string `json:"state"`
+	// Binary and Version are the configured redis-server: the target.
+	Binary  string `json:"binary"`
+	Version string `json:"version"`
+	// Total is how many instances the rollout set out to move, Moved how
+	// many it has moved.
+	Total int `json:"total"`
+	Moved int `json:"moved"`
+	// Pending counts the instances not on the target binary now.
+	Pending int `json:"pending"`
+	// Current is the instance being moved.
+	Current string `json:"current,omitempty"`
+	// FailedInstance did not become ready on the target binary and runs on
+	// its old one again; Error says why.
+	FailedInstance string `json:"failed_instance,omitempty"`
+	Error          string `json:"error,omitempty"`
+	// MaxUnavailableSeconds is the longest time one instance was down
+	// (graceful shutdown to ready on the new binary) in this rollout.
+	MaxUnavailableSeconds float64    `json:"max_unavailable_seconds"`
+	StartedAt             *time.Time `json:"started_at,omitempty"`
+	FinishedAt            *time.Time `json:"finished_at,omitempty"`
+}
+
+// rollout is the Service's rollout state.
+type rollout struct {
+	mu     sync.Mutex
+	status Rollout
+	// versions caches `--version` by binary identity.
+	versions map[string]redis.Version
+}
+
+// binaryTarget is a redis-server executable and what identifies its file.
+type binaryTarget struct {
+	path, id string
+	version  redis.Version
+}
+
+// binaryID identifies the file at path (following symlinks): device,
+// inode, size and modification time. A package upgrade that replaces the
+// file in place changes it.
+func binaryID(path string) (string, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Sprintf("%d:%d", fi.Size(), fi.ModTime().UnixNano()), nil
+	}
+	return fmt.Sprintf("%d:%d:%d:%d", st.Dev, st.Ino, fi.Size(), fi.ModTime().UnixNano()), nil
+}
+
+// target returns the configured binary with its identity and version.
+func (s *Service) target(ctx context.Context) (binaryTarget, error) {
+	path := s.cfg.RedisServer
+	id, err := binaryID(path)
+	if err != nil {
+		return binaryTarget{}, fmt.Errorf("redis-server %s: %w", path, err)
+	}
+	s.roll.mu.Lock()
+	v, ok := s.roll.versions[id]
+	s.roll.mu.Unlock()
+	if !ok {
+		if v, err = redis.BinaryVersion(ctx, path); err != nil {
+			return binaryTarget{}, err
+		}
+		s.roll.mu.Lock()
+		if s.roll.versions == nil {
+			s.roll.versions = map[string]redis.Version{}
+		}
+		s.roll.versions[id] = v
+		s.roll.mu.Unlock()
+	}
+	return binaryTarget{path: path, id: id, version: v}, nil
+}
+
+// onTarget reports whether rec's process was started from t.
+func (t binaryTarget) onTarget(rec state.Instance) bool {
+	return rec.Binary == t.path && rec.BinaryID == t.id
+}
+
+// RolloutStatus returns the state of the last rollout, with Pending
+// counted now.
+func (s *Service) RolloutStatus(ctx context.Context) (Rollout, error) {
+	t, err := s.target(ctx)
+	if err != nil {
+		return Rollout{}, err
+	}
+	recs, err := s.store.List()
+	if err != nil {
+		return Rollout{}, err
+	}
+	s.roll.mu.Lock()
+	st := s.roll.status
+	s.roll.mu.Unlock()
+	if st.State == RolloutIdle || st.State == "" {
+		st.State, st.Binary, st.Version = RolloutIdle, t.path, t.version.String()
+	}
+	st.Pending = len(pending(t, recs, false))
+	return st, nil
+}
+
+// pending lists the active instances not on t, in id order. auto leaves
+// out those that already failed on t.
+func pending(t binaryTarget, recs []state.Instance, auto bool) []string {
+	var ids []string
+	for _, rec := range recs {
+		if rec.Phase != state.PhaseActive || t.onTarget(rec) {
+			continue
+		}
+		if auto && rec.RolloutFailed == t.id {
+			continue
+		}
+		ids = append(ids, rec.ID)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// StartRollout starts moving every instance not on the configured
+// redis-server binary to it, one at a time, in the background, and
+// returns the rollout's status. A rollout already running is left alone
+// and its status returned.
+func (s *Service) StartRollout(ctx context.Context) (Rollout, error) {
+	return s.startRollout(ctx, false)
+}
+
+// autoRollout is the rollout at agent start. It does not run when an
+// instance has already failed on the configured binary: retrying would
+// take that instance down at every agent start; POST /v1/rollout does.
+func (s *Service) autoRollout(ctx context.Context) {
+	st, err := s.startRollout(ctx, true)
+	switch {
+	case err != nil:
+		s.log.Error("rollout", "err", err)
+	case st.State == RolloutRunning:
+		s.log.Info("rollout started: instances move to the configured redis-server", "binary", st.Binary, "version", st.Version, "instances", st.Total)
+	case st.State == RolloutFailed:
+		s.log.Warn("rollout not started: an instance failed on this binary before; POST /v1/rollout retries", "binary", st.Binary, "instance", st.FailedInstance)
+	}
+}
+
+func (s *Service) startRollout(ctx context.Context, auto bool) (Rollout, error) {
+	t, err := s.target(ctx)
+	if err != nil {
+		return Rollout{}, err
+	}
+	s.roll.mu.Lock()
+	defer s.roll.mu.Unlock()
+	if s.roll.status.State == RolloutRunning {
+		return s.roll.status, nil
+	}
+	recs, err := s.store.List()
+	if err != nil {
+		return Rollout{}, err
+	}
+	ids := pending(t, recs, auto)
+	now := time.Now().UTC()
+	st := Rollout{State: RolloutRunning, Binary: t.path, Version: t.version.String(), Total: len(ids), Pending: len(ids), StartedAt: &now}
+	if auto {
+		for _, rec := range recs {
+			if rec.Phase == state.PhaseActive && rec.RolloutFailed == t.id {
+				st.State, st.FailedInstance, st.Error = RolloutFailed, rec.ID, "failed on this binary in an earlier rollout"
+				st.FinishedAt = &now
+				s.roll.status = st
+				return st, nil
+			}
+		}
+	}
+	if len(ids) == 0 {
+		st.State, st.FinishedAt = RolloutDone, &now
+		s.roll.status = st
+		return st, nil
+	}
+	s.roll.status = st
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.runRollout(t, ids)
+	}()
+	return st, nil
+}
+
+// runRollout moves ids to t one at a time and stops at the first failure.
+func (s *Service) runRollout(t binaryTarget, ids []string) {
+	set := func(fn func(*Rollout)) {
+		s.roll.mu.Lock()
+		fn(&s.roll.status)
+		s.roll.mu.Unlock()
+	}
+	finish := func(state, id, msg string) {
+		now := time.Now().UTC()
+		set(func(r *Rollout) {
+			r.State, r.Current, r.FailedInstance, r.Error, r.FinishedAt = state, "", id, msg, &now
+		})
+	}
+	for _, id := range ids {
+		if s.ctx.Err() != nil {
+			finish(RolloutIdle, "", "the agent stopped; the rollout resumes at its next start")
+			return
+		}
+		set(func(r *Rollout) { r.Current = id })
+		down, err := s.moveInstance(s.ctx, id, t)
+		if err != nil {
+			if s.ctx.Err() != nil {
+				finish(RolloutIdle, "", "the agent stopped; the rollout resumes at its next start")
+				return
+			}
+			s.log.Error("rollout stopped: an instance failed on the new redis-server", "instance", id, "binary", t.path, "err", err)
+			finish(RolloutFailed, id, err.Error())
+			return
+		}
+		set(func(r *Rollout) {
+			r.Moved++
+			r.Pending--
+			r.MaxUnavailableSeconds = max(r.MaxUnavailableSeconds, down.Seconds())
+		})
+	}
+	s.log.Info("rollout done", "binary", t.path, "version", t.version.String(), "instances", len(ids))
+	finish(RolloutDone, "", "")
+}
+
+// moveInstance moves one instance to t: its data persisted (for the aof
+// modes an AOF rewrite, so the new process loads a compact file), a
+// graceful shutdown, a start on t, a wait for ready. If it does not become
+// ready it is started on its old binary again, the failure is recorded,
+// and an error returned. It returns how long the instance was down.
+func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (time.Duration, error) {
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if errors.Is(err, state.ErrNotFound) {
+		return 0, nil // deleted meanwhile
+	}
+	if err != nil {
+		return 0, err
+	}
+	in := s.runtime(id)
+	if rec.Phase != state.PhaseActive || in == nil || t.onTarget(rec) {
+		return 0, nil
+	}
+	log := s.log.With("instance", id)
+	old := in.sup.Binary()
+	running := in.sup.Status().State == supervisor.Running
+	if running && (rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways) {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+		err := in.admin.RewriteAOF(pctx)
+		cancel()
+		if err != nil {
+			return 0, fmt.Errorf("persist before the move: %w", err)
+		}
+	}
+	down := time.Now()
+	if err := in.sup.Replace(ctx, t.path, nil); err != nil {
+		return 0, fmt.Errorf("stop on %s: %w", old, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	err = in.sup.WaitReady(rctx)
+	cancel()
+	if err == nil {
+		took := time.Since(down)
+		if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed = ""; return nil }); err != nil {
+			log.Warn("clear rollout failure", "err", err)
+		}
+		log.Info("moved to the new redis-server", "binary", t.path, "version", t.version.String(), "unavailable", took.Round(time.Millisecond))
+		return took, nil
+	}
+	tail, _ := volumes.Tail(s.layout.LogPath(id), 3)
+	cause := fmt.Errorf("not ready on %s: %w (log: %s)", t.path, err, strings.Join(tail, "; "))
+	log.Error("instance failed on the new redis-server; back to the old one", "err", cause)
+	if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed = t.id; return nil }); err != nil {
+		log.Warn("record rollout failure", "err", err)
+	}
+	if err := in.sup.Replace(ctx, old, nil); err != nil {
+		return 0, fmt.Errorf("%w; and restarting on %s: %w", cause, old, err)
+	}
+	rctx, cancel = context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	defer cancel()
+	if err := in.sup.WaitReady(rctx); err != nil {
+		return 0, fmt.Errorf("%w; and not ready on %s either: %w", cause, old, err)
+	}
+	return 0, cause
+}

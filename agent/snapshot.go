@@ -1,0 +1,388 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/redis-agent/redis-agent/limits"
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+	"github.com/redis-agent/redis-agent/supervisor"
+	"github.com/redis-agent/redis-agent/volumes"
+)
+
+// Snapshot is a fresh RDB of an instance, open for reading from its start.
+type Snapshot struct {
+	// File is the RDB; the caller closes it. It may already be unlinked.
+	File *os.File
+	Size int64
+	// SHA256 is the hex sha256 of the file's content.
+	SHA256 string
+}
+
+// rdbName is the file BGSAVE writes in the data directory (redis.conf's
+// dbfilename).
+const rdbName = "dump.rdb"
+
+// Snapshot makes a fresh, consistent RDB of instance id (BGSAVE through
+// the admin user, waited for) and returns it open. Snapshots of one
+// instance are taken one at a time. It works in every persistence mode:
+// where the RDB is not the instance's own persistence (aof, aof-always,
+// none) the file is unlinked once open, so none is left to be loaded at a
+// later start.
+func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
+	if err := validateID("instance", id); err != nil {
+		return nil, err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	start := time.Now()
+	rec, in, err := s.runningInstance(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := in.admin.Save(ctx); err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w", id, err)
+	}
+	path := filepath.Join(s.layout.DataDir(id), rdbName)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q: %w", id, err)
+	}
+	if rec.Persistence != PersistenceRDB {
+		if err := os.Remove(path); err != nil {
+			s.log.Warn("snapshot file left in the data directory", "instance", id, "err", err)
+		}
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("snapshot %q: read %s: %w", id, path, err)
+	}
+	s.metrics.observe("snapshot", start)
+	s.log.Info("snapshot taken", "instance", id, "bytes", n, "took", time.Since(start).Round(time.Millisecond))
+	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// runningInstance returns the record and runtime of an active instance
+// whose redis-server runs, else ErrNotFound or ErrConflict.
+func (s *Service) runningInstance(id string) (state.Instance, *instance, error) {
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return rec, nil, notFound(id, err)
+	}
+	in := s.runtime(id)
+	if rec.Phase != state.PhaseActive || in == nil {
+		return rec, nil, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
+	}
+	if st := in.sup.Status().State; st != supervisor.Running {
+		return rec, nil, fmt.Errorf("instance %q is %s, not running: %w", id, st, ErrConflict)
+	}
+	return rec, in, nil
+}
+
+// Restore replaces the data of instance id with the RDB read from body.
+// Nothing changes until the file is known good: its sha256 matches want
+// (when given), redis-check-rdb accepts it, and a loader (the instance's
+// redis-server binary, on a unix socket, in a cgroup of its own) loads it
+// within the instance's maxmemory and, for the aof modes, writes the AOF
+// from the loaded data. Any of these failing is ErrInvalid, with the old
+// data untouched. Then the instance is stopped gracefully, the staged data
+// directory swapped in with one atomic rename, and started; if it does not
+// become ready the old directory is swapped back. Bindings are unaffected:
+// the ACL file is not in the data directory.
+func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want string) (Instance, error) {
+	if err := validateID("instance", id); err != nil {
+		return Instance{}, err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	start := time.Now()
+	rec, in, err := s.runningInstance(id)
+	if err != nil {
+		return Instance{}, err
+	}
+	log := s.log.With("instance", id)
+	if err := s.layout.CreateStaging(id); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	swapped := false
+	defer func() {
+		if !swapped {
+			if err := s.layout.RemoveStaging(id); err != nil {
+				log.Warn("restore staging left behind; reconcile removes it", "err", err)
+			}
+		}
+	}()
+	size, err := s.stage(ctx, rec, body, want)
+	if err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	if err := s.load(ctx, rec, in.sup.Binary()); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	crashAt(FaultRestoreStaged)
+
+	// From here the instance goes down: the caller hanging up must not
+	// leave it half-way.
+	ctx = context.WithoutCancel(ctx)
+	down := time.Now()
+	if err := in.sup.Replace(ctx, "", func() error {
+		err := s.layout.Exchange(id)
+		if err == nil {
+			swapped = true
+			crashAt(FaultRestoreSwapped)
+		}
+		return err
+	}); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	err = in.sup.WaitReady(rctx)
+	cancel()
+	if err != nil {
+		log.Error("restored data does not start; putting the old data back", "err", err)
+		if rerr := s.swapBack(ctx, in, id); rerr != nil {
+			return Instance{}, fmt.Errorf("restore %q: the restored data did not start (%w), nor did the old data again: %v", id, err, rerr)
+		}
+		return Instance{}, fmt.Errorf("restore %q: the restored data did not start: %w; the old data is back", id, err)
+	}
+	unavailable := time.Since(down)
+	if err := s.layout.FinishRestore(id); err != nil {
+		log.Warn("previous data left behind; reconcile removes it", "err", err)
+	}
+	if rec.Persistence == PersistenceNone {
+		// Loaded; an instance without persistence keeps nothing on disk.
+		os.Remove(filepath.Join(s.layout.DataDir(id), rdbName))
+	}
+	s.metrics.observe("restore", start)
+	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond), "unavailable", unavailable.Round(time.Millisecond))
+	return s.view(rec), nil
+}
+
+// swapBack puts the previous data directory back after restored data did
+// not start, and waits for the instance to be ready on it.
+func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
+	if err := in.sup.Replace(ctx, "", func() error { return s.layout.Exchange(id) }); err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	defer cancel()
+	if err := in.sup.WaitReady(rctx); err != nil {
+		return err
+	}
+	return s.layout.RemoveStaging(id)
+}
+
+// stage writes body to the staged data directory of rec as its RDB and
+// checks it: size (an RDB larger than the instance's whole memory limit
+// cannot be its data set), sha256 and redis-check-rdb.
+func (s *Service) stage(ctx context.Context, rec state.Instance, body io.Reader, want string) (int64, error) {
+	if want != "" && !validSHA256(want) {
+		return 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
+	}
+	path := filepath.Join(s.layout.StagedDataDir(rec.ID), rdbName)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	limit := limits.MemoryFor(rec.MemoryMB)
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
+	if err != nil {
+		return n, fmt.Errorf("read the snapshot: %w", err)
+	}
+	if n > limit {
+		return n, fmt.Errorf("the snapshot is larger than %d MiB, the memory limit of an instance of memory_mb %d: %w",
+			limit>>20, rec.MemoryMB, ErrInvalid)
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); want != "" && !strings.EqualFold(got, want) {
+		return n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
+	}
+	if err := f.Sync(); err != nil {
+		return n, err
+	}
+	if o := s.layout.Owner; o.UID >= 0 {
+		if err := f.Chown(o.UID, o.GID); err != nil {
+			return n, err
+		}
+	}
+	check, err := s.cfg.checkRDB()
+	if err != nil {
+		return n, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(cctx, check, path)
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if errors.As(err, &exit) && cctx.Err() == nil {
+		return n, fmt.Errorf("redis-check-rdb refuses the snapshot: %s: %w", checkVerdict(out), ErrInvalid)
+	}
+	if err != nil {
+		return n, fmt.Errorf("run %s: %w", check, err)
+	}
+	return n, nil
+}
+
+func validSHA256(s string) bool {
+	b, err := hex.DecodeString(s)
+	return err == nil && len(b) == sha256.Size
+}
+
+// checkVerdict picks the lines of redis-check-rdb's output that say what
+// is wrong (it prints a report with [offset] prefixes).
+func checkVerdict(out []byte) string {
+	var keep []string
+	for _, l := range strings.Split(string(out), "\n") {
+		l = strings.TrimSpace(l)
+		if strings.Contains(l, "--- RDB ERROR DETECTED ---") || strings.Contains(l, "Wrong signature") ||
+			strings.Contains(l, "Unexpected EOF") || strings.Contains(l, "Internal error") ||
+			strings.Contains(l, "Invalid") || strings.Contains(l, "CRC") {
+			keep = append(keep, l)
+		}
+	}
+	if len(keep) == 0 {
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		keep = lines[max(0, len(lines)-2):]
+	}
+	if len(keep) > 4 {
+		keep = keep[:4]
+	}
+	return strings.Join(keep, "; ")
+}
+
+// loaderTimeout bounds a loader's whole run: load, AOF, shutdown.
+const loaderTimeout = 30 * time.Minute
+
+// load runs a loader on the staged data directory of rec: the instance's
+// own redis-server binary loads the staged RDB (proving the instance will),
+// the data set must fit in the instance's maxmemory, and for the aof modes
+// the loader writes the AOF from what it loaded. The loader runs as the
+// Redis user, in a cgroup of its own limited like the instance, and is
+// killed if the agent dies.
+func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (err error) {
+	dir := s.layout.StagingDir(rec.ID)
+	data := s.layout.StagedDataDir(rec.ID)
+	conf := filepath.Join(dir, "loader.conf")
+	sock := filepath.Join(dir, "loader.sock")
+	if err := s.layout.WriteConfig(conf, redis.RenderLoader(data, sock)); err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, "loader.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
+	defer cancel()
+
+	// Pdeathsig fires when the thread that forked the child exits: keep
+	// this goroutine on its thread until the loader is gone.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	cmd := exec.Command(binary, conf)
+	cmd.Dir = data
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cred, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start loader: %w", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	group := "_restore-" + rec.ID // "_" starts no instance id: no clash
+	if s.cg != nil {
+		if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB)); err != nil {
+			s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
+		}
+		defer func() {
+			if err != nil {
+				if n, _ := s.cg.OOMKills(group); n > 0 {
+					err = fmt.Errorf("the snapshot's data set needs more than the %d MiB memory limit of the instance: %w",
+						limits.MemoryFor(rec.MemoryMB)>>20, ErrInvalid)
+				}
+			}
+			if rerr := s.cg.Remove(group); rerr != nil {
+				s.log.Warn("restore cgroup left behind", "instance", rec.ID, "err", rerr)
+			}
+		}()
+	}
+	defer func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			<-exited
+		}
+	}()
+	admin := redis.NewSocketAdmin(sock)
+	defer admin.Close()
+	failed := func(werr error) error {
+		tail, _ := volumes.Tail(filepath.Join(dir, "loader.log"), 3)
+		return fmt.Errorf("%w: redis-server cannot load the snapshot: %s: %w", werr, strings.Join(tail, "; "), ErrInvalid)
+	}
+
+	// Wait until it has loaded the file.
+	for {
+		f, err := admin.Fields(ctx, "persistence")
+		if err == nil && f["loading"] == "0" {
+			break
+		}
+		select {
+		case werr := <-exited:
+			exited <- werr
+			return failed(fmt.Errorf("loader exited (%v)", werr))
+		case <-ctx.Done():
+			return fmt.Errorf("loader: %w", ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	mem, err := admin.Fields(ctx, "memory")
+	if err != nil {
+		return fmt.Errorf("loader: %w", err)
+	}
+	if used, _ := strconv.ParseInt(mem["used_memory"], 10, 64); used > int64(rec.MemoryMB)<<20 {
+		return fmt.Errorf("the snapshot's data set uses %.1f MiB, more than the instance's memory_mb %d (resize it first): %w",
+			float64(used)/(1<<20), rec.MemoryMB, ErrInvalid)
+	}
+	if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+		if err := admin.EnableAOF(ctx); err != nil {
+			return fmt.Errorf("loader: write the AOF: %w", err)
+		}
+	}
+	if err := admin.Shutdown(ctx, true); err != nil {
+		return fmt.Errorf("loader: %w", err)
+	}
+	select {
+	case <-exited:
+	case <-ctx.Done():
+		return fmt.Errorf("loader did not exit: %w", ctx.Err())
+	}
+	if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+		// The AOF holds the data now; an RDB beside it would only be
+		// ignored.
+		os.Remove(filepath.Join(data, rdbName))
+	}
+	return nil
+}
