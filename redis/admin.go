@@ -138,10 +138,19 @@ func (a *Admin) Shutdown(ctx context.Context, nosave bool) error {
 	c := a.client()
 	defer c.Close()
 	err := c.Do(ctx, args...).Err()
-	if err == nil || isConnDrop(err) {
+	if err == nil || (isConnDrop(err) && !isDialError(err)) {
 		return nil
 	}
+	// A refused or failed dial means SHUTDOWN never reached the server
+	// (it is not listening yet, or is gone): the caller must signal it.
 	return fmt.Errorf("SHUTDOWN: %w", err)
+}
+
+// isDialError reports whether err is a failure to connect, as opposed to
+// a connection that dropped after a command was sent.
+func isDialError(err error) bool {
+	var op *net.OpError
+	return errors.Is(err, syscall.ECONNREFUSED) || (errors.As(err, &op) && op.Op == "dial")
 }
 
 // Unreachable reports whether err says the server could not be talked to

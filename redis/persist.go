@@ -20,7 +20,7 @@ func NewSocketAdmin(path string) *Admin {
 	a := NewAdmin("", 0, "")
 	a.opts.Network, a.opts.Addr = "unix", path
 	a.opts.Username = ""
-	a.addr = path
+	a.addr, a.user = path, ""
 	return a
 }
 

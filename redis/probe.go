@@ -16,9 +16,16 @@ import (
 // with the last error for up to a second, which would put a second of
 // latency on every start and restart the agent waits for. A fresh
 // connection per probe costs one loopback connect (~50 µs).
+//
+// An addr that is a path is a unix socket; an empty user sends no AUTH
+// (the default user of a server reachable only through its socket).
 func probe(ctx context.Context, addr, user, password string) error {
+	network := "tcp"
+	if strings.HasPrefix(addr, "/") {
+		network = "unix"
+	}
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return err
 	}
@@ -29,11 +36,15 @@ func probe(ctx context.Context, addr, user, password string) error {
 	}
 	conn.SetDeadline(deadline)
 	// Both commands in one write: one round trip.
-	if _, err := conn.Write(append(command("AUTH", user, password), command("PING")...)); err != nil {
+	req, want := command("PING"), []string{"+PONG"}
+	if user != "" {
+		req, want = append(command("AUTH", user, password), req...), []string{"+OK", "+PONG"}
+	}
+	if _, err := conn.Write(req); err != nil {
 		return err
 	}
 	r := bufio.NewReaderSize(conn, 256)
-	for _, want := range []string{"+OK", "+PONG"} {
+	for _, want := range want {
 		line, err := r.ReadString('\n')
 		if err != nil {
 			return fmt.Errorf("read reply: %w", err)

@@ -298,6 +298,9 @@ func (s *Supervisor) WaitReady(ctx context.Context) error {
 // Stop stops the process gracefully (SHUTDOWN, then SIGTERM, then SIGKILL
 // after StopTimeout) and ends Run. With nosave nothing is persisted first.
 func (s *Supervisor) Stop(ctx context.Context, nosave bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	req := stopRequest{nosave: nosave, done: make(chan error, 1)}
 	select {
 	case s.stopCh <- req:
@@ -328,6 +331,11 @@ func (s *Supervisor) Restart(ctx context.Context) error {
 // the instance is never left down: the caller undoes its change and
 // replaces again.
 func (s *Supervisor) Replace(ctx context.Context, binary string, between func() error) error {
+	// A select picks at random among ready cases: an ended ctx must not
+	// lose to a ready loop and restart the process anyway.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	req := restartRequest{binary: binary, between: between, done: make(chan error, 1)}
 	select {
 	case s.restartCh <- req:
@@ -451,6 +459,9 @@ func (s *Supervisor) Run(ctx context.Context) {
 		case req := <-s.restartCh:
 			var err error
 			if cur != nil {
+				// Down from here until the new process is spawned (and
+				// req.between has run): nobody may read it as running.
+				s.update(func(st *Status) { st.State = Stopping })
 				cur.kind = ReasonManual
 				err = s.terminate(cur, false)
 				ex := s.exitOf(cur)

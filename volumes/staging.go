@@ -71,6 +71,9 @@ func (l Layout) Staging(id string) bool {
 // Exchange swaps the live and the staged data directories of id in one
 // atomic rename and makes the swap durable.
 func (l Layout) Exchange(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
 	if err := unix.Renameat2(unix.AT_FDCWD, l.DataDir(id), unix.AT_FDCWD, l.StagedDataDir(id), unix.RENAME_EXCHANGE); err != nil {
 		return fmt.Errorf("exchange %s and %s: %w", l.DataDir(id), l.StagedDataDir(id), err)
 	}
@@ -91,6 +94,9 @@ func (l Layout) Restored(id string) bool {
 // FinishRestore removes the marker from the live data directory and the
 // staging directory (the previous data) of id.
 func (l Layout) FinishRestore(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
 	if err := os.Remove(filepath.Join(l.DataDir(id), RestoreMarker)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove restore marker: %w", err)
 	}
