@@ -134,6 +134,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
+	staged := time.Now()
 	if err := s.load(ctx, rec, in.sup.Binary()); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
@@ -172,7 +173,9 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 		os.Remove(filepath.Join(s.layout.DataDir(id), rdbName))
 	}
 	s.metrics.observe("restore", start)
-	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond), "unavailable", unavailable.Round(time.Millisecond))
+	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond),
+		"received_and_checked", staged.Sub(start).Round(time.Millisecond), "loaded", down.Sub(staged).Round(time.Millisecond),
+		"unavailable", unavailable.Round(time.Millisecond))
 	return s.view(rec), nil
 }
 
@@ -219,8 +222,13 @@ func (s *Service) stage(ctx context.Context, rec state.Instance, body io.Reader,
 	if got := hex.EncodeToString(h.Sum(nil)); want != "" && !strings.EqualFold(got, want) {
 		return n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
 	}
-	if err := f.Sync(); err != nil {
-		return n, err
+	if rec.Persistence == PersistenceRDB {
+		// The file is the instance's data from the swap on. In the other
+		// modes it is only read (by the check, the loader, the first
+		// start) and then removed: flushing it to disk would only cost.
+		if err := f.Sync(); err != nil {
+			return n, err
+		}
 	}
 	if o := s.layout.Owner; o.UID >= 0 {
 		if err := f.Chown(o.UID, o.GID); err != nil {

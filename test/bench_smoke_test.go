@@ -18,12 +18,16 @@ func TestBenchSmoke(t *testing.T) {
 		Agent: agentBin, RedisServer: testenv.RedisServer(t), Dir: testenv.TraversableDir(t),
 		PortMin: 23000, Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
+		SnapshotMB: 2, RolloutInstances: 2,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("\n%s", res.Table())
 	want := []string{"bare redis-server start", "provision (PUT", "delete (DELETE", "concurrent callers", "crash recovery",
+		"snapshot out (GET)", "snapshot out throughput", "restore in (PUT", "restore in throughput",
+		"rolling upgrade of 3 instances", "  unavailability per 1 MiB AOF instance, p50", "  unavailability per 1 MiB AOF instance, max",
+		"  unavailability of the 2 MiB instance", "  longest, as the agent measured it",
 		"instances provisioned", "agent RSS", "agent idle CPU", "GET /v1/instances", "/metrics scrape", "agent restart", "redis-servers restarted"}
 	for _, w := range want {
 		found := false

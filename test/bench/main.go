@@ -33,12 +33,15 @@ func run() error {
 	fs.DurationVar(&cfg.Idle, "idle", 30*time.Second, "idle measurement at density")
 	fs.DurationVar(&cfg.APIDuration, "api-duration", 5*time.Second, "GET throughput measurement")
 	fs.IntVar(&cfg.APIClients, "api-clients", 32, "concurrent GET clients")
+	fs.IntVar(&cfg.SnapshotMB, "snapshot-mb", 100, "dataset of the snapshot and restore scenario, MiB")
+	fs.IntVar(&cfg.RolloutInstances, "rollout", 10, "small instances of the rolling upgrade scenario")
 	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
 	flag.Parse()
 	if *quick {
 		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
+		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
 	}
 	var err error
 	if cfg.RedisServer, err = exec.LookPath("redis-server"); err != nil {

@@ -1,6 +1,6 @@
 // Package benchsuite measures the agent against bare redis-server on this
-// machine: provisioning, deletion, crash recovery, density, agent restart
-// and API throughput, each next to a reference measured in the same run.
+// machine: provisioning, deletion, crash recovery, snapshot and restore,
+// rolling upgrade, density, agent restart and API throughput, each next to a reference measured in the same run.
 // It drives the real agent binary over HTTP on loopback; test/bench is
 // its command and `make bench` runs it.
 package benchsuite
@@ -50,6 +50,11 @@ type Config struct {
 	// APIDuration and APIClients drive the GET throughput scenario.
 	APIDuration time.Duration
 	APIClients  int
+	// SnapshotMB is the dataset of the snapshot and restore scenario;
+	// RolloutInstances the number of small instances the rolling upgrade
+	// moves besides it.
+	SnapshotMB       int
+	RolloutInstances int
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -141,6 +146,9 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	s.add(Row{Figure: "bare redis-server start, p50", Value: ms(bareP50), Unit: "ms"})
 	s.add(Row{Figure: "bare redis-server start, p99", Value: ms(pct(bare, 99)), Unit: "ms"})
 
+	if err := s.linkBinary(cfg.RedisServer); err != nil {
+		return res, err
+	}
 	if err := s.startAgent(); err != nil {
 		return res, err
 	}
@@ -168,6 +176,13 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	}
 	s.add(Row{Figure: "crash recovery (SIGKILL -> binding PING), p50", Value: ms(pct(rec, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 3x bare"})
 	s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
+
+	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
+		return res, err
+	}
+	if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
+		return res, err
+	}
 
 	if err := s.density(cfg.Density, cfg.Idle); err != nil {
 		return res, err
@@ -295,10 +310,14 @@ func (s *suite) startAgent() error {
 	listen := ln.Addr().String()
 	ln.Close()
 	a := &agentProc{base: "http://" + listen, exited: make(chan struct{}), log: &bytes.Buffer{}}
-	a.cmd = exec.Command(s.cfg.Agent, "--listen", listen, "--data-dir", s.data,
-		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin+s.cfg.Density-1),
-		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density+1024), "--log-level", "warn", "--log-format", "json",
-		"--restart-stable-after", "200ms")
+	args := []string{"--listen", listen, "--data-dir", s.data, "--redis-server", s.bin(),
+		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
+		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 1024), "--log-level", "warn", "--log-format", "json",
+		"--restart-stable-after", "200ms"}
+	if p := s.checkRDB(); p != "" {
+		args = append(args, "--redis-check-rdb", p)
+	}
+	a.cmd = exec.Command(s.cfg.Agent, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		return err
@@ -705,6 +724,7 @@ func (r Result) Markdown(command string) string {
 	fmt.Fprintf(&b, "# Benchmarks\n\nMeasured %s with `%s` (took %v).\n\nMachine: %s.\n\n",
 		r.Started.UTC().Format("2006-01-02 15:04 MST"), command, r.Took.Round(time.Second), r.Machine)
 	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
+	b.WriteString("Snapshot and restore: an AOF instance filled with 1 KiB random values, its snapshot downloaded (GET, sha256 checked) and restored into a second instance (PUT, until 200 with the instance ready on the data); their references are a bare redis-server SAVE of the same data and a bare redis-server start that loads the same RDB. Rolling upgrade: the agent's redis-server is a symlink, pointed at a copy of the binary before `POST /v1/rollout`; each instance is PINGed by its binding user on a fresh connection every 2 ms, and its unavailability is the longest gap between two answers (so ~3 ms is the floor).\n\n")
 	b.WriteString(r.Table())
 	return b.String()
 }
