@@ -291,7 +291,8 @@ func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
 const ReasonOOM = "oom"
 
 // syncLive brings the live ACL users and maxmemory of id in line with its
-// record. It takes the id's lock, so it never races a bind, unbind or
+// record, and removes an RDB the process has loaded that its persistence
+// mode does not keep. It takes the id's lock, so it never races a bind, unbind or
 // resize.
 func (s *Service) syncLive(id string) {
 	unlock := s.locks.lock(id)
@@ -303,6 +304,7 @@ func (s *Service) syncLive(id string) {
 	if err := s.applyACL(s.ctx, rec); err != nil && s.ctx.Err() == nil {
 		s.log.Warn("sync ACL users", "instance", id, "err", err)
 	}
+	s.dropRDB(rec)
 	in := s.runtime(id)
 	if in == nil {
 		return

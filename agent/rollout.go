@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -200,6 +202,7 @@ func (s *Service) startRollout(ctx context.Context, auto bool) (Rollout, error) 
 	if len(ids) == 0 {
 		st.State, st.FinishedAt = RolloutDone, &now
 		s.roll.status = st
+		s.pruneKept()
 		return st, nil
 	}
 	s.roll.status = st
@@ -248,6 +251,7 @@ func (s *Service) runRollout(t binaryTarget, ids []string) {
 	}
 	s.log.Info("rollout done", "binary", t.path, "version", t.version.String(), "instances", len(ids))
 	finish(RolloutDone, "", "")
+	s.pruneKept()
 }
 
 // moveInstance moves one instance to t: its data persisted (for the aof
@@ -271,7 +275,19 @@ func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (
 	}
 	log := s.log.With("instance", id)
 	old := in.sup.Binary()
-	running := in.sup.Status().State == supervisor.Running
+	status := in.sup.Status()
+	running := status.State == supervisor.Running
+	// Going back to old must not mean going to the new file: when the
+	// path was upgraded in place, the old executable lives on only as the
+	// running process's, so a copy of it is kept first.
+	fallback := old
+	if old == t.path && running {
+		kept, err := s.keepBinary(status.Process.PID, rec.BinaryID)
+		if err != nil {
+			return 0, fmt.Errorf("keep a copy of the running redis-server (the file at %s was replaced), to go back to it on a failure: %w", old, err)
+		}
+		fallback = kept
+	}
 	if running && (rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways) {
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 		err := in.admin.RewriteAOF(pctx)
@@ -301,13 +317,75 @@ func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (
 	if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed = t.id; return nil }); err != nil {
 		log.Warn("record rollout failure", "err", err)
 	}
-	if err := in.sup.Replace(ctx, old, nil); err != nil {
-		return 0, fmt.Errorf("%w; and restarting on %s: %w", cause, old, err)
+	if err := in.sup.Replace(ctx, fallback, nil); err != nil {
+		return 0, fmt.Errorf("%w; and restarting on %s: %w", cause, fallback, err)
 	}
 	rctx, cancel = context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
 	defer cancel()
 	if err := in.sup.WaitReady(rctx); err != nil {
-		return 0, fmt.Errorf("%w; and not ready on %s either: %w", cause, old, err)
+		return 0, fmt.Errorf("%w; and not ready on %s either: %w", cause, fallback, err)
 	}
 	return 0, cause
+}
+
+// keptDir holds copies of redis-server executables that were replaced in
+// place while instances ran them: binaries/<identity>/redis-server.
+func (s *Service) keptDir() string { return filepath.Join(s.cfg.DataDir, "binaries") }
+
+// keepBinary copies the executable of the running process pid, kept under
+// the identity id its file had, and returns the copy's path. /proc/<pid>/exe
+// opens the file the process was started from even after its path was
+// replaced by a package upgrade. An earlier copy of the same identity is
+// reused.
+func (s *Service) keepBinary(pid int, id string) (string, error) {
+	if pid <= 0 {
+		return "", errors.New("no process")
+	}
+	if id == "" {
+		id = fmt.Sprintf("pid-%d", pid)
+	}
+	dir := filepath.Join(s.keptDir(), strings.ReplaceAll(id, ":", "-"))
+	path := filepath.Join(dir, "redis-server")
+	if syscall.Access(path, 1 /* X_OK */) == nil {
+		return path, nil
+	}
+	exe, err := os.ReadFile(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		return "", err
+	}
+	for _, d := range []string{s.keptDir(), dir} {
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+			return "", err
+		}
+	}
+	if err := volumes.WriteFileAtomic(path, exe, 0o755, volumes.Owner{UID: -1, GID: -1}); err != nil {
+		return "", err
+	}
+	s.log.Info("kept a copy of a redis-server replaced in place, to go back to", "pid", pid, "copy", path)
+	return path, nil
+}
+
+// pruneKept removes kept executables no instance runs any more.
+func (s *Service) pruneKept() {
+	entries, err := os.ReadDir(s.keptDir())
+	if err != nil {
+		return
+	}
+	recs, err := s.store.List()
+	if err != nil {
+		return
+	}
+	used := map[string]bool{}
+	for _, rec := range recs {
+		used[filepath.Dir(rec.Binary)] = true
+	}
+	for _, e := range entries {
+		dir := filepath.Join(s.keptDir(), e.Name())
+		if used[dir] {
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			s.log.Warn("remove a kept redis-server", "path", dir, "err", err)
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,6 +79,19 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	s.metrics.observe("snapshot", start)
 	s.log.Info("snapshot taken", "instance", id, "bytes", n, "took", time.Since(start).Round(time.Millisecond))
 	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// dropRDB removes the RDB of an instance without persistence once its
+// process has loaded it (a restore puts one there; a crash in the middle
+// of a restore can leave it): such an instance keeps nothing on disk, and
+// its next restart must come back empty, not with that file's data.
+func (s *Service) dropRDB(rec state.Instance) {
+	if rec.Persistence != PersistenceNone {
+		return
+	}
+	if err := os.Remove(filepath.Join(s.layout.DataDir(rec.ID), rdbName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("remove the RDB of an instance without persistence", "instance", rec.ID, "err", err)
+	}
 }
 
 // runningInstance returns the record and runtime of an active instance
@@ -168,10 +182,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 	if err := s.layout.FinishRestore(id); err != nil {
 		log.Warn("previous data left behind; reconcile removes it", "err", err)
 	}
-	if rec.Persistence == PersistenceNone {
-		// Loaded; an instance without persistence keeps nothing on disk.
-		os.Remove(filepath.Join(s.layout.DataDir(id), rdbName))
-	}
+	s.dropRDB(rec)
 	s.metrics.observe("restore", start)
 	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond),
 		"received_and_checked", staged.Sub(start).Round(time.Millisecond), "loaded", down.Sub(staged).Round(time.Millisecond),
