@@ -427,9 +427,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 	if err := in.sup.Restart(ctx); err != nil {
 		return fmt.Errorf("restart %q: %w", id, err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
-	defer cancel()
-	if err := in.sup.WaitReady(rctx); err != nil {
+	if err := s.waitReady(ctx, in); err != nil {
 		return fmt.Errorf("restart %q: %w", id, err)
 	}
 	s.metrics.observe("restart", start)

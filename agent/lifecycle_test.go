@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -265,10 +266,15 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 		{"wrong sha256", good, strings.Repeat("ab", 32), "sha256"},
 		{"malformed sha256", good, "xyz", "sha256"},
 		{"larger than maxmemory", good, hex.EncodeToString(sum[:]), "more than the instance's memory_mb 8"},
+		{"cut off in transit", good[:1000], "", "could not be read whole"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := s.Restore(ctx, "dst", bytes.NewReader(tt.body), tt.sha)
+			var body io.Reader = bytes.NewReader(tt.body)
+			if tt.name == "cut off in transit" {
+				body = io.MultiReader(body, iotest.ErrReader(io.ErrUnexpectedEOF))
+			}
+			_, err := s.Restore(ctx, "dst", body, tt.sha)
 			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tt.says) {
 				t.Fatalf("Restore = %v; want ErrInvalid saying %q", err, tt.says)
 			}
@@ -282,7 +288,32 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 			if s.layout.Staging("dst") {
 				t.Fatal("staging directory left behind")
 			}
+			if left, _ := os.ReadDir(s.layout.UploadDir()); len(left) != 0 {
+				t.Fatalf("upload files left behind: %v", left)
+			}
 		})
+	}
+
+	// A slow upload holds no lock: the instance can be bound, resized and
+	// snapshotted meanwhile.
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Restore(ctx, "dst", pr, "")
+		done <- err
+	}()
+	if _, err := pw.Write(good[:4096]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Bind(ctx, "dst", "during-upload"); err != nil {
+		t.Fatalf("bind during an upload: %v", err)
+	}
+	if _, err := s.Resize(ctx, "dst", 9); err != nil {
+		t.Fatalf("resize during an upload: %v", err)
+	}
+	pw.CloseWithError(io.ErrUnexpectedEOF)
+	if err := <-done; !errors.Is(err, ErrInvalid) {
+		t.Fatalf("restore cut off = %v, want ErrInvalid", err)
 	}
 	if _, err := s.Restore(ctx, "absent", bytes.NewReader(good), ""); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("restore into an absent instance = %v, want ErrNotFound", err)
@@ -675,4 +706,155 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	if entries, _ := os.ReadDir(filepath.Join(cfg.DataDir, "binaries")); len(entries) != 0 {
 		t.Fatalf("kept copies left after every instance moved: %v", entries)
 	}
+}
+
+// The loader's socket lives in the instance's staging directory, whose
+// path can be longer than a socket address holds (107 bytes): an instance
+// with the longest id, under a deep data dir, restores all the same.
+func TestRestoreLongPaths(t *testing.T) {
+	cfg := testConfig(t, 4)
+	cfg.DataDir = filepath.Join(cfg.DataDir, strings.Repeat("d", 40))
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := startService(t, cfg)
+	id := "long-" + strings.Repeat("i", 59)
+	if sock := filepath.Join(s.layout.StagingDir(id), "loader.sock"); len(sock) <= 107 {
+		t.Fatalf("the test's socket path is only %d bytes", len(sock))
+	}
+	c, _ := bound(t, s, id, Spec{MemoryMB: 16})
+	fill(t, c, 100, 10)
+	rdb := snapshotBytes(t, s, id)
+	c.FlushAll(context.Background())
+	if _, err := s.Restore(context.Background(), id, bytes.NewReader(rdb), ""); err != nil {
+		t.Fatal(err)
+	}
+	checkFilled(t, c, 100, 10)
+}
+
+// A crash in the middle of a move (the instance already started on the
+// new binary, not yet ready) leaves RolloutFrom in the record; the rollout
+// at the next agent start finishes the move: here the new binary cannot
+// run it, so it goes back to the binary it came from.
+func TestRolloutFinishesAnInterruptedMove(t *testing.T) {
+	cfg := testConfig(t, 4)
+	real := cfg.RedisServer
+	s := startService(t, cfg)
+	ctx := context.Background()
+	c, inst, cr := boundCreds(t, s, "im", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	fill(t, c, 500, 50)
+
+	// What the crash left: the record says the instance was started on
+	// the broken binary and came from the real one; no process runs.
+	broken := writeWrapper(t, real, "7.0.102", 1)
+	brokenID, err := binaryID(broken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.store.Update("im", func(r *state.Instance) error {
+		r.Binary, r.BinaryID, r.RolloutFrom = broken, brokenID, real
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s, false)
+	syscallKill(t, inst.PID)
+	waitFor(t, "the process gone", 5*time.Second, func() bool {
+		// Gone, or a zombie: the closed supervisor no longer reaps it.
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", inst.PID))
+		return err != nil || strings.Contains(string(b), ") Z ")
+	})
+
+	cfg.RedisServer = broken
+	s = startService(t, cfg)
+	s.autoRollout(ctx)
+	st := waitRollout(t, s, 60*time.Second)
+	if st.State != RolloutFailed || st.FailedInstance != "im" {
+		t.Fatalf("rollout after the interrupted move = %+v; want failed at im", st)
+	}
+	in := mustGet(t, s, "im")
+	if in.State != "running" || in.Binary != real {
+		t.Fatalf("im after the finished move: %s on %s; want running on %s", in.State, in.Binary, real)
+	}
+	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 500, 50)
+	if rec, _ := s.store.Get("im"); rec.RolloutFrom != "" || rec.RolloutFailed != brokenID {
+		t.Fatalf("record after the finished move: rollout_from %q, rollout_failed %q", rec.RolloutFrom, rec.RolloutFailed)
+	}
+}
+
+// An instance that is down for reasons of its own (here a corrupt AOF)
+// does not stop a rollout: it is moved without waiting for it, and the
+// others move too.
+func TestRolloutDoesNotBlameABrokenInstance(t *testing.T) {
+	cfg := testConfig(t, 4)
+	real := cfg.RedisServer
+	s := startService(t, cfg)
+	ctx := context.Background()
+	bad, inst, _ := boundCreds(t, s, "rb-bad", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	fill(t, bad, 10, 10)
+	good, _, gcr := boundCreds(t, s, "rb-good", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	fill(t, good, 500, 50)
+	breakAOF(t, s, "rb-bad", inst.PID)
+	shutdown(t, s, false)
+
+	cfg.RedisServer = writeWrapper(t, real, "7.0.103", 0)
+	s = startService(t, cfg)
+	if _, err := s.StartRollout(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st := waitRollout(t, s, 60*time.Second)
+	if st.State != RolloutDone || st.Moved != 2 || st.Pending != 0 {
+		t.Fatalf("rollout with a broken instance = %+v; want done, both moved", st)
+	}
+	for _, id := range []string{"rb-bad", "rb-good"} {
+		if rec, _ := s.store.Get(id); rec.Binary != cfg.RedisServer || rec.RolloutFailed != "" || rec.RolloutFrom != "" {
+			t.Fatalf("%s after the rollout: binary %s, rollout_failed %q, rollout_from %q", id, rec.Binary, rec.RolloutFailed, rec.RolloutFrom)
+		}
+	}
+	if in := mustGet(t, s, "rb-good"); in.State != "running" {
+		t.Fatalf("rb-good is %s", in.State)
+	}
+	checkFilled(t, client(t, gcr.Port, gcr.Username, gcr.Password), 500, 50)
+}
+
+// An instance that is down cannot shrink (its data set cannot be
+// measured, and a lower cgroup limit would OOM-kill it once loaded); it
+// can grow.
+func TestResizeWhileDown(t *testing.T) {
+	cfg := testConfig(t, 4)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	c, inst := bound(t, s, "rs-down", Spec{MemoryMB: 64, Persistence: PersistenceAOF})
+	fill(t, c, 10, 10)
+	breakAOF(t, s, "rs-down", inst.PID)
+	if _, err := s.Resize(ctx, "rs-down", 32); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "shrink only while running") {
+		t.Fatalf("shrinking a down instance = %v, want ErrConflict", err)
+	}
+	if rec, _ := s.store.Get("rs-down"); rec.MemoryMB != 64 {
+		t.Fatalf("a refused shrink changed the record: %d", rec.MemoryMB)
+	}
+	if got, err := s.Resize(ctx, "rs-down", 128); err != nil || got.MemoryMB != 128 {
+		t.Fatalf("growing a down instance = %+v, %v", got, err)
+	}
+	if conf, _ := os.ReadFile(s.layout.ConfPath("rs-down")); !bytes.Contains(conf, []byte("maxmemory 128mb\n")) {
+		t.Fatal("redis.conf was not rewritten for the grown instance")
+	}
+}
+
+// breakAOF makes the AOF instance id unloadable, kills its process pid and
+// waits until the instance is down for it (backoff or crashloop).
+func breakAOF(t *testing.T, s *Service, id string, pid int) {
+	t.Helper()
+	incr, _ := filepath.Glob(filepath.Join(s.layout.DataDir(id), "appendonlydir", "*.incr.aof"))
+	if len(incr) != 1 {
+		t.Fatalf("incr AOF files: %v", incr)
+	}
+	if err := os.WriteFile(incr[0], []byte("this is not an AOF\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	syscallKill(t, pid)
+	waitFor(t, id+" down", 10*time.Second, func() bool {
+		st := mustGet(t, s, id).State
+		return st == "backoff" || st == "crashloop"
+	})
 }

@@ -26,6 +26,10 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Restores' bodies a crash cut off: no upload survives the agent.
+	if err := s.layout.ClearUploads(); err != nil {
+		s.log.Error("remove interrupted uploads", "err", err)
+	}
 	// One /proc scan finds every redis-server running from our data root,
 	// including one spawned just before a crash kept its pid from the
 	// record.
@@ -167,7 +171,8 @@ func (s *Service) killLoaders(procs map[string]supervisor.Process) {
 			continue
 		}
 		s.log.Warn("killing the loader of an interrupted restore", "pid", p.PID, "config", conf)
-		if err := syscall.Kill(p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		// Its process group: an AOF rewrite it forked too.
+		if err := syscall.Kill(-p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 			s.log.Error("kill loader", "pid", p.PID, "err", err)
 		}
 	}
@@ -183,6 +188,12 @@ func (s *Service) finishRestore(id string) {
 		return
 	}
 	log := s.log.With("instance", id)
+	if s.cg != nil {
+		// killLoaders has killed the loader; its cgroup goes too.
+		if err := s.cg.Remove(loaderGroup(id)); err != nil {
+			log.Error("remove the restore loader's cgroup", "err", err)
+		}
+	}
 	if s.layout.Restored(id) {
 		log.Warn("an interrupted restore had swapped the data in: keeping the restored data")
 		if err := s.layout.FinishRestore(id); err != nil {

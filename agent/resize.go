@@ -31,13 +31,29 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 	if rec.Phase != state.PhaseActive {
 		return Instance{}, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
 	}
-	if rec.MemoryMB == memoryMB {
-		return s.view(rec), nil
-	}
 	in := s.runtime(id)
 	running := in != nil && in.sup.Status().State == supervisor.Running
+	if rec.MemoryMB == memoryMB {
+		// Nothing to record; the live settings are applied again, so a
+		// retry of a resize that failed half-way finishes it.
+		if running {
+			if err := s.applyMemory(ctx, in, id, memoryMB, false); err != nil {
+				return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+			}
+		}
+		return s.view(rec), nil
+	}
 	shrink := memoryMB < rec.MemoryMB
-	if shrink && running {
+	if shrink && !running {
+		// Its data set's size cannot be checked: a limit below it would
+		// get the server OOM-killed as soon as it has loaded.
+		st := "not running"
+		if in != nil {
+			st = in.sup.Status().State.String()
+		}
+		return Instance{}, fmt.Errorf("instance %q is %s; it can shrink only while running, when its data set can be measured: %w", id, st, ErrConflict)
+	}
+	if shrink {
 		f, err := in.admin.Fields(ctx, "memory")
 		if err != nil {
 			return Instance{}, fmt.Errorf("resize %q: %w", id, err)
@@ -69,24 +85,34 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 		return Instance{}, err
 	}
 	if in != nil {
-		// Growing: the cgroup first, so the new maxmemory always fits in
-		// it; shrinking: maxmemory first, for the same reason.
-		pid := in.sup.Status().Process.PID
-		if !shrink {
-			s.confine(id, pid)
-		}
-		if running {
-			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			err := in.admin.SetMaxmemory(ctx, memoryMB)
-			cancel()
-			if err != nil && !redis.Unreachable(err) {
-				return Instance{}, fmt.Errorf("resize %q: %w", id, err)
-			}
-		}
-		if shrink {
-			s.confine(id, pid)
+		if err := s.applyMemory(ctx, in, id, memoryMB, shrink); err != nil {
+			return Instance{}, fmt.Errorf("resize %q: %w (recorded; a retry or the next start applies it)", id, err)
 		}
 	}
 	s.log.Info("resized", "instance", id, "from_mb", old, "to_mb", memoryMB)
 	return s.view(rec), nil
+}
+
+// applyMemory sets the live maxmemory of id's server and its cgroup's
+// limit for memoryMB. Growing: the cgroup first, so the new maxmemory
+// always fits in it; shrinking: maxmemory first, for the same reason. A
+// server that cannot be reached gets its maxmemory from its config at its
+// next start.
+func (s *Service) applyMemory(ctx context.Context, in *instance, id string, memoryMB int, shrink bool) error {
+	pid := in.sup.Status().Process.PID
+	if !shrink {
+		s.confine(id, pid)
+	}
+	if in.sup.Status().State == supervisor.Running {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := in.admin.SetMaxmemory(ctx, memoryMB)
+		cancel()
+		if err != nil && !redis.Unreachable(err) {
+			return err
+		}
+	}
+	if shrink {
+		s.confine(id, pid)
+	}
+	return nil
 }

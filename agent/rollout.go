@@ -132,12 +132,13 @@ func (s *Service) RolloutStatus(ctx context.Context) (Rollout, error) {
 	return st, nil
 }
 
-// pending lists the active instances not on t, in id order. auto leaves
-// out those that already failed on t.
+// pending lists the active instances not on t, and those a crash left in
+// the middle of a move, in id order. auto leaves out those that already
+// failed on t.
 func pending(t binaryTarget, recs []state.Instance, auto bool) []string {
 	var ids []string
 	for _, rec := range recs {
-		if rec.Phase != state.PhaseActive || t.onTarget(rec) {
+		if rec.Phase != state.PhaseActive || (t.onTarget(rec) && rec.RolloutFrom == "") {
 			continue
 		}
 		if auto && rec.RolloutFailed == t.id {
@@ -259,6 +260,10 @@ func (s *Service) runRollout(t binaryTarget, ids []string) {
 // graceful shutdown, a start on t, a wait for ready. If it does not become
 // ready it is started on its old binary again, the failure is recorded,
 // and an error returned. It returns how long the instance was down.
+//
+// The binary to go back to is recorded (RolloutFrom) before the move, so
+// a move a crash interrupted is finished by the next rollout: the wait
+// for ready, and the way back if need be.
 func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (time.Duration, error) {
 	unlock := s.locks.lock(id)
 	defer unlock()
@@ -270,60 +275,81 @@ func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (
 		return 0, err
 	}
 	in := s.runtime(id)
-	if rec.Phase != state.PhaseActive || in == nil || t.onTarget(rec) {
+	resuming := rec.RolloutFrom != "" && t.onTarget(rec)
+	if rec.Phase != state.PhaseActive || in == nil || (t.onTarget(rec) && !resuming) {
 		return 0, nil
 	}
 	log := s.log.With("instance", id)
-	old := in.sup.Binary()
-	status := in.sup.Status()
-	running := status.State == supervisor.Running
-	// Going back to old must not mean going to the new file: when the
-	// path was upgraded in place, the old executable lives on only as the
-	// running process's, so a copy of it is kept first.
-	fallback := old
-	if old == t.path && running {
-		kept, err := s.keepBinary(status.Process.PID, rec.BinaryID)
-		if err != nil {
-			return 0, fmt.Errorf("keep a copy of the running redis-server (the file at %s was replaced), to go back to it on a failure: %w", old, err)
-		}
-		fallback = kept
-	}
-	if running && (rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways) {
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-		err := in.admin.RewriteAOF(pctx)
-		cancel()
-		if err != nil {
-			return 0, fmt.Errorf("persist before the move: %w", err)
-		}
-	}
+	fallback := rec.RolloutFrom
 	down := time.Now()
-	if err := in.sup.Replace(ctx, t.path, nil); err != nil {
-		return 0, fmt.Errorf("stop on %s: %w", old, err)
+	if !resuming {
+		if in.sup.Status().State == supervisor.Starting {
+			s.waitReady(ctx, in) // loading its data: let it finish first
+		}
+		status := in.sup.Status()
+		if status.State != supervisor.Running {
+			// Down for reasons of its own: the new binary is not to blame,
+			// and it must not hold up the others. It restarts on t and its
+			// restart policy goes on from there.
+			if err := in.sup.Replace(ctx, t.path, nil); err != nil {
+				return 0, fmt.Errorf("restart on %s: %w", t.path, err)
+			}
+			log.Warn("moved to the new redis-server while not running", "state", status.State.String(), "binary", t.path)
+			return 0, nil
+		}
+		if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+			err := in.admin.RewriteAOF(pctx)
+			cancel()
+			if err != nil {
+				return 0, fmt.Errorf("persist before the move: %w", err)
+			}
+		}
+		// Going back to the old binary must not mean going to the new
+		// file: when the path was upgraded in place, the old executable
+		// lives on only as the running process's, so a copy is kept first.
+		fallback = in.sup.Binary()
+		if fallback == t.path {
+			kept, err := s.keepBinary(status.Process.PID, rec.BinaryID)
+			if err != nil {
+				return 0, fmt.Errorf("keep a copy of the running redis-server (the file at %s was replaced), to go back to it on a failure: %w", fallback, err)
+			}
+			fallback = kept
+		}
+		if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFrom = fallback; return nil }); err != nil {
+			return 0, err
+		}
+		down = time.Now()
+		if err := in.sup.Replace(ctx, t.path, nil); err != nil {
+			return 0, fmt.Errorf("stop on %s: %w", fallback, err)
+		}
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
-	err = in.sup.WaitReady(rctx)
-	cancel()
+	err = s.waitReady(ctx, in)
 	if err == nil {
 		took := time.Since(down)
-		if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed = ""; return nil }); err != nil {
-			log.Warn("clear rollout failure", "err", err)
+		if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed, r.RolloutFrom = "", ""; return nil }); err != nil {
+			log.Warn("clear rollout state", "err", err)
 		}
 		log.Info("moved to the new redis-server", "binary", t.path, "version", t.version.String(), "unavailable", took.Round(time.Millisecond))
+		if resuming {
+			return 0, nil // how long it was down before the crash is unknown
+		}
 		return took, nil
 	}
 	tail, _ := volumes.Tail(s.layout.LogPath(id), 3)
 	cause := fmt.Errorf("not ready on %s: %w (log: %s)", t.path, err, strings.Join(tail, "; "))
-	log.Error("instance failed on the new redis-server; back to the old one", "err", cause)
+	log.Error("instance failed on the new redis-server; back to the old one", "err", cause, "binary", fallback)
 	if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFailed = t.id; return nil }); err != nil {
 		log.Warn("record rollout failure", "err", err)
 	}
 	if err := in.sup.Replace(ctx, fallback, nil); err != nil {
 		return 0, fmt.Errorf("%w; and restarting on %s: %w", cause, fallback, err)
 	}
-	rctx, cancel = context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
-	defer cancel()
-	if err := in.sup.WaitReady(rctx); err != nil {
+	if err := s.waitReady(ctx, in); err != nil {
 		return 0, fmt.Errorf("%w; and not ready on %s either: %w", cause, fallback, err)
+	}
+	if _, err := s.store.Update(id, func(r *state.Instance) error { r.RolloutFrom = ""; return nil }); err != nil {
+		log.Warn("clear rollout state", "err", err)
 	}
 	return 0, cause
 }
@@ -378,6 +404,7 @@ func (s *Service) pruneKept() {
 	used := map[string]bool{}
 	for _, rec := range recs {
 		used[filepath.Dir(rec.Binary)] = true
+		used[filepath.Dir(rec.RolloutFrom)] = true
 	}
 	for _, e := range entries {
 		dir := filepath.Join(s.keptDir(), e.Name())

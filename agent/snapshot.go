@@ -50,7 +50,7 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	unlock := s.locks.lock(id)
 	defer unlock()
 	start := time.Now()
-	rec, in, err := s.runningInstance(id)
+	rec, in, err := s.runningInstance(ctx, id)
 	if err != nil {
 		return nil, err
 	}
@@ -95,8 +95,9 @@ func (s *Service) dropRDB(rec state.Instance) {
 }
 
 // runningInstance returns the record and runtime of an active instance
-// whose redis-server runs, else ErrNotFound or ErrConflict.
-func (s *Service) runningInstance(id string) (state.Instance, *instance, error) {
+// whose redis-server runs (waiting for one that is starting), else
+// ErrNotFound or ErrConflict.
+func (s *Service) runningInstance(ctx context.Context, id string) (state.Instance, *instance, error) {
 	rec, err := s.store.Get(id)
 	if err != nil {
 		return rec, nil, notFound(id, err)
@@ -104,6 +105,11 @@ func (s *Service) runningInstance(id string) (state.Instance, *instance, error) 
 	in := s.runtime(id)
 	if rec.Phase != state.PhaseActive || in == nil {
 		return rec, nil, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
+	}
+	if in.sup.Status().State == supervisor.Starting {
+		// Starting or loading (or adopted, its first check not yet
+		// done): it is as good as running in a moment.
+		s.waitReady(ctx, in)
 	}
 	if st := in.sup.Status().State; st != supervisor.Running {
 		return rec, nil, fmt.Errorf("instance %q is %s, not running: %w", id, st, ErrConflict)
@@ -121,16 +127,34 @@ func (s *Service) runningInstance(id string) (state.Instance, *instance, error) 
 // directory swapped in with one atomic rename, and started; if it does not
 // become ready the old directory is swapped back. Bindings are unaffected:
 // the ACL file is not in the data directory.
+//
+// The body is received and checked before the instance's lock is taken:
+// a slow upload holds up no deletion, bind or rollout of the instance.
 func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want string) (Instance, error) {
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, err
 	}
+	start := time.Now()
+	if _, _, err := s.runningInstance(ctx, id); err != nil {
+		return Instance{}, err
+	}
+	upload, size, err := s.receive(ctx, id, body, want)
+	if upload != "" {
+		defer os.Remove(upload) // gone already once staged
+	}
+	if err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	staged := time.Now()
+
 	unlock := s.locks.lock(id)
 	defer unlock()
-	start := time.Now()
-	rec, in, err := s.runningInstance(id)
+	rec, in, err := s.runningInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
+	}
+	if limit := limits.MemoryFor(rec.MemoryMB); size > limit {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, tooLarge(limit, rec.MemoryMB))
 	}
 	log := s.log.With("instance", id)
 	if err := s.layout.CreateStaging(id); err != nil {
@@ -144,11 +168,17 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 			}
 		}
 	}()
-	size, err := s.stage(ctx, rec, body, want)
-	if err != nil {
-		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	if err := os.Rename(upload, filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}
-	staged := time.Now()
+	if rec.Persistence == PersistenceRDB {
+		// The file is the instance's data from the swap on. In the other
+		// modes it is only read (by the loader, the first start) and then
+		// removed: flushing it to disk would only cost.
+		if err := volumes.SyncFile(filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
+			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+		}
+	}
 	if err := s.load(ctx, rec, in.sup.Binary()); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
@@ -160,18 +190,16 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 	down := time.Now()
 	if err := in.sup.Replace(ctx, "", func() error {
 		err := s.layout.Exchange(id)
+		// Which side is live is what the marker says, error or not.
+		swapped = s.layout.Restored(id)
 		if err == nil {
-			swapped = true
 			crashAt(FaultRestoreSwapped)
 		}
 		return err
 	}); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
-	err = in.sup.WaitReady(rctx)
-	cancel()
-	if err != nil {
+	if err := s.waitReady(ctx, in); err != nil {
 		log.Error("restored data does not start; putting the old data back", "err", err)
 		if rerr := s.swapBack(ctx, in, id); rerr != nil {
 			return Instance{}, fmt.Errorf("restore %q: the restored data did not start (%w), nor did the old data again: %v", id, err, rerr)
@@ -196,74 +224,77 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 	if err := in.sup.Replace(ctx, "", func() error { return s.layout.Exchange(id) }); err != nil {
 		return err
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
-	defer cancel()
-	if err := in.sup.WaitReady(rctx); err != nil {
+	if err := s.waitReady(ctx, in); err != nil {
 		return err
 	}
 	return s.layout.RemoveStaging(id)
 }
 
-// stage writes body to the staged data directory of rec as its RDB and
-// checks it: size (an RDB larger than the instance's whole memory limit
-// cannot be its data set), sha256 and redis-check-rdb.
-func (s *Service) stage(ctx context.Context, rec state.Instance, body io.Reader, want string) (int64, error) {
+// receive writes body to a new file in the uploads directory and checks
+// it: size (an RDB larger than the instance's whole memory limit cannot be
+// its data set), sha256 and redis-check-rdb. It returns the file's path
+// (also on an error, when it was created) and size.
+func (s *Service) receive(ctx context.Context, id string, body io.Reader, want string) (string, int64, error) {
 	if want != "" && !validSHA256(want) {
-		return 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
+		return "", 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
 	}
-	path := filepath.Join(s.layout.StagedDataDir(rec.ID), rdbName)
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	rec, err := s.store.Get(id)
 	if err != nil {
-		return 0, err
+		return "", 0, notFound(id, err)
+	}
+	f, err := s.layout.CreateUpload(id)
+	if err != nil {
+		return "", 0, err
 	}
 	defer f.Close()
+	path := f.Name()
 	limit := limits.MemoryFor(rec.MemoryMB)
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
 	if err != nil {
-		return n, fmt.Errorf("read the snapshot: %w", err)
+		var werr *fs.PathError
+		if errors.As(err, &werr) && werr.Path == path {
+			return path, n, fmt.Errorf("store the snapshot: %w", err) // our disk, not the caller
+		}
+		return path, n, fmt.Errorf("the snapshot could not be read whole (%d bytes read): %v: %w", n, err, ErrInvalid)
 	}
 	if n > limit {
-		return n, fmt.Errorf("the snapshot is larger than %d MiB, the memory limit of an instance of memory_mb %d: %w",
-			limit>>20, rec.MemoryMB, ErrInvalid)
+		return path, n, tooLarge(limit, rec.MemoryMB)
 	}
 	if n == 0 {
-		return 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
+		return path, 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); want != "" && !strings.EqualFold(got, want) {
-		return n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
-	}
-	if rec.Persistence == PersistenceRDB {
-		// The file is the instance's data from the swap on. In the other
-		// modes it is only read (by the check, the loader, the first
-		// start) and then removed: flushing it to disk would only cost.
-		if err := f.Sync(); err != nil {
-			return n, err
-		}
+		return path, n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
 	}
 	if o := s.layout.Owner; o.UID >= 0 {
 		if err := f.Chown(o.UID, o.GID); err != nil {
-			return n, err
+			return path, n, err
 		}
 	}
 	check, err := s.cfg.checkRDB()
 	if err != nil {
-		return n, err
+		return path, n, err
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(cctx, check, path)
-	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = redis.Env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
 	out, err := cmd.CombinedOutput()
 	var exit *exec.ExitError
 	if errors.As(err, &exit) && cctx.Err() == nil {
-		return n, fmt.Errorf("redis-check-rdb refuses the snapshot: %s: %w", checkVerdict(out), ErrInvalid)
+		return path, n, fmt.Errorf("redis-check-rdb refuses the snapshot: %s: %w", checkVerdict(out), ErrInvalid)
 	}
 	if err != nil {
-		return n, fmt.Errorf("run %s: %w", check, err)
+		return path, n, fmt.Errorf("run %s: %w", check, err)
 	}
-	return n, nil
+	return path, n, nil
+}
+
+func tooLarge(limit int64, memoryMB int) error {
+	return fmt.Errorf("the snapshot is larger than %d MiB, the memory limit of an instance of memory_mb %d: %w",
+		limit>>20, memoryMB, ErrInvalid)
 }
 
 func validSHA256(s string) bool {
@@ -293,8 +324,23 @@ func checkVerdict(out []byte) string {
 	return strings.Join(keep, "; ")
 }
 
-// loaderTimeout bounds a loader's whole run: load, AOF, shutdown.
+// loaderTimeout bounds a loader's whole run (load, AOF, shutdown), and a
+// wait for an instance to load its data set.
 const loaderTimeout = 30 * time.Minute
+
+// loaderGroup is the cgroup of id's restore loader ("_" starts no
+// instance id: no clash).
+func loaderGroup(id string) string { return "_restore-" + id }
+
+// waitReady waits until the process of in answers PING after a start.
+// Its only deadline is loaderTimeout: the supervisor itself gives up on a
+// start that does not answer within ReadyTimeout, except while the server
+// is loading its data set, which takes as long as the data set is large.
+func (s *Service) waitReady(ctx context.Context, in *instance) error {
+	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
+	defer cancel()
+	return in.sup.WaitReady(ctx)
+}
 
 // load runs a loader on the staged data directory of rec: the instance's
 // own redis-server binary loads the staged RDB (proving the instance will),
@@ -306,11 +352,19 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	dir := s.layout.StagingDir(rec.ID)
 	data := s.layout.StagedDataDir(rec.ID)
 	conf := filepath.Join(dir, "loader.conf")
-	sock := filepath.Join(dir, "loader.sock")
-	if err := s.layout.WriteConfig(conf, redis.RenderLoader(data, sock)); err != nil {
+	// The socket is dir/loader.sock, bound by a path relative to data and
+	// dialled through this process's descriptor of dir: a socket address
+	// holds 107 bytes, and dir's path alone can be longer.
+	if err := s.layout.WriteConfig(conf, redis.RenderLoader(data, "../loader.sock")); err != nil {
 		return err
 	}
-	logf, err := os.OpenFile(filepath.Join(dir, "loader.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	dirf, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer dirf.Close()
+	sock := fmt.Sprintf("/proc/self/fd/%d/loader.sock", dirf.Fd())
+	logf, err := os.OpenFile(filepath.Join(dir, "loader.log"), os.O_CREATE|os.O_EXCL|os.O_WRONLY|syscall.O_NOFOLLOW, 0o640)
 	if err != nil {
 		return err
 	}
@@ -325,14 +379,14 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	cmd := exec.Command(binary, conf)
 	cmd.Dir = data
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = redis.Env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cred, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start loader: %w", err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	group := "_restore-" + rec.ID // "_" starts no instance id: no clash
+	group := loaderGroup(rec.ID)
 	if s.cg != nil {
 		if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB)); err != nil {
 			s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
@@ -349,9 +403,11 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 			}
 		}()
 	}
+	reaped := false
 	defer func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
+		if !reaped {
+			// The whole group: an AOF rewrite the loader forked too.
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 			<-exited
 		}
 	}()
@@ -370,7 +426,7 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 		}
 		select {
 		case werr := <-exited:
-			exited <- werr
+			reaped = true
 			return failed(fmt.Errorf("loader exited (%v)", werr))
 		case <-ctx.Done():
 			return fmt.Errorf("loader: %w", ctx.Err())
@@ -395,6 +451,7 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	}
 	select {
 	case <-exited:
+		reaped = true
 	case <-ctx.Done():
 		return fmt.Errorf("loader did not exit: %w", ctx.Err())
 	}

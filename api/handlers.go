@@ -186,6 +186,9 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 // snapshotTransfer bounds the time a snapshot download or upload may take.
 const snapshotTransfer = time.Hour
 
+// restoreAnswer bounds the time until a restore's answer is written.
+const restoreAnswer = 3 * time.Hour
+
 // SnapshotSHA256Header carries the hex sha256 of a snapshot: set on a
 // download, checked on an upload when given.
 const SnapshotSHA256Header = "X-Snapshot-Sha256"
@@ -220,7 +223,12 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	want := r.Header.Get(SnapshotSHA256Header)
-	http.NewResponseController(w).SetReadDeadline(time.Now().Add(snapshotTransfer))
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(snapshotTransfer))
+	// The answer comes after the upload, the check, the load and the
+	// restart on the new data: the server's write timeout (for JSON
+	// answers) would drop it, and the broker would restore again.
+	rc.SetWriteDeadline(time.Now().Add(restoreAnswer))
 	inst, err := s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, want)
 	if err != nil {
 		s.fail(w, r, err)

@@ -145,7 +145,9 @@ func NewPassword() string {
 // RenderLoader returns the redis.conf of a loader: a short-lived server
 // that loads dir/dump.rdb, reachable only on the unix socket at socket with
 // the default user (the socket's directory is 0700), saving nothing by
-// itself. It uses the instances' AOF names, so an AOF it writes (EnableAOF)
+// itself. A relative socket is relative to dir (Redis binds it after
+// changing to dir), which keeps it within the 107 bytes of a socket
+// address however deep dir is. It uses the instances' AOF names, so an AOF it writes (EnableAOF)
 // is one an instance loads.
 func RenderLoader(dir, socket string) []byte {
 	var b strings.Builder

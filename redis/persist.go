@@ -13,6 +13,11 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 )
 
+// Env is the whole environment of the redis-server processes the agent
+// runs, and of the tools it runs on their files: nothing of the agent's
+// own (its API token included) reaches them.
+var Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
 // NewSocketAdmin returns an Admin for a server listening on the unix socket
 // at path with its default user (no AUTH): the agent's short-lived loader
 // servers, reachable only through a socket in a 0700 directory.
@@ -188,7 +193,9 @@ func (v Version) String() string {
 // BinaryVersion runs binary --version and reads its
 // "Redis server v=7.0.15 sha=... build=..." line.
 func BinaryVersion(ctx context.Context, binary string) (Version, error) {
-	out, err := exec.CommandContext(ctx, binary, "--version").Output()
+	cmd := exec.CommandContext(ctx, binary, "--version")
+	cmd.Env = Env
+	out, err := cmd.Output()
 	if err != nil {
 		return Version{}, fmt.Errorf("%s --version: %w", binary, err)
 	}

@@ -100,6 +100,11 @@ type Instance struct {
 	// start on in a rollout: the automatic rollout at agent start does not
 	// try that binary again (POST /v1/rollout does).
 	RolloutFailed string `json:"rollout_failed,omitempty"`
+	// RolloutFrom is set while a rollout moves this instance: the binary
+	// it goes back to if it does not become ready on the new one. A crash
+	// in the middle of the move leaves it set, and the next rollout
+	// finishes the move from it.
+	RolloutFrom string `json:"rollout_from,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.

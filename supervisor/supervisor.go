@@ -27,6 +27,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/redis-agent/redis-agent/redis"
 )
 
 // State is where an instance's process is in its lifecycle.
@@ -574,7 +576,7 @@ func (s *Supervisor) spawn() (*running, error) {
 	cmd.Dir = s.cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A clean environment: nothing of the agent's (tokens included) leaks.
-	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Env = redis.Env
 	// Its own process group: a Ctrl-C or a signal to the agent's group
 	// must not reach Redis. No Pdeathsig: Redis outlives the agent.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cfg.Credential}

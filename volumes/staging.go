@@ -13,7 +13,8 @@ import (
 // A restore builds the instance's next data directory next to the live
 // one and swaps the two in one rename(2):
 //
-//	<data-root>/<id>/restore/        0700 Redis user: the loader's files
+//	<data-root>/<id>/restore/        0700 Redis user: the loader's config
+//	                                 and log (root's, 0640) and socket
 //	<data-root>/<id>/restore/data/   0700 Redis user: the next data dir
 //
 // Exchange swaps <id>/data and <id>/restore/data atomically
@@ -69,18 +70,34 @@ func (l Layout) Staging(id string) bool {
 }
 
 // Exchange swaps the live and the staged data directories of id in one
-// atomic rename and makes the swap durable.
+// atomic rename and makes the swap durable. When it cannot be made
+// durable the swap is undone, so an error means no swap (unless undoing
+// failed too, which the error says; Restored tells then).
 func (l Layout) Exchange(id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
+	if err := l.exchange(id); err != nil {
+		return err
+	}
+	err := syncDir(l.Dir(id))
+	if err == nil {
+		err = syncDir(l.StagingDir(id))
+	}
+	if err != nil {
+		if uerr := l.exchange(id); uerr != nil {
+			return fmt.Errorf("%w; and undoing the exchange: %w", err, uerr)
+		}
+		return err
+	}
+	return nil
+}
+
+func (l Layout) exchange(id string) error {
 	if err := unix.Renameat2(unix.AT_FDCWD, l.DataDir(id), unix.AT_FDCWD, l.StagedDataDir(id), unix.RENAME_EXCHANGE); err != nil {
 		return fmt.Errorf("exchange %s and %s: %w", l.DataDir(id), l.StagedDataDir(id), err)
 	}
-	if err := syncDir(l.Dir(id)); err != nil {
-		return err
-	}
-	return syncDir(l.StagingDir(id))
+	return nil
 }
 
 // Restored reports whether the live data directory of id is one a restore
@@ -101,4 +118,51 @@ func (l Layout) FinishRestore(id string) error {
 		return fmt.Errorf("remove restore marker: %w", err)
 	}
 	return l.RemoveStaging(id)
+}
+
+// A restore's body is received, before the instance's lock is taken, into
+// its own file in <data-root>/_uploads/ (0750, group of the Redis user; "_"
+// starts no instance id), checked there, and renamed into the staging
+// directory. No upload outlives the agent: ClearUploads empties the
+// directory at start.
+
+// UploadDir holds restores' bodies while they are received and checked.
+func (l Layout) UploadDir() string { return filepath.Join(l.DataRoot, "_uploads") }
+
+// CreateUpload creates a new, empty file in UploadDir for a body bound for
+// instance id.
+func (l Layout) CreateUpload(id string) (*os.File, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if err := mkdir(l.UploadDir(), 0o750, Owner{-1, l.Owner.GID}); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(l.UploadDir(), id+".*.rdb")
+	if err != nil {
+		return nil, fmt.Errorf("create upload file: %w", err)
+	}
+	return f, nil
+}
+
+// ClearUploads removes every file in UploadDir: at agent start no upload
+// is under way.
+func (l Layout) ClearUploads() error {
+	if err := os.RemoveAll(l.UploadDir()); err != nil {
+		return fmt.Errorf("remove %s: %w", l.UploadDir(), err)
+	}
+	return nil
+}
+
+// SyncFile flushes the file at path to disk.
+func SyncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
 }

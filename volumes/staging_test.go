@@ -352,3 +352,40 @@ func TestRestoredAfterInterruptedRestore(t *testing.T) {
 		t.Fatal("Restored or Staging for an instance that does not exist")
 	}
 }
+
+// Uploads are files of their own in a directory no instance id can name;
+// ClearUploads removes them all.
+func TestUploads(t *testing.T) {
+	l := newInstance(t, "up")
+	f, err := l.CreateUpload("up")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	g, err := l.CreateUpload("up")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if f.Name() == g.Name() || filepath.Dir(f.Name()) != l.UploadDir() {
+		t.Fatalf("uploads %s and %s; want two files in %s", f.Name(), g.Name(), l.UploadDir())
+	}
+	if fi, err := os.Stat(f.Name()); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("upload file mode: %v, %v", fi, err)
+	}
+	if _, err := l.CreateUpload("../x"); !errors.Is(err, ErrInvalidID) {
+		t.Fatalf("CreateUpload with an invalid id = %v", err)
+	}
+	if ids, err := l.List(); err != nil || strings.Join(ids, ",") != "up" {
+		t.Fatalf("List = %v, %v; the uploads directory is no instance", ids, err)
+	}
+	if err := l.ClearUploads(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(l.UploadDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("uploads directory after ClearUploads: %v", err)
+	}
+	if err := l.ClearUploads(); err != nil {
+		t.Fatalf("ClearUploads with nothing there: %v", err)
+	}
+}
