@@ -73,6 +73,11 @@ type instance struct {
 	stats atomic.Pointer[instanceStats]
 	// oomKills is the cgroup's OOM-kill count last seen.
 	oomKills atomic.Uint64
+	// memoryMB is the record's maxmemory; a health check that sees the
+	// server at another calls drift (a resize a crash cut short, on a
+	// process adopted since).
+	memoryMB atomic.Int64
+	drift    func()
 }
 
 // instanceStats is one health check's harvest: INFO and /proc figures.

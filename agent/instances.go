@@ -169,7 +169,8 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	log := s.log.With("instance", rec.ID)
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
-	in := &instance{admin: admin}
+	in := &instance{admin: admin, drift: func() { go s.syncLive(id) }}
+	in.memoryMB.Store(int64(rec.MemoryMB))
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
 		ConfPath:     s.layout.ConfPath(id),
@@ -217,9 +218,16 @@ func (s *Service) binaryOf(rec state.Instance) string {
 // Started event before anything else, and the exit and restart count of an
 // Exited one.
 func (s *Service) persistEvent(id string, ev supervisor.Event) {
-	if ev.Kind == supervisor.Started {
+	switch ev.Kind {
+	case supervisor.Started:
 		s.confine(id, ev.Process.PID)
 		crashAt(FaultSpawnUnrecorded)
+	case supervisor.Ready:
+		// Nothing to record. The process may have read an older ACL file
+		// or config than the record says (a bind or resize raced with its
+		// start, or it was adopted).
+		go s.syncLive(id)
+		return
 	}
 	_, err := s.store.Update(id, func(r *state.Instance) error {
 		switch ev.Kind {
@@ -229,11 +237,6 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 			// makes a restart run the new binary.
 			r.Binary = ev.Binary
 			r.BinaryID, _ = binaryID(ev.Binary)
-		case supervisor.Ready:
-			// The process may have read an older ACL file or config than
-			// the record says (a bind or resize raced with its start, or it
-			// was adopted).
-			go s.syncLive(id)
 		case supervisor.Exited:
 			if ev.Exit != nil && ev.Exit.Reason != supervisor.ReasonStopped {
 				s.metrics.restarts.WithLabelValues(id, restartReason(ev.Exit.Reason)).Inc()
@@ -309,7 +312,11 @@ func (s *Service) syncLive(id string) {
 	if in == nil {
 		return
 	}
-	if hs := in.stats.Load(); hs != nil && hs.ok && hs.info.MaxMemory == float64(int64(rec.MemoryMB)<<20) {
+	// Whether the live maxmemory differs is known from a health check; a
+	// Ready before the first one (a start or an adoption) leaves it to
+	// that check, which comes back here when it does. Setting it blindly
+	// would cost every adopted instance a connection at agent start.
+	if hs := in.stats.Load(); hs == nil || (hs.ok && hs.info.MaxMemory == float64(int64(rec.MemoryMB)<<20)) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
@@ -547,5 +554,8 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	st := &instanceStats{ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
 	in.stats.Store(st)
+	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) && in.drift != nil {
+		in.drift()
+	}
 	return err
 }

@@ -406,12 +406,13 @@ func TestResizeLive(t *testing.T) {
 		t.Fatalf("live maxmemory after shrink = %s", f["maxmemory"])
 	}
 
-	// A resize a crash left half done (record only) is finished when the
-	// process is adopted: the Ready sync sets maxmemory.
+	// A resize a crash left half done (record only) is finished once the
+	// process is adopted: its first health check sees the old maxmemory.
 	if _, err := s.store.Update("r", func(r *state.Instance) error { r.MemoryMB = 40; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	shutdown(t, s, false)
+	cfg.Health.Interval = 100 * time.Millisecond
 	s2 := startService(t, cfg)
 	waitFor(t, "maxmemory synced after adoption", 5*time.Second, func() bool {
 		f, err := s2.runtime("r").admin.Fields(ctx, "memory")

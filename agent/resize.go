@@ -77,6 +77,9 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 	if err != nil {
 		return Instance{}, notFound(id, err)
 	}
+	if in != nil {
+		in.memoryMB.Store(int64(memoryMB))
+	}
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
 		return Instance{}, fmt.Errorf("resize %q: %w", id, err)

@@ -339,7 +339,10 @@ func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) erro
 			return err
 		}
 		if string(before) == string(after) {
-			return nil
+			// Rolled back, not committed: a bbolt commit writes and
+			// fsyncs its meta page even when nothing changed (every
+			// instance's Ready event at an agent start came here).
+			return errUnchanged
 		}
 		var old struct {
 			Port     int `json:"port"`
@@ -356,8 +359,14 @@ func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) erro
 		}
 		return tx.Bucket(bucketInstances).Put([]byte(id), after)
 	})
+	if errors.Is(err, errUnchanged) {
+		err = nil
+	}
 	return out, err
 }
+
+// errUnchanged ends an update that changed nothing without a commit.
+var errUnchanged = errors.New("unchanged")
 
 // Delete removes the record of id and frees its port. Deleting an absent
 // record returns ErrNotFound.

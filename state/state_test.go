@@ -300,3 +300,35 @@ func TestAdmitSeesUsage(t *testing.T) {
 		t.Fatalf("usage after Admit = %d MiB, %v; want 250", u.MemoryMB, err)
 	}
 }
+
+// An update that changes nothing commits nothing: a bbolt commit writes
+// and fsyncs even when empty, and every Ready event at an agent start
+// used to pay for one.
+func TestUpdateWithoutChangeDoesNotCommit(t *testing.T) {
+	s := open(t)
+	if _, err := s.Create(Instance{ID: "a", MemoryMB: 8}, lowest); err != nil {
+		t.Fatal(err)
+	}
+	txid := func() int {
+		var id int
+		s.db.View(func(tx *bolt.Tx) error { id = tx.ID(); return nil })
+		return id
+	}
+	before := txid()
+	got, err := s.Update("a", func(r *Instance) error { r.MemoryMB = 8; return nil })
+	if err != nil || got.MemoryMB != 8 {
+		t.Fatalf("no-op Update = %+v, %v", got, err)
+	}
+	if after := txid(); after != before {
+		t.Fatalf("a no-op update committed: txid %d -> %d", before, after)
+	}
+	if _, err := s.Update("a", func(r *Instance) error { r.MemoryMB = 9; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if after := txid(); after != before+1 {
+		t.Fatalf("a real update: txid %d -> %d, want one commit", before, after)
+	}
+	if _, err := s.Update("absent", func(*Instance) error { return nil }); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Update of an absent record = %v", err)
+	}
+}
