@@ -201,7 +201,7 @@ func (s *Service) finishRestore(id string) {
 		}
 		return
 	}
-	log.Warn("an interrupted restore had not swapped the data in: keeping the current data")
+	log.Warn("an interrupted restore had not swapped its data in (or was removing the previous data): keeping the live data")
 	if err := s.layout.RemoveStaging(id); err != nil {
 		log.Error("remove the staged data", "err", err)
 	}
