@@ -859,3 +859,76 @@ func breakAOF(t *testing.T, s *Service, id string, pid int) {
 		return st == "backoff" || st == "crashloop"
 	})
 }
+
+// Restored data that did not start is marked failed before the previous
+// data is exchanged back. A crash between the two leaves the failed data
+// live (and maybe a process on it); the next start stops that process,
+// puts the previous data back and removes the failed data.
+func TestReconcileFinishesASwapBack(t *testing.T) {
+	cfg := testConfig(t, 4)
+	s := startService(t, cfg)
+	c, inst, cr := boundCreds(t, s, "sb", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	fill(t, c, 300, 20)
+	shutdown(t, s, false)
+
+	// The crash's leftovers, built under the running process: the failed
+	// data is live (an empty directory here), the previous data staged.
+	l := s.layout
+	if err := l.CreateStaging("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Exchange("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.MarkRestoreFailed("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if !l.RestoreFailed("sb") || l.Restored("sb") {
+		t.Fatal("the markers do not say failed")
+	}
+
+	s = startService(t, cfg)
+	in := mustGet(t, s, "sb")
+	if in.PID == inst.PID {
+		t.Fatal("the process on the failed data was adopted, not stopped")
+	}
+	waitFor(t, "sb running", 10*time.Second, func() bool { return mustGet(t, s, "sb").State == "running" })
+	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 300, 20)
+	if l.Staging("sb") || l.RestoreFailed("sb") {
+		t.Fatal("the failed restored data or its marker is left")
+	}
+}
+
+// Restored data the instance does not start on (here a redis-server
+// wrapper refuses a data directory with the restore's marker; the loader
+// it lets through) is swapped back out: the restore fails, the old data
+// serves again, and nothing of the restore is left.
+func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
+	cfg := testConfig(t, 6)
+	real := cfg.RedisServer
+	cfg.RedisServer = filepath.Join(testenvDir(t), "redis-server-picky")
+	script := "#!/bin/sh\ncase \"$1\" in *loader.conf) exec " + real + " \"$@\";; esac\n" +
+		"if [ -e .restored ]; then echo 'refusing restored data' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(cfg.RedisServer, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := startService(t, cfg)
+	ctx := context.Background()
+	src, _ := bound(t, s, "pk-src", Spec{MemoryMB: 32})
+	fill(t, src, 100, 10)
+	rdb := snapshotBytes(t, s, "pk-src")
+	dst, _, cr := boundCreds(t, s, "pk-dst", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	fill(t, dst, 300, 20)
+
+	_, err := s.Restore(ctx, "pk-dst", bytes.NewReader(rdb), "")
+	if err == nil || !strings.Contains(err.Error(), "the old data is back") {
+		t.Fatalf("restore of data the instance does not start on = %v", err)
+	}
+	if in := mustGet(t, s, "pk-dst"); in.State != "running" {
+		t.Fatalf("pk-dst is %s after the failed restore", in.State)
+	}
+	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 300, 20)
+	if l := s.layout; l.Staging("pk-dst") || l.Restored("pk-dst") || l.RestoreFailed("pk-dst") {
+		t.Fatal("the restore left its staging directory or a marker")
+	}
+}

@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -116,7 +118,7 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 		log.Info("finished an interrupted deletion")
 		return "deleted", nil
 	}
-	s.finishRestore(rec.ID)
+	s.finishRestore(rec, procs)
 	adopt := s.findProcess(rec, procs)
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
@@ -183,7 +185,8 @@ func (s *Service) killLoaders(procs map[string]supervisor.Process) {
 // happened, the restored data is (it was checked and loaded before the
 // swap) and the previous data is removed; if not, the staged data is. No
 // process runs on the staged directory, so either is safe.
-func (s *Service) finishRestore(id string) {
+func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.Process) {
+	id := rec.ID
 	if !s.layout.Staging(id) {
 		return
 	}
@@ -193,6 +196,26 @@ func (s *Service) finishRestore(id string) {
 		if err := s.cg.Remove(loaderGroup(id)); err != nil {
 			log.Error("remove the restore loader's cgroup", "err", err)
 		}
+	}
+	if s.layout.RestoreFailed(id) {
+		// The restored data did not start and the crash came before the
+		// previous data was back: put it back, after stopping whatever
+		// runs on the failed data.
+		log.Warn("an interrupted restore's data had failed to start: putting the previous data back")
+		if p := s.findProcess(rec, procs); p != nil {
+			if err := killAndWait(p.PID); err != nil {
+				log.Error("stop the process on the failed restored data; keeping it", "pid", p.PID, "err", err)
+				return
+			}
+		}
+		if err := s.layout.Exchange(id); err != nil {
+			log.Error("put the previous data back", "err", err)
+			return
+		}
+		if err := s.layout.RemoveStaging(id); err != nil {
+			log.Error("remove the failed restored data", "err", err)
+		}
+		return
 	}
 	if s.layout.Restored(id) {
 		log.Warn("an interrupted restore had swapped the data in: keeping the restored data")
@@ -205,6 +228,22 @@ func (s *Service) finishRestore(id string) {
 	if err := s.layout.RemoveStaging(id); err != nil {
 		log.Error("remove the staged data", "err", err)
 	}
+}
+
+// killAndWait SIGKILLs pid and waits until it is gone (or a zombie: it is
+// not the agent's child to reap).
+func killAndWait(pid int) error {
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	for range 500 {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || bytes.Contains(b, []byte(") Z ")) {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("pid %d survived SIGKILL for 5s", pid)
 }
 
 // findProcess returns the live process of rec: the recorded one if it

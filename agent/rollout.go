@@ -118,13 +118,16 @@ func (s *Service) RolloutStatus(ctx context.Context) (Rollout, error) {
 	if err != nil {
 		return Rollout{}, err
 	}
+	// The state before the records: a rollout that says it is done had
+	// written every move before the records are read, so Pending is not
+	// counted from a record caught in the middle of one.
+	s.roll.mu.Lock()
+	st := s.roll.status
+	s.roll.mu.Unlock()
 	recs, err := s.store.List()
 	if err != nil {
 		return Rollout{}, err
 	}
-	s.roll.mu.Lock()
-	st := s.roll.status
-	s.roll.mu.Unlock()
 	if st.State == RolloutIdle || st.State == "" {
 		st.State, st.Binary, st.Version = RolloutIdle, t.path, t.version.String()
 	}

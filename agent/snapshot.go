@@ -219,8 +219,13 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 }
 
 // swapBack puts the previous data directory back after restored data did
-// not start, and waits for the instance to be ready on it.
+// not start, and waits for the instance to be ready on it. The restored
+// data is marked failed first, so a crash on the way back makes reconcile
+// finish it rather than keep the restored data.
 func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
+	if err := s.layout.MarkRestoreFailed(id); err != nil {
+		return err
+	}
 	if err := in.sup.Replace(ctx, "", func() error { return s.layout.Exchange(id) }); err != nil {
 		return err
 	}

@@ -26,6 +26,10 @@ import (
 // staged by a restore.
 const RestoreMarker = ".restored"
 
+// FailedMarker replaces RestoreMarker in restored data that did not start:
+// the previous data must come back, even after a crash.
+const FailedMarker = ".restore-failed"
+
 // StagingDir is where a restore prepares the next data directory of id.
 func (l Layout) StagingDir(id string) string { return filepath.Join(l.Dir(id), "restore") }
 
@@ -105,6 +109,26 @@ func (l Layout) exchange(id string) error {
 // true means the swap happened.
 func (l Layout) Restored(id string) bool {
 	_, err := os.Lstat(filepath.Join(l.DataDir(id), RestoreMarker))
+	return err == nil
+}
+
+// MarkRestoreFailed says, durably, that the restored data live for id did
+// not start and the previous data (staged) must be exchanged back.
+func (l Layout) MarkRestoreFailed(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	if err := os.Rename(filepath.Join(l.DataDir(id), RestoreMarker), filepath.Join(l.DataDir(id), FailedMarker)); err != nil {
+		return fmt.Errorf("mark the restore failed: %w", err)
+	}
+	return syncDir(l.DataDir(id))
+}
+
+// RestoreFailed reports whether the live data directory of id is restored
+// data marked as failed (MarkRestoreFailed): the previous data is staged
+// and must come back.
+func (l Layout) RestoreFailed(id string) bool {
+	_, err := os.Lstat(filepath.Join(l.DataDir(id), FailedMarker))
 	return err == nil
 }
 
