@@ -151,7 +151,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			}
 
 			sum := sha256.Sum256(rdb)
-			if _, err := s.Restore(ctx, "dst-"+mode, bytes.NewReader(rdb), hex.EncodeToString(sum[:])); err != nil {
+			if _, err := s.Restore(ctx, "dst-"+mode, bytes.NewReader(rdb), int64(len(rdb)), hex.EncodeToString(sum[:])); err != nil {
 				t.Fatal(err)
 			}
 			checkFilled(t, dst, 5000, 100) // the binding's client reconnects
@@ -274,7 +274,7 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 			if tt.name == "cut off in transit" {
 				body = io.MultiReader(body, iotest.ErrReader(io.ErrUnexpectedEOF))
 			}
-			_, err := s.Restore(ctx, "dst", body, tt.sha)
+			_, err := s.Restore(ctx, "dst", body, -1, tt.sha)
 			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tt.says) {
 				t.Fatalf("Restore = %v; want ErrInvalid saying %q", err, tt.says)
 			}
@@ -299,7 +299,7 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		_, err := s.Restore(ctx, "dst", pr, "")
+		_, err := s.Restore(ctx, "dst", pr, -1, "")
 		done <- err
 	}()
 	if _, err := pw.Write(good[:4096]); err != nil {
@@ -315,7 +315,18 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 	if err := <-done; !errors.Is(err, ErrInvalid) {
 		t.Fatalf("restore cut off = %v, want ErrInvalid", err)
 	}
-	if _, err := s.Restore(ctx, "absent", bytes.NewReader(good), ""); !errors.Is(err, ErrNotFound) {
+
+	// A declared size over the instance's limit is refused before a byte
+	// is read (this body would block forever).
+	blocked, _ := io.Pipe()
+	_, err := s.Restore(ctx, "dst", blocked, 1<<40, "")
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("restore of a declared 1 TiB = %v, want ErrInvalid", err)
+	}
+	if left, _ := os.ReadDir(s.layout.UploadDir()); len(left) != 0 {
+		t.Fatalf("upload files after a refused declared size: %v", left)
+	}
+	if _, err := s.Restore(ctx, "absent", bytes.NewReader(good), -1, ""); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("restore into an absent instance = %v, want ErrNotFound", err)
 	}
 	if _, err := s.Snapshot(ctx, "absent"); !errors.Is(err, ErrNotFound) {
@@ -727,7 +738,7 @@ func TestRestoreLongPaths(t *testing.T) {
 	fill(t, c, 100, 10)
 	rdb := snapshotBytes(t, s, id)
 	c.FlushAll(context.Background())
-	if _, err := s.Restore(context.Background(), id, bytes.NewReader(rdb), ""); err != nil {
+	if _, err := s.Restore(context.Background(), id, bytes.NewReader(rdb), -1, ""); err != nil {
 		t.Fatal(err)
 	}
 	checkFilled(t, c, 100, 10)
@@ -920,7 +931,7 @@ func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
 	dst, _, cr := boundCreds(t, s, "pk-dst", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
 	fill(t, dst, 300, 20)
 
-	_, err := s.Restore(ctx, "pk-dst", bytes.NewReader(rdb), "")
+	_, err := s.Restore(ctx, "pk-dst", bytes.NewReader(rdb), -1, "")
 	if err == nil || !strings.Contains(err.Error(), "the old data is back") {
 		t.Fatalf("restore of data the instance does not start on = %v", err)
 	}

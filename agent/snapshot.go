@@ -130,7 +130,7 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 //
 // The body is received and checked before the instance's lock is taken:
 // a slow upload holds up no deletion, bind or rollout of the instance.
-func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want string) (Instance, error) {
+func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size int64, want string) (Instance, error) {
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, err
 	}
@@ -138,7 +138,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, want s
 	if _, _, err := s.runningInstance(ctx, id); err != nil {
 		return Instance{}, err
 	}
-	upload, size, err := s.receive(ctx, id, body, want)
+	upload, size, err := s.receive(ctx, id, body, size, want)
 	if upload != "" {
 		defer os.Remove(upload) // gone already once staged
 	}
@@ -237,15 +237,19 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 
 // receive writes body to a new file in the uploads directory and checks
 // it: size (an RDB larger than the instance's whole memory limit cannot be
-// its data set), sha256 and redis-check-rdb. It returns the file's path
-// (also on an error, when it was created) and size.
-func (s *Service) receive(ctx context.Context, id string, body io.Reader, want string) (string, int64, error) {
+// its data set), sha256 and redis-check-rdb. A declared size (negative:
+// unknown) over the limit is refused before anything is written. It
+// returns the file's path (also on an error, when it was created) and size.
+func (s *Service) receive(ctx context.Context, id string, body io.Reader, declared int64, want string) (string, int64, error) {
 	if want != "" && !validSHA256(want) {
 		return "", 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
 	}
 	rec, err := s.store.Get(id)
 	if err != nil {
 		return "", 0, notFound(id, err)
+	}
+	if limit := limits.MemoryFor(rec.MemoryMB); declared > limit {
+		return "", 0, tooLarge(limit, rec.MemoryMB)
 	}
 	f, err := s.layout.CreateUpload(id)
 	if err != nil {

@@ -35,7 +35,7 @@ type Service interface {
 	Log(ctx context.Context, id string, lines int) ([]string, error)
 	Resize(ctx context.Context, id string, memoryMB int) (agent.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
-	Restore(ctx context.Context, id string, rdb io.Reader, sha256 string) (agent.Instance, error)
+	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (agent.Instance, error)
 	StartRollout(ctx context.Context) (agent.Rollout, error)
 	RolloutStatus(ctx context.Context) (agent.Rollout, error)
 }

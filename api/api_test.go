@@ -551,8 +551,8 @@ func TestSnapshotTransfer(t *testing.T) {
 		t.Fatalf("GET snapshot = %d %q %v", r.code, r.body, r.hdr)
 	}
 
-	e.svc.EXPECT().Restore(gomock.Any(), "i1", gomock.Any(), "cd34").DoAndReturn(
-		func(_ context.Context, id string, body io.Reader, _ string) (agent.Instance, error) {
+	e.svc.EXPECT().Restore(gomock.Any(), "i1", gomock.Any(), int64(len(rdb)), "cd34").DoAndReturn(
+		func(_ context.Context, id string, body io.Reader, _ int64, _ string) (agent.Instance, error) {
 			b, _ := io.ReadAll(body)
 			if string(b) != rdb {
 				t.Errorf("Restore got body %q, want %q", b, rdb)

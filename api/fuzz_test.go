@@ -83,7 +83,7 @@ func (f *fakeService) Snapshot(_ context.Context, id string) (*agent.Snapshot, e
 	}
 	return &agent.Snapshot{File: file, SHA256: strings.Repeat("0", 64)}, nil
 }
-func (f *fakeService) Restore(_ context.Context, id string, rdb io.Reader, _ string) (agent.Instance, error) {
+func (f *fakeService) Restore(_ context.Context, id string, rdb io.Reader, _ int64, _ string) (agent.Instance, error) {
 	if _, err := io.Copy(io.Discard, rdb); err != nil {
 		return agent.Instance{}, fmt.Errorf("read: %w", agent.ErrInvalid)
 	}

@@ -229,7 +229,7 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 	// restart on the new data: the server's write timeout (for JSON
 	// answers) would drop it, and the broker would restore again.
 	rc.SetWriteDeadline(time.Now().Add(restoreAnswer))
-	inst, err := s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, want)
+	inst, err := s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, r.ContentLength, want)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -193,18 +193,18 @@ func (mr *MockServiceMockRecorder) Restart(ctx, id any) *gomock.Call {
 }
 
 // Restore mocks base method.
-func (m *MockService) Restore(ctx context.Context, id string, rdb io.Reader, sha256 string) (agent.Instance, error) {
+func (m *MockService) Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (agent.Instance, error) {
 	m.ctrl.T.Helper()
-	ret := m.ctrl.Call(m, "Restore", ctx, id, rdb, sha256)
+	ret := m.ctrl.Call(m, "Restore", ctx, id, rdb, size, sha256)
 	ret0, _ := ret[0].(agent.Instance)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
 
 // Restore indicates an expected call of Restore.
-func (mr *MockServiceMockRecorder) Restore(ctx, id, rdb, sha256 any) *gomock.Call {
+func (mr *MockServiceMockRecorder) Restore(ctx, id, rdb, size, sha256 any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
-	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Restore", reflect.TypeOf((*MockService)(nil).Restore), ctx, id, rdb, sha256)
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Restore", reflect.TypeOf((*MockService)(nil).Restore), ctx, id, rdb, size, sha256)
 }
 
 // RolloutStatus mocks base method.
