@@ -316,12 +316,12 @@ func (s *Service) syncLive(id string) {
 	// Ready before the first one (a start or an adoption) leaves it to
 	// that check, which comes back here when it does. Setting it blindly
 	// would cost every adopted instance a connection at agent start.
-	if hs := in.stats.Load(); hs == nil || (hs.ok && hs.info.MaxMemory == float64(int64(rec.MemoryMB)<<20)) {
+	want := float64(int64(rec.MemoryMB) << 20)
+	hs := in.stats.Load()
+	if hs == nil || (hs.ok && hs.info.MaxMemory == want) {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
-	defer cancel()
-	if err := in.admin.SetMaxmemory(ctx, rec.MemoryMB); err != nil && s.ctx.Err() == nil && !redis.Unreachable(err) {
+	if err := s.applyMemory(s.ctx, in, id, rec.MemoryMB, want < hs.info.MaxMemory); err != nil && s.ctx.Err() == nil {
 		s.log.Warn("sync maxmemory", "instance", id, "err", err)
 	}
 }

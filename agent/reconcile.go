@@ -1,11 +1,9 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -203,7 +201,7 @@ func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.
 		// runs on the failed data.
 		log.Warn("an interrupted restore's data had failed to start: putting the previous data back")
 		if p := s.findProcess(rec, procs); p != nil {
-			if err := killAndWait(p.PID); err != nil {
+			if err := killVerified(*p, s.layout.ConfPath(id)); err != nil {
 				log.Error("stop the process on the failed restored data; keeping it", "pid", p.PID, "err", err)
 				return
 			}
@@ -228,22 +226,6 @@ func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.
 	if err := s.layout.RemoveStaging(id); err != nil {
 		log.Error("remove the staged data", "err", err)
 	}
-}
-
-// killAndWait SIGKILLs pid and waits until it is gone (or a zombie: it is
-// not the agent's child to reap).
-func killAndWait(pid int) error {
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-		return err
-	}
-	for range 500 {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil || bytes.Contains(b, []byte(") Z ")) {
-			return nil
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return fmt.Errorf("pid %d survived SIGKILL for 5s", pid)
 }
 
 // findProcess returns the live process of rec: the recorded one if it
@@ -335,11 +317,16 @@ func (s *Service) killStray(id string) error {
 		return nil
 	}
 	s.log.Warn("killing unsupervised redis-server of a deleted instance", "instance", id, "pid", p.PID)
+	return killVerified(p, conf)
+}
+
+// killVerified SIGKILLs p, a process verified to run conf, and waits until
+// it is gone (reaped by its parent, or a zombie: it need not be the agent's
+// child), so its port and files are free afterwards.
+func killVerified(p supervisor.Process, conf string) error {
 	if err := syscall.Kill(p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("kill pid %d: %w", p.PID, err)
 	}
-	// Wait until it is gone (reaped by its parent, or a zombie), so its
-	// port and files are free when the record goes.
 	for range 500 {
 		if supervisor.Verify(p, conf) != nil {
 			return nil

@@ -65,7 +65,8 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 	}
 	old := rec.MemoryMB
 	// The record first: it is the intent. A crash after it leaves a config
-	// that reconcile rewrites and a live maxmemory the next Ready sets.
+	// that reconcile rewrites, and a live maxmemory (and cgroup limit) the
+	// first health check after the process is adopted finds and sets.
 	rec, err = s.store.Admit(id, func(r *state.Instance, u state.Usage) error {
 		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB); memoryMB > free {
 			return fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free for this instance: %w",

@@ -286,10 +286,7 @@ func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (
 	fallback := rec.RolloutFrom
 	down := time.Now()
 	if !resuming {
-		if in.sup.Status().State == supervisor.Starting {
-			s.waitReady(ctx, in) // loading its data: let it finish first
-		}
-		status := in.sup.Status()
+		status := s.settled(ctx, in)
 		if status.State != supervisor.Running {
 			// Down for reasons of its own: the new binary is not to blame,
 			// and it must not hold up the others. It restarts on t and its

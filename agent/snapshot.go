@@ -106,12 +106,7 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 	if rec.Phase != state.PhaseActive || in == nil {
 		return rec, nil, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
 	}
-	if in.sup.Status().State == supervisor.Starting {
-		// Starting or loading (or adopted, its first check not yet
-		// done): it is as good as running in a moment.
-		s.waitReady(ctx, in)
-	}
-	if st := in.sup.Status().State; st != supervisor.Running {
+	if st := s.settled(ctx, in).State; st != supervisor.Running {
 		return rec, nil, fmt.Errorf("instance %q is %s, not running: %w", id, st, ErrConflict)
 	}
 	return rec, in, nil
@@ -135,10 +130,11 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 		return Instance{}, err
 	}
 	start := time.Now()
-	if _, _, err := s.runningInstance(ctx, id); err != nil {
+	rec, _, err := s.runningInstance(ctx, id)
+	if err != nil {
 		return Instance{}, err
 	}
-	upload, size, err := s.receive(ctx, id, body, size, want)
+	upload, size, err := s.receive(ctx, rec, body, size, want)
 	if upload != "" {
 		defer os.Remove(upload) // gone already once staged
 	}
@@ -149,6 +145,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 
 	unlock := s.locks.lock(id)
 	defer unlock()
+	// Again under the lock: it may have been deleted or resized meanwhile.
 	rec, in, err := s.runningInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
@@ -240,24 +237,20 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 // its data set), sha256 and redis-check-rdb. A declared size (negative:
 // unknown) over the limit is refused before anything is written. It
 // returns the file's path (also on an error, when it was created) and size.
-func (s *Service) receive(ctx context.Context, id string, body io.Reader, declared int64, want string) (string, int64, error) {
+func (s *Service) receive(ctx context.Context, rec state.Instance, body io.Reader, declared int64, want string) (string, int64, error) {
 	if want != "" && !validSHA256(want) {
 		return "", 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
 	}
-	rec, err := s.store.Get(id)
-	if err != nil {
-		return "", 0, notFound(id, err)
-	}
-	if limit := limits.MemoryFor(rec.MemoryMB); declared > limit {
+	limit := limits.MemoryFor(rec.MemoryMB)
+	if declared > limit {
 		return "", 0, tooLarge(limit, rec.MemoryMB)
 	}
-	f, err := s.layout.CreateUpload(id)
+	f, err := s.layout.CreateUpload(rec.ID)
 	if err != nil {
 		return "", 0, err
 	}
 	defer f.Close()
 	path := f.Name()
-	limit := limits.MemoryFor(rec.MemoryMB)
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
 	if err != nil {
@@ -336,6 +329,16 @@ func checkVerdict(out []byte) string {
 // loaderTimeout bounds a loader's whole run (load, AOF, shutdown), and a
 // wait for an instance to load its data set.
 const loaderTimeout = 30 * time.Minute
+
+// settled returns the status of in once it is no longer starting: a
+// process that is starting, loading its data, or adopted without its
+// first check yet is as good as running in a moment.
+func (s *Service) settled(ctx context.Context, in *instance) supervisor.Status {
+	if in.sup.Status().State == supervisor.Starting {
+		s.waitReady(ctx, in)
+	}
+	return in.sup.Status()
+}
 
 // loaderGroup is the cgroup of id's restore loader ("_" starts no
 // instance id: no clash).
