@@ -128,11 +128,7 @@ func (a *Admin) info(ctx context.Context) (in Info, err error) {
 func ParseInfo(text string) (Info, error) {
 	in := Info{DBKeys: map[string]float64{}}
 	seen := false
-	for _, line := range strings.Split(text, "\n") {
-		k, v, ok := strings.Cut(strings.TrimRight(line, "\r"), ":")
-		if !ok || strings.HasPrefix(k, "#") {
-			continue
-		}
+	eachField(text, func(k, v string) {
 		seen = true
 		num := func() float64 { f, _ := strconv.ParseFloat(v, 64); return f }
 		switch k {
@@ -173,9 +169,19 @@ func ParseInfo(text string) (Info, error) {
 				}
 			}
 		}
-	}
+	})
 	if !seen {
 		return in, errors.New("INFO: no fields")
 	}
 	return in, nil
+}
+
+// eachField calls fn with the key and value of every "key:value" line of
+// an INFO reply, skipping section headers ("# Memory") and blank lines.
+func eachField(text string, fn func(k, v string)) {
+	for _, line := range strings.Split(text, "\n") {
+		if k, v, ok := strings.Cut(strings.TrimRight(line, "\r"), ":"); ok && !strings.HasPrefix(k, "#") {
+			fn(k, v)
+		}
+	}
 }

@@ -1,7 +1,6 @@
 package redis
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -36,12 +35,7 @@ func fields(ctx context.Context, c *goredis.Client, section string) (map[string]
 		return nil, fmt.Errorf("INFO %s: %w", section, err)
 	}
 	out := map[string]string{}
-	sc := bufio.NewScanner(strings.NewReader(text))
-	for sc.Scan() {
-		if k, v, ok := strings.Cut(strings.TrimRight(sc.Text(), "\r"), ":"); ok && !strings.HasPrefix(k, "#") {
-			out[k] = v
-		}
-	}
+	eachField(text, func(k, v string) { out[k] = v })
 	return out, nil
 }
 
