@@ -214,6 +214,13 @@ func pct(ds []time.Duration, p int) time.Duration {
 	return s[min(max(i-1, 0), len(s)-1)]
 }
 
+// bareConf writes the minimal config of a bare reference redis-server in
+// dir (no persistence) and returns its path.
+func bareConf(dir string, port int) (string, error) {
+	conf := filepath.Join(dir, "redis.conf")
+	return conf, os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644)
+}
+
 // bareStart execs redis-server with a minimal config and polls it every
 // millisecond with PING on a fresh connection until it answers: the floor
 // of provision and recovery. workers start servers at the same time, each
@@ -231,8 +238,8 @@ func (s *suite) bareStart(n, workers int) ([]time.Duration, error) {
 		dir := filepath.Join(s.cfg.Dir, "bare", strconv.Itoa(w))
 		os.MkdirAll(dir, 0o755)
 		port := s.cfg.PortMin + s.cfg.Density + 1 + w
-		conf := filepath.Join(dir, "redis.conf")
-		if err := os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644); err != nil {
+		conf, err := bareConf(dir, port)
+		if err != nil {
 			return nil, err
 		}
 		addr := "127.0.0.1:" + strconv.Itoa(port)

@@ -231,8 +231,8 @@ func (s *suite) bareRDB(path string, keys int) (save, load time.Duration, err er
 		return 0, 0, err
 	}
 	port := s.cfg.PortMin + s.cfg.Density + 1
-	conf := filepath.Join(dir, "redis.conf")
-	if err := os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644); err != nil {
+	conf, err := bareConf(dir, port)
+	if err != nil {
 		return 0, 0, err
 	}
 	addr := "127.0.0.1:" + strconv.Itoa(port)
