@@ -534,7 +534,7 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{"defaults", func(*Config) {}, true},
 		{"non-loopback without token", func(c *Config) { c.Listen = "0.0.0.0:7070" }, false},
-		{"non-loopback with token", func(c *Config) { c.Listen = "0.0.0.0:7070"; c.Token = "t" }, true},
+		{"non-loopback with token", func(c *Config) { c.Listen = "0.0.0.0:7070"; c.Token = "0123456789abcdef" }, true},
 		{"relative data dir", func(c *Config) { c.DataDir = "data" }, false},
 		{"inverted port range", func(c *Config) { c.PortMin, c.PortMax = 2, 1 }, false},
 		{"missing redis-server", func(c *Config) { c.RedisServer = "/nonexistent/redis-server" }, false},

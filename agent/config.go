@@ -47,8 +47,9 @@ type Config struct {
 	// RedisUser is the unprivileged user redis-server runs as when the agent
 	// runs as root. Ignored when the agent is not root.
 	RedisUser string
-	// Token is the bearer token every /v1 request must carry; "" disables
-	// token authentication.
+	// Token is the bearer token every /v1 request must carry, at least
+	// MinTokenBytes long without white space around it; "" disables token
+	// authentication.
 	Token string
 	// TLSCert and TLSKey, when set, make the API serve HTTPS.
 	TLSCert, TLSKey string
@@ -159,13 +160,21 @@ func defaultBudgetMB() int {
 	return 1024
 }
 
+// MinTokenBytes is the shortest API token Validate accepts.
+const MinTokenBytes = 16
+
 // Validate checks c and says what to change.
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Token != "" && strings.TrimSpace(c.Token) != c.Token {
+		bad("the API token has white space around it, which no Authorization header can carry: remove it")
+	} else if c.Token != "" && len(c.Token) < MinTokenBytes {
+		bad("the API token is %d bytes: want at least %d (e.g. openssl rand -hex 32)", len(c.Token), MinTokenBytes)
+	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		bad("listen address %q: %v", c.Listen, err)
-	} else if c.Token == "" && c.TLSClientCA == "" && !isLoopback(c.Listen) {
+	} else if strings.TrimSpace(c.Token) == "" && c.TLSClientCA == "" && !isLoopback(c.Listen) {
 		bad("listen address %q is not loopback and no authentication is configured: set --token-file (or REDIS_AGENT_TOKEN), or --tls-cert, --tls-key and --tls-client-ca for mTLS, or listen on 127.0.0.1", c.Listen)
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {

@@ -139,7 +139,7 @@ func TestTokenAuth(t *testing.T) {
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
 	tokenFile := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(tokenFile, []byte("s3cret-token\n"), 0o600)
+	os.WriteFile(tokenFile, []byte("s3cret-token-0123456789\n"), 0o600)
 	a := launchAgent(t, agentOpts{dataDir: dataDir, portMin: 23220, extra: []string{"--token-file", tokenFile, "--metrics-auth"}})
 	eventually(t, "readyz", func() bool { code, _, _ := a.try("GET", "/readyz", ""); return code == 200 })
 	call := func(path, token string) int {
@@ -160,9 +160,9 @@ func TestTokenAuth(t *testing.T) {
 	}{
 		{"/v1/instances", "", 401},
 		{"/v1/instances", "wrong", 401},
-		{"/v1/instances", "s3cret-token", 200},
+		{"/v1/instances", "s3cret-token-0123456789", 200},
 		{"/metrics", "", 401},
-		{"/metrics", "s3cret-token", 200},
+		{"/metrics", "s3cret-token-0123456789", 200},
 		{"/healthz", "", 200},
 		{"/readyz", "", 200},
 	} {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -75,11 +76,20 @@ func (e *envs) duration(name string, def time.Duration) time.Duration {
 	return d
 }
 
-func run(args []string) error {
+// settings is what the command line and the environment ask for.
+type settings struct {
+	cfg                              agent.Config
+	pprofListen, logLevel, logFormat string
+}
+
+// parse turns args and the REDIS_AGENT_* environment into settings; a
+// usage message (and -help) goes to out.
+func parse(args []string, out io.Writer) (settings, error) {
 	cfg := agent.DefaultConfig()
 	var ev envs
 	env, envInt, envDuration := ev.str, ev.int, ev.duration
 	fs := flag.NewFlagSet("redis-agent", flag.ContinueOnError)
+	fs.SetOutput(out)
 	fs.StringVar(&cfg.Listen, "listen", env("LISTEN", cfg.Listen), "API listen address (env REDIS_AGENT_LISTEN)")
 	fs.StringVar(&cfg.DataDir, "data-dir", env("DATA_DIR", cfg.DataDir), "state and instance directories (env REDIS_AGENT_DATA_DIR)")
 	fs.StringVar(&cfg.LogDir, "log-dir", env("LOG_DIR", cfg.LogDir), "redis-server logs; default <data-dir>/logs (env REDIS_AGENT_LOG_DIR)")
@@ -113,22 +123,52 @@ func run(args []string) error {
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return settings{}, err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
+		return settings{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if err := errors.Join(ev.errs...); err != nil {
+		return settings{}, err
+	}
+	var err error
+	if cfg.Token, err = token(*tokenFile); err != nil {
+		return settings{}, err
+	}
+	return settings{cfg: cfg, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
+}
+
+// token reads the API token from file, else from REDIS_AGENT_TOKEN. White
+// space around it is no part of it (a header value cannot carry it), and
+// a blank one is none.
+func token(file string) (string, error) {
+	if file == "" {
+		return strings.TrimSpace(os.Getenv("REDIS_AGENT_TOKEN")), nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("token file: %w", err)
+	}
+	t := strings.TrimSpace(string(b))
+	if t == "" {
+		return "", fmt.Errorf("token file %s is empty", file)
+	}
+	return t, nil
+}
+
+func run(args []string) error {
+	st, err := parse(args, os.Stderr)
+	if err != nil {
 		return err
 	}
-
+	cfg := st.cfg
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+	if err := level.UnmarshalText([]byte(st.logLevel)); err != nil {
 		return fmt.Errorf("log level: %w", err)
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler
-	switch *logFormat {
+	switch st.logFormat {
 	case "text":
 		h = slog.NewTextHandler(os.Stderr, opts)
 	case "json":
@@ -140,24 +180,12 @@ func run(args []string) error {
 			h = slog.NewJSONHandler(os.Stderr, opts)
 		}
 	default:
-		return fmt.Errorf("log format %q: want text, json or auto", *logFormat)
+		return fmt.Errorf("log format %q: want text, json or auto", st.logFormat)
 	}
 	cfg.Logger = slog.New(h)
 
-	cfg.Token = os.Getenv("REDIS_AGENT_TOKEN")
-	if *tokenFile != "" {
-		b, err := os.ReadFile(*tokenFile)
-		if err != nil {
-			return fmt.Errorf("token file: %w", err)
-		}
-		cfg.Token = strings.TrimSpace(string(b))
-		if cfg.Token == "" {
-			return fmt.Errorf("token file %s is empty", *tokenFile)
-		}
-	}
-
-	if *pprofListen != "" {
-		if err := servePprof(*pprofListen); err != nil {
+	if st.pprofListen != "" {
+		if err := servePprof(st.pprofListen); err != nil {
 			return err
 		}
 	}

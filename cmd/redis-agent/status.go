@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/redis-agent/redis-agent/client"
@@ -20,17 +19,13 @@ func status(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	token := os.Getenv("REDIS_AGENT_TOKEN")
-	if *tokenFile != "" {
-		b, err := os.ReadFile(*tokenFile)
-		if err != nil {
-			return fmt.Errorf("token file: %w", err)
-		}
-		token = strings.TrimSpace(string(b))
+	tok, err := token(*tokenFile)
+	if err != nil {
+		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	insts, err := client.New(*addr, token).List(ctx)
+	insts, err := client.New(*addr, tok).List(ctx)
 	if err != nil {
 		return fmt.Errorf("ask the agent at %s: %w", *addr, err)
 	}
