@@ -191,6 +191,10 @@ func (c Config) Validate() error {
 	}
 	if c.PortMin < 1 || c.PortMax > 65535 || c.PortMin > c.PortMax {
 		bad("port range %d-%d: want 1 <= min <= max <= 65535", c.PortMin, c.PortMax)
+	} else if _, p, err := net.SplitHostPort(c.Listen); err == nil {
+		if port, err := strconv.Atoi(p); err == nil && port >= c.PortMin && port <= c.PortMax {
+			bad("listen address %q: port %d is inside the instance port range %d-%d: listen on a port outside it, or move the range (--port-min, --port-max)", c.Listen, port, c.PortMin, c.PortMax)
+		}
 	}
 	if c.RedisServer == "" {
 		bad("redis-server not found in PATH: install it (apt-get install redis-server) or set --redis-server")
