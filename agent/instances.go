@@ -191,6 +191,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		Classify:     func(ex *supervisor.Exit) { s.classify(id, in, ex) },
 	})
 	in.sup = sup
+	s.metrics.track(id)
 	if s.cg != nil {
 		n, _ := s.cg.OOMKills(id)
 		in.oomKills.Store(n)

@@ -23,7 +23,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 	m := &metrics{
 		restarts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "redis_agent_instance_restarts_total",
-			Help: "Restarts of instances' redis-server processes, by instance and reason (crash, hung, unready, manual).",
+			Help: "Restarts of instances' redis-server processes, by instance and reason (crash, hung, unready, manual, oom, spawn_failed).",
 		}, []string{"instance", "reason"}),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "redis_agent_operation_duration_seconds",
@@ -47,6 +47,19 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 
 func (m *metrics) observe(op string, start time.Time) {
 	m.opDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
+}
+
+// restartReasons is the bounded set restartReason folds exit reasons into.
+var restartReasons = []string{supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual, ReasonOOM, "spawn_failed"}
+
+// track creates the per-instance event series of id at 0, when it is
+// provisioned or adopted. A counter that first appears at its first
+// increment makes increase() over it miss that event: alerts on the first
+// hung kill would never fire. Idempotent: existing series keep their value.
+func (m *metrics) track(id string) {
+	for _, r := range restartReasons {
+		m.restarts.WithLabelValues(id, r)
+	}
 }
 
 // forget drops the per-instance series of a deleted instance.

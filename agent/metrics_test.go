@@ -31,9 +31,14 @@ func TestMetrics(t *testing.T) {
 		return cur.State == "running" && cur.PID != in.PID
 	})
 	want := `
-# HELP redis_agent_instance_restarts_total Restarts of instances' redis-server processes, by instance and reason (crash, hung, unready, manual).
+# HELP redis_agent_instance_restarts_total Restarts of instances' redis-server processes, by instance and reason (crash, hung, unready, manual, oom, spawn_failed).
 # TYPE redis_agent_instance_restarts_total counter
 redis_agent_instance_restarts_total{instance="m1",reason="crash"} 1
+redis_agent_instance_restarts_total{instance="m1",reason="hung"} 0
+redis_agent_instance_restarts_total{instance="m1",reason="manual"} 0
+redis_agent_instance_restarts_total{instance="m1",reason="oom"} 0
+redis_agent_instance_restarts_total{instance="m1",reason="spawn_failed"} 0
+redis_agent_instance_restarts_total{instance="m1",reason="unready"} 0
 # HELP redis_agent_instances Instances by state.
 # TYPE redis_agent_instances gauge
 redis_agent_instances{state="backoff"} 0
@@ -114,5 +119,54 @@ redis_up{instance="m1"} 1
 	}
 	if n := testutil.CollectAndCount(s.metrics.restarts); n != 0 {
 		t.Fatalf("restart series of a deleted instance: %d", n)
+	}
+}
+
+// restartSeriesAtZero is the exposition of id's restart series before any
+// restart: one per reason, at 0.
+func restartSeriesAtZero(id string) string {
+	var b strings.Builder
+	b.WriteString("# HELP redis_agent_instance_restarts_total Restarts of instances' redis-server processes, by instance and reason (crash, hung, unready, manual, oom, spawn_failed).\n")
+	b.WriteString("# TYPE redis_agent_instance_restarts_total counter\n")
+	for _, r := range []string{"crash", "hung", "manual", "oom", "spawn_failed", "unready"} {
+		fmt.Fprintf(&b, "redis_agent_instance_restarts_total{instance=%q,reason=%q} 0\n", id, r)
+	}
+	return b.String()
+}
+
+// The per-instance counters exist at 0 from provision and from adoption, so
+// that increase() over them sees the first restart (a series that first
+// appears at 1 has no increase), and go away on delete.
+func TestMetricsSeriesAtZero(t *testing.T) {
+	cfg := testConfig(t, 2)
+	reg := prometheus.NewPedanticRegistry()
+	cfg.Registerer = reg
+	s1 := startService(t, cfg)
+	ctx := context.Background()
+	in, _, err := s1.Provision(ctx, "z1", Spec{MemoryMB: 32, Persistence: "none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(restartSeriesAtZero("z1")), "redis_agent_instance_restarts_total"); err != nil {
+		t.Fatalf("right after provision: %v", err)
+	}
+
+	// A new agent adopts the running process: its series start at 0 too.
+	shutdown(t, s1, false)
+	reg2 := prometheus.NewPedanticRegistry()
+	cfg.Registerer = reg2
+	s2 := startService(t, cfg)
+	if got := mustGet(t, s2, "z1"); got.PID != in.PID {
+		t.Fatalf("z1 after agent restart: pid %d, want adopted pid %d", got.PID, in.PID)
+	}
+	if err := testutil.GatherAndCompare(reg2, strings.NewReader(restartSeriesAtZero("z1")), "redis_agent_instance_restarts_total"); err != nil {
+		t.Fatalf("right after adoption: %v", err)
+	}
+
+	if err := s2.Deprovision(ctx, "z1"); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(s2.metrics.restarts); n != 0 {
+		t.Fatalf("restart series of a deleted instance: %d, want 0", n)
 	}
 }
