@@ -211,6 +211,8 @@ func (c Config) Validate() error {
 	}
 	if c.MemoryBudgetMB < 1 {
 		bad("memory budget %d MB: want >= 1", c.MemoryBudgetMB)
+	} else if c.DefaultMemoryMB > c.MemoryBudgetMB {
+		bad("default memory %d MB is more than the whole memory budget of %d MB: no instance provisioned without memory_mb could run", c.DefaultMemoryMB, c.MemoryBudgetMB)
 	}
 	if c.ReadyTimeout <= 0 || c.StopTimeout <= 0 {
 		bad("ready and stop timeouts must be positive")
@@ -237,6 +239,22 @@ func (c Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkMemory checks the memory_mb of an instance against the agent's
+// whole memory budget. One larger than the whole budget could never run on
+// this agent, however many instances are deleted: that is invalid input
+// (ErrInvalid, 422), not a momentary lack of room (ErrCapacity, 507, which
+// the budget's free part decides when the instance is recorded).
+func (c Config) checkMemory(mb int) error {
+	if mb < 1 {
+		return fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", mb, ErrInvalid)
+	}
+	if mb > c.MemoryBudgetMB {
+		return fmt.Errorf("memory_mb %d: %w: this agent's whole memory budget is %d MiB, so no instance larger than that can run on it",
+			mb, ErrInvalid, c.MemoryBudgetMB)
+	}
+	return nil
 }
 
 func isLoopback(hostport string) bool {

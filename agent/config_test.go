@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"context"
+	"errors"
 	"strings"
 	"testing"
 )
@@ -30,6 +32,7 @@ func TestConfigValidateSays(t *testing.T) {
 		{"listen port at the range's low end", func(c *Config) { c.Listen = "127.0.0.1:16000" }, "inside the instance port range"},
 		{"listen port at the range's high end", func(c *Config) { c.Listen = "127.0.0.1:16999" }, "inside the instance port range"},
 		{"listen port just above the range", func(c *Config) { c.Listen = "127.0.0.1:17000" }, ""},
+		{"default memory over the budget", func(c *Config) { c.MemoryBudgetMB, c.DefaultMemoryMB = 100, 101 }, "more than the whole memory budget"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -43,5 +46,48 @@ func TestConfigValidateSays(t *testing.T) {
 				t.Fatalf("Validate = %v, want an error saying %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// A memory_mb larger than the whole budget could never run on this agent:
+// invalid input (422), not a momentary lack of room (507) that sends a
+// broker to the next VM.
+func TestCheckMemory(t *testing.T) {
+	c := Config{MemoryBudgetMB: 1000}
+	for _, mb := range []int{1, 64, 1000} {
+		if err := c.checkMemory(mb); err != nil {
+			t.Errorf("checkMemory(%d) = %v, want nil", mb, err)
+		}
+	}
+	for _, mb := range []int{0, -1, 1001, 1 << 30} {
+		if err := c.checkMemory(mb); !errors.Is(err, ErrInvalid) {
+			t.Errorf("checkMemory(%d) = %v, want ErrInvalid", mb, err)
+		}
+	}
+	if err := c.checkMemory(1001); err == nil || !strings.Contains(err.Error(), "whole memory budget is 1000 MiB") {
+		t.Errorf("checkMemory(1001) = %v, want a sentence saying the budget", err)
+	}
+}
+
+// Resize: beyond the whole budget is invalid; within it but beyond its
+// free part is a lack of capacity.
+func TestResizeBeyondTheWholeBudget(t *testing.T) {
+	cfg := testConfig(t, 4)
+	cfg.MemoryBudgetMB = 100
+	s := startService(t, cfg)
+	ctx := context.Background()
+	for _, id := range []string{"a", "b"} {
+		if _, _, err := s.Provision(ctx, id, Spec{MemoryMB: 40, Persistence: PersistenceNone}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.Resize(ctx, "a", 101); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "100 MiB") {
+		t.Fatalf("resize beyond the whole budget = %v, want ErrInvalid saying the budget", err)
+	}
+	if _, err := s.Resize(ctx, "a", 61); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("resize beyond the budget's free part = %v, want ErrCapacity", err)
+	}
+	if got := mustGet(t, s, "a"); got.MemoryMB != 40 {
+		t.Fatalf("a refused resize changed memory_mb to %d", got.MemoryMB)
 	}
 }

@@ -19,8 +19,8 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, err
 	}
-	if memoryMB <= 0 {
-		return Instance{}, fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", memoryMB, ErrInvalid)
+	if err := s.cfg.checkMemory(memoryMB); err != nil {
+		return Instance{}, err
 	}
 	unlock := s.locks.lock(id)
 	defer unlock()
