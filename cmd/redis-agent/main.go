@@ -63,6 +63,19 @@ func (e *envs) int(name string, def int) int {
 	return n
 }
 
+func (e *envs) float(name string, def float64) float64 {
+	v, ok := os.LookupEnv("REDIS_AGENT_" + name)
+	if !ok {
+		return def
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil {
+		e.errs = append(e.errs, fmt.Errorf("REDIS_AGENT_%s=%q: want a number", name, v))
+		return def
+	}
+	return f
+}
+
 func (e *envs) duration(name string, def time.Duration) time.Duration {
 	v, ok := os.LookupEnv("REDIS_AGENT_" + name)
 	if !ok {
@@ -113,7 +126,7 @@ func parse(args []string, out io.Writer) (settings, error) {
 	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
 	fs.StringVar(&cfg.Cgroups, "cgroups", env("CGROUPS", cfg.Cgroups), "auto: a cgroup per instance (memory = 2 x maxmemory + 64 MiB, CPU, pids) where the host allows; off (env REDIS_AGENT_CGROUPS)")
 	fs.Uint64Var(&cfg.CPUShares, "cpu-shares", uint64(envInt("CPU_SHARES", int(cfg.CPUShares))), "relative CPU weight of each instance (env REDIS_AGENT_CPU_SHARES)")
-	fs.Float64Var(&cfg.CPUQuota, "cpu-quota", cfg.CPUQuota, "hard CPU cap per instance in cores, 0 for none")
+	fs.Float64Var(&cfg.CPUQuota, "cpu-quota", ev.float("CPU_QUOTA", cfg.CPUQuota), "hard CPU cap per instance in cores, 0 for none (env REDIS_AGENT_CPU_QUOTA)")
 	fs.Int64Var(&cfg.Pids, "pids-limit", int64(envInt("PIDS_LIMIT", int(cfg.Pids))), "most processes and threads per instance (env REDIS_AGENT_PIDS_LIMIT)")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", env("TLS_CERT", ""), "PEM certificate: serve the API over HTTPS (env REDIS_AGENT_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")

@@ -43,3 +43,51 @@ func TestTokenIsTrimmed(t *testing.T) {
 		t.Fatalf("a 6-byte token: Validate = %v, want a refusal", err)
 	}
 }
+
+// Every flag has an environment variable, --cpu-quota too.
+func TestCPUQuotaFromEnvironment(t *testing.T) {
+	t.Setenv("REDIS_AGENT_CPU_QUOTA", "1.5")
+	st, err := parse(nil, io.Discard)
+	if err != nil || st.cfg.CPUQuota != 1.5 {
+		t.Fatalf("REDIS_AGENT_CPU_QUOTA=1.5: CPUQuota = %v, %v", st.cfg.CPUQuota, err)
+	}
+	if st, err := parse([]string{"--cpu-quota", "2"}, io.Discard); err != nil || st.cfg.CPUQuota != 2 {
+		t.Fatalf("the flag does not win over the environment: %v, %v", st.cfg.CPUQuota, err)
+	}
+	t.Setenv("REDIS_AGENT_CPU_QUOTA", "half")
+	if _, err := parse(nil, io.Discard); err == nil || !strings.Contains(err.Error(), "REDIS_AGENT_CPU_QUOTA") {
+		t.Fatalf("REDIS_AGENT_CPU_QUOTA=half: %v, want an error naming it", err)
+	}
+}
+
+// helpEntries returns -help's entry of every flag, by name.
+func helpEntries(t *testing.T) map[string]string {
+	t.Helper()
+	var out strings.Builder
+	if _, err := parse([]string{"-help"}, &out); err == nil {
+		t.Fatal("-help parsed without flag.ErrHelp")
+	}
+	entries := map[string]string{}
+	var name string
+	for _, line := range strings.Split(out.String(), "\n") {
+		if rest, ok := strings.CutPrefix(line, "  -"); ok {
+			name, _, _ = strings.Cut(rest, " ")
+		}
+		if name != "" {
+			entries[name] += line + "\n"
+		}
+	}
+	if len(entries) < 30 {
+		t.Fatalf("-help lists %d flags:\n%s", len(entries), out.String())
+	}
+	return entries
+}
+
+// Every flag's help names its environment variable.
+func TestHelpNamesEveryEnvironmentVariable(t *testing.T) {
+	for name, entry := range helpEntries(t) {
+		if !strings.Contains(entry, "(env REDIS_AGENT_") {
+			t.Errorf("-help of --%s names no environment variable:\n%s", name, entry)
+		}
+	}
+}
