@@ -91,3 +91,16 @@ func TestHelpNamesEveryEnvironmentVariable(t *testing.T) {
 		}
 	}
 }
+
+// The health check is INFO, not PING: the help says what it does.
+func TestHelpHealthCheckIsINFO(t *testing.T) {
+	entries := helpEntries(t)
+	for _, name := range []string{"health-interval", "health-timeout", "health-failures"} {
+		if e := entries[name]; e == "" || strings.Contains(e, "PING") {
+			t.Errorf("-help of --%s:\n%s", name, e)
+		}
+	}
+	if !strings.Contains(entries["health-interval"], "INFO") {
+		t.Errorf("-help of --health-interval does not say the check is INFO:\n%s", entries["health-interval"])
+	}
+}
