@@ -8,6 +8,9 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"reflect"
+	"sort"
+	"strings"
 
 	"github.com/redis-agent/redis-agent/agent"
 )
@@ -109,5 +112,57 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
 		return false
 	}
+	if err := exactFields(body, v); err != nil {
+		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: "+err.Error())
+		return false
+	}
 	return true
+}
+
+// exactFields checks that every field of the JSON object body is named
+// exactly as a field of v's struct type (its json tag): encoding/json
+// matches names case-insensitively, so "MEMORY_MB" would otherwise pass
+// for memory_mb while any other unknown field is refused.
+func exactFields(body []byte, v any) error {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil {
+		return nil // not an object (null): decoding into v took it
+	}
+	known := map[string]bool{}
+	jsonNames(reflect.TypeOf(v), known)
+	names := make([]string, 0, len(fields))
+	for name := range fields {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if !known[name] {
+			return fmt.Errorf("json: unknown field %q (field names are case-sensitive)", name)
+		}
+	}
+	return nil
+}
+
+// jsonNames adds the JSON names of struct type t's fields to names.
+func jsonNames(t reflect.Type, names map[string]bool) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return
+	}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch {
+		case name == "-":
+		case name == "" && f.Anonymous:
+			jsonNames(f.Type, names) // its fields are promoted
+		case !f.IsExported():
+		case name == "":
+			names[f.Name] = true
+		default:
+			names[name] = true
+		}
+	}
 }

@@ -1,0 +1,55 @@
+package api
+
+import (
+	"reflect"
+	"testing"
+
+	"go.uber.org/mock/gomock"
+
+	"github.com/redis-agent/redis-agent/agent"
+)
+
+// Field names match exactly: encoding/json alone would take MEMORY_MB
+// for memory_mb while refusing any other unknown field. The mock has no
+// expectations for the refused bodies, so reaching the Service fails.
+func TestFieldNamesAreExact(t *testing.T) {
+	for _, tt := range []struct{ method, path, body string }{
+		{"PUT", "/v1/instances/i1", `{"MEMORY_MB":64}`},
+		{"PUT", "/v1/instances/i1", `{"memory_mb":64,"Persistence":"rdb"}`},
+		{"PUT", "/v1/instances/i1", `{"Memory_Mb":64}`},
+		{"PATCH", "/v1/instances/i1", `{"MEMORY_MB":128}`},
+	} {
+		t.Run(tt.body, func(t *testing.T) {
+			r := newEnv(t, "").do(tt.method, tt.path, tt.body)
+			if r.code != 400 || errorCode(t, r.body) != "BadRequest" {
+				t.Fatalf("%s %s %s = %d %s; want 400 BadRequest", tt.method, tt.path, tt.body, r.code, r.body)
+			}
+		})
+	}
+	e := newEnv(t, "")
+	e.svc.EXPECT().Provision(gomock.Any(), "i1", agent.Spec{MemoryMB: 64, Persistence: "rdb"}).Return(inst, true, nil)
+	if r := e.do("PUT", "/v1/instances/i1", `{"memory_mb":64,"persistence":"rdb"}`); r.code != 201 {
+		t.Fatalf("exact names = %d %s; want 201", r.code, r.body)
+	}
+}
+
+// Every struct a body decodes into yields its exact JSON names.
+func TestJSONNames(t *testing.T) {
+	type inner struct {
+		A int `json:"a"`
+	}
+	type outer struct {
+		inner
+		B      int `json:"b,omitempty"`
+		C      int
+		D      int `json:"-"`
+		hidden int
+	}
+	got := map[string]bool{}
+	jsonNames(reflect.TypeOf(&outer{}), got)
+	_ = outer{}.hidden
+	want := map[string]bool{"a": true, "b": true, "C": true}
+	if len(got) != len(want) || !got["a"] || !got["b"] || !got["C"] {
+		t.Fatalf("jsonNames = %v, want %v", got, want)
+	}
+}
