@@ -90,7 +90,7 @@ func New(o Options) http.Handler {
 		s.live = func(context.Context) error { return nil }
 	}
 	r := s.router(o)
-	h := recoverer(s.log, r)
+	h := recoverer(s.log, canonicalPaths(r))
 	if o.Registerer != nil {
 		// Outside the recoverer, so a recovered panic counts as its 500.
 		h = instrument(o.Registerer, r, h)
@@ -101,7 +101,9 @@ func New(o Options) http.Handler {
 // router registers every route. Each route names one method, so the
 // router alone knows which methods a path allows.
 func (s *server) router(o Options) *mux.Router {
-	r := mux.NewRouter()
+	// No cleaning: mux would answer an unclean path with a redirect;
+	// canonicalPaths refuses it before the router sees it.
+	r := mux.NewRouter().SkipClean(true)
 	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		writeError(w, http.StatusNotFound, "NotFound", "no such route")
 	})

@@ -3,8 +3,10 @@ package api
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"path"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -39,6 +41,31 @@ func authenticate(token string, clientCert bool) mux.MiddlewareFunc {
 			writeError(w, http.StatusUnauthorized, "Unauthorized", "a valid bearer token or client certificate is required")
 		})
 	}
+}
+
+// canonicalPaths answers 400 to a path with an empty, "." or ".."
+// segment, percent-encoded or not (a trailing slash aside), instead of
+// letting it reach a route by another name: gorilla/mux would redirect it
+// (301) to its cleaned form, and a client must name a route exactly.
+func canonicalPaths(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.Path; strings.HasPrefix(p, "/") && !isClean(p) {
+			writeError(w, http.StatusBadRequest, "BadRequest",
+				fmt.Sprintf("path %q has an empty, . or .. segment: name the route exactly", r.URL.EscapedPath()))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// isClean reports whether p is its own path.Clean, but for a trailing
+// slash (which names no route, a 404).
+func isClean(p string) bool {
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c == p
 }
 
 // recoverer turns a panic in a handler into a logged 500.

@@ -53,3 +53,32 @@ func TestJSONNames(t *testing.T) {
 		t.Fatalf("jsonNames = %v, want %v", got, want)
 	}
 }
+
+// A path with an empty, . or .. segment, percent-encoded or not, is a
+// 400 JSON error, never a redirect to another route.
+func TestUncleanPathsAreRefused(t *testing.T) {
+	for _, path := range []string{
+		"/v1/instances/..%2Fetc",
+		"/v1/instances/i1/..%2F..%2Fcapacity",
+		"/v1/instances/%2e%2e",
+		"/v1/instances/%2E",
+		"//v1//instances",
+		"/v1//instances",
+		"/v1/instances/./i1",
+		"/v1/instances/i1/../i2",
+		"/v1/instances/i1/bindings/..",
+	} {
+		t.Run(path, func(t *testing.T) {
+			for _, method := range []string{"GET", "PUT", "DELETE"} {
+				r := newEnv(t, "").do(method, path, "")
+				if r.code != 400 || errorCode(t, r.body) != "BadRequest" || r.hdr.Get("Location") != "" {
+					t.Fatalf("%s %s = %d %v %s; want 400 BadRequest", method, path, r.code, r.hdr, r.body)
+				}
+			}
+		})
+	}
+	// A trailing slash names no route: 404, not a redirect either.
+	if r := newEnv(t, "").do("GET", "/v1/instances/", ""); r.code != 404 || errorCode(t, r.body) != "NotFound" {
+		t.Fatalf("GET /v1/instances/ = %d %s; want 404", r.code, r.body)
+	}
+}
