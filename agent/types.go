@@ -19,6 +19,10 @@ var (
 	ErrInvalid = errors.New("invalid")
 	// ErrCapacity: no free port or not enough memory budget left.
 	ErrCapacity = errors.New("no capacity")
+	// ErrNotReady: the instance's new redis-server did not become ready
+	// (it exited, or did not answer in time); the supervisor keeps
+	// restarting it, and the instance's log_tail says why.
+	ErrNotReady = errors.New("not ready")
 )
 
 // Persistence modes of an instance.

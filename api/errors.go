@@ -41,6 +41,10 @@ func status(method string, err error) (int, string) {
 		return http.StatusConflict, "Conflict"
 	case errors.Is(err, agent.ErrCapacity):
 		return http.StatusInsufficientStorage, "InsufficientCapacity"
+	case errors.Is(err, agent.ErrNotReady):
+		// The instance is down for now and being restarted: a retry may
+		// find it up.
+		return http.StatusServiceUnavailable, "NotReady"
 	}
 	return http.StatusInternalServerError, "Internal"
 }

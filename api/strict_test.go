@@ -1,7 +1,9 @@
 package api
 
 import (
+	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 
 	"go.uber.org/mock/gomock"
@@ -80,5 +82,17 @@ func TestUncleanPathsAreRefused(t *testing.T) {
 	// A trailing slash names no route: 404, not a redirect either.
 	if r := newEnv(t, "").do("GET", "/v1/instances/", ""); r.code != 404 || errorCode(t, r.body) != "NotFound" {
 		t.Fatalf("GET /v1/instances/ = %d %s; want 404", r.code, r.body)
+	}
+}
+
+// A restart whose new process does not become ready is a 503 NotReady
+// with the Service's sentence, not a bare 500.
+func TestRestartNotReadyIs503(t *testing.T) {
+	e := newEnv(t, "")
+	err := fmt.Errorf("restart %q: %w: redis-server did not become ready: crash (exit code 1)", "i1", agent.ErrNotReady)
+	e.svc.EXPECT().Restart(gomock.Any(), "i1").Return(err)
+	r := e.do("POST", "/v1/instances/i1/restart", "")
+	if r.code != 503 || errorCode(t, r.body) != "NotReady" || !strings.Contains(r.body, "did not become ready: crash") {
+		t.Fatalf("restart that did not become ready = %d %s; want 503 NotReady with its sentence", r.code, r.body)
 	}
 }
