@@ -110,7 +110,7 @@ func TestOpenAPIContract(t *testing.T) {
 		{"PUT", "/v1/instances/c1", `{"memory_mb":64,"persistence":"rdb"}`, 409},
 		{"PUT", "/v1/instances/c2", `{"persistence":"sometimes"}`, 422},
 		{"PUT", "/v1/instances/c2", `{"memory_mb":`, 400},
-		{"PUT", "/v1/instances/c2", `{"memory_mb":99999999}`, 507},
+		{"PUT", "/v1/instances/c2", `{"memory_mb":4096}`, 507}, // the whole budget; c1 holds some
 		{"GET", "/v1/instances/c1", "", 200},
 		{"GET", "/v1/instances/none", "", 404},
 		{"GET", "/v1/instances", "", 200},
@@ -123,7 +123,7 @@ func TestOpenAPIContract(t *testing.T) {
 		{"GET", "/v1/capacity", "", 200},
 		{"GET", "/v1/orphans", "", 200},
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":48}`, 200},
-		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 507},
+		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
 		{"PATCH", "/v1/instances/c1", `{}`, 422},
 		{"PATCH", "/v1/instances/none", `{"memory_mb":48}`, 404},
 		{"GET", "/v1/instances/none/snapshot", "", 404},
