@@ -77,13 +77,17 @@ func (l Layout) Init() error {
 }
 
 // Create makes the instance directory, its data directory and its log file
-// with the modes and owners of the package doc. It is idempotent, so that
-// reconcile can finish a half-done create.
+// with the modes and owners of the package doc, and removes the temporary
+// files an atomic write a crash cut short left in the instance directory.
+// It is idempotent, so that reconcile can finish a half-done create.
 func (l Layout) Create(id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
 	if err := mkdir(l.Dir(id), 0o750, Owner{-1, l.Owner.GID}); err != nil {
+		return err
+	}
+	if err := removeStaleTemps(l.Dir(id)); err != nil {
 		return err
 	}
 	if err := mkdir(l.DataDir(id), 0o700, l.Owner); err != nil {
