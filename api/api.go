@@ -64,7 +64,15 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Gatherer is served on /metrics; nil means no /metrics route.
 	Gatherer prometheus.Gatherer
+	// MaxUploads bounds the restores in progress at once (receiving,
+	// checking or loading a snapshot): one more is answered 503 with
+	// Retry-After before its body is read. 0 means DefaultMaxUploads.
+	MaxUploads int
 }
+
+// DefaultMaxUploads is the number of restores in progress at once when
+// Options.MaxUploads is 0.
+const DefaultMaxUploads = 4
 
 // maxBody bounds every request body.
 const maxBody = 64 << 10
@@ -74,12 +82,17 @@ type server struct {
 	log   *slog.Logger
 	ready func(context.Context) error
 	live  func(context.Context) error
+	// uploads holds a token per restore in progress.
+	uploads chan struct{}
 }
 
 // New returns the API's handler: the router, with panics recovered into
 // logged 500s and, when o.Registerer is set, every request counted.
 func New(o Options) http.Handler {
-	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, live: o.Live}
+	if o.MaxUploads <= 0 {
+		o.MaxUploads = DefaultMaxUploads
+	}
+	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, live: o.Live, uploads: make(chan struct{}, o.MaxUploads)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}

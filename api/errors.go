@@ -23,6 +23,13 @@ type Error struct {
 	Description string `json:"description"`
 }
 
+// errBusy: the API is at its bound of concurrent requests of a kind (the
+// restores in progress); a retry after retryAfter may find room.
+var errBusy = errors.New("retry later")
+
+// retryAfter is the Retry-After, in seconds, of an errBusy answer.
+const retryAfter = "10"
+
 // status maps an error from the Service to an HTTP status and code. It is
 // the only place that does: the Service wraps one sentinel at most; an
 // error that wraps none is the agent's fault.
@@ -45,6 +52,8 @@ func status(method string, err error) (int, string) {
 		// The instance is down for now and being restarted: a retry may
 		// find it up.
 		return http.StatusServiceUnavailable, "NotReady"
+	case errors.Is(err, errBusy):
+		return http.StatusServiceUnavailable, "Busy"
 	}
 	return http.StatusInternalServerError, "Internal"
 }
@@ -55,6 +64,9 @@ func status(method string, err error) (int, string) {
 func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	code, name := status(r.Method, err)
 	desc := err.Error()
+	if errors.Is(err, errBusy) {
+		w.Header().Set("Retry-After", retryAfter)
+	}
 	if code == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		desc = "the agent failed to complete the request; see its log"

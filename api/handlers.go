@@ -1,6 +1,7 @@
 package api
 
 import (
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -221,6 +222,15 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", "a snapshot is sent as application/octet-stream")
 			return
 		}
+	}
+	// Each upload holds a file and a connection open for as long as the
+	// client takes to send it: beyond the bound, refuse before reading.
+	select {
+	case s.uploads <- struct{}{}:
+		defer func() { <-s.uploads }()
+	default:
+		s.fail(w, r, fmt.Errorf("%d restores are in progress, as many as this agent takes at once: %w", cap(s.uploads), errBusy))
+		return
 	}
 	want := r.Header.Get(SnapshotSHA256Header)
 	rc := http.NewResponseController(w)

@@ -91,7 +91,9 @@ func (e *envs) duration(name string, def time.Duration) time.Duration {
 
 // settings is what the command line and the environment ask for.
 type settings struct {
-	cfg                              agent.Config
+	cfg agent.Config
+	// maxUploads bounds the restores in progress at once.
+	maxUploads                       int
 	pprofListen, logLevel, logFormat string
 }
 
@@ -132,6 +134,7 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
+	maxUploads := fs.Int("max-uploads", envInt("MAX_UPLOADS", api.DefaultMaxUploads), "most restores (snapshot uploads) in progress at once; one more is answered 503 with Retry-After (env REDIS_AGENT_MAX_UPLOADS)")
 	pprofListen := fs.String("pprof-listen", env("PPROF_LISTEN", ""), "serve net/http/pprof on this loopback address, for profiling (env REDIS_AGENT_PPROF_LISTEN)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
@@ -144,11 +147,14 @@ func parse(args []string, out io.Writer) (settings, error) {
 	if err := errors.Join(ev.errs...); err != nil {
 		return settings{}, err
 	}
+	if *maxUploads < 1 {
+		return settings{}, fmt.Errorf("--max-uploads %d: want at least 1", *maxUploads)
+	}
 	var err error
 	if cfg.Token, err = token(*tokenFile); err != nil {
 		return settings{}, err
 	}
-	return settings{cfg: cfg, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
+	return settings{cfg: cfg, maxUploads: *maxUploads, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
 }
 
 // token reads the API token from file, else from REDIS_AGENT_TOKEN. White
@@ -216,6 +222,7 @@ func run(args []string) error {
 			Token:       cfg.Token,
 			ClientCert:  cfg.TLSClientCA != "",
 			MetricsAuth: cfg.MetricsAuth,
+			MaxUploads:  st.maxUploads,
 			Ready:       svc.Ready,
 			Live:        svc.Live,
 			Registerer:  reg,

@@ -104,3 +104,17 @@ func TestHelpHealthCheckIsINFO(t *testing.T) {
 		t.Errorf("-help of --health-interval does not say the check is INFO:\n%s", entries["health-interval"])
 	}
 }
+
+// --max-uploads bounds the restores in progress; at least one.
+func TestMaxUploads(t *testing.T) {
+	if st, err := parse(nil, io.Discard); err != nil || st.maxUploads != 4 {
+		t.Fatalf("default max uploads = %d, %v; want 4", st.maxUploads, err)
+	}
+	t.Setenv("REDIS_AGENT_MAX_UPLOADS", "8")
+	if st, err := parse(nil, io.Discard); err != nil || st.maxUploads != 8 {
+		t.Fatalf("REDIS_AGENT_MAX_UPLOADS=8: %d, %v", st.maxUploads, err)
+	}
+	if _, err := parse([]string{"--max-uploads", "0"}, io.Discard); err == nil || !strings.Contains(err.Error(), "--max-uploads") {
+		t.Fatalf("--max-uploads 0: %v, want an error", err)
+	}
+}
