@@ -1,6 +1,8 @@
 // Package redis holds what is specific to Redis: it renders an instance's
 // redis.conf and ACL file, and talks to a running redis-server as the
-// agent's admin user (PING, ACL, SHUTDOWN) over github.com/redis/go-redis/v9.
+// agent's admin user (PING, INFO, ACL, CONFIG SET, BGSAVE, SHUTDOWN) over
+// one kept connection of its own (conn.go), so the agent's control never
+// depends on a free client slot.
 // It knows nothing about processes, state or HTTP.
 package redis
 
@@ -43,6 +45,9 @@ type Conf struct {
 	ACLFile     string
 	MemoryMB    int
 	Persistence string
+	// MaxClients is the most client connections the server takes; 0
+	// leaves Redis's default (10000, fewer under a low open-files limit).
+	MaxClients int
 }
 
 // Render returns the redis.conf text for c. The output depends only on c,
@@ -69,6 +74,9 @@ func Render(c Conf) []byte {
 	line("enable-module-command no")
 	line("maxmemory %dmb", c.MemoryMB)
 	line("maxmemory-policy noeviction")
+	if c.MaxClients > 0 {
+		line("maxclients %d", c.MaxClients)
+	}
 	line("databases 16")
 	line("tcp-keepalive 60")
 	switch c.Persistence {

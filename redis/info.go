@@ -1,15 +1,10 @@
 package redis
 
 import (
-	"bufio"
 	"context"
 	"errors"
-	"fmt"
-	"io"
-	"net"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // Info holds the INFO figures the agent exports, named after
@@ -35,93 +30,19 @@ type Info struct {
 	Loading bool
 }
 
-// infoCommand asks for the sections the agent exports, not the default
-// set (replication, cpu, errorstats, cluster ... are not read).
-var infoCommand = command("INFO", "server", "clients", "memory", "persistence", "stats", "keyspace")
+// infoArgs asks for the sections the agent exports, not the default set
+// (replication, cpu, errorstats, cluster ... are not read).
+var infoArgs = []string{"INFO", "server", "clients", "memory", "persistence", "stats", "keyspace"}
 
-// healthConn is the connection the periodic INFO reuses, logged in as the
-// admin user. Any error drops it; the next call dials again.
-type healthConn struct {
-	c net.Conn
-	r *bufio.Reader
-}
-
-// Info reads INFO on a connection kept between calls (dialled and
-// authenticated again after any error). While the server runs a script
-// past busy-reply-threshold the error has Busy() true; INFO itself is
-// answered while loading.
+// Info reads INFO on the control connection. While the server runs a
+// script past busy-reply-threshold the error has Busy() true; INFO itself
+// is answered while loading.
 func (a *Admin) Info(ctx context.Context) (Info, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	reused := a.health != nil
-	in, err := a.info(ctx)
-	if err != nil && reused && !isBusy(err) && ctx.Err() == nil {
-		// The kept connection may have died with an earlier process
-		// (a restart); that is not this process's failure.
-		return a.info(ctx)
-	}
-	return in, err
-}
-
-func (a *Admin) info(ctx context.Context) (in Info, err error) {
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(2 * time.Second)
-	}
-	hc := a.health
-	req := infoCommand
-	if hc == nil {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", a.addr)
-		if err != nil {
-			return Info{}, err
-		}
-		hc = &healthConn{c: c, r: bufio.NewReaderSize(c, 1024)}
-		req = append(command("AUTH", a.user, a.secret), infoCommand...)
-	}
-	a.health = nil
-	defer func() {
-		if err == nil || isBusy(err) {
-			a.health = hc // the connection is in a known state: keep it
-		} else {
-			hc.c.Close()
-		}
-	}()
-	hc.c.SetDeadline(deadline)
-	if _, err := hc.c.Write(req); err != nil {
+	r, err := a.Do(ctx, infoArgs...)
+	if err != nil {
 		return Info{}, err
 	}
-	r := hc.r
-	var line string
-	if len(req) != len(infoCommand) {
-		line, err = r.ReadString('\n')
-		if err != nil {
-			return Info{}, fmt.Errorf("read AUTH reply: %w", err)
-		}
-		if strings.TrimRight(line, "\r\n") != "+OK" {
-			return Info{}, fmt.Errorf("AUTH: %s", strings.TrimSpace(line))
-		}
-	}
-	line, err = r.ReadString('\n')
-	if err != nil {
-		return Info{}, fmt.Errorf("read INFO reply: %w", err)
-	}
-	line = strings.TrimRight(line, "\r\n")
-	if strings.HasPrefix(line, "-BUSY") {
-		return Info{}, busyError{line[1:]}
-	}
-	if !strings.HasPrefix(line, "$") {
-		return Info{}, fmt.Errorf("INFO: unexpected reply %q", line)
-	}
-	n, err := strconv.Atoi(line[1:])
-	if err != nil || n < 0 || n > 1<<20 {
-		return Info{}, fmt.Errorf("INFO: bad length %q", line)
-	}
-	body := make([]byte, n+2)
-	if _, err := io.ReadFull(r, body); err != nil {
-		return Info{}, fmt.Errorf("read INFO body: %w", err)
-	}
-	return ParseInfo(string(body[:n]))
+	return ParseInfo(r.Str)
 }
 
 // ParseInfo reads the text of an INFO reply.

@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	goredis "github.com/redis/go-redis/v9"
 )
 
 // Env is the whole environment of the redis-server processes the agent
@@ -17,33 +15,15 @@ import (
 // own (its API token included) reaches them.
 var Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
-// NewSocketAdmin returns an Admin for a server listening on the unix socket
-// at path with its default user (no AUTH): the agent's short-lived loader
-// servers, reachable only through a socket in a 0700 directory.
-func NewSocketAdmin(path string) *Admin {
-	a := NewAdmin("", 0, "")
-	a.opts.Network, a.opts.Addr = "unix", path
-	a.opts.Username = ""
-	a.addr, a.user = path, ""
-	return a
-}
-
-// fields runs INFO section and returns its fields.
-func fields(ctx context.Context, c *goredis.Client, section string) (map[string]string, error) {
-	text, err := c.Info(ctx, section).Result()
+// Fields returns the fields of one INFO section.
+func (a *Admin) Fields(ctx context.Context, section string) (map[string]string, error) {
+	r, err := a.Do(ctx, "INFO", section)
 	if err != nil {
 		return nil, fmt.Errorf("INFO %s: %w", section, err)
 	}
 	out := map[string]string{}
-	eachField(text, func(k, v string) { out[k] = v })
+	eachField(r.Str, func(k, v string) { out[k] = v })
 	return out, nil
-}
-
-// Fields returns the fields of one INFO section.
-func (a *Admin) Fields(ctx context.Context, section string) (map[string]string, error) {
-	c := a.client()
-	defer c.Close()
-	return fields(ctx, c, section)
 }
 
 // forkJob describes a background job of redis-server (BGSAVE,
@@ -69,7 +49,7 @@ const pollEvery = 10 * time.Millisecond
 // which began before the caller asked and so would not be fresh) and waits
 // until a job started after the call has finished. It fails when that job
 // failed.
-func (j forkJob) run(ctx context.Context, c *goredis.Client, start func() error) error {
+func (j forkJob) run(ctx context.Context, a *Admin, start func() error) error {
 	busy := func(f map[string]string) bool {
 		for _, k := range j.inProgress {
 			if f[k] == "1" {
@@ -80,7 +60,7 @@ func (j forkJob) run(ctx context.Context, c *goredis.Client, start func() error)
 	}
 	var before int
 	for {
-		f, err := fields(ctx, c, "persistence")
+		f, err := a.Fields(ctx, "persistence")
 		if err != nil {
 			return err
 		}
@@ -103,7 +83,7 @@ func (j forkJob) run(ctx context.Context, c *goredis.Client, start func() error)
 		break
 	}
 	for {
-		f, err := fields(ctx, c, "persistence")
+		f, err := a.Fields(ctx, "persistence")
 		if err != nil {
 			return err
 		}
@@ -137,33 +117,25 @@ func sleep(ctx context.Context, d time.Duration) error {
 // persistence mode, the RDB is a consistent point-in-time copy taken after
 // the call began.
 func (a *Admin) Save(ctx context.Context) error {
-	c := a.client()
-	defer c.Close()
-	return bgsave.run(ctx, c, func() error { return c.Do(ctx, "BGSAVE", "SCHEDULE").Err() })
+	return bgsave.run(ctx, a, func() error { _, err := a.Do(ctx, "BGSAVE", "SCHEDULE"); return err })
 }
 
 // RewriteAOF compacts the server's AOF from its data set (BGREWRITEAOF) and
 // returns once the rewrite is complete.
 func (a *Admin) RewriteAOF(ctx context.Context) error {
-	c := a.client()
-	defer c.Close()
-	return bgrewrite.run(ctx, c, func() error { return c.Do(ctx, "BGREWRITEAOF").Err() })
+	return bgrewrite.run(ctx, a, func() error { _, err := a.Do(ctx, "BGREWRITEAOF"); return err })
 }
 
 // EnableAOF switches on appendonly on a server running without it: Redis
 // writes a new AOF from the data set in memory. It returns once that AOF is
 // complete, so the data set survives a restart with appendonly yes.
 func (a *Admin) EnableAOF(ctx context.Context) error {
-	c := a.client()
-	defer c.Close()
-	return bgrewrite.run(ctx, c, func() error { return c.ConfigSet(ctx, "appendonly", "yes").Err() })
+	return bgrewrite.run(ctx, a, func() error { _, err := a.Do(ctx, "CONFIG", "SET", "appendonly", "yes"); return err })
 }
 
 // SetMaxmemory changes the server's maxmemory, live.
 func (a *Admin) SetMaxmemory(ctx context.Context, mb int) error {
-	c := a.client()
-	defer c.Close()
-	if err := c.ConfigSet(ctx, "maxmemory", strconv.Itoa(mb)+"mb").Err(); err != nil {
+	if _, err := a.Do(ctx, "CONFIG", "SET", "maxmemory", strconv.Itoa(mb)+"mb"); err != nil {
 		return fmt.Errorf("CONFIG SET maxmemory: %w", err)
 	}
 	return nil

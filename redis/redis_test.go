@@ -314,19 +314,21 @@ func TestInfoReusesConnectionAcrossRestart(t *testing.T) {
 	}
 	first := start()
 	waitInfo()
-	c1 := a.health.c
-	if _, err := a.Info(ctx); err != nil || a.health.c != c1 {
-		t.Fatalf("second Info: %v, reused %v", err, a.health.c == c1)
+	c1 := a.ctrl.c
+	if _, err := a.Info(ctx); err != nil || a.ctrl.c != c1 {
+		t.Fatalf("second Info: %v, reused %v", err, a.ctrl.c == c1)
 	}
 	first.Process.Kill()
 	first.Wait()
 	start()
-	waitUp(t, a) // fresh connections: the new server is up
+	fresh := NewAdmin("127.0.0.1", port, "pw")
+	defer fresh.Close()
+	waitUp(t, fresh) // another connection: the new server is up
 	// The kept connection is dead; the first Info must still succeed.
 	if _, err := a.Info(ctx); err != nil {
 		t.Fatalf("first Info after the restart failed: %v", err)
 	}
-	if a.health == nil || a.health.c == c1 {
+	if a.ctrl == nil || a.ctrl.c == c1 {
 		t.Fatal("Info did not replace the dead connection")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -163,4 +164,125 @@ func (p Process) StartedAt() time.Time {
 		return time.Time{}
 	}
 	return bt.Add(time.Duration(p.StartTime) * time.Second / clockTicks)
+}
+
+// Listeners maps the inode of every listening TCP socket of the agent's
+// network namespace to its port: read once (ReadListeners) for a whole
+// reconcile, it tells which process listens where without a connection.
+type Listeners map[uint64]int
+
+// ReadListeners reads the listening sockets from /proc/net/tcp and tcp6.
+func ReadListeners() (Listeners, error) {
+	l := Listeners{}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				continue // no IPv6
+			}
+			return nil, err
+		}
+		parseListeners(string(b), l)
+	}
+	return l, nil
+}
+
+// parseListeners adds the LISTEN rows (state 0A) of a /proc/net/tcp table
+// to l: "sl local_address rem_address st ... uid timeout inode".
+func parseListeners(table string, l Listeners) {
+	for _, line := range strings.Split(table, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 10 || f[3] != "0A" {
+			continue
+		}
+		_, hexPort, ok := strings.Cut(f[1], ":")
+		port, err := strconv.ParseUint(hexPort, 16, 16)
+		inode, ierr := strconv.ParseUint(f[9], 10, 64)
+		if !ok || err != nil || ierr != nil || inode == 0 {
+			continue
+		}
+		l[inode] = int(port)
+	}
+}
+
+// listensOn reports whether pid holds a socket that listens on port.
+func (l Listeners) listensOn(pid, port int) bool {
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd/"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		target, err := os.Readlink(dir + e.Name())
+		if err != nil {
+			continue
+		}
+		s, ok := strings.CutPrefix(target, "socket:[")
+		if !ok {
+			continue
+		}
+		inode, err := strconv.ParseUint(strings.TrimSuffix(s, "]"), 10, 64)
+		if err == nil && l[inode] == port {
+			return true
+		}
+	}
+	return false
+}
+
+// deletedSuffix ends the /proc/<pid>/exe of a process whose executable was
+// removed or replaced since it started.
+const deletedSuffix = " (deleted)"
+
+// Executable returns the path of the file pid runs (/proc/<pid>/exe),
+// without the suffix a replaced file gets: for a redis-server started
+// through a wrapper script, the binary the script ran.
+func Executable(pid int) (string, error) {
+	exe, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
+	return strings.TrimSuffix(exe, deletedSuffix), err
+}
+
+// runsBinary reports whether pid's executable is one of binaries: the same
+// path (a symlink resolved), the same file, or the path of a file that was
+// replaced since the process started ("/usr/bin/redis-check-rdb (deleted)"
+// after a package upgrade in place).
+func runsBinary(pid int, binaries []string) (string, bool) {
+	exeLink := "/proc/" + strconv.Itoa(pid) + "/exe"
+	exe, err := os.Readlink(exeLink)
+	if err != nil {
+		return "", false
+	}
+	exePath := strings.TrimSuffix(exe, deletedSuffix)
+	exeInfo, exeErr := os.Stat(exeLink)
+	for _, b := range binaries {
+		if b == "" {
+			continue
+		}
+		if b == exePath {
+			return exe, true
+		}
+		if r, err := filepath.EvalSymlinks(b); err == nil && r == exePath {
+			return exe, true
+		}
+		if bi, err := os.Stat(b); err == nil && exeErr == nil && os.SameFile(bi, exeInfo) {
+			return exe, true
+		}
+	}
+	return exe, false
+}
+
+// VerifyServer is Verify for a process about to be adopted, which a title
+// alone does not prove ours (`tail -f .../redis.conf` has one that names
+// the config): its executable must also be one of binaries and, when l is
+// not nil, it must listen on port according to l.
+func VerifyServer(p Process, confPath string, binaries []string, port int, l Listeners) error {
+	if err := Verify(p, confPath); err != nil {
+		return err
+	}
+	if exe, ok := runsBinary(p.PID, binaries); !ok {
+		return fmt.Errorf("pid %d runs %q, not redis-server (%s): %w", p.PID, exe, strings.Join(binaries, ", "), errGone)
+	}
+	if l != nil && !l.listensOn(p.PID, port) {
+		return fmt.Errorf("pid %d does not listen on port %d: %w", p.PID, port, errGone)
+	}
+	return nil
 }

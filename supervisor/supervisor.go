@@ -399,6 +399,15 @@ func (s *Supervisor) Run(ctx context.Context) {
 	}
 	healthRes := make(chan healthResult, 1)
 	checking, healthFails := false, 0
+	// A hung process gets SIGTERM first (a graceful exit persists its
+	// data); this timer sends SIGKILL if it has not gone by then.
+	var hungKill *time.Timer
+	var hungKillC <-chan time.Time
+	defer func() {
+		if hungKill != nil {
+			hungKill.Stop()
+		}
+	}()
 
 	start := func() {
 		stopTimer()
@@ -499,6 +508,10 @@ func (s *Supervisor) Run(ctx context.Context) {
 			s.kill(cur)
 
 		case <-exitC:
+			if hungKill != nil {
+				hungKill.Stop()
+				hungKill, hungKillC = nil, nil
+			}
 			ex := s.exitOf(cur)
 			ran := ex.Time.Sub(cur.started)
 			cur.cancel()
@@ -542,20 +555,66 @@ func (s *Supervisor) Run(ctx context.Context) {
 				healthFails = 0
 				continue
 			}
-			if res.err == nil || isLoading(res.err) || isBusy(res.err) {
+			if isAlive(res.err) {
+				// It answered, if only with an error or by closing a
+				// connection it has no slot for: alive, not hung.
 				healthFails = 0
+				if res.err != nil && !isLoading(res.err) && !isBusy(res.err) {
+					s.log.Warn("redis-server answers its health check with an error; alive, left running", "pid", cur.p.PID, "err", res.err)
+				}
 				continue
 			}
 			healthFails++
 			s.log.Warn("health check failed", "pid", cur.p.PID, "failures", healthFails, "of", s.cfg.Health.Failures, "err", res.err)
 			if healthFails >= s.cfg.Health.Failures {
 				healthFails = 0
-				s.log.Error("redis-server hangs, killing it", "pid", cur.p.PID)
 				cur.kind = ReasonHung
+				s.replaceHung(cur)
+				hungKill = time.NewTimer(s.cfg.StopTimeout)
+				hungKillC = hungKill.C
+			}
+
+		case <-hungKillC:
+			hungKill, hungKillC = nil, nil
+			if cur != nil && cur.kind == ReasonHung {
+				s.log.Error("hung redis-server did not act on SIGTERM, killing it", "pid", cur.p.PID, "after", s.cfg.StopTimeout)
 				s.kill(cur)
 			}
 		}
 	}
+}
+
+// replaceHung starts the end of a process that stopped answering: SIGTERM,
+// on which Redis saves or fsyncs and exits once its event loop runs again,
+// unless the process is stopped (SIGSTOP, a debugger) and cannot act on
+// it, when only SIGKILL ends it. The loop sends SIGKILL after StopTimeout
+// when SIGTERM was not enough.
+func (s *Supervisor) replaceHung(r *running) {
+	if state, _, err := procStat(r.p.PID); err == nil && (state == 'T' || state == 't') {
+		s.log.Error("redis-server hangs and is stopped, killing it", "pid", r.p.PID)
+		s.kill(r)
+		return
+	}
+	s.log.Error("redis-server hangs, asking it to exit (SIGTERM)", "pid", r.p.PID, "kill_after", s.cfg.StopTimeout)
+	s.signal(r, syscall.SIGTERM)
+}
+
+// isAlive reports whether a health check's result shows a process that
+// answered: no error, or an error with an Alive() bool method that returns
+// true (an error reply, LOADING, BUSY, no free client slot, a connection
+// it closed itself).
+func isAlive(err error) bool {
+	var a interface{ Alive() bool }
+	return err == nil || errors.As(err, &a) && a.Alive() || isLoading(err) || isBusy(err) || isSaturated(err)
+}
+
+// isSaturated reports whether a Ping error says the server has no free
+// client slot for a new connection (it refused it, or closed it unread):
+// it runs, and someone holds them all.
+func isSaturated(err error) bool {
+	var sat interface{ Saturated() bool }
+	var closed interface{ Closed() bool }
+	return errors.As(err, &sat) && sat.Saturated() || errors.As(err, &closed) && closed.Closed()
 }
 
 func backoffState(d Decision) State {
@@ -620,15 +679,29 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 	go func() {
 		wait := time.Millisecond
 		deadline := from.Add(s.cfg.ReadyTimeout)
+		saturated := false
 		for {
 			pctx, pcancel := context.WithTimeout(ctx, time.Second)
 			err := s.cfg.Admin.Ping(pctx)
 			pcancel()
 			if err == nil {
+				// A first health check before it counts as running, so
+				// what it reports (metrics) is this process's from the
+				// start. Its result does not decide readiness.
+				hctx, hcancel := context.WithTimeout(ctx, s.cfg.Health.Timeout)
+				s.cfg.Check(hctx, r.p.PID)
+				hcancel()
 				r.ready <- nil
 				return
 			}
-			if isLoading(err) {
+			if isLoading(err) || isSaturated(err) {
+				// Alive: loading its data, or every client slot taken
+				// (an adopted process under a connection flood). Not
+				// ready, not to be killed for it.
+				if isSaturated(err) && !saturated {
+					saturated = true
+					s.log.Warn("redis-server refuses new connections (max number of clients reached); waiting", "pid", r.p.PID)
+				}
 				deadline = time.Now().Add(s.cfg.ReadyTimeout)
 			} else if time.Now().After(deadline) {
 				r.ready <- fmt.Errorf("no PONG after %v: %w", s.cfg.ReadyTimeout, err)

@@ -3,10 +3,12 @@ package supervisor
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,6 +36,14 @@ func fakeServer(mode string) {
 		os.Exit(0)
 	case "ignore-term": // needs SIGKILL
 		signal.Ignore(syscall.SIGTERM)
+		os.WriteFile("ready", nil, 0o600)
+		time.Sleep(time.Hour)
+	case "listen": // listens on a loopback port, written to "port"
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			os.Exit(101)
+		}
+		os.WriteFile("port", []byte(strconv.Itoa(l.Addr().(*net.TCPAddr).Port)), 0o600)
 		os.WriteFile("ready", nil, 0o600)
 		time.Sleep(time.Hour)
 	case "exit3":
@@ -326,25 +336,64 @@ func TestHealthChecks(t *testing.T) {
 	health := func(c *Config) {
 		c.Health = Health{Interval: 10 * time.Millisecond, Timeout: 10 * time.Millisecond, Failures: 3}
 	}
-	t.Run("no answer is a hang", func(t *testing.T) {
-		a := &fakeAdmin{}
-		s, _, _ := newSup(t, "sleep", a, health)
-		first := waitState(t, s, Running, 5*time.Second).Process
-		var noAnswer error = context.DeadlineExceeded
-		a.after.Store(&noAnswer)
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			st := s.Status()
-			if st.LastExit != nil {
-				if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != "killed" || Verify(first, "fake:sleep") == nil {
-					t.Fatalf("last exit %+v; want hung and killed", st.LastExit)
+	// A process that stops answering is asked to exit (SIGTERM: Redis
+	// persists its data on the way out) and killed only when it does not
+	// act on it, or cannot (stopped).
+	for _, tt := range []struct {
+		name, mode string
+		stop       bool // SIGSTOP it as well
+		wantSignal string
+	}{
+		{"no answer is a hang, ended gracefully", "sleep", false, ""},
+		{"a hang that ignores SIGTERM is killed", "ignore-term", false, "killed"},
+		{"a stopped process is killed at once", "sleep", true, "killed"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			a := &fakeAdmin{}
+			s, _, _ := newSup(t, tt.mode, a, func(c *Config) {
+				health(c)
+				c.StopTimeout = 2 * time.Second
+			})
+			first := waitState(t, s, Running, 5*time.Second).Process
+			if tt.stop {
+				syscall.Kill(first.PID, syscall.SIGSTOP)
+			}
+			var noAnswer error = context.DeadlineExceeded
+			a.after.Store(&noAnswer)
+			t0 := time.Now()
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				st := s.Status()
+				if st.LastExit != nil {
+					if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != tt.wantSignal || Verify(first, "fake:"+tt.mode) == nil {
+						t.Fatalf("last exit %+v; want hung, signal %q, and the process gone", st.LastExit, tt.wantSignal)
+					}
+					took := time.Since(t0)
+					if tt.wantSignal == "killed" && !tt.stop && took < 2*time.Second {
+						t.Fatalf("killed %v after the hang began, before the 2 s grace for SIGTERM", took)
+					}
+					if tt.stop && took > 1500*time.Millisecond {
+						t.Fatalf("a stopped process was killed only after %v: it cannot act on SIGTERM", took)
+					}
+					return
 				}
-				return
+				if time.Now().After(deadline) {
+					t.Fatal("a process that stopped answering was not replaced")
+				}
+				time.Sleep(5 * time.Millisecond)
 			}
-			if time.Now().After(deadline) {
-				t.Fatal("a process that stopped answering was not killed")
+		})
+	}
+	t.Run("an answer that is an error is alive", func(t *testing.T) {
+		for _, e := range []error{aliveErr{"ERR max number of clients reached"}, aliveErr{"connection closed by redis-server: EOF"}} {
+			a := &fakeAdmin{}
+			s, _, _ := newSup(t, "sleep", a, health)
+			waitState(t, s, Running, 5*time.Second)
+			a.after.Store(&e)
+			time.Sleep(200 * time.Millisecond) // 20 intervals, far past 3 failures
+			if st := s.Status(); st.State != Running || st.Restarts != 0 {
+				t.Fatalf("%v answers: status %+v; want running, never restarted", e, st)
 			}
-			time.Sleep(5 * time.Millisecond)
 		}
 	})
 	t.Run("busy and loading are alive", func(t *testing.T) {
@@ -360,6 +409,11 @@ func TestHealthChecks(t *testing.T) {
 		}
 	})
 }
+
+type aliveErr struct{ msg string }
+
+func (e aliveErr) Error() string { return e.msg }
+func (aliveErr) Alive() bool     { return true }
 
 type loadingErr struct{}
 
