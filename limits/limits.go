@@ -224,3 +224,82 @@ func (m *Manager) remove(id string) error {
 	}
 	return nil
 }
+
+// Differs reports whether id's cgroup has other limits than want (or none
+// at all), reading each controller's files: a resize an agent crash cut
+// short can leave the memory limit behind the record, and a changed
+// --cpu-shares or --pids-limit applies to running instances only through
+// this check. It reads four small files.
+func (m *Manager) Differs(id string, want Limits) (bool, error) {
+	files, expect := m.limitFiles(id, want)
+	for i, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return true, nil
+			}
+			return false, err
+		}
+		if strings.TrimSpace(string(b)) != expect[i] {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// limitFiles returns the files that hold want's limits in id's cgroup and
+// the text each holds when the limit is applied.
+func (m *Manager) limitFiles(id string, want Limits) (files, expect []string) {
+	g := m.group(id)
+	quota := func(none string, format func(q int64) string) string {
+		if want.CPUQuota <= 0 {
+			return none
+		}
+		return format(int64(want.CPUQuota * cpuPeriod))
+	}
+	num := func(n int64, none string) string {
+		if n <= 0 {
+			return none
+		}
+		return strconv.FormatInt(n, 10)
+	}
+	if m.mode == cgroups.Unified {
+		dir := path.Join("/sys/fs/cgroup", g)
+		weight := "100" // the kernel's default
+		if want.CPUShares > 0 {
+			weight = strconv.FormatUint(cgroup2.ConvertCPUSharesToCgroupV2Value(want.CPUShares), 10)
+		}
+		return []string{path.Join(dir, "memory.max"), path.Join(dir, "cpu.weight"), path.Join(dir, "cpu.max"), path.Join(dir, "pids.max")},
+			[]string{num(want.MemoryBytes, "max"), weight,
+				quota("max "+strconv.Itoa(cpuPeriod), func(q int64) string { return fmt.Sprintf("%d %d", q, cpuPeriod) }),
+				num(want.Pids, "max")}
+	}
+	shares := "1024"
+	if want.CPUShares > 0 {
+		shares = strconv.FormatUint(want.CPUShares, 10)
+	}
+	// v1 has no "no memory limit" text that is stable across kernels; an
+	// instance always has one.
+	return []string{
+			path.Join("/sys/fs/cgroup/memory", g, "memory.limit_in_bytes"),
+			path.Join("/sys/fs/cgroup/cpu", g, "cpu.shares"),
+			path.Join("/sys/fs/cgroup/cpu", g, "cpu.cfs_quota_us"),
+			path.Join("/sys/fs/cgroup/pids", g, "pids.max"),
+		},
+		[]string{num(want.MemoryBytes, "9223372036854771712"), shares,
+			quota("-1", func(q int64) string { return strconv.FormatInt(q, 10) }),
+			num(want.Pids, "max")}
+}
+
+// RemoveRootIfEmpty removes the agent's root cgroup when no instance's is
+// left in it (the kernel refuses to remove one that has children, which is
+// then left as it is).
+func (m *Manager) RemoveRootIfEmpty() {
+	if m.mode == cgroups.Unified {
+		os.Remove(path.Join("/sys/fs/cgroup", m.Root))
+		return
+	}
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		os.Remove(path.Join("/sys/fs/cgroup", c, m.Root))
+	}
+}

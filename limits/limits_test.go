@@ -65,6 +65,31 @@ func TestApplyOnThisHost(t *testing.T) {
 	if n, err := m.OOMKills("x"); err != nil || n != 0 {
 		t.Fatalf("OOMKills = %d, %v", n, err)
 	}
+	// Differs compares every limit with what the files hold.
+	applied := Limits{MemoryBytes: 64 << 20, CPUShares: 256, Pids: 32}
+	if d, err := m.Differs("x", applied); err != nil || d {
+		t.Fatalf("Differs right after Apply = %v, %v; want false", d, err)
+	}
+	for name, other := range map[string]Limits{
+		"memory": {MemoryBytes: 48 << 20, CPUShares: 256, Pids: 32},
+		"shares": {MemoryBytes: 64 << 20, CPUShares: 512, Pids: 32},
+		"quota":  {MemoryBytes: 64 << 20, CPUShares: 256, CPUQuota: 0.5, Pids: 32},
+		"pids":   {MemoryBytes: 64 << 20, CPUShares: 256, Pids: 64},
+	} {
+		if d, err := m.Differs("x", other); err != nil || !d {
+			t.Errorf("Differs with another %s limit = %v, %v; want true", name, d, err)
+		}
+	}
+	if d, _ := m.Differs("nosuch", applied); !d {
+		t.Error("Differs for a cgroup that does not exist = false")
+	}
+	quota := Limits{MemoryBytes: 48 << 20, CPUShares: 256, CPUQuota: 0.5, Pids: 32}
+	if err := m.Apply("x", cmd.Process.Pid, quota); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := m.Differs("x", quota); err != nil || d {
+		t.Fatalf("Differs after applying a quota = %v, %v; want false", d, err)
+	}
 	cmd.Process.Kill()
 	cmd.Wait()
 	time.Sleep(50 * time.Millisecond)
