@@ -53,7 +53,7 @@ func readVersion(tx *bolt.Tx) (int, error) {
 // migrate brings the file to SchemaVersion, and refuses a file written by a
 // newer agent rather than guessing at its layout.
 func (s *Store) migrate() error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.write(func(tx *bolt.Tx) error {
 		if _, err := tx.CreateBucketIfNotExists(bucketMeta); err != nil {
 			return err
 		}

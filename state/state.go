@@ -29,9 +29,11 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // Errors of the store.
@@ -105,6 +107,10 @@ type Instance struct {
 	// in the middle of the move leaves it set, and the next rollout
 	// finishes the move from it.
 	RolloutFrom string `json:"rollout_from,omitempty"`
+	// Exe is the executable the process ran once it answered
+	// (/proc/<pid>/exe): Binary itself, or what a wrapper script at Binary
+	// ran. Adoption requires a process running it (or Binary).
+	Exe string `json:"exe,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.
@@ -121,6 +127,9 @@ var (
 // Store is the state file. It is safe for concurrent use.
 type Store struct {
 	db *bolt.DB
+	// writeErr is the error of the last commit that failed (not of a
+	// transaction its own function refused), nil once one succeeds.
+	writeErr atomic.Pointer[error]
 }
 
 // Open opens (creating if needed) the state file at path. It waits at most
@@ -150,11 +159,43 @@ func (s *Store) Close() error { return s.db.Close() }
 // Path is the file's path.
 func (s *Store) Path() string { return s.db.Path() }
 
-// Writable checks that a write transaction can be committed.
+// write runs fn in a write transaction and remembers whether committing
+// it failed, for Writable.
+func (s *Store) write(fn func(*bolt.Tx) error) error {
+	var fnErr error
+	err := s.db.Update(func(tx *bolt.Tx) error { fnErr = fn(tx); return fnErr })
+	switch {
+	case err == nil:
+		s.writeErr.Store(nil)
+	case fnErr == nil:
+		s.writeErr.Store(&err)
+	}
+	return err
+}
+
+// Writable reports whether the state file can be written, without writing
+// to it (a commit costs fsyncs, and the readiness probe that asks is open
+// to anyone): the last commit did not fail, the file is writable, and its
+// file system is neither read-only nor full.
 func (s *Store) Writable() error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketMeta).Put(keyVersion, fmt.Appendf(nil, "%d", SchemaVersion))
-	})
+	if p := s.writeErr.Load(); p != nil {
+		return fmt.Errorf("the last write failed: %w", *p)
+	}
+	path := s.db.Path()
+	var st unix.Statfs_t
+	if err := unix.Statfs(filepath.Dir(path), &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", filepath.Dir(path), err)
+	}
+	if st.Flags&unix.ST_RDONLY != 0 {
+		return fmt.Errorf("%s: %w", filepath.Dir(path), unix.EROFS)
+	}
+	if st.Bfree == 0 {
+		return fmt.Errorf("%s: %w", filepath.Dir(path), unix.ENOSPC)
+	}
+	if err := unix.Access(path, unix.W_OK); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
 }
 
 func portKey(p int) []byte {
@@ -261,7 +302,7 @@ func (s *Store) Usage() (Usage, error) {
 // existing record and ErrExists and writes nothing.
 func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (Instance, error) {
 	var existing Instance
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.write(func(tx *bolt.Tx) error {
 		if e, err := get(tx, inst.ID); err == nil {
 			existing = e
 			return fmt.Errorf("instance %q: %w", inst.ID, ErrExists)
@@ -315,7 +356,7 @@ func (s *Store) Admit(id string, fn func(*Instance, Usage) error) (Instance, err
 // the whole reserved index).
 func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) error) (Instance, error) {
 	var out Instance
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.write(func(tx *bolt.Tx) error {
 		inst, err := get(tx, id)
 		if err != nil {
 			return err
@@ -371,7 +412,7 @@ var errUnchanged = errors.New("unchanged")
 // Delete removes the record of id and frees its port. Deleting an absent
 // record returns ErrNotFound.
 func (s *Store) Delete(id string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.write(func(tx *bolt.Tx) error {
 		inst, err := get(tx, id)
 		if err != nil {
 			return err

@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 )
 
 // ErrInvalidID is returned for an id that may not become a path.
@@ -261,4 +262,38 @@ func Tail(path string, n int) ([]string, error) {
 		return nil, nil
 	}
 	return lines[max(len(lines)-n, 0):], nil
+}
+
+// Traversable checks that a process of uid and gid (no supplementary
+// groups) may pass through every directory from / down to dir, dir
+// included, by their mode bits; it names the first that stops it. Root
+// passes everywhere.
+func Traversable(dir string, uid, gid int) error {
+	if uid == 0 {
+		return nil
+	}
+	dir = filepath.Clean(dir)
+	for p := dir; ; p = filepath.Dir(p) {
+		st, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok {
+			return fmt.Errorf("stat %s: no owner", p)
+		}
+		bit := fs.FileMode(0o001)
+		switch {
+		case int(sys.Uid) == uid:
+			bit = 0o100
+		case int(sys.Gid) == gid:
+			bit = 0o010
+		}
+		if !st.IsDir() || st.Mode().Perm()&bit == 0 {
+			return fmt.Errorf("%s (mode %04o, owner %d:%d) does not let uid %d gid %d through", p, st.Mode().Perm(), sys.Uid, sys.Gid, uid, gid)
+		}
+		if p == "/" || p == "." {
+			return nil
+		}
+	}
 }
