@@ -29,6 +29,7 @@ import (
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 	"github.com/redis-agent/redis-agent/volumes"
+	"golang.org/x/sys/unix"
 )
 
 // Service implements the agent's operations. Create it with New, call
@@ -59,10 +60,16 @@ type Service struct {
 	metrics    *metrics
 	// cg manages the instances' cgroups; nil when off or unavailable.
 	cg *limits.Manager
+	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
+	// files are memory charged to their cgroups.
+	dataOnTmpfs bool
 
 	roll rollout
-	// wg counts background work (a rollout) that Close waits for.
-	wg sync.WaitGroup
+	// wg counts the Service's goroutines other than the supervisors' (a
+	// rollout, a live sync, an interrupted provision's finish): Close waits
+	// for them. bgMu orders their start against Close (see background).
+	wg   sync.WaitGroup
+	bgMu sync.Mutex
 }
 
 // instance is the runtime side of one record.
@@ -78,10 +85,19 @@ type instance struct {
 	// process adopted since).
 	memoryMB atomic.Int64
 	drift    func()
+	// limitsDrift reports whether the cgroup's limits differ from the
+	// record's; nil without cgroups.
+	limitsDrift func() bool
+	// aclPending is set while an ACL change could not be applied to the
+	// running server; the next health check tries again.
+	aclPending atomic.Bool
 }
 
-// instanceStats is one health check's harvest: INFO and /proc figures.
+// instanceStats is one health check's harvest: INFO and /proc figures of
+// the process pid. Figures of another pid than the current process's are
+// stale (it restarted since) and shown as none.
 type instanceStats struct {
+	pid     int
 	ok      bool
 	info    redis.Info
 	rss     float64 // bytes
@@ -123,6 +139,14 @@ func New(cfg Config) (*Service, error) {
 	if err := s.layout.Init(); err != nil {
 		return nil, err
 	}
+	if err := s.redisCanReach(); err != nil {
+		return nil, err
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(s.layout.DataRoot, &fs); err == nil && fs.Type == unix.TMPFS_MAGIC {
+		s.dataOnTmpfs = true
+		log.Warn("the data directory is on tmpfs: instances' files live in memory, count against their memory cgroups (whose limits leave room for them) and are lost at reboot", "dir", s.layout.DataRoot)
+	}
 	store, err := state.Open(filepath.Join(cfg.DataDir, "state", "agent.db"), time.Second)
 	if err != nil {
 		return nil, err
@@ -130,11 +154,11 @@ func New(cfg Config) (*Service, error) {
 	s.store = store
 	s.metrics = newMetrics(cfg.Registerer, s)
 	if cfg.Cgroups == "auto" {
-		if s.cg, err = limits.New("redis-agent"); err != nil {
+		if s.cg, err = limits.New(cfg.CgroupParent()); err != nil {
 			log.Warn("instances run without resource limits", "reason", err)
 			s.cg = nil
 		} else {
-			log.Info("a cgroup per instance", "mode", s.cg.Mode(), "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
+			log.Info("a cgroup per instance", "mode", s.cg.Mode(), "root", s.cg.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
 	s.beat(10 * time.Second)
@@ -145,7 +169,9 @@ func New(cfg Config) (*Service, error) {
 // Close ends supervision and closes the state. Every redis-server keeps
 // running; the next agent adopts them.
 func (s *Service) Close() error {
-	s.cancel()
+	s.bgMu.Lock()
+	s.cancel() // no background work starts after this
+	s.bgMu.Unlock()
 	s.mu.Lock()
 	insts := make([]*instance, 0, len(s.instances))
 	for _, in := range s.instances {
@@ -157,7 +183,26 @@ func (s *Service) Close() error {
 		<-in.sup.Done()
 		in.admin.Close()
 	}
+	if s.cg != nil {
+		// Gone only when no instance's cgroup is left in it.
+		s.cg.RemoveRootIfEmpty()
+	}
 	return s.store.Close()
+}
+
+// background runs fn in a goroutine that Close waits for. Once Close has
+// begun it runs nothing: fn would use a store about to close.
+func (s *Service) background(fn func()) {
+	s.bgMu.Lock()
+	defer s.bgMu.Unlock()
+	if s.ctx.Err() != nil {
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn()
+	}()
 }
 
 // beat records that the main loop is alive and how often it beats.
@@ -188,6 +233,22 @@ func (s *Service) Ready(ctx context.Context) error {
 	if err := syscall.Access(s.cfg.RedisServer, 1 /* X_OK */); err != nil {
 		return fmt.Errorf("redis-server %s is not executable: %w", s.cfg.RedisServer, err)
 	}
+	return s.redisCanReach()
+}
+
+// redisCanReach checks that the user redis-server runs as can reach the
+// data and log directories: every directory on their paths must let it
+// through. A data directory under a 0700 parent (as mktemp -d makes) would
+// otherwise fail every start with "permission denied" on the binary.
+func (s *Service) redisCanReach() error {
+	if s.cred == nil {
+		return nil // it runs as the agent's own user, who made them
+	}
+	for _, dir := range []string{s.layout.DataRoot, s.layout.LogRoot} {
+		if err := volumes.Traversable(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
+			return fmt.Errorf("redis user %s cannot reach %s: %w: let it through (chmod o+x or chgrp on that directory) or choose another --data-dir/--log-dir", s.cfg.RedisUser, dir, err)
+		}
+	}
 	return nil
 }
 
@@ -209,6 +270,7 @@ func (s *Service) conf(rec state.Instance) []byte {
 		ACLFile:     s.layout.ACLPath(rec.ID),
 		MemoryMB:    rec.MemoryMB,
 		Persistence: rec.Persistence,
+		MaxClients:  s.cfg.MaxClients,
 	})
 }
 

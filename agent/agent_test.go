@@ -217,7 +217,7 @@ func TestInvalidInputChangesNothing(t *testing.T) {
 		{"empty id", "", Spec{}, ErrInvalid},
 		{"negative memory", "x", Spec{MemoryMB: -1}, ErrInvalid},
 		{"unknown persistence", "x", Spec{Persistence: "sometimes"}, ErrInvalid},
-		{"over the budget", "x", Spec{MemoryMB: 101}, ErrCapacity},
+		{"over the whole budget", "x", Spec{MemoryMB: 101}, ErrInvalid},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -39,6 +40,10 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 		}
 		if _, ok := r.Bindings[bid]; ok {
 			return nil
+		}
+		if in := s.runtime(id); in != nil && in.sup.Status().State == supervisor.Crashloop {
+			// Credentials for a server that keeps failing would not work.
+			return fmt.Errorf("instance %q is crash-looping (its log says why): %w", id, ErrConflict)
 		}
 		if r.Bindings == nil {
 			r.Bindings = map[string]state.Binding{}
@@ -87,28 +92,75 @@ func (s *Service) Unbind(ctx context.Context, id, bid string) error {
 	return nil
 }
 
-// applyACL writes the ACL file of rec and brings the running server's users
-// in line with it; a removed user's connections are closed. When no process
-// runs, the file takes effect at its next start.
+// applyACL writes the ACL file of rec and makes the running server's users
+// match it before it returns: a removed user can no longer log in nor use
+// a connection it has open, and a new one can log in. It goes over the
+// kept control connection. When the server is alive but cannot be told (it
+// lost that connection while every client slot is taken), it is restarted
+// gracefully, and the new process loads the file. When no process runs,
+// the next one loads the file. Only when even the restart fails is the
+// change reported undone; it is then retried at every health check until
+// it is applied.
 func (s *Service) applyACL(ctx context.Context, rec state.Instance) error {
 	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec)); err != nil {
 		return err
 	}
 	in := s.runtime(rec.ID)
-	if in == nil || in.sup.Status().State != supervisor.Running {
+	if in == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	err := in.admin.SyncUsers(ctx, tenantUsers(rec))
-	if redis.Unreachable(err) {
-		// The process is going down (a crash, a hang being killed): the
-		// record and the ACL file are written, and the next process loads
-		// the file and is synced again when it is ready.
-		s.log.Info("redis-server unreachable; the ACL change applies when it is back", "instance", rec.ID, "err", err)
+	err := s.syncUsers(ctx, in, rec)
+	if err != nil {
+		in.aclPending.Store(true)
+		return err
+	}
+	in.aclPending.Store(false)
+	return nil
+}
+
+// syncUsers applies rec's users to the process of in, by ACL commands or
+// by a restart; see applyACL.
+func (s *Service) syncUsers(ctx context.Context, in *instance, rec state.Instance) error {
+	log := s.log.With("instance", rec.ID)
+	st := in.sup.Status()
+	if st.Process.PID == 0 {
+		return nil // down: the next process reads the file
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	err := in.admin.SyncUsers(sctx, tenantUsers(rec))
+	cancel()
+	if err == nil {
 		return nil
 	}
-	return err
+	if !redis.Unreachable(err) && !errors.Is(err, redis.ErrSaturated) && !errors.Is(err, redis.ErrLoading) {
+		return fmt.Errorf("apply ACL users: %w", err)
+	}
+	if st.State == supervisor.Starting {
+		// Not listening yet (it then loads the file itself) or not
+		// answering yet: try again once it is ready.
+		wctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout)
+		werr := in.sup.WaitReady(wctx)
+		cancel()
+		if werr == nil {
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = in.admin.SyncUsers(sctx, tenantUsers(rec))
+			cancel()
+			if err == nil {
+				return nil
+			}
+		}
+	}
+	cur := in.sup.Status()
+	if cur.Process.PID == 0 || supervisor.Verify(cur.Process, s.layout.ConfPath(rec.ID)) != nil {
+		return nil // it went down; the next process reads the file
+	}
+	// Alive and out of reach: the ACL file is written, and a graceful
+	// restart (SIGTERM when SHUTDOWN cannot reach it either) applies it.
+	log.Warn("cannot reach redis-server to change its ACL users; restarting it to load the ACL file", "pid", cur.Process.PID, "err", err)
+	if rerr := in.sup.Restart(ctx); rerr != nil {
+		return fmt.Errorf("apply ACL users: %w; restart to load the ACL file: %w", err, rerr)
+	}
+	return nil
 }
 
 func (s *Service) credentials(rec state.Instance, b state.Binding) Credentials {

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,6 +12,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -70,6 +73,13 @@ type Config struct {
 	// Cgroups is "auto" (a cgroup per instance where the host allows it,
 	// with a log line when it does not) or "off".
 	Cgroups string
+	// MaxClients is each redis-server's maxclients; 0 is Redis's default
+	// (10000, fewer under a low open-files limit).
+	MaxClients int
+	// CgroupRoot is the parent cgroup of this agent's instances. Empty
+	// means one unique to the data directory (see CgroupParent), so two
+	// agents on one host never share an instance's cgroup.
+	CgroupRoot string
 	// CPUShares is each instance's relative CPU weight (1024 = a fair
 	// share); CPUQuota an optional hard cap in cores (0 = none); Pids the
 	// most processes and threads an instance may have.
@@ -103,7 +113,7 @@ func DefaultConfig() Config {
 		Pids:            128,
 	}
 	if os.Geteuid() == 0 {
-		c.DataDir = "/var/lib/redis-agent"
+		c.DataDir = DefaultDataDir
 		if _, err := user.Lookup("redis"); err == nil {
 			c.RedisUser = "redis"
 		}
@@ -159,6 +169,8 @@ func defaultBudgetMB() int {
 	}
 	return 1024
 }
+
+var cgroupName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$`)
 
 // MinTokenBytes is the shortest API token Validate accepts.
 const MinTokenBytes = 16
@@ -223,6 +235,12 @@ func (c Config) Validate() error {
 	if c.Cgroups != "auto" && c.Cgroups != "off" {
 		bad("cgroups %q: want auto or off", c.Cgroups)
 	}
+	if c.MaxClients < 0 {
+		bad("max clients %d: want a positive number, or 0 for Redis's default", c.MaxClients)
+	}
+	if c.CgroupRoot != "" && !cgroupName.MatchString(c.CgroupRoot) {
+		bad("cgroup root %q: want one path element of letters, digits, '.', '_' and '-'", c.CgroupRoot)
+	}
 	if c.CPUQuota < 0 || c.Pids < 0 {
 		bad("cpu quota and pids limit must not be negative")
 	}
@@ -267,6 +285,24 @@ func isLoopback(hostport string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// DefaultDataDir is the data directory of an agent run as root.
+const DefaultDataDir = "/var/lib/redis-agent"
+
+// CgroupParent is CgroupRoot, or by default "redis-agent" for the default
+// data directory and "redis-agent-<8 hex digits of its path's sha256>" for
+// any other: an agent's identity on the host.
+func (c Config) CgroupParent() string {
+	if c.CgroupRoot != "" {
+		return c.CgroupRoot
+	}
+	dir := filepath.Clean(c.DataDir)
+	if dir == DefaultDataDir {
+		return "redis-agent"
+	}
+	sum := sha256.Sum256([]byte(dir))
+	return "redis-agent-" + hex.EncodeToString(sum[:4])
 }
 
 func (c Config) logDir() string {

@@ -37,6 +37,9 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if spec.MemoryMB < 0 {
 		return spec, fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", spec.MemoryMB, ErrInvalid)
 	}
+	if err := s.cfg.checkMemory(spec.MemoryMB); err != nil {
+		return spec, err
+	}
 	if !redis.ValidPersistence(spec.Persistence) {
 		return spec, fmt.Errorf("persistence %q: %w: want one of aof, aof-always, rdb, none", spec.Persistence, ErrInvalid)
 	}
@@ -169,7 +172,13 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	log := s.log.With("instance", rec.ID)
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
-	in := &instance{admin: admin, drift: func() { go s.syncLive(id) }}
+	in := &instance{admin: admin, drift: func() { s.background(func() { s.syncLive(id) }) }}
+	if s.cg != nil {
+		in.limitsDrift = func() bool {
+			d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
+			return err == nil && d
+		}
+	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
@@ -195,7 +204,10 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	if s.cg != nil {
 		n, _ := s.cg.OOMKills(id)
 		in.oomKills.Store(n)
-		if adopt != nil && !s.cg.Contains(id, adopt.PID) {
+		// An adopted process keeps its cgroup, unless it is not in it or
+		// the cgroup's limits are not the record's (a resize an agent
+		// crash cut short, changed --cpu-shares or --pids-limit).
+		if adopt != nil && (!s.cg.Contains(id, adopt.PID) || in.limitsDrift()) {
 			s.confine(id, adopt.PID)
 		}
 	}
@@ -219,15 +231,21 @@ func (s *Service) binaryOf(rec state.Instance) string {
 // Started event before anything else, and the exit and restart count of an
 // Exited one.
 func (s *Service) persistEvent(id string, ev supervisor.Event) {
+	if in := s.runtime(id); in != nil && ev.Kind != supervisor.Ready {
+		// A new or no process: what was checked of the last one is not
+		// this one's.
+		in.stats.Store(nil)
+	}
 	switch ev.Kind {
 	case supervisor.Started:
 		s.confine(id, ev.Process.PID)
 		crashAt(FaultSpawnUnrecorded)
 	case supervisor.Ready:
-		// Nothing to record. The process may have read an older ACL file
-		// or config than the record says (a bind or resize raced with its
-		// start, or it was adopted).
-		go s.syncLive(id)
+		// The process may have read an older ACL file or config than the
+		// record says (a bind or resize raced with its start, or it was
+		// adopted).
+		s.background(func() { s.syncLive(id) })
+		s.recordExe(id, ev.Process.PID)
 		return
 	}
 	_, err := s.store.Update(id, func(r *state.Instance) error {
@@ -255,9 +273,45 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	}
 }
 
-// limitsFor are the cgroup limits of an instance of memoryMB maxmemory.
-func (s *Service) limitsFor(memoryMB int) limits.Limits {
-	return limits.Limits{MemoryBytes: limits.MemoryFor(memoryMB), CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids}
+// recordExe records the executable a ready process runs, for adoption to
+// check, when it is not what the record says already.
+func (s *Service) recordExe(id string, pid int) {
+	exe, err := supervisor.Executable(pid)
+	if err != nil {
+		return // gone already
+	}
+	if rec, err := s.store.Get(id); err != nil || rec.Exe == exe {
+		return
+	}
+	if _, err := s.store.Update(id, func(r *state.Instance) error { r.Exe = exe; return nil }); err != nil && !errors.Is(err, state.ErrNotFound) {
+		s.log.Error("record the executable", "instance", id, "err", err)
+	}
+}
+
+// limitsFor are the cgroup limits of an instance of memoryMB maxmemory
+// with persistence. With the data directory on tmpfs, the instance's files
+// are memory charged to its cgroup, so the limit has room for them too.
+func (s *Service) limitsFor(memoryMB int, persistence string) limits.Limits {
+	mem := limits.MemoryFor(memoryMB)
+	if s.dataOnTmpfs {
+		mem += tmpfsFilesBytes(memoryMB, persistence)
+	}
+	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids}
+}
+
+// tmpfsFilesBytes is the most an instance's files take on tmpfs: for the
+// aof modes the AOF grows to twice its base before Redis rewrites it (or to
+// auto-aof-rewrite-min-size, 64 MiB), plus the rewrite's new base; for rdb
+// a dump and the one a BGSAVE writes beside it.
+func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
+	mb := int64(memoryMB) << 20
+	switch persistence {
+	case redis.PersistenceAOF, redis.PersistenceAOFAlways:
+		return 3*mb + 64<<20
+	case redis.PersistenceRDB:
+		return 2 * mb
+	}
+	return 0
 }
 
 // confine puts the process of id into the instance's cgroup. A failure is
@@ -270,7 +324,7 @@ func (s *Service) confine(id string, pid int) {
 	if err != nil {
 		return
 	}
-	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB)); err != nil {
+	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
 		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
 	}
 }
@@ -306,7 +360,7 @@ func (s *Service) syncLive(id string) {
 		return
 	}
 	if err := s.applyACL(s.ctx, rec); err != nil && s.ctx.Err() == nil {
-		s.log.Warn("sync ACL users", "instance", id, "err", err)
+		s.log.Error("ACL users differ from the record's and cannot be applied; retried at the next health check", "instance", id, "err", err)
 	}
 	s.dropRDB(rec)
 	in := s.runtime(id)
@@ -317,8 +371,12 @@ func (s *Service) syncLive(id string) {
 	// Ready before the first one (a start or an adoption) leaves it to
 	// that check, which comes back here when it does. Setting it blindly
 	// would cost every adopted instance a connection at agent start.
+	if pid := in.sup.Status().Process.PID; in.limitsDrift != nil && pid != 0 && in.limitsDrift() {
+		s.log.Warn("cgroup limits differ from the record's; applying them", "instance", id)
+		s.confine(id, pid)
+	}
 	want := float64(int64(rec.MemoryMB) << 20)
-	hs := in.stats.Load()
+	hs := in.current(in.sup.Status())
 	if hs == nil || (hs.ok && hs.info.MaxMemory == want) {
 		return
 	}
@@ -436,7 +494,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 		return fmt.Errorf("restart %q: %w", id, err)
 	}
 	if err := s.waitReady(ctx, in); err != nil {
-		return fmt.Errorf("restart %q: %w", id, err)
+		return fmt.Errorf("restart %q: %w: %v", id, ErrNotReady, err)
 	}
 	s.metrics.observe("restart", start)
 	return nil
@@ -529,7 +587,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		if st.Process.PID != 0 && !st.StartedAt.IsZero() {
 			inst.UptimeSeconds = time.Since(st.StartedAt).Seconds()
 		}
-		if hs := in.stats.Load(); hs != nil && hs.ok && st.State == supervisor.Running {
+		if hs := in.current(st); hs != nil && hs.ok && st.State == supervisor.Running {
 			inst.MemoryUsedBytes, inst.RSSBytes = int64(hs.info.UsedMemory), int64(hs.rss)
 		}
 		if st.LastExit != nil {
@@ -552,11 +610,25 @@ func (s *Service) view(rec state.Instance) Instance {
 // so a scrape does no I/O to instances.
 func (in *instance) check(ctx context.Context, pid int) error {
 	info, err := in.admin.Info(ctx)
-	st := &instanceStats{ok: err == nil, info: info, checked: time.Now()}
+	st := &instanceStats{pid: pid, ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
 	in.stats.Store(st)
-	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) && in.drift != nil {
+	drifted := in.aclPending.Load() || in.limitsDrift != nil && in.limitsDrift()
+	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
+		drifted = true
+	}
+	if drifted && in.drift != nil {
 		in.drift()
 	}
 	return err
+}
+
+// current returns the stats of the instance's current process, or nil
+// when the last check was of an earlier one (or none was made).
+func (in *instance) current(st supervisor.Status) *instanceStats {
+	hs := in.stats.Load()
+	if hs == nil || st.Process.PID == 0 || hs.pid != st.Process.PID {
+		return nil
+	}
+	return hs
 }

@@ -373,7 +373,7 @@ func TestResizeLive(t *testing.T) {
 		t.Fatalf("the client's connection changed: %d -> %d", connID, id)
 	}
 	if s.cg != nil {
-		limit := cgroupMemoryLimit(t, "r")
+		limit := cgroupMemoryLimit(t, cfg, "r")
 		if limit != 2*100<<20+64<<20 {
 			t.Fatalf("cgroup memory limit = %d, want %d", limit, 2*100<<20+64<<20)
 		}
@@ -435,11 +435,11 @@ func TestResizeLive(t *testing.T) {
 }
 
 // cgroupMemoryLimit reads the memory limit of an instance's cgroup (v1 or v2).
-func cgroupMemoryLimit(t *testing.T, id string) int64 {
+func cgroupMemoryLimit(t *testing.T, cfg Config, id string) int64 {
 	t.Helper()
 	for _, p := range []string{
-		filepath.Join("/sys/fs/cgroup/memory/redis-agent", id, "memory.limit_in_bytes"),
-		filepath.Join("/sys/fs/cgroup/redis-agent", id, "memory.max"),
+		filepath.Join("/sys/fs/cgroup/memory", cfg.CgroupParent(), id, "memory.limit_in_bytes"),
+		filepath.Join("/sys/fs/cgroup", cfg.CgroupParent(), id, "memory.max"),
 	} {
 		if b, err := os.ReadFile(p); err == nil {
 			n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)

@@ -135,9 +135,10 @@ func collectInstance(ch chan<- prometheus.Metric, id string, in *instance) {
 	counter := func(d *prometheus.Desc, v float64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, id)
 	}
-	state := in.sup.Status().State
+	status := in.sup.Status()
+	state := status.State
 	gauge(descInstanceStates, 1, state.String())
-	st := in.stats.Load()
+	st := in.current(status)
 	gauge(descUp, b2f(state == supervisor.Running && st != nil && st.ok))
 	if st == nil || !st.ok {
 		return

@@ -38,6 +38,11 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	listeners, err := supervisor.ReadListeners()
+	if err != nil {
+		return fmt.Errorf("read listening sockets: %w", err)
+	}
+	m := &machine{procs: procs, listeners: listeners}
 	owned := map[string]bool{}
 	for _, rec := range recs {
 		owned[rec.ID] = true
@@ -58,7 +63,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			outcome, err := s.reconcileOne(rec, procs)
+			outcome, err := s.reconcileOne(rec, m)
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
@@ -86,7 +91,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	}
 	for _, rec := range recs {
 		if rec.Phase == state.PhaseProvisioning {
-			go s.finishInterrupted(rec.ID)
+			s.background(func() { s.finishInterrupted(rec.ID) })
 		}
 	}
 	s.findOrphans(owned, procs)
@@ -106,7 +111,7 @@ const reconcileWorkers = 8
 // reconcileOne brings one record's instance in line and says what it did:
 // "deleted", "adopted", "started", or "" when it had to leave it (logged).
 // An error is the state store's, which stops reconcile.
-func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.Process) (string, error) {
+func (s *Service) reconcileOne(rec state.Instance, m *machine) (string, error) {
 	log := s.log.With("instance", rec.ID)
 	if rec.Phase == state.PhaseDeleting {
 		if err := s.destroy(rec.ID); err != nil {
@@ -116,8 +121,8 @@ func (s *Service) reconcileOne(rec state.Instance, procs map[string]supervisor.P
 		log.Info("finished an interrupted deletion")
 		return "deleted", nil
 	}
-	s.finishRestore(rec, procs)
-	adopt := s.findProcess(rec, procs)
+	s.finishRestore(rec, m)
+	adopt := s.findProcess(rec, m)
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
 		// Keep the record; report. The operator fixes the disk, the next
@@ -183,7 +188,7 @@ func (s *Service) killLoaders(procs map[string]supervisor.Process) {
 // happened, the restored data is (it was checked and loaded before the
 // swap) and the previous data is removed; if not, the staged data is. No
 // process runs on the staged directory, so either is safe.
-func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.Process) {
+func (s *Service) finishRestore(rec state.Instance, m *machine) {
 	id := rec.ID
 	if !s.layout.Staging(id) {
 		return
@@ -200,7 +205,7 @@ func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.
 		// previous data was back: put it back, after stopping whatever
 		// runs on the failed data.
 		log.Warn("an interrupted restore's data had failed to start: putting the previous data back")
-		if p := s.findProcess(rec, procs); p != nil {
+		if p := s.findProcess(rec, m); p != nil {
 			if err := killVerified(*p, s.layout.ConfPath(id)); err != nil {
 				log.Error("stop the process on the failed restored data; keeping it", "pid", p.PID, "err", err)
 				return
@@ -228,23 +233,40 @@ func (s *Service) finishRestore(rec state.Instance, procs map[string]supervisor.
 	}
 }
 
+// machine is what reconcile reads of the machine once, for every record:
+// the processes whose title names a config under the data root, and the
+// listening sockets.
+type machine struct {
+	procs     map[string]supervisor.Process
+	listeners supervisor.Listeners
+}
+
 // findProcess returns the live process of rec: the recorded one if it
-// verifies, else one found in the /proc scan running rec's config.
-func (s *Service) findProcess(rec state.Instance, procs map[string]supervisor.Process) *supervisor.Process {
+// verifies, else one found in the /proc scan running rec's config. A
+// process is rec's only when its title names rec's config, it runs a
+// redis-server binary rec may run (the recorded one or the configured
+// one) and it listens on rec's port: a `tail -f` of the config, or a
+// redis-server started by hand to look like it, is not adopted.
+func (s *Service) findProcess(rec state.Instance, m *machine) *supervisor.Process {
 	conf := s.layout.ConfPath(rec.ID)
+	verify := func(p supervisor.Process) error {
+		return supervisor.VerifyServer(p, conf, []string{rec.Exe, rec.Binary, s.cfg.RedisServer}, rec.Port, m.listeners)
+	}
 	if rec.PID != 0 {
 		p := supervisor.Process{PID: rec.PID, StartTime: rec.StartTime}
-		err := supervisor.Verify(p, conf)
+		err := verify(p)
 		if err == nil {
 			return &p
 		}
-		s.log.Info("recorded process is gone", "instance", rec.ID, "pid", rec.PID, "reason", err)
+		s.log.Info("recorded process is gone or not the instance's", "instance", rec.ID, "pid", rec.PID, "reason", err)
 	}
-	if p, ok := procs[conf]; ok {
-		if err := supervisor.Verify(p, conf); err == nil {
+	if p, ok := m.procs[conf]; ok && (p.PID != rec.PID || p.StartTime != rec.StartTime) {
+		err := verify(p)
+		if err == nil {
 			s.log.Info("found unrecorded process running the instance's config", "instance", rec.ID, "pid", p.PID)
 			return &p
 		}
+		s.log.Warn("a process names the instance's config but is not its redis-server; not adopted, left alone", "instance", rec.ID, "pid", p.PID, "reason", err)
 	}
 	return nil
 }
@@ -313,7 +335,12 @@ func (s *Service) killStray(id string) error {
 	if !ok {
 		return nil
 	}
-	if err := supervisor.Verify(p, conf); err != nil {
+	binaries := []string{s.cfg.RedisServer}
+	if rec, err := s.store.Get(id); err == nil {
+		binaries = append(binaries, rec.Exe, rec.Binary)
+	}
+	if err := supervisor.VerifyServer(p, conf, binaries, 0, nil); err != nil {
+		s.log.Warn("a process names the deleted instance's config but is not its redis-server; left alone", "instance", id, "pid", p.PID, "reason", err)
 		return nil
 	}
 	s.log.Warn("killing unsupervised redis-server of a deleted instance", "instance", id, "pid", p.PID)

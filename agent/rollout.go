@@ -210,11 +210,7 @@ func (s *Service) startRollout(ctx context.Context, auto bool) (Rollout, error) 
 		return st, nil
 	}
 	s.roll.status = st
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		s.runRollout(t, ids)
-	}()
+	s.background(func() { s.runRollout(t, ids) })
 	return st, nil
 }
 

@@ -400,7 +400,7 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	go func() { exited <- cmd.Wait() }()
 	group := loaderGroup(rec.ID)
 	if s.cg != nil {
-		if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB)); err != nil {
+		if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
 			s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
 		}
 		defer func() {

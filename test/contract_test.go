@@ -110,7 +110,8 @@ func TestOpenAPIContract(t *testing.T) {
 		{"PUT", "/v1/instances/c1", `{"memory_mb":64,"persistence":"rdb"}`, 409},
 		{"PUT", "/v1/instances/c2", `{"persistence":"sometimes"}`, 422},
 		{"PUT", "/v1/instances/c2", `{"memory_mb":`, 400},
-		{"PUT", "/v1/instances/c2", `{"memory_mb":4096}`, 507}, // the whole budget; c1 holds some
+		{"PUT", "/v1/instances/c2", `{"memory_mb":4096}`, 507},     // the whole budget; c1 holds some
+		{"PUT", "/v1/instances/c2", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
 		{"GET", "/v1/instances/c1", "", 200},
 		{"GET", "/v1/instances/none", "", 404},
 		{"GET", "/v1/instances", "", 200},

@@ -194,11 +194,13 @@ func killRedisUnder(t *testing.T, dir string) {
 		}
 		// And the (now empty) cgroups of instances the test left behind.
 		time.Sleep(20 * time.Millisecond)
+		root := agent.Config{DataDir: dir}.CgroupParent()
 		entries, _ := os.ReadDir(filepath.Join(dir, "instances"))
-		for _, e := range entries {
-			for _, c := range []string{"memory", "cpu", "pids", ""} {
-				os.Remove(filepath.Join("/sys/fs/cgroup", c, "redis-agent", e.Name()))
+		for _, c := range []string{"memory", "cpu", "pids", ""} {
+			for _, e := range entries {
+				os.Remove(filepath.Join("/sys/fs/cgroup", c, root, e.Name()))
 			}
+			os.Remove(filepath.Join("/sys/fs/cgroup", c, root))
 		}
 	})
 }

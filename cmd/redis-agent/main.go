@@ -127,6 +127,8 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.DurationVar(&cfg.Restart.StableAfter, "restart-stable-after", envDuration("RESTART_STABLE_AFTER", cfg.Restart.StableAfter), "a run this long resets the crash count (env REDIS_AGENT_RESTART_STABLE_AFTER)")
 	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
 	fs.StringVar(&cfg.Cgroups, "cgroups", env("CGROUPS", cfg.Cgroups), "auto: a cgroup per instance (memory = 2 x maxmemory + 64 MiB, CPU, pids) where the host allows; off (env REDIS_AGENT_CGROUPS)")
+	fs.IntVar(&cfg.MaxClients, "max-clients", envInt("MAX_CLIENTS", 0), "maxclients of every redis-server; 0 = Redis's default, 10000 (env REDIS_AGENT_MAX_CLIENTS)")
+	fs.StringVar(&cfg.CgroupRoot, "cgroup-root", env("CGROUP_ROOT", ""), "parent cgroup of this agent's instances; default redis-agent for the default data dir, else redis-agent-<hash of the data dir> (env REDIS_AGENT_CGROUP_ROOT)")
 	fs.Uint64Var(&cfg.CPUShares, "cpu-shares", uint64(envInt("CPU_SHARES", int(cfg.CPUShares))), "relative CPU weight of each instance (env REDIS_AGENT_CPU_SHARES)")
 	fs.Float64Var(&cfg.CPUQuota, "cpu-quota", ev.float("CPU_QUOTA", cfg.CPUQuota), "hard CPU cap per instance in cores, 0 for none (env REDIS_AGENT_CPU_QUOTA)")
 	fs.Int64Var(&cfg.Pids, "pids-limit", int64(envInt("PIDS_LIMIT", int(cfg.Pids))), "most processes and threads per instance (env REDIS_AGENT_PIDS_LIMIT)")
