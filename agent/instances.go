@@ -185,6 +185,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		ConfPath:     s.layout.ConfPath(id),
 		Dir:          s.layout.DataDir(id),
 		LogPath:      s.layout.LogPath(id),
+		Env:          redis.Env,
 		Credential:   s.cred,
 		OOMScoreAdj:  500,
 		Admin:        admin,

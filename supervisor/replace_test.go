@@ -57,6 +57,7 @@ func newRedisSup(t *testing.T) *redisInstance {
 		ConfPath:     conf,
 		Dir:          dir,
 		LogPath:      filepath.Join(dir, "stdout.log"),
+		Env:          redis.Env,
 		Admin:        admin,
 		Policy:       Policy{Base: 20 * time.Millisecond, Max: 200 * time.Millisecond, StableAfter: time.Minute, CrashloopAfter: 3},
 		ReadyTimeout: 5 * time.Second,

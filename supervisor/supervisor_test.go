@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -23,6 +24,9 @@ func TestMain(m *testing.M) {
 		fakeServer(os.Args[1][5:])
 		return
 	}
+	// A transition the diagram does not have fails the tests loudly (in
+	// the agent it is logged and refused).
+	illegalTransition = func(from, to State) { panic("illegal state transition " + from.String() + " -> " + to.String()) }
 	os.Exit(m.Run())
 }
 
@@ -46,6 +50,13 @@ func fakeServer(mode string) {
 		os.WriteFile("port", []byte(strconv.Itoa(l.Addr().(*net.TCPAddr).Port)), 0o600)
 		os.WriteFile("ready", nil, 0o600)
 		time.Sleep(time.Hour)
+	case "env": // writes its environment to "env", then runs until SIGTERM
+		ch := make(chan os.Signal, 1)
+		signal.Notify(ch, syscall.SIGTERM)
+		os.WriteFile("env", []byte(strings.Join(os.Environ(), "\n")), 0o600)
+		os.WriteFile("ready", nil, 0o600)
+		<-ch
+		os.Exit(0)
 	case "exit3":
 		os.Exit(3)
 	}
@@ -419,3 +430,32 @@ type loadingErr struct{}
 
 func (loadingErr) Error() string { return "LOADING Redis is loading the dataset in memory" }
 func (loadingErr) Loading() bool { return true }
+
+// The process's environment is Config.Env and nothing else: none of the
+// agent's own reaches it, and nil is an empty one.
+func TestEnvironment(t *testing.T) {
+	t.Setenv("REDIS_AGENT_TOKEN", "secret")
+	for _, tt := range []struct {
+		name string
+		env  []string
+	}{
+		{"Config.Env", []string{"PATH=/usr/bin:/bin", "LANG=C"}},
+		{"nil is empty", nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s, _, _ := newSup(t, "env", &fakeAdmin{}, func(c *Config) { c.Env = tt.env })
+			waitState(t, s, Running, 5*time.Second)
+			b, err := os.ReadFile(filepath.Join(s.cfg.Dir, "env"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			if len(b) > 0 {
+				got = strings.Split(string(b), "\n")
+			}
+			if strings.Join(got, " ") != strings.Join(tt.env, " ") {
+				t.Fatalf("the process's environment is %q, want %q", got, tt.env)
+			}
+		})
+	}
+}

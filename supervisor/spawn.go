@@ -1,0 +1,227 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// spawn starts redis-server and its readiness probe.
+func (s *Supervisor) spawn() (*running, error) {
+	logf, err := os.OpenFile(s.cfg.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("open log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(s.Status().Binary, s.cfg.ConfPath)
+	cmd.Dir = s.cfg.Dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// A clean environment: nothing of the agent's (tokens included) leaks.
+	cmd.Env = s.cfg.Env
+	// Its own process group: a Ctrl-C or a signal to the agent's group
+	// must not reach Redis. No Pdeathsig: Redis outlives the agent.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cfg.Credential}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	started := time.Now()
+	pid := cmd.Process.Pid
+	p, err := identify(pid)
+	if err != nil {
+		// It died at once; still a child, so reap it below via the watch.
+		p = Process{PID: pid}
+	}
+	if s.cfg.OOMScoreAdj != 0 {
+		if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(s.cfg.OOMScoreAdj)), 0); err != nil {
+			s.log.Debug("set oom_score_adj", "pid", pid, "err", err)
+		}
+	}
+	r := &running{p: p, cmd: cmd, started: started}
+	r.watch = watchExit(p)
+	s.probe(r, started)
+	s.log.Info("spawned redis-server", "pid", pid)
+	return r, nil
+}
+
+// adopt watches a process a previous agent left running.
+func (s *Supervisor) adopt(p Process) *running {
+	started := p.StartedAt()
+	r := &running{p: p, started: started}
+	r.watch = watchExit(p)
+	s.probe(r, time.Now())
+	return r
+}
+
+// probe pings until the server answers, the ready timeout passes (LOADING
+// does not count against it), or the probe is cancelled.
+func (s *Supervisor) probe(r *running, from time.Time) {
+	ctx, cancel := context.WithCancel(context.Background())
+	r.ready = make(chan error, 1)
+	r.cancel = cancel
+	go func() {
+		wait := time.Millisecond
+		deadline := from.Add(s.cfg.ReadyTimeout)
+		saturated := false
+		for {
+			pctx, pcancel := context.WithTimeout(ctx, time.Second)
+			err := s.cfg.Admin.Ping(pctx)
+			pcancel()
+			if err == nil {
+				// A first health check before it counts as running, so
+				// what it reports (metrics) is this process's from the
+				// start. Its result does not decide readiness.
+				hctx, hcancel := context.WithTimeout(ctx, s.cfg.Health.Timeout)
+				s.cfg.Check(hctx, r.p.PID)
+				hcancel()
+				r.ready <- nil
+				return
+			}
+			if isLoading(err) || isSaturated(err) {
+				// Alive: loading its data, or every client slot taken
+				// (an adopted process under a connection flood). Not
+				// ready, not to be killed for it.
+				if isSaturated(err) && !saturated {
+					saturated = true
+					s.log.Warn("redis-server refuses new connections (max number of clients reached); waiting", "pid", r.p.PID)
+				}
+				deadline = time.Now().Add(s.cfg.ReadyTimeout)
+			} else if time.Now().After(deadline) {
+				r.ready <- fmt.Errorf("no PONG after %v: %w", s.cfg.ReadyTimeout, err)
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-r.watch.C:
+				return
+			case <-time.After(wait):
+			}
+			// Poll every millisecond while a start is still plausible
+			// (redis-server answers ~8 ms after exec), then back off.
+			if time.Since(from) > 100*time.Millisecond {
+				wait = min(wait*2, 50*time.Millisecond)
+			}
+		}
+	}()
+}
+
+// isAlive reports whether a health check's result shows a process that
+// answered: no error, or an error with an Alive() bool method that returns
+// true (an error reply, LOADING, BUSY, no free client slot, a connection
+// it closed itself).
+func isAlive(err error) bool {
+	var a interface{ Alive() bool }
+	return err == nil || errors.As(err, &a) && a.Alive() || isLoading(err) || isBusy(err) || isSaturated(err)
+}
+
+// isSaturated reports whether a Ping error says the server has no free
+// client slot for a new connection (it refused it, or closed it unread):
+// it runs, and someone holds them all.
+func isSaturated(err error) bool {
+	var sat interface{ Saturated() bool }
+	var closed interface{ Closed() bool }
+	return errors.As(err, &sat) && sat.Saturated() || errors.As(err, &closed) && closed.Closed()
+}
+
+// isBusy reports whether a Ping error says the server is alive but busy
+// running a script: the error has a Busy() bool method that returns true.
+func isBusy(err error) bool {
+	var b interface{ Busy() bool }
+	return errors.As(err, &b) && b.Busy()
+}
+
+// isLoading reports whether a Ping error says the server is alive but
+// loading its data set: the error (or one it wraps) has a Loading() bool
+// method that returns true.
+func isLoading(err error) bool {
+	var l interface{ Loading() bool }
+	return errors.As(err, &l) && l.Loading()
+}
+
+// exitOf reaps a child that has exited and describes how it ended.
+func (s *Supervisor) exitOf(r *running) *Exit {
+	ex := &Exit{Time: time.Now(), Code: -1, Reason: ReasonCrash}
+	if r.kind != "" {
+		ex.Reason = r.kind
+	}
+	if r.cmd != nil {
+		_ = r.cmd.Wait() // the process has exited: this only reaps it
+		if ps := r.cmd.ProcessState; ps != nil {
+			if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				ex.Signal = ws.Signal().String()
+			} else {
+				ex.Code = ps.ExitCode()
+			}
+		}
+	}
+	if s.cfg.Classify != nil {
+		s.cfg.Classify(ex)
+	}
+	return ex
+}
+
+// signal sends sig to r's process if it still is r's process.
+func (s *Supervisor) signal(r *running, sig syscall.Signal) {
+	if r.cmd != nil {
+		// Our unreaped child: its pid cannot have been reused.
+		_ = r.cmd.Process.Signal(sig)
+		return
+	}
+	if err := Verify(r.p, s.cfg.ConfPath); err != nil {
+		s.log.Warn("not signalling adopted process", "pid", r.p.PID, "err", err)
+		return
+	}
+	_ = syscall.Kill(r.p.PID, sig)
+}
+
+func (s *Supervisor) kill(r *running) { s.signal(r, syscall.SIGKILL) }
+
+// terminate stops r gracefully and waits for it to exit: SHUTDOWN over the
+// admin connection, SIGTERM if that did not work, SIGKILL after StopTimeout.
+func (s *Supervisor) terminate(r *running, nosave bool) error {
+	r.cancel()
+	deadline := time.NewTimer(s.cfg.StopTimeout)
+	defer deadline.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout/2)
+	err := s.cfg.Admin.Shutdown(ctx, nosave)
+	cancel()
+	if err != nil {
+		s.log.Info("SHUTDOWN failed, sending SIGTERM", "err", err)
+		s.signal(r, syscall.SIGTERM)
+	}
+	select {
+	case <-r.watch.C:
+	case <-deadline.C:
+		s.log.Warn("redis-server did not stop in time, killing it", "pid", r.p.PID, "timeout", s.cfg.StopTimeout)
+		s.kill(r)
+		select {
+		case <-r.watch.C:
+		case <-time.After(5 * time.Second):
+			return fmt.Errorf("pid %d survived SIGKILL", r.p.PID)
+		}
+	}
+	if r.cmd != nil {
+		_ = r.cmd.Wait()
+	}
+	return nil
+}
+
+// replaceHung starts the end of a process that stopped answering: SIGTERM,
+// on which Redis saves or fsyncs and exits once its event loop runs again,
+// unless the process is stopped (SIGSTOP, a debugger) and cannot act on
+// it, when only SIGKILL ends it. The loop sends SIGKILL after StopTimeout
+// when SIGTERM was not enough.
+func (s *Supervisor) replaceHung(r *running) {
+	if state, _, err := procStat(r.p.PID); err == nil && (state == 'T' || state == 't') {
+		s.log.Error("redis-server hangs and is stopped, killing it", "pid", r.p.PID)
+		s.kill(r)
+		return
+	}
+	s.log.Error("redis-server hangs, asking it to exit (SIGTERM)", "pid", r.p.PID, "kill_after", s.cfg.StopTimeout)
+	s.signal(r, syscall.SIGTERM)
+}
