@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -146,7 +147,7 @@ func TestProvisionBindUnbind(t *testing.T) {
 		t.Fatalf("different Provision = %v, want ErrConflict", err)
 	}
 
-	creds, created, err := s.Bind(ctx, "inst-a", "app1")
+	creds, created, err := s.Bind(ctx, "inst-a", "app1", "")
 	if err != nil || !created {
 		t.Fatalf("Bind = %+v, %v, %v", creds, created, err)
 	}
@@ -156,7 +157,7 @@ func TestProvisionBindUnbind(t *testing.T) {
 	if want := fmt.Sprintf("redis://app1:%s@127.0.0.1:%d", creds.Password, creds.Port); creds.URI != want {
 		t.Errorf("URI = %q, want %q", creds.URI, want)
 	}
-	again2, created, err := s.Bind(ctx, "inst-a", "app1")
+	again2, created, err := s.Bind(ctx, "inst-a", "app1", "")
 	if err != nil || created || again2 != creds {
 		t.Fatalf("repeated Bind = %+v, %v, %v; want the same credentials", again2, created, err)
 	}
@@ -177,7 +178,7 @@ func TestProvisionBindUnbind(t *testing.T) {
 	}
 
 	// A second binding leaves the first one's connection open.
-	if _, _, err := s.Bind(ctx, "inst-a", "app2"); err != nil {
+	if _, _, err := s.Bind(ctx, "inst-a", "app2", ""); err != nil {
 		t.Fatal(err)
 	}
 	if err := app.Ping(ctx).Err(); err != nil {
@@ -246,11 +247,11 @@ func TestInvalidInputChangesNothing(t *testing.T) {
 		t.Fatalf("Capacity = %+v, %v", c, err)
 	}
 	for _, tc := range []struct{ id, bid string }{{"p1", "default"}, {"p1", "agent"}, {"p1", "../x"}} {
-		if _, _, err := s.Bind(ctx, tc.id, tc.bid); !errors.Is(err, ErrInvalid) {
+		if _, _, err := s.Bind(ctx, tc.id, tc.bid, ""); !errors.Is(err, ErrInvalid) {
 			t.Errorf("Bind(%q, %q) = %v, want ErrInvalid", tc.id, tc.bid, err)
 		}
 	}
-	if _, _, err := s.Bind(ctx, "nope", "b"); !errors.Is(err, ErrNotFound) {
+	if _, _, err := s.Bind(ctx, "nope", "b", ""); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Bind on a missing instance = %v, want ErrNotFound", err)
 	}
 }
@@ -263,7 +264,7 @@ func TestCrashRecoveryKeepsData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, _, err := s.Bind(ctx, "crashy", "app")
+	creds, _, err := s.Bind(ctx, "crashy", "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -348,7 +349,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 		}
 		before = append(before, in)
 	}
-	creds, _, err := s1.Bind(ctx, "a1", "app")
+	creds, _, err := s1.Bind(ctx, "a1", "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -648,7 +649,7 @@ func TestHungInstanceIsReplaced(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, _, err := s.Bind(ctx, "hang", "app")
+	creds, _, err := s.Bind(ctx, "hang", "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -684,7 +685,7 @@ func TestCorruptAOFIsReportedNotDeleted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, _, err := s.Bind(ctx, "aofbad", "app")
+	creds, _, err := s.Bind(ctx, "aofbad", "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -797,4 +798,54 @@ func FuzzNormalize(f *testing.F) {
 			t.Fatalf("normalize accepted %+v", spec)
 		}
 	})
+}
+
+// An instance's metadata is stored, returned, part of its identity and
+// replaceable; a binding may keep a password it is given.
+func TestMetadataAndGivenPasswords(t *testing.T) {
+	s := startService(t, testConfig(t, 2))
+	ctx := context.Background()
+	md := json.RawMessage(`{ "plan": "small", "org": "o1" }`)
+	in, created, err := s.Provision(ctx, "m", Spec{Persistence: "none", Metadata: md})
+	if err != nil || !created || string(in.Metadata) != `{"plan":"small","org":"o1"}` {
+		t.Fatalf("Provision with metadata = %s, %v, %v", in.Metadata, created, err)
+	}
+	if _, created, err := s.Provision(ctx, "m", Spec{Persistence: "none", Metadata: json.RawMessage(`{"plan":"small","org":"o1"}`)}); err != nil || created {
+		t.Fatalf("the same provision again = %v, %v; want 200", created, err)
+	}
+	if _, _, err := s.Provision(ctx, "m", Spec{Persistence: "none", Metadata: json.RawMessage(`{"plan":"big"}`)}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("other metadata = %v, want ErrConflict", err)
+	}
+	for _, bad := range []string{`[1]`, `"x"`, `{`, `{"k":"` + strings.Repeat("x", 9000) + `"}`} {
+		if _, _, err := s.Provision(ctx, "bad", Spec{Metadata: json.RawMessage(bad)}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("metadata %.20s = %v, want ErrInvalid", bad, err)
+		}
+	}
+	if got, err := s.SetMetadata(ctx, "m", json.RawMessage(`{"plan":"big"}`)); err != nil || string(got.Metadata) != `{"plan":"big"}` {
+		t.Fatalf("SetMetadata = %s, %v", got.Metadata, err)
+	}
+	if got := mustGet(t, s, "m"); string(got.Metadata) != `{"plan":"big"}` {
+		t.Fatalf("metadata after SetMetadata = %s", got.Metadata)
+	}
+
+	pw := "a-password-of-our-own-0123"
+	creds, _, err := s.Bind(ctx, "m", "app", pw)
+	if err != nil || creds.Password != pw {
+		t.Fatalf("Bind with a password = %+v, %v", creds, err)
+	}
+	if err := client(t, creds.Port, "app", pw).Ping(ctx).Err(); err != nil {
+		t.Fatalf("the given password does not log in: %v", err)
+	}
+	if _, _, err := s.Bind(ctx, "m", "app", pw+"x"); !errors.Is(err, ErrConflict) {
+		t.Fatalf("the binding with another password = %v, want ErrConflict", err)
+	}
+	if _, _, err := s.Bind(ctx, "m", "app2", "short"); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a short password = %v, want ErrInvalid", err)
+	}
+	if got, err := s.Binding(ctx, "m", "app"); err != nil || got != creds {
+		t.Fatalf("Binding = %+v, %v; want %+v", got, err, creds)
+	}
+	if _, err := s.Binding(ctx, "m", "none"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Binding of none = %v, want ErrNotFound", err)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
@@ -19,8 +20,10 @@ var reservedUsers = map[string]bool{"default": true, redis.AdminUser: true}
 
 // Bind creates an ACL user for binding bid on instance id and returns its
 // credentials. created is false when the binding already existed (the same
-// credentials are returned again).
-func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, error) {
+// credentials are returned again). password, when not empty, is the
+// binding's password (a move keeps an application's credentials); a
+// binding that exists with another is a conflict.
+func (s *Service) Bind(ctx context.Context, id, bid, password string) (Credentials, bool, error) {
 	if err := validateID("instance", id); err != nil {
 		return Credentials{}, false, err
 	}
@@ -30,6 +33,9 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 	if reservedUsers[bid] {
 		return Credentials{}, false, fmt.Errorf("binding id %q is reserved: %w", bid, ErrInvalid)
 	}
+	if err := validPassword(password); err != nil {
+		return Credentials{}, false, err
+	}
 	unlock := s.locks.lock(id)
 	defer unlock()
 
@@ -38,7 +44,10 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 		if r.Phase != state.PhaseActive {
 			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
 		}
-		if _, ok := r.Bindings[bid]; ok {
+		if b, ok := r.Bindings[bid]; ok {
+			if password != "" && password != b.Password {
+				return fmt.Errorf("binding %q of instance %q exists with another password: %w", bid, id, ErrConflict)
+			}
 			return nil
 		}
 		if in := s.runtime(id); in != nil && in.sup.Status().State == supervisor.Crashloop {
@@ -48,7 +57,10 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 		if r.Bindings == nil {
 			r.Bindings = map[string]state.Binding{}
 		}
-		r.Bindings[bid] = state.Binding{ID: bid, Username: bid, Password: redis.NewPassword(), CreatedAt: time.Now().UTC()}
+		if password == "" {
+			password = redis.NewPassword()
+		}
+		r.Bindings[bid] = state.Binding{ID: bid, Username: bid, Password: password, CreatedAt: time.Now().UTC()}
 		created = true
 		return nil
 	})
@@ -63,6 +75,43 @@ func (s *Service) Bind(ctx context.Context, id, bid string) (Credentials, bool, 
 	}
 	b := rec.Bindings[bid]
 	return s.credentials(rec, b), created, nil
+}
+
+// validPassword checks a password a caller sets: empty (the agent makes
+// one), or at least apitype.MinPasswordBytes of printable ASCII without
+// spaces, which an ACL file line and a URI carry as they are.
+func validPassword(p string) error {
+	if p == "" {
+		return nil
+	}
+	if len(p) < apitype.MinPasswordBytes || len(p) > 256 {
+		return fmt.Errorf("password: %w: want %d to 256 bytes, got %d", ErrInvalid, apitype.MinPasswordBytes, len(p))
+	}
+	for _, c := range p {
+		if c <= ' ' || c > '~' {
+			return fmt.Errorf("password: %w: want printable ASCII without spaces", ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// Binding returns the credentials of binding bid of instance id.
+func (s *Service) Binding(ctx context.Context, id, bid string) (Credentials, error) {
+	if err := validateID("instance", id); err != nil {
+		return Credentials{}, err
+	}
+	if err := validateID("binding", bid); err != nil {
+		return Credentials{}, err
+	}
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return Credentials{}, notFound(id, err)
+	}
+	b, ok := rec.Bindings[bid]
+	if !ok {
+		return Credentials{}, fmt.Errorf("binding %q of instance %q: %w", bid, id, ErrNotFound)
+	}
+	return s.credentials(rec, b), nil
 }
 
 // Unbind deletes the ACL user of binding bid and closes its connections.

@@ -42,7 +42,7 @@ func BenchmarkNeighbourLatency(b *testing.B) {
 			stop := make(chan struct{})
 			var wg sync.WaitGroup
 			for _, id := range busy {
-				cr, _, err := s.Bind(ctx, id, "app")
+				cr, _, err := s.Bind(ctx, id, "app", "")
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -62,7 +62,7 @@ func BenchmarkNeighbourLatency(b *testing.B) {
 				}()
 			}
 			defer func() { close(stop); wg.Wait() }()
-			qc, _, err := s.Bind(ctx, "quiet", "app")
+			qc, _, err := s.Bind(ctx, "quiet", "app", "")
 			if err != nil {
 				b.Fatal(err)
 			}

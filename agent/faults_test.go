@@ -221,12 +221,12 @@ func TestMemoryContainment(t *testing.T) {
 	if _, _, err := s.Provision(ctx, "quiet", Spec{MemoryMB: 8, Persistence: "aof-always"}); err != nil {
 		t.Fatal(err)
 	}
-	qc, _, _ := s.Bind(ctx, "quiet", "app")
+	qc, _, _ := s.Bind(ctx, "quiet", "app", "")
 	quiet := client(t, qc.Port, qc.Username, qc.Password)
 	if err := quiet.Set(ctx, "keep", "me", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
-	nc, _, _ := s.Bind(ctx, "noisy", "app")
+	nc, _, _ := s.Bind(ctx, "noisy", "app", "")
 	if err := client(t, nc.Port, nc.Username, nc.Password).Set(ctx, "big", strings.Repeat("x", 1<<20), 0).Err(); err != nil {
 		t.Fatal(err)
 	}

@@ -63,7 +63,7 @@ func TestUnbindDuringConnectionFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	victim, _, err := s.Bind(ctx, "f", "victim")
+	victim, _, err := s.Bind(ctx, "f", "victim", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func TestUnbindDuringConnectionFlood(t *testing.T) {
 		t.Fatalf("Unbind in a flood: %v", err)
 	}
 	mustFail(t, open, "the revoked user's open connection")
-	fresh, _, err := s.Bind(ctx, "f", "fresh")
+	fresh, _, err := s.Bind(ctx, "f", "fresh", "")
 	if err != nil {
 		t.Fatalf("Bind in a flood: %v", err)
 	}
@@ -105,7 +105,7 @@ func TestConnectionFloodIsNotAHang(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, _, _ := s.Bind(ctx, "f", "app")
+	creds, _, _ := s.Bind(ctx, "f", "app", "")
 	c := client(t, creds.Port, creds.Username, creds.Password)
 	for i := range 50 {
 		if err := c.Set(ctx, "k"+strconv.Itoa(i), "v", 0).Err(); err != nil {
@@ -141,8 +141,8 @@ func TestUnbindOutOfReachRestarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	victim, _, _ := s.Bind(ctx, "f", "victim")
-	keeper, _, _ := s.Bind(ctx, "f", "keeper")
+	victim, _, _ := s.Bind(ctx, "f", "victim", "")
+	keeper, _, _ := s.Bind(ctx, "f", "keeper", "")
 	vc := client(t, victim.Port, victim.Username, victim.Password)
 	if err := vc.Set(ctx, "k", "v", 0).Err(); err != nil {
 		t.Fatal(err)

@@ -268,7 +268,7 @@ func TestTmpfsDataDirFilesFitTheCgroup(t *testing.T) {
 	if got, want := cgroupMemoryLimit(t, cfg, "t"), limits.MemoryFor(48)+3*48<<20+64<<20; got != want {
 		t.Fatalf("cgroup limit on tmpfs = %d, want %d", got, want)
 	}
-	creds, _, _ := s.Bind(ctx, "t", "app")
+	creds, _, _ := s.Bind(ctx, "t", "app", "")
 	c := client(t, creds.Port, creds.Username, creds.Password)
 	// A 30 MiB data set (38 MiB in memory), overwritten until its AOF has been rewritten:
 	// data, AOF and the rewrite's new base together pass the 160 MiB a
@@ -309,7 +309,7 @@ func TestBindCrashloopingIsConflict(t *testing.T) {
 	if st := mustGet(t, s, "c").State; st != "crashloop" {
 		t.Fatalf("state %s, want crashloop", st)
 	}
-	if _, _, err := s.Bind(ctx, "c", "app"); !errors.Is(err, ErrConflict) {
+	if _, _, err := s.Bind(ctx, "c", "app", ""); !errors.Is(err, ErrConflict) {
 		t.Fatalf("Bind on a crash-looping instance = %v, want ErrConflict", err)
 	}
 	if rec, _ := s.store.Get("c"); len(rec.Bindings) != 0 {

@@ -1,13 +1,16 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
 	"github.com/redis-agent/redis-agent/redis"
@@ -43,7 +46,26 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if !redis.ValidPersistence(spec.Persistence) {
 		return spec, fmt.Errorf("persistence %q: %w: want one of aof, aof-always, rdb, none", spec.Persistence, ErrInvalid)
 	}
-	return spec, nil
+	md, err := normalizeMetadata(spec.Metadata)
+	spec.Metadata = md
+	return spec, err
+}
+
+// normalizeMetadata checks an instance's opaque metadata and returns it
+// compacted: a JSON object of at most apitype.MaxMetadataBytes; none is
+// nil.
+func normalizeMetadata(raw json.RawMessage) (json.RawMessage, error) {
+	if len(bytes.TrimSpace(raw)) == 0 || string(bytes.TrimSpace(raw)) == "null" {
+		return nil, nil
+	}
+	var b bytes.Buffer
+	if err := json.Compact(&b, raw); err != nil || b.Bytes()[0] != '{' {
+		return nil, fmt.Errorf("metadata: %w: want a JSON object", ErrInvalid)
+	}
+	if b.Len() > apitype.MaxMetadataBytes {
+		return nil, fmt.Errorf("metadata: %w: %d bytes, at most %d", ErrInvalid, b.Len(), apitype.MaxMetadataBytes)
+	}
+	return b.Bytes(), nil
 }
 
 // notFound maps the store's ErrNotFound to the Service's.
@@ -76,6 +98,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		ID:            id,
 		MemoryMB:      spec.MemoryMB,
 		Persistence:   spec.Persistence,
+		Metadata:      spec.Metadata,
 		AdminPassword: redis.NewPassword(),
 		Phase:         state.PhaseProvisioning,
 		CreatedAt:     time.Now().UTC(),
@@ -99,6 +122,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		if rec.MemoryMB != spec.MemoryMB || rec.Persistence != spec.Persistence {
 			return Instance{}, false, fmt.Errorf("instance %q exists with memory_mb %d and persistence %s: %w",
 				id, rec.MemoryMB, rec.Persistence, ErrConflict)
+		}
+		if !bytes.Equal(rec.Metadata, spec.Metadata) {
+			return Instance{}, false, fmt.Errorf("instance %q exists with other metadata: %w", id, ErrConflict)
 		}
 		if rec.Phase == state.PhaseDeleting {
 			return Instance{}, false, fmt.Errorf("instance %q is being deleted: %w", id, ErrConflict)
@@ -307,9 +333,9 @@ func (s *Service) limitsFor(memoryMB int, persistence string) limits.Limits {
 func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
 	mb := int64(memoryMB) << 20
 	switch persistence {
-	case redis.PersistenceAOF, redis.PersistenceAOFAlways:
+	case PersistenceAOF, PersistenceAOFAlways:
 		return 3*mb + 64<<20
-	case redis.PersistenceRDB:
+	case PersistenceRDB:
 		return 2 * mb
 	}
 	return 0
@@ -571,6 +597,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		Restarts:    rec.Restarts,
 		Bindings:    []string{},
 		Binary:      rec.Binary,
+		Metadata:    rec.Metadata,
 	}
 	for bid := range rec.Bindings {
 		inst.Bindings = append(inst.Bindings, bid)

@@ -19,6 +19,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/state"
 )
@@ -91,7 +92,7 @@ func boundCreds(t testing.TB, s *Service, id string, spec Spec) (*goredis.Client
 	if err != nil {
 		t.Fatal(err)
 	}
-	cr, _, err := s.Bind(ctx, id, "app")
+	cr, _, err := s.Bind(ctx, id, "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,7 +162,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			if s.layout.Staging("dst-"+mode) || s.layout.Restored("dst-"+mode) {
 				t.Fatal("restore left its staging directory or marker")
 			}
-			if mode == PersistenceAOF || mode == PersistenceAOFAlways {
+			if apitype.IsAOF(mode) {
 				if _, err := os.Stat(filepath.Join(s.layout.DataDir("dst-"+mode), "appendonlydir")); err != nil {
 					t.Fatalf("no AOF after the restore: %v", err)
 				}
@@ -305,7 +306,7 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 	if _, err := pw.Write(good[:4096]); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := s.Bind(ctx, "dst", "during-upload"); err != nil {
+	if _, _, err := s.Bind(ctx, "dst", "during-upload", ""); err != nil {
 		t.Fatalf("bind during an upload: %v", err)
 	}
 	if _, err := s.Resize(ctx, "dst", 9); err != nil {

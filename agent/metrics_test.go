@@ -69,7 +69,7 @@ redis_agent_ports_in_range 3
 		t.Fatalf("operation histogram series = %d, want 1 (provision)", n)
 	}
 	// Per-instance figures from the cached INFO of the health check.
-	creds, _, err := s.Bind(ctx, "m1", "app")
+	creds, _, err := s.Bind(ctx, "m1", "app", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"time"
@@ -119,4 +120,29 @@ func (s *Service) applyMemory(ctx context.Context, in *instance, id string, memo
 		s.confine(id, pid)
 	}
 	return nil
+}
+
+// SetMetadata replaces the opaque metadata of instance id (a broker's
+// plan change). Nothing else changes.
+func (s *Service) SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (Instance, error) {
+	if err := validateID("instance", id); err != nil {
+		return Instance{}, err
+	}
+	md, err := normalizeMetadata(metadata)
+	if err != nil {
+		return Instance{}, err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Phase != state.PhaseActive {
+			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
+		}
+		r.Metadata = md
+		return nil
+	})
+	if err != nil {
+		return Instance{}, notFound(id, err)
+	}
+	return s.view(rec), nil
 }

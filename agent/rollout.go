@@ -13,45 +13,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 	"github.com/redis-agent/redis-agent/volumes"
 )
-
-// Rollout states.
-const (
-	RolloutIdle    = "idle"    // none has run since the agent started
-	RolloutRunning = "running" // moving instances, one at a time
-	RolloutDone    = "done"    // every instance runs the configured binary
-	RolloutFailed  = "failed"  // an instance did not start on it; the rest wait
-)
-
-// Rollout is the progress of moving instances to the configured
-// redis-server binary.
-type Rollout struct {
-	State string `json:"state"`
-	// Binary and Version are the configured redis-server: the target.
-	Binary  string `json:"binary"`
-	Version string `json:"version"`
-	// Total is how many instances the rollout set out to move, Moved how
-	// many it has moved.
-	Total int `json:"total"`
-	Moved int `json:"moved"`
-	// Pending counts the instances not on the target binary now.
-	Pending int `json:"pending"`
-	// Current is the instance being moved.
-	Current string `json:"current,omitempty"`
-	// FailedInstance did not become ready on the target binary and runs on
-	// its old one again; Error says why.
-	FailedInstance string `json:"failed_instance,omitempty"`
-	Error          string `json:"error,omitempty"`
-	// MaxUnavailableSeconds is the longest time one instance was down
-	// (graceful shutdown to ready on the new binary) in this rollout.
-	MaxUnavailableSeconds float64    `json:"max_unavailable_seconds"`
-	StartedAt             *time.Time `json:"started_at,omitempty"`
-	FinishedAt            *time.Time `json:"finished_at,omitempty"`
-}
 
 // rollout is the Service's rollout state.
 type rollout struct {
@@ -293,7 +260,7 @@ func (s *Service) moveInstance(ctx context.Context, id string, t binaryTarget) (
 			log.Warn("moved to the new redis-server while not running", "state", status.State.String(), "binary", t.path)
 			return 0, nil
 		}
-		if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+		if apitype.IsAOF(rec.Persistence) {
 			pctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 			err := in.admin.RewriteAOF(pctx)
 			cancel()

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
@@ -453,7 +454,7 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 		return fmt.Errorf("the snapshot's data set uses %.1f MiB, more than the instance's memory_mb %d (resize it first): %w",
 			float64(used)/(1<<20), rec.MemoryMB, ErrInvalid)
 	}
-	if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+	if apitype.IsAOF(rec.Persistence) {
 		if err := admin.EnableAOF(ctx); err != nil {
 			return fmt.Errorf("loader: write the AOF: %w", err)
 		}
@@ -467,7 +468,7 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	case <-ctx.Done():
 		return fmt.Errorf("loader did not exit: %w", ctx.Err())
 	}
-	if rec.Persistence == PersistenceAOF || rec.Persistence == PersistenceAOFAlways {
+	if apitype.IsAOF(rec.Persistence) {
 		// The AOF holds the data now; an RDB beside it would only be
 		// ignored.
 		os.Remove(filepath.Join(data, rdbName))

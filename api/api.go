@@ -8,6 +8,7 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,25 +20,28 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // Service is what the API needs from the agent.
 type Service interface {
-	Provision(ctx context.Context, id string, spec agent.Spec) (inst agent.Instance, created bool, err error)
+	Provision(ctx context.Context, id string, spec apitype.Spec) (inst apitype.Instance, created bool, err error)
 	Deprovision(ctx context.Context, id string) error
-	Get(ctx context.Context, id string) (agent.Instance, error)
-	List(ctx context.Context) ([]agent.Instance, error)
-	Bind(ctx context.Context, id, bindingID string) (creds agent.Credentials, created bool, err error)
+	Get(ctx context.Context, id string) (apitype.Instance, error)
+	List(ctx context.Context) ([]apitype.Instance, error)
+	Bind(ctx context.Context, id, bindingID, password string) (creds apitype.Credentials, created bool, err error)
+	Binding(ctx context.Context, id, bindingID string) (apitype.Credentials, error)
 	Unbind(ctx context.Context, id, bindingID string) error
 	Restart(ctx context.Context, id string) error
-	Capacity(ctx context.Context) (agent.Capacity, error)
-	Orphans(ctx context.Context) ([]agent.Orphan, error)
+	Capacity(ctx context.Context) (apitype.Capacity, error)
+	Orphans(ctx context.Context) ([]apitype.Orphan, error)
 	Log(ctx context.Context, id string, lines int) ([]string, error)
-	Resize(ctx context.Context, id string, memoryMB int) (agent.Instance, error)
+	Resize(ctx context.Context, id string, memoryMB int) (apitype.Instance, error)
+	SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
-	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (agent.Instance, error)
-	StartRollout(ctx context.Context) (agent.Rollout, error)
-	RolloutStatus(ctx context.Context) (agent.Rollout, error)
+	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
+	StartRollout(ctx context.Context) (apitype.Rollout, error)
+	RolloutStatus(ctx context.Context) (apitype.Rollout, error)
 }
 
 var _ Service = (*agent.Service)(nil)
@@ -118,11 +122,11 @@ func (s *server) router(o Options) *mux.Router {
 	// canonicalPaths refuses it before the router sees it.
 	r := mux.NewRouter().SkipClean(true)
 	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		writeError(w, http.StatusNotFound, "NotFound", "no such route")
+		writeError(w, http.StatusNotFound, apitype.CodeNotFound, "no such route")
 	})
 	r.MethodNotAllowedHandler = http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		w.Header().Set("Allow", strings.Join(allowed(r, req), ", "))
-		writeError(w, http.StatusMethodNotAllowed, "MethodNotAllowed", fmt.Sprintf("%s is not allowed on this route", req.Method))
+		writeError(w, http.StatusMethodNotAllowed, apitype.CodeMethodNotAllowed, fmt.Sprintf("%s is not allowed on this route", req.Method))
 	})
 
 	r.HandleFunc("/healthz", s.healthz).Methods(http.MethodGet, http.MethodHead)
@@ -153,6 +157,7 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodGet, "/rollout", s.getRollout)
 	v1(http.MethodPost, "/rollout", s.postRollout)
 	v1(http.MethodPut, "/instances/{id}/bindings/{bid}", s.putBinding)
+	v1(http.MethodGet, "/instances/{id}/bindings/{bid}", s.getBinding)
 	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
 	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
 	v1(http.MethodGet, "/instances/{id}/log", s.instanceLog)

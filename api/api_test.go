@@ -21,6 +21,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 type env struct {
@@ -62,7 +63,7 @@ func (e *env) do(method, path, body string, hdr ...string) response {
 
 func errorCode(t *testing.T, body string) string {
 	t.Helper()
-	var e Error
+	var e apitype.Error
 	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Code == "" || e.Description == "" {
 		t.Fatalf("body %q is not a JSON error with error and description", body)
 	}
@@ -107,10 +108,10 @@ func TestSuccessStatuses(t *testing.T) {
 			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(nil)
 		}, 200, `{}`},
 		{"bind creates", "PUT", "/v1/instances/i1/bindings/b1", ``, func(m *MockService) {
-			m.EXPECT().Bind(gomock.Any(), "i1", "b1").Return(creds, true, nil)
+			m.EXPECT().Bind(gomock.Any(), "i1", "b1", "").Return(creds, true, nil)
 		}, 201, `"uri":"redis://b1:p@127.0.0.1:16000"`},
 		{"bind again", "PUT", "/v1/instances/i1/bindings/b1", `{}`, func(m *MockService) {
-			m.EXPECT().Bind(gomock.Any(), "i1", "b1").Return(creds, false, nil)
+			m.EXPECT().Bind(gomock.Any(), "i1", "b1", "").Return(creds, false, nil)
 		}, 200, `"username":"b1"`},
 		{"unbind", "DELETE", "/v1/instances/i1/bindings/b1", ``, func(m *MockService) {
 			m.EXPECT().Unbind(gomock.Any(), "i1", "b1").Return(nil)
@@ -186,7 +187,7 @@ func TestErrorMapping(t *testing.T) {
 			m.EXPECT().Unbind(gomock.Any(), "i1", "b").Return(err)
 		}, wrap(agent.ErrNotFound), 410, "Gone"},
 		{"bind on absent instance is 404", "PUT", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
-			m.EXPECT().Bind(gomock.Any(), "i1", "b").Return(agent.Credentials{}, false, err)
+			m.EXPECT().Bind(gomock.Any(), "i1", "b", "").Return(agent.Credentials{}, false, err)
 		}, wrap(agent.ErrNotFound), 404, "NotFound"},
 		{"conflict is 409", "PUT", "/v1/instances/i1", func(m *MockService, err error) {
 			m.EXPECT().Provision(gomock.Any(), "i1", gomock.Any()).Return(agent.Instance{}, false, err)
@@ -211,10 +212,10 @@ func TestErrorMapping(t *testing.T) {
 			m.EXPECT().Get(gomock.Any(), "i1").Return(agent.Instance{}, err)
 		}, wrap(agent.ErrNotFound), 404, "NotFound"},
 		{"bind invalid is 422", "PUT", "/v1/instances/i1/bindings/default", func(m *MockService, err error) {
-			m.EXPECT().Bind(gomock.Any(), "i1", "default").Return(agent.Credentials{}, false, err)
+			m.EXPECT().Bind(gomock.Any(), "i1", "default", "").Return(agent.Credentials{}, false, err)
 		}, wrap(agent.ErrInvalid), 422, "Invalid"},
 		{"bind conflict is 409", "PUT", "/v1/instances/i1/bindings/b", func(m *MockService, err error) {
-			m.EXPECT().Bind(gomock.Any(), "i1", "b").Return(agent.Credentials{}, false, err)
+			m.EXPECT().Bind(gomock.Any(), "i1", "b", "").Return(agent.Credentials{}, false, err)
 		}, wrap(agent.ErrConflict), 409, "Conflict"},
 		{"delete invalid id is 422", "DELETE", "/v1/instances/i1", func(m *MockService, err error) {
 			m.EXPECT().Deprovision(gomock.Any(), "i1").Return(err)
@@ -308,7 +309,7 @@ func TestMethodNotAllowedListsAllow(t *testing.T) {
 		{"DELETE", "/v1/instances/i1/snapshot", "GET, PUT"},
 		{"PUT", "/v1/rollout", "GET, POST"},
 		{"POST", "/v1/instances", "GET"},
-		{"GET", "/v1/instances/i1/bindings/b", "PUT, DELETE"},
+		{"POST", "/v1/instances/i1/bindings/b", "GET, PUT, DELETE"},
 		{"GET", "/v1/instances/i1/restart", "POST"},
 		{"PUT", "/healthz", "GET, HEAD"},
 		{"POST", "/metrics", "GET"},

@@ -13,15 +13,8 @@ import (
 	"strings"
 
 	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
-
-// Error is the body of every error response.
-type Error struct {
-	// Code is a stable, machine-readable name ("NotFound", "Conflict", ...).
-	Code string `json:"error"`
-	// Description is a sentence for humans.
-	Description string `json:"description"`
-}
 
 // errBusy: the API is at its bound of concurrent requests of a kind (the
 // restores in progress); a retry after retryAfter may find room.
@@ -39,23 +32,23 @@ func status(method string, err error) (int, string) {
 		if method == http.MethodDelete {
 			// Deleting what is absent: the broker's retry after a lost
 			// answer, or a double delete. OSB calls it Gone.
-			return http.StatusGone, "Gone"
+			return http.StatusGone, apitype.CodeGone
 		}
-		return http.StatusNotFound, "NotFound"
+		return http.StatusNotFound, apitype.CodeNotFound
 	case errors.Is(err, agent.ErrInvalid):
-		return http.StatusUnprocessableEntity, "Invalid"
+		return http.StatusUnprocessableEntity, apitype.CodeInvalid
 	case errors.Is(err, agent.ErrConflict):
-		return http.StatusConflict, "Conflict"
+		return http.StatusConflict, apitype.CodeConflict
 	case errors.Is(err, agent.ErrCapacity):
-		return http.StatusInsufficientStorage, "InsufficientCapacity"
+		return http.StatusInsufficientStorage, apitype.CodeInsufficientCapacity
 	case errors.Is(err, agent.ErrNotReady):
 		// The instance is down for now and being restarted: a retry may
 		// find it up.
-		return http.StatusServiceUnavailable, "NotReady"
+		return http.StatusServiceUnavailable, apitype.CodeNotReady
 	case errors.Is(err, errBusy):
-		return http.StatusServiceUnavailable, "Busy"
+		return http.StatusServiceUnavailable, apitype.CodeBusy
 	}
-	return http.StatusInternalServerError, "Internal"
+	return http.StatusInternalServerError, apitype.CodeInternal
 }
 
 // fail writes err as an error response. A sentinel error carries its own
@@ -65,7 +58,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	code, name := status(r.Method, err)
 	desc := err.Error()
 	if errors.Is(err, errBusy) {
-		w.Header().Set("Retry-After", retryAfter)
+		w.Header().Set(apitype.RetryAfterHeader, retryAfter)
 	}
 	if code == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -75,7 +68,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 }
 
 func writeError(w http.ResponseWriter, code int, name, desc string) {
-	writeJSON(w, code, Error{Code: name, Description: desc})
+	writeJSON(w, code, apitype.Error{Code: name, Description: desc})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -100,10 +93,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, "TooLarge", fmt.Sprintf("request body exceeds %d bytes", maxBody))
+			writeError(w, http.StatusRequestEntityTooLarge, apitype.CodeTooLarge, fmt.Sprintf("request body exceeds %d bytes", maxBody))
 			return false
 		}
-		writeError(w, http.StatusBadRequest, "BadRequest", "cannot read the request body")
+		writeError(w, http.StatusBadRequest, apitype.CodeBadRequest, "cannot read the request body")
 		return false
 	}
 	if len(bytes.TrimSpace(body)) == 0 {
@@ -112,24 +105,24 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
 		if err != nil || mt != "application/json" {
-			writeError(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", "the request body must be application/json")
+			writeError(w, http.StatusUnsupportedMediaType, apitype.CodeUnsupportedMediaType, "the request body must be application/json")
 			return false
 		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: "+err.Error())
+		writeError(w, http.StatusBadRequest, apitype.CodeBadRequest, "malformed JSON body: "+err.Error())
 		return false
 	}
 	// Anything but white space after the object, even a stray '}', is an
 	// error: the body is one object and nothing else.
 	if _, err := dec.Token(); err != io.EOF {
-		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: data after the object")
+		writeError(w, http.StatusBadRequest, apitype.CodeBadRequest, "malformed JSON body: data after the object")
 		return false
 	}
 	if err := exactFields(body, v); err != nil {
-		writeError(w, http.StatusBadRequest, "BadRequest", "malformed JSON body: "+err.Error())
+		writeError(w, http.StatusBadRequest, apitype.CodeBadRequest, "malformed JSON body: "+err.Error())
 		return false
 	}
 	return true

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // fakeService answers every call with the error its instance id names, so
@@ -51,11 +52,17 @@ func (f *fakeService) Get(_ context.Context, id string) (agent.Instance, error) 
 	return agent.Instance{ID: id}, f.errFor(id)
 }
 func (f *fakeService) List(context.Context) ([]agent.Instance, error) { return nil, nil }
-func (f *fakeService) Bind(_ context.Context, id, _ string) (agent.Credentials, bool, error) {
+func (f *fakeService) Bind(_ context.Context, id, _, _ string) (agent.Credentials, bool, error) {
 	return agent.Credentials{}, true, f.errFor(id)
 }
 func (f *fakeService) Unbind(_ context.Context, id, _ string) error { return f.errFor(id) }
-func (f *fakeService) Restart(_ context.Context, id string) error   { return f.errFor(id) }
+func (f *fakeService) Binding(_ context.Context, id, _ string) (agent.Credentials, error) {
+	return agent.Credentials{}, f.errFor(id)
+}
+func (f *fakeService) SetMetadata(_ context.Context, id string, _ json.RawMessage) (agent.Instance, error) {
+	return agent.Instance{ID: id}, f.errFor(id)
+}
+func (f *fakeService) Restart(_ context.Context, id string) error { return f.errFor(id) }
 func (f *fakeService) Capacity(context.Context) (agent.Capacity, error) {
 	return agent.Capacity{}, nil
 }
@@ -137,7 +144,7 @@ func FuzzHandler(f *testing.F) {
 			t.Fatalf("%s %s (%q, %q) = %d %s", method, path, ctype, body, w.Code, w.Body.String())
 		}
 		if w.Code >= 400 {
-			var e Error
+			var e apitype.Error
 			if err := json.Unmarshal(w.Body.Bytes(), &e); err != nil || e.Code == "" || e.Description == "" {
 				t.Fatalf("%s %s = %d with a body that is not an Error: %q", method, path, w.Code, w.Body.String())
 			}

@@ -9,16 +9,15 @@ import (
 	"time"
 
 	"github.com/gorilla/mux"
-
-	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 func (s *server) healthz(w http.ResponseWriter, r *http.Request) {
 	if err := s.live(r.Context()); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "NotAlive", err.Error())
+		writeError(w, http.StatusServiceUnavailable, apitype.CodeNotAlive, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	writeJSON(w, http.StatusOK, apitype.Status{Status: "ok"})
 }
 
 // defaultLogLines is what GET .../log returns without ?lines.
@@ -29,7 +28,7 @@ func (s *server) instanceLog(w http.ResponseWriter, r *http.Request) {
 	if v := r.URL.Query().Get("lines"); v != "" {
 		var err error
 		if n, err = strconv.Atoi(v); err != nil {
-			writeError(w, http.StatusBadRequest, "BadRequest", "lines must be a number")
+			writeError(w, http.StatusBadRequest, apitype.CodeBadRequest, "lines must be a number")
 			return
 		}
 	}
@@ -39,18 +38,15 @@ func (s *server) instanceLog(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, struct {
-		ID    string   `json:"id"`
-		Lines []string `json:"lines"`
-	}{id, lines})
+	writeJSON(w, http.StatusOK, apitype.LogLines{ID: id, Lines: lines})
 }
 
 func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
 	if err := s.ready(r.Context()); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "NotReady", err.Error())
+		writeError(w, http.StatusServiceUnavailable, apitype.CodeNotReady, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	writeJSON(w, http.StatusOK, apitype.Status{Status: "ready"})
 }
 
 func (s *server) listInstances(w http.ResponseWriter, r *http.Request) {
@@ -60,13 +56,13 @@ func (s *server) listInstances(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if list == nil {
-		list = []agent.Instance{}
+		list = []apitype.Instance{}
 	}
-	writeJSON(w, http.StatusOK, map[string][]agent.Instance{"instances": list})
+	writeJSON(w, http.StatusOK, apitype.InstanceList{Instances: list})
 }
 
 func (s *server) putInstance(w http.ResponseWriter, r *http.Request) {
-	var spec agent.Spec
+	var spec apitype.Spec
 	if !decode(w, r, &spec) {
 		return
 	}
@@ -96,19 +92,28 @@ func (s *server) deleteInstance(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) putBinding(w http.ResponseWriter, r *http.Request) {
-	// A binding takes no parameters yet; a body, if any, must be a JSON
-	// object without fields.
-	var none struct{}
-	if !decode(w, r, &none) {
+	// The body is optional: {} or a password to keep (a move).
+	var req apitype.BindRequest
+	if !decode(w, r, &req) {
 		return
 	}
 	v := mux.Vars(r)
-	creds, created, err := s.svc.Bind(r.Context(), v["id"], v["bid"])
+	creds, created, err := s.svc.Bind(r.Context(), v["id"], v["bid"], req.Password)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	writeJSON(w, createdOrOK(created), creds)
+}
+
+func (s *server) getBinding(w http.ResponseWriter, r *http.Request) {
+	v := mux.Vars(r)
+	creds, err := s.svc.Binding(r.Context(), v["id"], v["bid"])
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, creds)
 }
 
 func (s *server) deleteBinding(w http.ResponseWriter, r *http.Request) {
@@ -150,9 +155,9 @@ func (s *server) orphans(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if list == nil {
-		list = []agent.Orphan{}
+		list = []apitype.Orphan{}
 	}
-	writeJSON(w, http.StatusOK, map[string][]agent.Orphan{"orphans": list})
+	writeJSON(w, http.StatusOK, apitype.OrphanList{Orphans: list})
 }
 
 func createdOrOK(created bool) int {
@@ -162,24 +167,31 @@ func createdOrOK(created bool) int {
 	return http.StatusOK
 }
 
-// resizeRequest is the body of PATCH /v1/instances/{id}.
-type resizeRequest struct {
-	MemoryMB *int `json:"memory_mb"`
-}
-
 func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
-	var req resizeRequest
+	var req apitype.Resize
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.MemoryMB == nil {
-		writeError(w, http.StatusUnprocessableEntity, "Invalid", "memory_mb is required: it is the only field that can change")
+	if req.MemoryMB == nil && req.Metadata == nil {
+		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid, "memory_mb or metadata is required: they are the fields that can change")
 		return
 	}
-	inst, err := s.svc.Resize(r.Context(), mux.Vars(r)["id"], *req.MemoryMB)
-	if err != nil {
-		s.fail(w, r, err)
-		return
+	id := mux.Vars(r)["id"]
+	var inst apitype.Instance
+	var err error
+	// The resize first: one refused (507, 409) changes nothing, metadata
+	// included.
+	if req.MemoryMB != nil {
+		if inst, err = s.svc.Resize(r.Context(), id, *req.MemoryMB); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if req.Metadata != nil {
+		if inst, err = s.svc.SetMetadata(r.Context(), id, req.Metadata); err != nil {
+			s.fail(w, r, err)
+			return
+		}
 	}
 	writeJSON(w, http.StatusOK, inst)
 }
@@ -189,10 +201,6 @@ const snapshotTransfer = time.Hour
 
 // restoreAnswer bounds the time until a restore's answer is written.
 const restoreAnswer = 3 * time.Hour
-
-// SnapshotSHA256Header carries the hex sha256 of a snapshot: set on a
-// download, checked on an upload when given.
-const SnapshotSHA256Header = "X-Snapshot-Sha256"
 
 func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 	id := mux.Vars(r)["id"]
@@ -209,7 +217,7 @@ func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Type", "application/octet-stream")
 	h.Set("Content-Length", strconv.FormatInt(snap.Size, 10))
 	h.Set("Content-Disposition", `attachment; filename="`+id+`.rdb"`)
-	h.Set(SnapshotSHA256Header, snap.SHA256)
+	h.Set(apitype.SnapshotSHA256Header, snap.SHA256)
 	w.WriteHeader(http.StatusOK)
 	if _, err := io.Copy(w, io.LimitReader(snap.File, snap.Size)); err != nil {
 		s.log.Warn("snapshot download cut short", "instance", id, "err", err)
@@ -219,7 +227,7 @@ func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/octet-stream" {
-			writeError(w, http.StatusUnsupportedMediaType, "UnsupportedMediaType", "a snapshot is sent as application/octet-stream")
+			writeError(w, http.StatusUnsupportedMediaType, apitype.CodeUnsupportedMediaType, "a snapshot is sent as application/octet-stream")
 			return
 		}
 	}
@@ -232,7 +240,7 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, fmt.Errorf("%d restores are in progress, as many as this agent takes at once: %w", cap(s.uploads), errBusy))
 		return
 	}
-	want := r.Header.Get(SnapshotSHA256Header)
+	want := r.Header.Get(apitype.SnapshotSHA256Header)
 	rc := http.NewResponseController(w)
 	rc.SetReadDeadline(time.Now().Add(snapshotTransfer))
 	// The answer comes after the upload, the check, the load and the

@@ -14,6 +14,7 @@ import (
 
 	"github.com/gorilla/mux"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // authenticate lets a request through when it carries
@@ -38,7 +39,7 @@ func authenticate(token string, clientCert bool) mux.MiddlewareFunc {
 				}
 			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="redis-agent"`)
-			writeError(w, http.StatusUnauthorized, "Unauthorized", "a valid bearer token or client certificate is required")
+			writeError(w, http.StatusUnauthorized, apitype.CodeUnauthorized, "a valid bearer token or client certificate is required")
 		})
 	}
 }
@@ -50,7 +51,7 @@ func authenticate(token string, clientCert bool) mux.MiddlewareFunc {
 func canonicalPaths(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if p := r.URL.Path; strings.HasPrefix(p, "/") && !isClean(p) {
-			writeError(w, http.StatusBadRequest, "BadRequest",
+			writeError(w, http.StatusBadRequest, apitype.CodeBadRequest,
 				fmt.Sprintf("path %q has an empty, . or .. segment: name the route exactly", r.URL.EscapedPath()))
 			return
 		}
@@ -77,7 +78,7 @@ func recoverer(log *slog.Logger, next http.Handler) http.Handler {
 					panic(v)
 				}
 				log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
-				writeError(w, http.StatusInternalServerError, "Internal", "the agent failed to complete the request; see its log")
+				writeError(w, http.StatusInternalServerError, apitype.CodeInternal, "the agent failed to complete the request; see its log")
 			}
 		}()
 		next.ServeHTTP(w, r)

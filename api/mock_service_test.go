@@ -11,10 +11,12 @@ package api
 
 import (
 	context "context"
+	json "encoding/json"
 	io "io"
 	reflect "reflect"
 
 	agent "github.com/redis-agent/redis-agent/agent"
+	apitype "github.com/redis-agent/redis-agent/apitype"
 	gomock "go.uber.org/mock/gomock"
 )
 
@@ -43,26 +45,41 @@ func (m *MockService) EXPECT() *MockServiceMockRecorder {
 }
 
 // Bind mocks base method.
-func (m *MockService) Bind(ctx context.Context, id, bindingID string) (agent.Credentials, bool, error) {
+func (m *MockService) Bind(ctx context.Context, id, bindingID, password string) (apitype.Credentials, bool, error) {
 	m.ctrl.T.Helper()
-	ret := m.ctrl.Call(m, "Bind", ctx, id, bindingID)
-	ret0, _ := ret[0].(agent.Credentials)
+	ret := m.ctrl.Call(m, "Bind", ctx, id, bindingID, password)
+	ret0, _ := ret[0].(apitype.Credentials)
 	ret1, _ := ret[1].(bool)
 	ret2, _ := ret[2].(error)
 	return ret0, ret1, ret2
 }
 
 // Bind indicates an expected call of Bind.
-func (mr *MockServiceMockRecorder) Bind(ctx, id, bindingID any) *gomock.Call {
+func (mr *MockServiceMockRecorder) Bind(ctx, id, bindingID, password any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
-	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Bind", reflect.TypeOf((*MockService)(nil).Bind), ctx, id, bindingID)
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Bind", reflect.TypeOf((*MockService)(nil).Bind), ctx, id, bindingID, password)
+}
+
+// Binding mocks base method.
+func (m *MockService) Binding(ctx context.Context, id, bindingID string) (apitype.Credentials, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Binding", ctx, id, bindingID)
+	ret0, _ := ret[0].(apitype.Credentials)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Binding indicates an expected call of Binding.
+func (mr *MockServiceMockRecorder) Binding(ctx, id, bindingID any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Binding", reflect.TypeOf((*MockService)(nil).Binding), ctx, id, bindingID)
 }
 
 // Capacity mocks base method.
-func (m *MockService) Capacity(ctx context.Context) (agent.Capacity, error) {
+func (m *MockService) Capacity(ctx context.Context) (apitype.Capacity, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Capacity", ctx)
-	ret0, _ := ret[0].(agent.Capacity)
+	ret0, _ := ret[0].(apitype.Capacity)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -88,10 +105,10 @@ func (mr *MockServiceMockRecorder) Deprovision(ctx, id any) *gomock.Call {
 }
 
 // Get mocks base method.
-func (m *MockService) Get(ctx context.Context, id string) (agent.Instance, error) {
+func (m *MockService) Get(ctx context.Context, id string) (apitype.Instance, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Get", ctx, id)
-	ret0, _ := ret[0].(agent.Instance)
+	ret0, _ := ret[0].(apitype.Instance)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -103,10 +120,10 @@ func (mr *MockServiceMockRecorder) Get(ctx, id any) *gomock.Call {
 }
 
 // List mocks base method.
-func (m *MockService) List(ctx context.Context) ([]agent.Instance, error) {
+func (m *MockService) List(ctx context.Context) ([]apitype.Instance, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "List", ctx)
-	ret0, _ := ret[0].([]agent.Instance)
+	ret0, _ := ret[0].([]apitype.Instance)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -133,10 +150,10 @@ func (mr *MockServiceMockRecorder) Log(ctx, id, lines any) *gomock.Call {
 }
 
 // Orphans mocks base method.
-func (m *MockService) Orphans(ctx context.Context) ([]agent.Orphan, error) {
+func (m *MockService) Orphans(ctx context.Context) ([]apitype.Orphan, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Orphans", ctx)
-	ret0, _ := ret[0].([]agent.Orphan)
+	ret0, _ := ret[0].([]apitype.Orphan)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -148,10 +165,10 @@ func (mr *MockServiceMockRecorder) Orphans(ctx any) *gomock.Call {
 }
 
 // Provision mocks base method.
-func (m *MockService) Provision(ctx context.Context, id string, spec agent.Spec) (agent.Instance, bool, error) {
+func (m *MockService) Provision(ctx context.Context, id string, spec apitype.Spec) (apitype.Instance, bool, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Provision", ctx, id, spec)
-	ret0, _ := ret[0].(agent.Instance)
+	ret0, _ := ret[0].(apitype.Instance)
 	ret1, _ := ret[1].(bool)
 	ret2, _ := ret[2].(error)
 	return ret0, ret1, ret2
@@ -164,10 +181,10 @@ func (mr *MockServiceMockRecorder) Provision(ctx, id, spec any) *gomock.Call {
 }
 
 // Resize mocks base method.
-func (m *MockService) Resize(ctx context.Context, id string, memoryMB int) (agent.Instance, error) {
+func (m *MockService) Resize(ctx context.Context, id string, memoryMB int) (apitype.Instance, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Resize", ctx, id, memoryMB)
-	ret0, _ := ret[0].(agent.Instance)
+	ret0, _ := ret[0].(apitype.Instance)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -193,10 +210,10 @@ func (mr *MockServiceMockRecorder) Restart(ctx, id any) *gomock.Call {
 }
 
 // Restore mocks base method.
-func (m *MockService) Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (agent.Instance, error) {
+func (m *MockService) Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "Restore", ctx, id, rdb, size, sha256)
-	ret0, _ := ret[0].(agent.Instance)
+	ret0, _ := ret[0].(apitype.Instance)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -208,10 +225,10 @@ func (mr *MockServiceMockRecorder) Restore(ctx, id, rdb, size, sha256 any) *gomo
 }
 
 // RolloutStatus mocks base method.
-func (m *MockService) RolloutStatus(ctx context.Context) (agent.Rollout, error) {
+func (m *MockService) RolloutStatus(ctx context.Context) (apitype.Rollout, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "RolloutStatus", ctx)
-	ret0, _ := ret[0].(agent.Rollout)
+	ret0, _ := ret[0].(apitype.Rollout)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
@@ -220,6 +237,21 @@ func (m *MockService) RolloutStatus(ctx context.Context) (agent.Rollout, error) 
 func (mr *MockServiceMockRecorder) RolloutStatus(ctx any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "RolloutStatus", reflect.TypeOf((*MockService)(nil).RolloutStatus), ctx)
+}
+
+// SetMetadata mocks base method.
+func (m *MockService) SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SetMetadata", ctx, id, metadata)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SetMetadata indicates an expected call of SetMetadata.
+func (mr *MockServiceMockRecorder) SetMetadata(ctx, id, metadata any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetMetadata", reflect.TypeOf((*MockService)(nil).SetMetadata), ctx, id, metadata)
 }
 
 // Snapshot mocks base method.
@@ -238,10 +270,10 @@ func (mr *MockServiceMockRecorder) Snapshot(ctx, id any) *gomock.Call {
 }
 
 // StartRollout mocks base method.
-func (m *MockService) StartRollout(ctx context.Context) (agent.Rollout, error) {
+func (m *MockService) StartRollout(ctx context.Context) (apitype.Rollout, error) {
 	m.ctrl.T.Helper()
 	ret := m.ctrl.Call(m, "StartRollout", ctx)
-	ret0, _ := ret[0].(agent.Rollout)
+	ret0, _ := ret[0].(apitype.Rollout)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }

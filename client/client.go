@@ -1,19 +1,23 @@
-// Package client is a small Go client of the agent's REST API, used by the
-// `redis-agent status` command and usable by a broker. It also renders
+// Package client is a Go client of the agent's REST API, used by the
+// `redis-agent status` command and by a broker. It speaks the wire types of
+// apitype and imports nothing of the agent itself. It also renders
 // instances as a status table, like `supervisorctl status`.
 package client
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // Client talks to one agent.
@@ -33,56 +37,237 @@ func New(base, token string) *Client {
 	return &Client{Base: strings.TrimRight(base, "/"), Token: token, HTTP: &http.Client{Timeout: 30 * time.Second}}
 }
 
-// Error is an error answer of the agent.
+// Error is an error answer of the agent: its status and its body.
 type Error struct {
 	Status      int
-	Code        string `json:"error"`
-	Description string `json:"description"`
+	Code        string
+	Description string
 }
 
 func (e *Error) Error() string {
 	return fmt.Sprintf("%d %s: %s", e.Status, e.Code, e.Description)
 }
 
-func (c *Client) get(ctx context.Context, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.Base+path, nil)
+// IsStatus reports whether err is an answer of the agent with HTTP status
+// code.
+func IsStatus(err error, code int) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Status == code
+}
+
+// do sends a request with a JSON body (when in is not nil) and decodes a
+// JSON answer into out (when not nil). It returns the status of a 2xx
+// answer, and an *Error for any other.
+func (c *Client) do(ctx context.Context, method, path string, in, out any) (int, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return 0, err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, body)
 	if err != nil {
-		return err
+		return 0, err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if resp.StatusCode >= 300 {
-		e := &Error{Status: resp.StatusCode}
-		if json.Unmarshal(body, e) != nil || e.Code == "" {
-			e.Code, e.Description = http.StatusText(resp.StatusCode), strings.TrimSpace(string(body))
-		}
-		return e
+		return resp.StatusCode, errorOf(resp.StatusCode, b)
 	}
-	return json.Unmarshal(body, out)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return resp.StatusCode, fmt.Errorf("%s %s: decode the answer: %w", method, path, err)
+		}
+	}
+	return resp.StatusCode, nil
 }
 
+func instancePath(id string) string { return "/v1/instances/" + url.PathEscape(id) }
+
 // List returns every instance.
-func (c *Client) List(ctx context.Context) ([]agent.Instance, error) {
-	var out struct {
-		Instances []agent.Instance `json:"instances"`
-	}
-	err := c.get(ctx, "/v1/instances", &out)
+func (c *Client) List(ctx context.Context) ([]apitype.Instance, error) {
+	var out apitype.InstanceList
+	_, err := c.do(ctx, http.MethodGet, "/v1/instances", nil, &out)
 	return out.Instances, err
+}
+
+// Get returns instance id.
+func (c *Client) Get(ctx context.Context, id string) (apitype.Instance, error) {
+	var out apitype.Instance
+	_, err := c.do(ctx, http.MethodGet, instancePath(id), nil, &out)
+	return out, err
+}
+
+// Provision creates instance id; created is false when an identical one
+// existed.
+func (c *Client) Provision(ctx context.Context, id string, spec apitype.Spec) (inst apitype.Instance, created bool, err error) {
+	code, err := c.do(ctx, http.MethodPut, instancePath(id), spec, &inst)
+	return inst, code == http.StatusCreated, err
+}
+
+// Deprovision deletes instance id. Deleting what is absent (410) is not an
+// error.
+func (c *Client) Deprovision(ctx context.Context, id string) error {
+	_, err := c.do(ctx, http.MethodDelete, instancePath(id), nil, nil)
+	if IsStatus(err, http.StatusGone) {
+		return nil
+	}
+	return err
+}
+
+// Resize changes instance id's maxmemory, live.
+func (c *Client) Resize(ctx context.Context, id string, memoryMB int) (apitype.Instance, error) {
+	var out apitype.Instance
+	_, err := c.do(ctx, http.MethodPatch, instancePath(id), apitype.Resize{MemoryMB: &memoryMB}, &out)
+	return out, err
+}
+
+// Update resizes instance id, replaces its metadata, or both.
+func (c *Client) Update(ctx context.Context, id string, u apitype.Resize) (apitype.Instance, error) {
+	var out apitype.Instance
+	_, err := c.do(ctx, http.MethodPatch, instancePath(id), u, &out)
+	return out, err
+}
+
+func bindingPath(id, bid string) string { return instancePath(id) + "/bindings/" + url.PathEscape(bid) }
+
+// Bind creates (or returns again) binding bid of instance id. password,
+// when not empty, is the binding's password (a move keeps it).
+func (c *Client) Bind(ctx context.Context, id, bid, password string) (creds apitype.Credentials, created bool, err error) {
+	code, err := c.do(ctx, http.MethodPut, bindingPath(id, bid), apitype.BindRequest{Password: password}, &creds)
+	return creds, code == http.StatusCreated, err
+}
+
+// Binding returns the credentials of binding bid of instance id.
+func (c *Client) Binding(ctx context.Context, id, bid string) (apitype.Credentials, error) {
+	var out apitype.Credentials
+	_, err := c.do(ctx, http.MethodGet, bindingPath(id, bid), nil, &out)
+	return out, err
+}
+
+// Snapshot starts the download of a fresh RDB of instance id; the caller
+// reads and closes body. sha256 is the agent's hex digest of it.
+func (c *Client) Snapshot(ctx context.Context, id string) (body io.ReadCloser, sha256 string, err error) {
+	resp, err := c.raw(ctx, http.MethodGet, instancePath(id)+"/snapshot", nil, "", nil, -1)
+	if err != nil {
+		return nil, "", err
+	}
+	return resp.Body, resp.Header.Get(apitype.SnapshotSHA256Header), nil
+}
+
+// Restore replaces instance id's data with the RDB read from rdb (size
+// bytes, or -1 when unknown), checked against sha256 when given.
+func (c *Client) Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error) {
+	h := http.Header{}
+	if sha256 != "" {
+		h.Set(apitype.SnapshotSHA256Header, sha256)
+	}
+	resp, err := c.raw(ctx, http.MethodPut, instancePath(id)+"/snapshot", rdb, "application/octet-stream", h, size)
+	if err != nil {
+		return apitype.Instance{}, err
+	}
+	defer resp.Body.Close()
+	var out apitype.Instance
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
+		return out, fmt.Errorf("restore %s: decode the answer: %w", id, err)
+	}
+	return out, nil
+}
+
+// raw sends a request with body as it is and returns a 2xx response for
+// the caller to read and close; any other answer is an *Error. size, when
+// not negative, is the body's length.
+func (c *Client) raw(ctx context.Context, method, path string, body io.Reader, contentType string, h http.Header, size int64) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	if size >= 0 {
+		req.ContentLength = size
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	resp, err := c.transfers().Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return nil, errorOf(resp.StatusCode, b)
+	}
+	return resp, nil
+}
+
+// transfers is the HTTP client for snapshots: the same transport, no
+// overall timeout (a large data set takes as long as it takes; ctx bounds
+// it).
+func (c *Client) transfers() *http.Client {
+	hc := *c.HTTP
+	hc.Timeout = 0
+	return &hc
+}
+
+// errorOf builds the *Error of a non-2xx answer.
+func errorOf(status int, b []byte) *Error {
+	e := &Error{Status: status}
+	var body apitype.Error
+	if json.Unmarshal(b, &body) == nil && body.Code != "" {
+		e.Code, e.Description = body.Code, body.Description
+	} else {
+		e.Code, e.Description = http.StatusText(status), strings.TrimSpace(string(b))
+	}
+	return e
+}
+
+// Unbind deletes binding bid of instance id. Deleting what is absent
+// (410) is not an error.
+func (c *Client) Unbind(ctx context.Context, id, bid string) error {
+	_, err := c.do(ctx, http.MethodDelete, bindingPath(id, bid), nil, nil)
+	if IsStatus(err, http.StatusGone) {
+		return nil
+	}
+	return err
+}
+
+// Capacity returns the agent's room for new instances.
+func (c *Client) Capacity(ctx context.Context) (apitype.Capacity, error) {
+	var out apitype.Capacity
+	_, err := c.do(ctx, http.MethodGet, "/v1/capacity", nil, &out)
+	return out, err
+}
+
+// Ready reports whether the agent's /readyz passes.
+func (c *Client) Ready(ctx context.Context) error {
+	_, err := c.do(ctx, http.MethodGet, "/readyz", nil, nil)
+	return err
 }
 
 // WriteStatus writes one line per instance: id, state, port, pid, uptime,
 // restarts, memory used of max, and the last exit when there was one.
-func WriteStatus(w io.Writer, insts []agent.Instance) error {
+func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tLAST EXIT")
 	for _, in := range insts {

@@ -11,29 +11,21 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // AdminUser is the ACL user the agent itself logs in as.
 const AdminUser = "agent"
 
-// Persistence modes understood by Render.
-const (
-	PersistenceAOF       = "aof"
-	PersistenceAOFAlways = "aof-always"
-	PersistenceRDB       = "rdb"
-	PersistenceNone      = "none"
-)
-
-// ValidPersistence reports whether mode is one Render knows.
+// ValidPersistence reports whether mode is one Render knows (the modes
+// are apitype's).
 func ValidPersistence(mode string) bool {
-	switch mode {
-	case PersistenceAOF, PersistenceAOFAlways, PersistenceRDB, PersistenceNone:
-		return true
-	}
-	return false
+	return slices.Contains(apitype.Persistences, mode)
 }
 
 // Conf is what goes into an instance's redis.conf.
@@ -80,16 +72,16 @@ func Render(c Conf) []byte {
 	line("databases 16")
 	line("tcp-keepalive 60")
 	switch c.Persistence {
-	case PersistenceAOF, PersistenceAOFAlways:
+	case apitype.PersistenceAOF, apitype.PersistenceAOFAlways:
 		fsync := "everysec"
-		if c.Persistence == PersistenceAOFAlways {
+		if c.Persistence == apitype.PersistenceAOFAlways {
 			fsync = "always"
 		}
 		line("appendonly yes")
 		line("appendfsync %s", fsync)
 		line(`appenddirname "appendonlydir"`)
 		line(`save ""`)
-	case PersistenceRDB:
+	case apitype.PersistenceRDB:
 		line("appendonly no")
 		line("save 3600 1 300 100 60 10000")
 		line(`dbfilename "dump.rdb"`)

@@ -15,6 +15,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -25,10 +26,10 @@ func TestRenderPersistence(t *testing.T) {
 		want []string
 		not  []string
 	}{
-		{PersistenceAOF, []string{"appendonly yes", "appendfsync everysec", `save ""`}, []string{"appendfsync always"}},
-		{PersistenceAOFAlways, []string{"appendonly yes", "appendfsync always"}, []string{"everysec"}},
-		{PersistenceRDB, []string{"appendonly no", "save 3600 1 300 100 60 10000"}, []string{"appendfsync"}},
-		{PersistenceNone, []string{"appendonly no", `save ""`}, []string{"appendfsync"}},
+		{apitype.PersistenceAOF, []string{"appendonly yes", "appendfsync everysec", `save ""`}, []string{"appendfsync always"}},
+		{apitype.PersistenceAOFAlways, []string{"appendonly yes", "appendfsync always"}, []string{"everysec"}},
+		{apitype.PersistenceRDB, []string{"appendonly no", "save 3600 1 300 100 60 10000"}, []string{"appendfsync"}},
+		{apitype.PersistenceNone, []string{"appendonly no", `save ""`}, []string{"appendfsync"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.mode, func(t *testing.T) {
@@ -90,7 +91,7 @@ func startRedis(t *testing.T, users []User) (port int) {
 	testenv.RedisServer(t) // skip or fail before writing anything
 	dir := t.TempDir()
 	port = testenv.FreePort(t)
-	c := Conf{Bind: "127.0.0.1", Port: port, Dir: dir, LogFile: filepath.Join(dir, "log"), ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: PersistenceNone}
+	c := Conf{Bind: "127.0.0.1", Port: port, Dir: dir, LogFile: filepath.Join(dir, "log"), ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: apitype.PersistenceNone}
 	if err := os.WriteFile(c.ACLFile, RenderACL(users), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +185,7 @@ func TestProbeLoading(t *testing.T) {
 }
 
 func BenchmarkRender(b *testing.B) {
-	c := Conf{Bind: "127.0.0.1", Port: 16000, Dir: "/var/lib/redis-agent/instances/x/data", LogFile: "/l", ACLFile: "/a", MemoryMB: 64, Persistence: PersistenceAOF}
+	c := Conf{Bind: "127.0.0.1", Port: 16000, Dir: "/var/lib/redis-agent/instances/x/data", LogFile: "/l", ACLFile: "/a", MemoryMB: 64, Persistence: apitype.PersistenceAOF}
 	for b.Loop() {
 		Render(c)
 	}

@@ -6,7 +6,7 @@
 // Buckets:
 //
 //	meta/
-//	    version            -> schema version, decimal ("1")
+//	    version            -> schema version, decimal ("2")
 //	instances/
 //	    <id>               -> JSON Instance
 //	ports/
@@ -111,6 +111,9 @@ type Instance struct {
 	// (/proc/<pid>/exe): Binary itself, or what a wrapper script at Binary
 	// ran. Adoption requires a process running it (or Binary).
 	Exe string `json:"exe,omitempty"`
+	// Metadata is the caller's opaque JSON object (compacted), stored
+	// with the instance.
+	Metadata json.RawMessage `json:"metadata,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.

@@ -13,6 +13,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/redis"
 )
@@ -42,7 +43,7 @@ func newRedisSup(t *testing.T) *redisInstance {
 	port := testenv.FreePort(t)
 	pass := redis.NewPassword()
 	c := redis.Conf{Bind: "127.0.0.1", Port: port, Dir: data, LogFile: filepath.Join(dir, "redis.log"),
-		ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: redis.PersistenceAOF}
+		ACLFile: filepath.Join(dir, "users.acl"), MemoryMB: 16, Persistence: apitype.PersistenceAOF}
 	if err := os.WriteFile(c.ACLFile, redis.RenderACL([]redis.User{{Name: redis.AdminUser, PasswordHash: redis.HashPassword(pass), Admin: true}}), 0o600); err != nil {
 		t.Fatal(err)
 	}

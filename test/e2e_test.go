@@ -22,6 +22,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -196,26 +197,11 @@ func (a *agentProc) do(method, path, body string, out any) int {
 	return resp.StatusCode
 }
 
-type instance struct {
-	ID       string  `json:"id"`
-	State    string  `json:"state"`
-	Port     int     `json:"port"`
-	PID      int     `json:"pid"`
-	Restarts int     `json:"restarts"`
-	Uptime   float64 `json:"uptime_seconds"`
-	LastExit *struct {
-		Signal string `json:"signal"`
-		Reason string `json:"reason"`
-	} `json:"last_exit"`
-}
-
-type credentials struct {
-	Host     string `json:"host"`
-	Port     int    `json:"port"`
-	Username string `json:"username"`
-	Password string `json:"password"`
-	URI      string `json:"uri"`
-}
+// The API's wire types, as a client sees them.
+type (
+	instance    = apitype.Instance
+	credentials = apitype.Credentials
+)
 
 func redisClient(t *testing.T, c credentials) *goredis.Client {
 	t.Helper()

@@ -19,6 +19,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -195,17 +196,7 @@ func TestMigrationBetweenAgents(t *testing.T) {
 	b.do("DELETE", "/v1/instances/mig", "", nil)
 }
 
-type rolloutStatus struct {
-	State                 string  `json:"state"`
-	Binary                string  `json:"binary"`
-	Version               string  `json:"version"`
-	Total                 int     `json:"total"`
-	Moved                 int     `json:"moved"`
-	Pending               int     `json:"pending"`
-	FailedInstance        string  `json:"failed_instance"`
-	Error                 string  `json:"error"`
-	MaxUnavailableSeconds float64 `json:"max_unavailable_seconds"`
-}
+type rolloutStatus = apitype.Rollout
 
 // wrapper writes a script that says it is redis-server version and runs
 // the real one: a second build of Redis.

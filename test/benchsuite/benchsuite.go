@@ -26,6 +26,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // Config says what to run.
@@ -457,17 +459,10 @@ func (s *suite) provisionConcurrent(n, workers int) ([]time.Duration, error) {
 	return out, nil
 }
 
-type instance struct {
-	ID    string `json:"id"`
-	State string `json:"state"`
-	Port  int    `json:"port"`
-	PID   int    `json:"pid"`
-}
+type instance = apitype.Instance
 
-type creds struct {
-	Host, Username, Password string
-	Port                     int
-}
+// creds are a binding's credentials, with the helpers the suite adds.
+type creds struct{ apitype.Credentials }
 
 func (s *suite) get(id string) (instance, error) {
 	var in instance
