@@ -58,8 +58,9 @@ type Service struct {
 	heartEvery atomic.Int64 // nanoseconds
 	orphans    atomic.Pointer[[]Orphan]
 	metrics    *metrics
-	// cg manages the instances' cgroups; nil when off or unavailable.
-	cg *limits.Manager
+	// cg manages the instances' cgroups; limits.None when off or
+	// unavailable.
+	cg cgroups
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
@@ -71,6 +72,22 @@ type Service struct {
 	wg   sync.WaitGroup
 	bgMu sync.Mutex
 }
+
+// cgroups is what the Service does with its instances' cgroups: a
+// *limits.Manager, or limits.None where instances run without.
+type cgroups interface {
+	Apply(id string, pid int, l limits.Limits) error
+	OOMKills(id string) (uint64, error)
+	Contains(id string, pid int) bool
+	Differs(id string, want limits.Limits) (bool, error)
+	Remove(id string) error
+	RemoveRootIfEmpty()
+}
+
+var (
+	_ cgroups = (*limits.Manager)(nil)
+	_ cgroups = limits.None{}
+)
 
 // instance is the runtime side of one record.
 type instance struct {
@@ -86,7 +103,7 @@ type instance struct {
 	memoryMB atomic.Int64
 	drift    func()
 	// limitsDrift reports whether the cgroup's limits differ from the
-	// record's; nil without cgroups.
+	// record's.
 	limitsDrift func() bool
 	// aclPending is set while an ACL change could not be applied to the
 	// running server; the next health check tries again.
@@ -153,12 +170,13 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.store = store
 	s.metrics = newMetrics(cfg.Registerer, s)
+	s.cg = limits.None{}
 	if cfg.Cgroups == "auto" {
-		if s.cg, err = limits.New(cfg.CgroupParent()); err != nil {
+		if m, err := limits.New(cfg.CgroupParent()); err != nil {
 			log.Warn("instances run without resource limits", "reason", err)
-			s.cg = nil
 		} else {
-			log.Info("a cgroup per instance", "mode", s.cg.Mode(), "root", s.cg.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
+			s.cg = m
+			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
 	s.beat(10 * time.Second)
@@ -183,10 +201,8 @@ func (s *Service) Close() error {
 		<-in.sup.Done()
 		in.admin.Close()
 	}
-	if s.cg != nil {
-		// Gone only when no instance's cgroup is left in it.
-		s.cg.RemoveRootIfEmpty()
-	}
+	// Gone only when no instance's cgroup is left in it.
+	s.cg.RemoveRootIfEmpty()
 	return s.store.Close()
 }
 

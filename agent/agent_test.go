@@ -21,6 +21,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/redis-agent/redis-agent/internal/testenv"
+	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
@@ -60,6 +61,13 @@ func startService(t testing.TB, cfg Config) *Service {
 	}
 	t.Cleanup(func() { shutdown(t, s, true) })
 	return s
+}
+
+// cgroupsOn reports whether s gives its instances cgroups (the host
+// allows them), rather than limits.None.
+func cgroupsOn(s *Service) bool {
+	_, on := s.cg.(*limits.Manager)
+	return on
 }
 
 var closed sync.Map // *Service -> true once shut down

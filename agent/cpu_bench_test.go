@@ -30,7 +30,7 @@ func BenchmarkNeighbourLatency(b *testing.B) {
 			cfg := testConfig(b, len(busy)+1)
 			cfg.CPUQuota = quota
 			s := startService(b, cfg)
-			if s.cg == nil {
+			if !cgroupsOn(s) {
 				b.Skip("cgroups unavailable")
 			}
 			ctx := context.Background()

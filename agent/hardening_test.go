@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -93,7 +94,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 	cfg := testConfig(t, 2)
 	cfg.Health = supervisor.Health{Interval: 20 * time.Millisecond, Timeout: time.Second, Failures: 3}
 	s := startService(t, cfg)
-	if s.cg == nil {
+	if !cgroupsOn(s) {
 		if os.Getenv("CI") != "" {
 			t.Fatal("cgroups unavailable in CI")
 		}
@@ -251,7 +252,7 @@ func TestTmpfsDataDirFilesFitTheCgroup(t *testing.T) {
 	cfg := testConfig(t, 2)
 	cfg.DataDir = mountTmpfs(t, "400m")
 	s := startService(t, cfg)
-	if s.cg == nil {
+	if !cgroupsOn(s) {
 		if os.Getenv("CI") != "" {
 			t.Fatal("cgroups unavailable in CI")
 		}
@@ -314,5 +315,56 @@ func TestBindCrashloopingIsConflict(t *testing.T) {
 	}
 	if rec, _ := s.store.Get("c"); len(rec.Bindings) != 0 {
 		t.Fatalf("the refused bind was recorded: %v", rec.Bindings)
+	}
+}
+
+// With --cgroups off (limits.None) every operation that touches cgroups
+// works as before and creates none: a crash restart, a live resize up and
+// down, a restore (its loader), an adoption, a delete.
+func TestWithoutCgroups(t *testing.T) {
+	cfg := testConfig(t, 2)
+	cfg.Cgroups = "off"
+	s := startService(t, cfg)
+	if cgroupsOn(s) {
+		t.Fatal("--cgroups off gave cgroups")
+	}
+	ctx := context.Background()
+	c, inst := bound(t, s, "plain", Spec{MemoryMB: 16, Persistence: PersistenceAOF})
+	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	syscallKill(t, inst.PID)
+	waitFor(t, "a crash restart", 10*time.Second, func() bool {
+		got := mustGet(t, s, "plain")
+		return got.State == "running" && got.PID != inst.PID
+	})
+	if got := mustGet(t, s, "plain"); got.LastExit == nil || got.LastExit.Reason != supervisor.ReasonCrash {
+		t.Fatalf("last exit %+v, want a crash (no cgroup to call it oom)", got.LastExit)
+	}
+	for _, mb := range []int{32, 16} {
+		if _, err := s.Resize(ctx, "plain", mb); err != nil {
+			t.Fatalf("resize to %d: %v", mb, err)
+		}
+	}
+	snap := snapshotBytes(t, s, "plain")
+	if _, err := s.Restore(ctx, "plain", bytes.NewReader(snap), int64(len(snap)), ""); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	pid := mustGet(t, s, "plain").PID
+	shutdown(t, s, false)
+	s = startService(t, cfg)
+	if got := mustGet(t, s, "plain"); got.PID != pid {
+		t.Fatalf("pid %d after the agent's restart, want %d adopted", got.PID, pid)
+	}
+	if v, err := client(t, inst.Port, c.Options().Username, c.Options().Password).Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("after the restore and the adoption: %q, %v", v, err)
+	}
+	for _, dir := range []string{filepath.Join("/sys/fs/cgroup", cfg.CgroupParent()), filepath.Join("/sys/fs/cgroup/memory", cfg.CgroupParent())} {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: %v; want no cgroup with --cgroups off", dir, err)
+		}
+	}
+	if err := s.Deprovision(ctx, "plain"); err != nil {
+		t.Fatal(err)
 	}
 }

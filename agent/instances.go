@@ -199,11 +199,9 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func() { s.syncLive(id) }) }}
-	if s.cg != nil {
-		in.limitsDrift = func() bool {
-			d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
-			return err == nil && d
-		}
+	in.limitsDrift = func() bool {
+		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
+		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
 	sup := supervisor.New(supervisor.Config{
@@ -228,15 +226,13 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	})
 	in.sup = sup
 	s.metrics.track(id)
-	if s.cg != nil {
-		n, _ := s.cg.OOMKills(id)
-		in.oomKills.Store(n)
-		// An adopted process keeps its cgroup, unless it is not in it or
-		// the cgroup's limits are not the record's (a resize an agent
-		// crash cut short, changed --cpu-shares or --pids-limit).
-		if adopt != nil && (!s.cg.Contains(id, adopt.PID) || in.limitsDrift()) {
-			s.confine(id, adopt.PID)
-		}
+	n, _ := s.cg.OOMKills(id)
+	in.oomKills.Store(n)
+	// An adopted process keeps its cgroup, unless it is not in it or the
+	// cgroup's limits are not the record's (a resize an agent crash cut
+	// short, changed --cpu-shares or --pids-limit).
+	if adopt != nil && (!s.cg.Contains(id, adopt.PID) || in.limitsDrift()) {
+		s.confine(id, adopt.PID)
 	}
 	s.mu.Lock()
 	s.instances[id] = in
@@ -344,7 +340,7 @@ func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
 // confine puts the process of id into the instance's cgroup. A failure is
 // logged: the instance runs, unconfined, rather than not at all.
 func (s *Service) confine(id string, pid int) {
-	if s.cg == nil || pid == 0 {
+	if pid == 0 {
 		return
 	}
 	rec, err := s.store.Get(id)
@@ -359,9 +355,6 @@ func (s *Service) confine(id string, pid int) {
 // classify calls an exit "oom" when the instance's cgroup counted a new
 // OOM kill.
 func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
-	if s.cg == nil {
-		return
-	}
 	n, err := s.cg.OOMKills(id)
 	if err != nil {
 		return
@@ -398,7 +391,7 @@ func (s *Service) syncLive(id string) {
 	// Ready before the first one (a start or an adoption) leaves it to
 	// that check, which comes back here when it does. Setting it blindly
 	// would cost every adopted instance a connection at agent start.
-	if pid := in.sup.Status().Process.PID; in.limitsDrift != nil && pid != 0 && in.limitsDrift() {
+	if pid := in.sup.Status().Process.PID; pid != 0 && in.limitsDrift() {
 		s.log.Warn("cgroup limits differ from the record's; applying them", "instance", id)
 		s.confine(id, pid)
 	}
@@ -437,11 +430,9 @@ func (s *Service) destroy(id string) error {
 		return err
 	}
 	crashAt(FaultDeleteStopped)
-	if s.cg != nil {
-		// A leftover cgroup directory must not keep a tenant's data alive.
-		if err := s.cg.Remove(id); err != nil {
-			s.log.Warn("cgroup left behind", "instance", id, "err", err)
-		}
+	// A leftover cgroup directory must not keep a tenant's data alive.
+	if err := s.cg.Remove(id); err != nil {
+		s.log.Warn("cgroup left behind", "instance", id, "err", err)
 	}
 	if err := s.layout.Remove(id); err != nil {
 		return err
@@ -641,7 +632,7 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	st := &instanceStats{pid: pid, ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
 	in.stats.Store(st)
-	drifted := in.aclPending.Load() || in.limitsDrift != nil && in.limitsDrift()
+	drifted := in.aclPending.Load() || in.limitsDrift()
 	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
 		drifted = true
 	}

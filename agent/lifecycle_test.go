@@ -373,7 +373,7 @@ func TestResizeLive(t *testing.T) {
 	if id := c.ClientID(ctx).Val(); id != connID {
 		t.Fatalf("the client's connection changed: %d -> %d", connID, id)
 	}
-	if s.cg != nil {
+	if cgroupsOn(s) {
 		limit := cgroupMemoryLimit(t, cfg, "r")
 		if limit != 2*100<<20+64<<20 {
 			t.Fatalf("cgroup memory limit = %d, want %d", limit, 2*100<<20+64<<20)

@@ -194,11 +194,9 @@ func (s *Service) finishRestore(rec state.Instance, m *machine) {
 		return
 	}
 	log := s.log.With("instance", id)
-	if s.cg != nil {
-		// killLoaders has killed the loader; its cgroup goes too.
-		if err := s.cg.Remove(loaderGroup(id)); err != nil {
-			log.Error("remove the restore loader's cgroup", "err", err)
-		}
+	// killLoaders has killed the loader; its cgroup goes too.
+	if err := s.cg.Remove(loaderGroup(id)); err != nil {
+		log.Error("remove the restore loader's cgroup", "err", err)
 	}
 	if s.layout.RestoreFailed(id) {
 		// The restored data did not start and the crash came before the

@@ -400,22 +400,20 @@ func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	group := loaderGroup(rec.ID)
-	if s.cg != nil {
-		if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
-			s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
-		}
-		defer func() {
-			if err != nil {
-				if n, _ := s.cg.OOMKills(group); n > 0 {
-					err = fmt.Errorf("the snapshot's data set needs more than the %d MiB memory limit of the instance: %w",
-						limits.MemoryFor(rec.MemoryMB)>>20, ErrInvalid)
-				}
-			}
-			if rerr := s.cg.Remove(group); rerr != nil {
-				s.log.Warn("restore cgroup left behind", "instance", rec.ID, "err", rerr)
-			}
-		}()
+	if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
+		s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
 	}
+	defer func() {
+		if err != nil {
+			if n, _ := s.cg.OOMKills(group); n > 0 {
+				err = fmt.Errorf("the snapshot's data set needs more than the %d MiB memory limit of the instance: %w",
+					limits.MemoryFor(rec.MemoryMB)>>20, ErrInvalid)
+			}
+		}
+		if rerr := s.cg.Remove(group); rerr != nil {
+			s.log.Warn("restore cgroup left behind", "instance", rec.ID, "err", rerr)
+		}
+	}()
 	reaped := false
 	defer func() {
 		if !reaped {

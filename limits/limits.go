@@ -4,7 +4,8 @@
 // cgroup's OOM-kill count so a restart can be told apart as "oom".
 //
 // Cgroups live under <mountpoint>/<Root>/<id> (v2) or
-// <mountpoint>/<controller>/<Root>/<id> (v1).
+// <mountpoint>/<controller>/<Root>/<id> (v1). None has Manager's methods
+// and does nothing, for an agent whose instances run without cgroups.
 package limits
 
 import (
@@ -303,3 +304,27 @@ func (m *Manager) RemoveRootIfEmpty() {
 		os.Remove(path.Join("/sys/fs/cgroup", c, m.Root))
 	}
 }
+
+// None is the limits of an agent without cgroups (turned off, or not
+// allowed by the host): it has Manager's methods and does nothing. Its
+// instances run unconfined, are in no cgroup to leave, have no limit that
+// differs from the record's and are never OOM-killed by a cgroup.
+type None struct{}
+
+// Apply confines nothing.
+func (None) Apply(id string, pid int, l Limits) error { return nil }
+
+// OOMKills counts none.
+func (None) OOMKills(id string) (uint64, error) { return 0, nil }
+
+// Contains is true: there is no cgroup to move pid into.
+func (None) Contains(id string, pid int) bool { return true }
+
+// Differs is false: there are no limits to differ.
+func (None) Differs(id string, want Limits) (bool, error) { return false, nil }
+
+// Remove has nothing to remove.
+func (None) Remove(id string) error { return nil }
+
+// RemoveRootIfEmpty has no root to remove.
+func (None) RemoveRootIfEmpty() {}

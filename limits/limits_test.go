@@ -100,3 +100,26 @@ func TestApplyOnThisHost(t *testing.T) {
 		t.Fatalf("second Remove: %v", err)
 	}
 }
+
+// None has nothing to do and nothing to report: a process is where it
+// belongs, its limits are the record's, and no OOM kill is counted.
+func TestNone(t *testing.T) {
+	var n None
+	l := Limits{MemoryBytes: 1 << 20, Pids: 1}
+	if err := n.Apply("a", os.Getpid(), l); err != nil {
+		t.Errorf("Apply = %v", err)
+	}
+	if k, err := n.OOMKills("a"); k != 0 || err != nil {
+		t.Errorf("OOMKills = %d, %v", k, err)
+	}
+	if !n.Contains("a", os.Getpid()) {
+		t.Error("Contains = false: an adopted process would be confined again at every adoption")
+	}
+	if d, err := n.Differs("a", l); d || err != nil {
+		t.Errorf("Differs = %v, %v", d, err)
+	}
+	if err := n.Remove("a"); err != nil {
+		t.Errorf("Remove = %v", err)
+	}
+	n.RemoveRootIfEmpty()
+}
