@@ -1,7 +1,8 @@
 // Package testenv holds what the tests of several packages need from the
 // machine: the redis-server binary (a test fails in CI when it is missing,
-// and is skipped elsewhere), free loopback ports and directories that an
-// unprivileged redis user can traverse.
+// and is skipped elsewhere), free loopback ports, ranges of them that no
+// other test holds (Ports), directories that an unprivileged redis user
+// can traverse, and the one poll for a condition (Eventually).
 package testenv
 
 import (
