@@ -61,6 +61,8 @@ type Service struct {
 	// cg manages the instances' cgroups; limits.None when off or
 	// unavailable.
 	cg cgroups
+	// loader proves a restore's file before it is swapped in.
+	loader snapshotLoader
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
@@ -179,6 +181,7 @@ func New(cfg Config) (*Service, error) {
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
+	s.loader = &redisLoader{layout: s.layout, cred: s.cred, cg: s.cg, log: log}
 	s.beat(10 * time.Second)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil

@@ -11,13 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
@@ -177,7 +174,8 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 		}
 	}
-	if err := s.load(ctx, rec, in.sup.Binary()); err != nil {
+	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence)}
+	if err := s.loader.Load(ctx, job); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
 	crashAt(FaultRestoreStaged)
@@ -327,10 +325,6 @@ func checkVerdict(out []byte) string {
 	return strings.Join(keep, "; ")
 }
 
-// loaderTimeout bounds a loader's whole run (load, AOF, shutdown), and a
-// wait for an instance to load its data set.
-const loaderTimeout = 30 * time.Minute
-
 // settled returns the status of in once it is no longer starting: a
 // process that is starting, loading its data, or adopted without its
 // first check yet is as good as running in a moment.
@@ -341,10 +335,6 @@ func (s *Service) settled(ctx context.Context, in *instance) supervisor.Status {
 	return in.sup.Status()
 }
 
-// loaderGroup is the cgroup of id's restore loader ("_" starts no
-// instance id: no clash).
-func loaderGroup(id string) string { return "_restore-" + id }
-
 // waitReady waits until the process of in answers PING after a start.
 // Its only deadline is loaderTimeout: the supervisor itself gives up on a
 // start that does not answer within ReadyTimeout, except while the server
@@ -353,123 +343,4 @@ func (s *Service) waitReady(ctx context.Context, in *instance) error {
 	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
 	defer cancel()
 	return in.sup.WaitReady(ctx)
-}
-
-// load runs a loader on the staged data directory of rec: the instance's
-// own redis-server binary loads the staged RDB (proving the instance will),
-// the data set must fit in the instance's maxmemory, and for the aof modes
-// the loader writes the AOF from what it loaded. The loader runs as the
-// Redis user, in a cgroup of its own limited like the instance, and is
-// killed if the agent dies.
-func (s *Service) load(ctx context.Context, rec state.Instance, binary string) (err error) {
-	dir := s.layout.StagingDir(rec.ID)
-	data := s.layout.StagedDataDir(rec.ID)
-	conf := filepath.Join(dir, "loader.conf")
-	// The socket is dir/loader.sock, bound by a path relative to data and
-	// dialled through this process's descriptor of dir: a socket address
-	// holds 107 bytes, and dir's path alone can be longer.
-	if err := s.layout.WriteConfig(conf, redis.RenderLoader(data, "../loader.sock")); err != nil {
-		return err
-	}
-	dirf, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer dirf.Close()
-	sock := fmt.Sprintf("/proc/self/fd/%d/loader.sock", dirf.Fd())
-	logf, err := os.OpenFile(filepath.Join(dir, "loader.log"), os.O_CREATE|os.O_EXCL|os.O_WRONLY|syscall.O_NOFOLLOW, 0o640)
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
-	defer cancel()
-
-	// Pdeathsig fires when the thread that forked the child exits: keep
-	// this goroutine on its thread until the loader is gone.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	cmd := exec.Command(binary, conf)
-	cmd.Dir = data
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = redis.Env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cred, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start loader: %w", err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	group := loaderGroup(rec.ID)
-	if err := s.cg.Apply(group, cmd.Process.Pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
-		s.log.Warn("restore loader runs without limits", "instance", rec.ID, "err", err)
-	}
-	defer func() {
-		if err != nil {
-			if n, _ := s.cg.OOMKills(group); n > 0 {
-				err = fmt.Errorf("the snapshot's data set needs more than the %d MiB memory limit of the instance: %w",
-					limits.MemoryFor(rec.MemoryMB)>>20, ErrInvalid)
-			}
-		}
-		if rerr := s.cg.Remove(group); rerr != nil {
-			s.log.Warn("restore cgroup left behind", "instance", rec.ID, "err", rerr)
-		}
-	}()
-	reaped := false
-	defer func() {
-		if !reaped {
-			// The whole group: an AOF rewrite the loader forked too.
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-	}()
-	admin := redis.NewSocketAdmin(sock)
-	defer admin.Close()
-	failed := func(werr error) error {
-		tail, _ := volumes.Tail(filepath.Join(dir, "loader.log"), 3)
-		return fmt.Errorf("%w: redis-server cannot load the snapshot: %s: %w", werr, strings.Join(tail, "; "), ErrInvalid)
-	}
-
-	// Wait until it has loaded the file.
-	for {
-		f, err := admin.Fields(ctx, "persistence")
-		if err == nil && f["loading"] == "0" {
-			break
-		}
-		select {
-		case werr := <-exited:
-			reaped = true
-			return failed(fmt.Errorf("loader exited (%v)", werr))
-		case <-ctx.Done():
-			return fmt.Errorf("loader: %w", ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-	mem, err := admin.Fields(ctx, "memory")
-	if err != nil {
-		return fmt.Errorf("loader: %w", err)
-	}
-	if used, _ := strconv.ParseInt(mem["used_memory"], 10, 64); used > int64(rec.MemoryMB)<<20 {
-		return fmt.Errorf("the snapshot's data set uses %.1f MiB, more than the instance's memory_mb %d (resize it first): %w",
-			float64(used)/(1<<20), rec.MemoryMB, ErrInvalid)
-	}
-	if apitype.IsAOF(rec.Persistence) {
-		if err := admin.EnableAOF(ctx); err != nil {
-			return fmt.Errorf("loader: write the AOF: %w", err)
-		}
-	}
-	if err := admin.Shutdown(ctx, true); err != nil {
-		return fmt.Errorf("loader: %w", err)
-	}
-	select {
-	case <-exited:
-		reaped = true
-	case <-ctx.Done():
-		return fmt.Errorf("loader did not exit: %w", ctx.Err())
-	}
-	if apitype.IsAOF(rec.Persistence) {
-		// The AOF holds the data now; an RDB beside it would only be
-		// ignored.
-		os.Remove(filepath.Join(data, rdbName))
-	}
-	return nil
 }
