@@ -1,0 +1,276 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/client"
+)
+
+// AgentConfig is one agent the broker places instances on.
+type AgentConfig struct {
+	// Name identifies the agent in logs, metrics and /admin.
+	Name string `yaml:"name"`
+	// URL is the agent's API, e.g. https://10.0.0.5:7070.
+	URL string `yaml:"url"`
+	// Token is its bearer token, if it wants one.
+	Token string `yaml:"token"`
+	// Zone is a failure domain label; placement spreads across zones.
+	Zone string `yaml:"zone"`
+}
+
+// agentState is what the broker last saw of one agent.
+type agentState struct {
+	cfg AgentConfig
+	c   *client.Client
+
+	mu        sync.Mutex
+	reachable bool
+	ready     bool
+	draining  bool
+	err       error // why it was not reachable or ready at the last look
+	capacity  apitype.Capacity
+	instances map[string]apitype.Instance // by id, at the last look
+	seen      time.Time                   // the last successful look
+}
+
+func (a *agentState) snapshot() (reachable, ready, draining bool, capa apitype.Capacity, err error, n int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.reachable, a.ready, a.draining, a.capacity, a.err, len(a.instances)
+}
+
+// Fleet is the broker's view of its agents: their readiness, room and
+// instances, learned by asking them. It is a cache the broker rebuilds at
+// start and refreshes; the agents are the truth.
+type Fleet struct {
+	agents []*agentState // in configuration order
+	byName map[string]*agentState
+	// timeout bounds one look at one agent.
+	timeout time.Duration
+}
+
+// NewFleet returns a fleet of the configured agents; nothing is asked yet.
+func NewFleet(cfgs []AgentConfig, hc *http.Client, timeout time.Duration) (*Fleet, error) {
+	f := &Fleet{byName: map[string]*agentState{}, timeout: timeout}
+	for _, c := range cfgs {
+		if c.Name == "" || c.URL == "" {
+			return nil, fmt.Errorf("agent %q: want a name and a url", c.Name)
+		}
+		if f.byName[c.Name] != nil {
+			return nil, fmt.Errorf("agent %q is configured twice", c.Name)
+		}
+		cl := client.New(c.URL, c.Token)
+		if hc != nil {
+			cl.HTTP = hc
+		}
+		a := &agentState{cfg: c, c: cl, instances: map[string]apitype.Instance{}}
+		f.agents = append(f.agents, a)
+		f.byName[c.Name] = a
+	}
+	if len(f.agents) == 0 {
+		return nil, errors.New("no agents configured")
+	}
+	return f, nil
+}
+
+// Refresh asks every agent, in parallel, for its readiness, capacity and
+// instances. An agent that does not answer keeps the instances it was
+// last seen with (so the broker still knows where they live) and is
+// marked unreachable.
+func (f *Fleet) Refresh(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, a := range f.agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.look(ctx, a)
+		}()
+	}
+	wg.Wait()
+}
+
+// look refreshes one agent.
+func (f *Fleet) look(ctx context.Context, a *agentState) {
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	list, err := a.c.List(ctx)
+	var capa apitype.Capacity
+	if err == nil {
+		capa, err = a.c.Capacity(ctx)
+	}
+	readyErr := err
+	if err == nil {
+		readyErr = a.c.Ready(ctx)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.reachable = err == nil
+	a.ready = readyErr == nil
+	a.err = readyErr
+	if err != nil {
+		return
+	}
+	a.capacity = capa
+	a.instances = make(map[string]apitype.Instance, len(list))
+	for _, in := range list {
+		a.instances[in.ID] = in
+	}
+	a.seen = time.Now()
+}
+
+// agent returns the agent named name.
+func (f *Fleet) agent(name string) *agentState { return f.byName[name] }
+
+// candidates are the agents as placement sees them.
+func (f *Fleet) candidates() []Candidate {
+	out := make([]Candidate, 0, len(f.agents))
+	for _, a := range f.agents {
+		_, ready, draining, capa, _, _ := a.snapshot()
+		out = append(out, Candidate{Name: a.cfg.Name, Zone: a.cfg.Zone, Ready: ready, Draining: draining, Capacity: capa})
+	}
+	return out
+}
+
+// ErrAgentUnreachable is wrapped by errors about an agent that does not
+// answer; the OSB API answers them with a 5xx that names the agent.
+var ErrAgentUnreachable = errors.New("agent does not answer")
+
+// located is where an instance lives.
+type located struct {
+	agent *agentState
+	inst  apitype.Instance
+}
+
+// locate asks every agent whether it holds instance id, in parallel, and
+// returns each that does. unreachable lists the agents that did not
+// answer and were last seen holding id: the instance may be there.
+// Agents that did not answer and were not seen holding it are in others.
+func (f *Fleet) locate(ctx context.Context, id string) (found []located, unreachable, others []*agentState) {
+	type answer struct {
+		a    *agentState
+		inst apitype.Instance
+		err  error
+	}
+	answers := make([]answer, len(f.agents))
+	var wg sync.WaitGroup
+	for i, a := range f.agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(ctx, f.timeout)
+			defer cancel()
+			in, err := a.c.Get(ctx, id)
+			answers[i] = answer{a, in, err}
+		}()
+	}
+	wg.Wait()
+	for _, an := range answers {
+		a := an.a
+		switch {
+		case an.err == nil:
+			found = append(found, located{a, an.inst})
+			a.mu.Lock()
+			a.instances[id], a.reachable = an.inst, true
+			a.mu.Unlock()
+		case client.IsStatus(an.err, http.StatusNotFound):
+			a.mu.Lock()
+			delete(a.instances, id)
+			a.reachable = true
+			a.mu.Unlock()
+		default:
+			a.mu.Lock()
+			_, had := a.instances[id]
+			a.reachable, a.err = false, an.err
+			a.mu.Unlock()
+			if had {
+				unreachable = append(unreachable, a)
+			} else {
+				others = append(others, a)
+			}
+		}
+	}
+	return found, unreachable, others
+}
+
+// names lists agents' names.
+func names(as []*agentState) []string {
+	out := make([]string, len(as))
+	for i, a := range as {
+		out[i] = a.cfg.Name
+	}
+	slices.Sort(out)
+	return out
+}
+
+// refreshCapacity asks every agent for its readiness and capacity, in
+// parallel: what placement needs, without the instance lists.
+func (f *Fleet) refreshCapacity(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, a := range f.agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(ctx, f.timeout)
+			defer cancel()
+			capa, err := a.c.Capacity(ctx)
+			readyErr := err
+			if err == nil {
+				readyErr = a.c.Ready(ctx)
+			}
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			a.reachable, a.ready, a.err = err == nil, readyErr == nil, readyErr
+			if err == nil {
+				a.capacity = capa
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// remember records that a holds inst.
+func (a *agentState) remember(inst apitype.Instance) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.instances[inst.ID] = inst
+}
+
+// forget records that a no longer holds id.
+func (a *agentState) forget(id string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.instances, id)
+}
+
+// markUnreachable records that a did not answer.
+func (a *agentState) markUnreachable(err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.reachable, a.ready, a.err = false, false, err
+}
+
+// setDraining marks a as draining (nothing new is placed there) or not.
+func (a *agentState) setDraining(on bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.draining = on
+}
+
+// held returns the ids a was last seen holding, sorted.
+func (a *agentState) held() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]string, 0, len(a.instances))
+	for id := range a.instances {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
+}

@@ -1,0 +1,993 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/client"
+)
+
+// The OSB API. Status codes and bodies follow the OSB v2.17 status tables
+// (broker/openapi.yaml has them route by route).
+
+// MinAPIVersion is the oldest X-Broker-API-Version the broker serves.
+const MinAPIVersion = "2.13"
+
+// osbError is the OSB error body.
+type osbError struct {
+	Error            string `json:"error,omitempty"`
+	Description      string `json:"description,omitempty"`
+	InstanceUsable   *bool  `json:"instance_usable,omitempty"`
+	UpdateRepeatable *bool  `json:"update_repeatable,omitempty"`
+}
+
+// OSB error codes.
+const (
+	codeAsyncRequired           = "AsyncRequired"
+	codeConcurrency             = "ConcurrencyError"
+	codeMaintenanceInfoConflict = "MaintenanceInfoConflict"
+)
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		code, b = http.StatusInternalServerError, []byte(`{"description":"cannot encode the response"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	w.Write(append(b, '\n'))
+}
+
+func fail(w http.ResponseWriter, code int, osbCode, format string, args ...any) {
+	writeJSON(w, code, osbError{Error: osbCode, Description: fmt.Sprintf(format, args...)})
+}
+
+// empty is the {} body OSB answers with where it has nothing to say.
+var empty = struct{}{}
+
+// supportedVersion reports whether an X-Broker-API-Version is 2.13 or
+// later within major version 2.
+func supportedVersion(v string) bool {
+	major, minor, ok := strings.Cut(strings.TrimSpace(v), ".")
+	if !ok || major != "2" {
+		return false
+	}
+	n, err := strconv.Atoi(minor)
+	return err == nil && n >= 13
+}
+
+type ctxKey int
+
+const identityKey ctxKey = 0
+
+// osbMiddleware applies, in this order, what OSB asks of every request:
+// the API version (412), basic auth (401), the request identity echoed,
+// and the originating identity decoded for the logs.
+func (b *Broker) osbMiddleware(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if id := r.Header.Get("X-Broker-API-Request-Identity"); id != "" {
+			w.Header().Set("X-Broker-API-Request-Identity", id)
+		}
+		if v := r.Header.Get("X-Broker-API-Version"); !supportedVersion(v) {
+			fail(w, http.StatusPreconditionFailed, "", "X-Broker-API-Version %q: this broker serves %s and later 2.x", v, MinAPIVersion)
+			return
+		}
+		u, p, ok := r.BasicAuth()
+		if !ok || !equal(u, b.cfg.Username) || !equal(p, b.cfg.Password) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="redis-broker"`)
+			fail(w, http.StatusUnauthorized, "", "basic auth credentials required")
+			return
+		}
+		if oi := r.Header.Get("X-Broker-API-Originating-Identity"); oi != "" {
+			r = r.WithContext(context.WithValue(r.Context(), identityKey, originatingIdentity(oi)))
+		}
+		h(w, r)
+	}
+}
+
+// originatingIdentity decodes "platform base64(json)" into something a log
+// line shows: "cloudfoundry {"user_id":"..."}".
+func originatingIdentity(h string) string {
+	platform, value, _ := strings.Cut(strings.TrimSpace(h), " ")
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(value))
+	if err != nil || !json.Valid(b) {
+		return platform + " (undecodable identity)"
+	}
+	return platform + " " + string(b)
+}
+
+// logFor is the broker's logger with the request's originating identity.
+func (b *Broker) logFor(r *http.Request, iid string) *slog.Logger {
+	l := b.log.With("instance", iid)
+	if oi, ok := r.Context().Value(identityKey).(string); ok {
+		l = l.With("originating_identity", oi)
+	}
+	if rid := r.Header.Get("X-Broker-API-Request-Identity"); rid != "" {
+		l = l.With("request_identity", rid)
+	}
+	return l
+}
+
+// readBody decodes a JSON object body into v; unknown fields are ignored,
+// as OSB asks. It answers 400 itself and returns false on a bad body.
+func readBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+	if err != nil {
+		fail(w, http.StatusBadRequest, "", "cannot read the request body (at most 1 MiB)")
+		return false
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		fail(w, http.StatusBadRequest, "", "a JSON body is required")
+		return false
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		fail(w, http.StatusBadRequest, "", "malformed JSON body: %v", err)
+		return false
+	}
+	return true
+}
+
+func acceptsIncomplete(r *http.Request) bool {
+	return r.URL.Query().Get("accepts_incomplete") == "true"
+}
+
+// The catalog.
+
+type osbCatalog struct {
+	Services []osbService `json:"services"`
+}
+
+type osbService struct {
+	ID                   string    `json:"id"`
+	Name                 string    `json:"name"`
+	Description          string    `json:"description"`
+	Tags                 []string  `json:"tags,omitempty"`
+	Bindable             bool      `json:"bindable"`
+	InstancesRetrievable bool      `json:"instances_retrievable"`
+	BindingsRetrievable  bool      `json:"bindings_retrievable"`
+	BindingRotatable     bool      `json:"binding_rotatable"`
+	PlanUpdateable       bool      `json:"plan_updateable"`
+	Plans                []osbPlan `json:"plans"`
+}
+
+type osbPlan struct {
+	ID              string           `json:"id"`
+	Name            string           `json:"name"`
+	Description     string           `json:"description"`
+	Free            *bool            `json:"free,omitempty"`
+	Bindable        bool             `json:"bindable"`
+	PlanUpdateable  bool             `json:"plan_updateable"`
+	Metadata        map[string]any   `json:"metadata,omitempty"`
+	Schemas         map[string]any   `json:"schemas"`
+	MaintenanceInfo *maintenanceInfo `json:"maintenance_info,omitempty"`
+}
+
+type maintenanceInfo struct {
+	Version     string `json:"version"`
+	Description string `json:"description,omitempty"`
+}
+
+// maintenance is the maintenance_info of every plan: the Redis version the
+// ready agents give new instances (the newest, where they differ), so a
+// platform sees when an upgrade is available.
+func (b *Broker) maintenance() *maintenanceInfo {
+	best := ""
+	for _, a := range b.fleet.agents {
+		if _, ready, _, capa, _, _ := a.snapshot(); ready && versionLess(best, capa.RedisVersion) {
+			best = capa.RedisVersion
+		}
+	}
+	if best == "" {
+		return nil
+	}
+	return &maintenanceInfo{Version: best, Description: "Redis " + best}
+}
+
+// versionLess compares dotted version numbers ("" is the least).
+func versionLess(a, b string) bool {
+	pa, pb := strings.Split(a, "."), strings.Split(b, ".")
+	for i := range max(len(pa), len(pb)) {
+		var x, y int
+		if i < len(pa) {
+			x, _ = strconv.Atoi(pa[i])
+		}
+		if i < len(pb) {
+			y, _ = strconv.Atoi(pb[i])
+		}
+		if x != y {
+			return x < y
+		}
+	}
+	return a == "" && b != ""
+}
+
+func (b *Broker) getCatalog(w http.ResponseWriter, r *http.Request) {
+	mi := b.maintenance()
+	out := osbCatalog{Services: []osbService{}}
+	for _, s := range b.catalog.Services {
+		os := osbService{ID: s.ID, Name: s.Name, Description: s.Description, Tags: s.Tags, Bindable: true,
+			InstancesRetrievable: true, BindingsRetrievable: true, BindingRotatable: true, PlanUpdateable: s.PlanUpdateable}
+		for i := range s.Plans {
+			p := &s.Plans[i]
+			params := map[string]any{"parameters": p.parametersSchema()}
+			os.Plans = append(os.Plans, osbPlan{
+				ID: p.ID, Name: p.Name, Description: p.Description, Free: p.Free, Bindable: true, PlanUpdateable: s.PlanUpdateable,
+				Metadata: map[string]any{"memory_mb": p.MemoryMB, "persistence": p.Persistence},
+				Schemas: map[string]any{
+					"service_instance": map[string]any{"create": params, "update": params},
+					"service_binding":  map[string]any{"create": map[string]any{"parameters": noParameters}},
+				},
+				MaintenanceInfo: mi,
+			})
+		}
+		out.Services = append(out.Services, os)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// noParameters is the schema of a binding's parameters: none.
+var noParameters = map[string]any{"$schema": "http://json-schema.org/draft-04/schema#", "type": "object", "additionalProperties": false}
+
+// Instances.
+
+type provisionRequest struct {
+	ServiceID        string           `json:"service_id"`
+	PlanID           string           `json:"plan_id"`
+	OrganizationGUID string           `json:"organization_guid"`
+	SpaceGUID        string           `json:"space_guid"`
+	Context          json.RawMessage  `json:"context,omitempty"`
+	Parameters       json.RawMessage  `json:"parameters,omitempty"`
+	MaintenanceInfo  *maintenanceInfo `json:"maintenance_info,omitempty"`
+}
+
+// instanceMeta is what the broker stores with an instance on its agent:
+// what OSB gives only at provision time, for a fresh broker to answer GET
+// and to check a provision sent again.
+type instanceMeta struct {
+	ServiceID        string          `json:"service_id"`
+	PlanID           string          `json:"plan_id"`
+	OrganizationGUID string          `json:"organization_guid,omitempty"`
+	SpaceGUID        string          `json:"space_guid,omitempty"`
+	Context          json.RawMessage `json:"context,omitempty"`
+	Parameters       json.RawMessage `json:"parameters,omitempty"`
+}
+
+func metaOf(in apitype.Instance) (instanceMeta, bool) {
+	var m instanceMeta
+	if len(in.Metadata) == 0 || json.Unmarshal(in.Metadata, &m) != nil || m.ServiceID == "" {
+		return m, false
+	}
+	return m, true
+}
+
+func (m instanceMeta) raw() json.RawMessage {
+	b, _ := json.Marshal(m)
+	return b
+}
+
+type provisionResponse struct {
+	DashboardURL string         `json:"dashboard_url,omitempty"`
+	Operation    string         `json:"operation,omitempty"`
+	Metadata     map[string]any `json:"metadata,omitempty"`
+}
+
+func responseMetadata(agent string, in apitype.Instance) map[string]any {
+	return map[string]any{"labels": map[string]string{"agent": agent},
+		"attributes": map[string]any{"host": in.Host, "port": in.Port, "memory_mb": in.MemoryMB, "persistence": in.Persistence}}
+}
+
+func (b *Broker) provision(w http.ResponseWriter, r *http.Request) {
+	iid := r.PathValue("iid")
+	var req provisionRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	if req.ServiceID == "" || req.PlanID == "" {
+		fail(w, http.StatusBadRequest, "", "service_id and plan_id are required")
+		return
+	}
+	svc, plan := b.catalog.find(req.ServiceID, req.PlanID)
+	if svc == nil || plan == nil {
+		fail(w, http.StatusBadRequest, "", "service_id %q and plan_id %q are not in the catalog", req.ServiceID, req.PlanID)
+		return
+	}
+	if req.OrganizationGUID == "" || req.SpaceGUID == "" {
+		fail(w, http.StatusBadRequest, "", "organization_guid and space_guid are required")
+		return
+	}
+	params, err := plan.checkParameters(req.Parameters)
+	if err != nil {
+		fail(w, http.StatusBadRequest, "", "%v", err)
+		return
+	}
+	if mi := b.maintenance(); req.MaintenanceInfo != nil && (mi == nil || req.MaintenanceInfo.Version != mi.Version) {
+		fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict, "maintenance_info.version %q is not the catalog's", req.MaintenanceInfo.Version)
+		return
+	}
+	if err := checkID(iid); err != nil {
+		fail(w, http.StatusBadRequest, "", "%v", err)
+		return
+	}
+	unlock, ok := b.locks.tryLock(iid, "provision")
+	if !ok {
+		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "another operation on instance %s is in progress", iid)
+		return
+	}
+	defer unlock()
+	log := b.logFor(r, iid)
+	spec := plan.spec(params)
+	spec.Metadata = instanceMeta{ServiceID: req.ServiceID, PlanID: req.PlanID, OrganizationGUID: req.OrganizationGUID,
+		SpaceGUID: req.SpaceGUID, Context: req.Context, Parameters: req.Parameters}.raw()
+	t0 := time.Now()
+	agent, inst, created, err := b.provisionOn(r.Context(), iid, spec)
+	if err != nil {
+		b.failAgent(w, log, "provision", err)
+		return
+	}
+	log.Info("provisioned", "agent", agent, "created", created, "plan", plan.Name, "port", inst.Port, "took", time.Since(t0).Round(time.Microsecond))
+	b.metrics.observe("provision", t0)
+	code := http.StatusOK
+	if created {
+		code = http.StatusCreated
+	}
+	writeJSON(w, code, provisionResponse{Metadata: responseMetadata(agent, inst)})
+}
+
+// errConflict: the id exists with other attributes (409).
+var errConflict = errors.New("exists with other attributes")
+
+// errNoRoom: no agent has room (a 5xx: the platform may try later).
+var errNoRoom = errors.New("no agent has room")
+
+// provisionOn creates instance iid with spec where it belongs: on the
+// agent that already holds it (identical: created false; other
+// attributes: errConflict), else on the agent placement picks, trying the
+// next one when an agent turns out full or does not answer.
+func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec) (agent string, inst apitype.Instance, created bool, err error) {
+	found, unreachable, _ := b.fleet.locate(ctx, iid)
+	if len(found) > 0 {
+		return b.provisionExisting(ctx, iid, spec, found)
+	}
+	if len(unreachable) > 0 {
+		return "", inst, false, fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable)
+	}
+	b.fleet.refreshCapacity(ctx)
+	var tried []string
+	for {
+		chosen, rejected, ok := Place(b.fleet.candidates(), spec.MemoryMB, b.cfg.Strategy, tried...)
+		if !ok {
+			b.metrics.placementFailures.Inc()
+			return "", inst, false, fmt.Errorf("%w for %d MiB: %s", errNoRoom, spec.MemoryMB, rejections(rejected))
+		}
+		b.log.Debug("placement", "instance", iid, "chosen", chosen.Name, "rejected", rejections(rejected))
+		a := b.fleet.agent(chosen.Name)
+		pctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
+		inst, created, err = a.c.Provision(pctx, iid, spec)
+		cancel()
+		switch {
+		case err == nil:
+			b.metrics.placements.WithLabelValues(chosen.Name).Inc()
+			a.remember(inst)
+			b.dedupe(ctx, iid, spec)
+			return chosen.Name, inst, created, nil
+		case client.IsStatus(err, http.StatusInsufficientStorage):
+			b.log.Info("agent full after all; trying the next", "instance", iid, "agent", chosen.Name, "err", err)
+		case client.IsStatus(err, http.StatusConflict):
+			return chosen.Name, inst, false, fmt.Errorf("on %s: %w", chosen.Name, errConflict)
+		case isAgentAnswer(err):
+			return chosen.Name, inst, false, fmt.Errorf("agent %s refused the provision: %w", chosen.Name, err)
+		default:
+			b.log.Warn("agent did not answer a provision; trying the next", "instance", iid, "agent", chosen.Name, "err", err)
+			a.markUnreachable(err)
+		}
+		tried = append(tried, chosen.Name)
+	}
+}
+
+// provisionExisting answers a provision of an id some agent holds: the
+// holder decides whether it is identical.
+func (b *Broker) provisionExisting(ctx context.Context, iid string, spec apitype.Spec, found []located) (string, apitype.Instance, bool, error) {
+	slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
+	l := found[0]
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
+	defer cancel()
+	inst, _, err := l.agent.c.Provision(ctx, iid, spec)
+	if client.IsStatus(err, http.StatusConflict) {
+		return l.agent.cfg.Name, inst, false, fmt.Errorf("on %s: %w", l.agent.cfg.Name, errConflict)
+	}
+	if err != nil && !isAgentAnswer(err) {
+		err = fmt.Errorf("agent %s: %w: %v", l.agent.cfg.Name, ErrAgentUnreachable, err)
+	}
+	return l.agent.cfg.Name, inst, false, err
+}
+
+// dedupe settles a race of two brokers that provisioned one id at once on
+// two agents: every broker that sees the id on more than one agent keeps
+// the copy on the agent with the lowest name and deletes the others,
+// which it may do only while they are fresh (created within a minute,
+// without bindings) and identical: a copy with data or other attributes
+// is reported, never deleted.
+func (b *Broker) dedupe(ctx context.Context, iid string, spec apitype.Spec) {
+	found, _, _ := b.fleet.locate(ctx, iid)
+	if len(found) < 2 {
+		return
+	}
+	slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
+	for _, l := range found[1:] {
+		fresh := time.Since(l.inst.CreatedAt) < time.Minute && len(l.inst.Bindings) == 0
+		if !fresh || !bytes.Equal(l.inst.Metadata, found[0].inst.Metadata) {
+			b.log.Error("instance exists on more than one agent and cannot be settled by itself", "instance", iid,
+				"agents", names([]*agentState{found[0].agent, l.agent}))
+			b.metrics.duplicates.Inc()
+			continue
+		}
+		b.log.Warn("two brokers provisioned one instance at once: removing the copy on the higher agent", "instance", iid, "kept", found[0].agent.cfg.Name, "removed", l.agent.cfg.Name)
+		dctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
+		if err := l.agent.c.Deprovision(dctx, iid); err != nil {
+			b.log.Error("remove a duplicate", "instance", iid, "agent", l.agent.cfg.Name, "err", err)
+		}
+		cancel()
+		l.agent.forget(iid)
+	}
+}
+
+func rejections(rs []Rejection) string {
+	parts := make([]string, len(rs))
+	for i, r := range rs {
+		parts[i] = r.Agent + ": " + r.Reason
+	}
+	return strings.Join(parts, "; ")
+}
+
+// isAgentAnswer reports whether err is an answer of the agent (a status
+// and a body), as opposed to no answer at all.
+func isAgentAnswer(err error) bool {
+	var e *client.Error
+	return errors.As(err, &e)
+}
+
+// failAgent answers an error of an operation on agents.
+func (b *Broker) failAgent(w http.ResponseWriter, log *slog.Logger, op string, err error) {
+	switch {
+	case errors.Is(err, errConflict):
+		writeJSON(w, http.StatusConflict, osbError{Description: err.Error()})
+		return
+	case errors.Is(err, errNoRoom):
+		log.Warn(op+": no room", "err", err)
+		fail(w, http.StatusServiceUnavailable, "", "%v", err)
+		return
+	case errors.Is(err, ErrAgentUnreachable):
+		log.Error(op+": agent unreachable", "err", err)
+		fail(w, http.StatusBadGateway, "", "%v", err)
+		return
+	}
+	var e *client.Error
+	if errors.As(err, &e) && e.Status >= 400 && e.Status < 500 {
+		log.Warn(op+" refused by the agent", "err", err)
+		fail(w, http.StatusBadRequest, "", "%v", err)
+		return
+	}
+	log.Error(op+" failed", "err", err)
+	fail(w, http.StatusInternalServerError, "", "%v", err)
+}
+
+// checkID refuses an instance or binding id the agents would not take as
+// a path element (OSB ids are GUIDs).
+func checkID(id string) error {
+	if id == "" || len(id) > 64 || id == "." || id == ".." {
+		return fmt.Errorf("id %q: want 1 to 64 of A-Z a-z 0-9 . _ -", id)
+	}
+	for i, c := range id {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || i > 0 && (c == '.' || c == '_' || c == '-')
+		if !ok {
+			return fmt.Errorf("id %q: want 1 to 64 of A-Z a-z 0-9 . _ -, not starting with . _ -", id)
+		}
+	}
+	return nil
+}
+
+// find returns where instance iid lives: one agent (the lowest named when
+// a race left it on two), or an error: errNotFound when no agent holds
+// it and every agent that may hold it answered, ErrAgentUnreachable
+// naming the agents that did not.
+func (b *Broker) find(ctx context.Context, iid string) (located, error) {
+	found, unreachable, others := b.fleet.locate(ctx, iid)
+	if len(found) > 0 {
+		slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
+		return found[0], nil
+	}
+	if len(unreachable) > 0 {
+		return located{}, fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable)
+	}
+	if len(others) > 0 {
+		// Not seen there before, but an instance is placed only on
+		// agents that answer: it is not on them unless a broker placed
+		// it there since the last look. Say so in the log.
+		b.log.Debug("agents did not answer a lookup; the instance was never seen there", "instance", iid, "agents", names(others))
+	}
+	return located{}, errNotFound
+}
+
+var errNotFound = errors.New("no such instance")
+
+type fetchInstanceResponse struct {
+	ServiceID       string           `json:"service_id"`
+	PlanID          string           `json:"plan_id"`
+	Parameters      json.RawMessage  `json:"parameters,omitempty"`
+	MaintenanceInfo *maintenanceInfo `json:"maintenance_info,omitempty"`
+	Metadata        map[string]any   `json:"metadata,omitempty"`
+}
+
+func (b *Broker) fetchInstance(w http.ResponseWriter, r *http.Request) {
+	iid := r.PathValue("iid")
+	switch b.locks.kind(iid) {
+	case "provision":
+		writeJSON(w, http.StatusNotFound, osbError{Description: "instance " + iid + " is being provisioned"})
+		return
+	case "":
+	default:
+		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "an operation on instance %s is in progress", iid)
+		return
+	}
+	l, err := b.find(r.Context(), iid)
+	if errors.Is(err, errNotFound) {
+		writeJSON(w, http.StatusNotFound, empty)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, b.logFor(r, iid), "fetch instance", err)
+		return
+	}
+	m, ok := metaOf(l.inst)
+	if !ok {
+		writeJSON(w, http.StatusNotFound, osbError{Description: "instance " + iid + " was not made by a broker"})
+		return
+	}
+	writeJSON(w, http.StatusOK, fetchInstanceResponse{ServiceID: m.ServiceID, PlanID: m.PlanID, Parameters: m.Parameters,
+		MaintenanceInfo: b.maintenanceOf(l), Metadata: responseMetadata(l.agent.cfg.Name, l.inst)})
+}
+
+// maintenanceOf is the maintenance_info of an instance: the Redis version
+// of its agent.
+func (b *Broker) maintenanceOf(l located) *maintenanceInfo {
+	_, _, _, capa, _, _ := l.agent.snapshot()
+	if capa.RedisVersion == "" {
+		return nil
+	}
+	return &maintenanceInfo{Version: capa.RedisVersion, Description: "Redis " + capa.RedisVersion}
+}
+
+func (b *Broker) deprovision(w http.ResponseWriter, r *http.Request) {
+	iid := r.PathValue("iid")
+	q := r.URL.Query()
+	if q.Get("service_id") == "" || q.Get("plan_id") == "" {
+		fail(w, http.StatusBadRequest, "", "service_id and plan_id are required")
+		return
+	}
+	// A delete while a provision of the same id is in flight (the
+	// platform's orphan mitigation after a timeout) waits for it and then
+	// removes what it made.
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
+	defer cancel()
+	unlock, err := b.locks.lock(ctx, iid, "deprovision")
+	if err != nil {
+		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "another operation on instance %s is still in progress", iid)
+		return
+	}
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			unlock()
+		}
+	}()
+	log := b.logFor(r, iid)
+	found, unreachable, _ := b.fleet.locate(r.Context(), iid)
+	if len(unreachable) > 0 {
+		b.failAgent(w, log, "deprovision", fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable))
+		return
+	}
+	if len(found) == 0 {
+		writeJSON(w, http.StatusGone, empty)
+		return
+	}
+	if acceptsIncomplete(r) {
+		// The platform polls last_operation; it answers succeeded for a
+		// while after the delete, then 410.
+		op := b.ops.start(iid, "deprovision", "")
+		handedOff = true
+		b.background(func() {
+			defer unlock()
+			b.ops.finish(op, b.deleteAll(b.ctx, log, iid, found))
+		})
+		writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
+		return
+	}
+	if err := b.deleteAll(r.Context(), log, iid, found); err != nil {
+		b.failAgent(w, log, "deprovision", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, empty)
+}
+
+// deleteAll deletes instance iid from every agent in found.
+func (b *Broker) deleteAll(ctx context.Context, log *slog.Logger, iid string, found []located) error {
+	t0 := time.Now()
+	for _, l := range found {
+		dctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
+		err := l.agent.c.Deprovision(dctx, iid)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("on %s: %w", l.agent.cfg.Name, err)
+		}
+		l.agent.forget(iid)
+		log.Info("deprovisioned", "agent", l.agent.cfg.Name)
+	}
+	b.metrics.observe("deprovision", t0)
+	return nil
+}
+
+type updateRequest struct {
+	ServiceID       string           `json:"service_id"`
+	PlanID          string           `json:"plan_id"`
+	Parameters      json.RawMessage  `json:"parameters,omitempty"`
+	Context         json.RawMessage  `json:"context,omitempty"`
+	MaintenanceInfo *maintenanceInfo `json:"maintenance_info,omitempty"`
+}
+
+type operationResponse struct {
+	Operation string `json:"operation,omitempty"`
+}
+
+func (b *Broker) update(w http.ResponseWriter, r *http.Request) {
+	iid := r.PathValue("iid")
+	var req updateRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	if req.ServiceID == "" {
+		fail(w, http.StatusBadRequest, "", "service_id is required")
+		return
+	}
+	unlock, ok := b.locks.tryLock(iid, "update")
+	if !ok {
+		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "another operation on instance %s is in progress", iid)
+		return
+	}
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			unlock()
+		}
+	}()
+	log := b.logFor(r, iid)
+	l, err := b.find(r.Context(), iid)
+	if errors.Is(err, errNotFound) {
+		fail(w, http.StatusBadRequest, "", "instance %s does not exist", iid)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, log, "update", err)
+		return
+	}
+	m, ok := metaOf(l.inst)
+	if !ok || m.ServiceID != req.ServiceID {
+		fail(w, http.StatusBadRequest, "", "instance %s is not of service %s", iid, req.ServiceID)
+		return
+	}
+	planID := cmpOr(req.PlanID, m.PlanID)
+	svc, plan := b.catalog.find(m.ServiceID, planID)
+	if plan == nil {
+		fail(w, http.StatusBadRequest, "", "plan_id %q is not a plan of service %s", planID, m.ServiceID)
+		return
+	}
+	if planID != m.PlanID && !svc.PlanUpdateable {
+		fail(w, http.StatusUnprocessableEntity, "", "service %s does not allow plan changes", svc.Name)
+		return
+	}
+	rawParams := req.Parameters
+	if rawParams == nil {
+		rawParams = m.Parameters
+	}
+	params, err := plan.checkParameters(rawParams)
+	if err != nil {
+		fail(w, http.StatusBadRequest, "", "%v", err)
+		return
+	}
+	if req.MaintenanceInfo != nil {
+		if mi := b.maintenance(); mi == nil || req.MaintenanceInfo.Version != mi.Version {
+			fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict, "maintenance_info.version %q is not the catalog's", req.MaintenanceInfo.Version)
+			return
+		}
+		if cur := b.maintenanceOf(l); cur == nil || cur.Version != req.MaintenanceInfo.Version {
+			// The instance's agent runs another Redis than the catalog
+			// offers: it moves to its agent's new binary when that
+			// agent's rollout runs (POST /v1/rollout on the agent); the
+			// broker does not upgrade one instance alone yet.
+			fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict,
+				"instance %s runs Redis %v on agent %s; upgrade that agent (its rollout moves every instance) to reach %s", iid, versionOf(cur), l.agent.cfg.Name, req.MaintenanceInfo.Version)
+			return
+		}
+	}
+	want := plan.spec(params)
+	newMeta := m
+	newMeta.PlanID, newMeta.Parameters = planID, rawParams
+	if req.Context != nil {
+		newMeta.Context = req.Context
+	}
+	md := newMeta.raw()
+	// In place when the persistence stays and the agent has room.
+	_, _, _, capa, _, _ := l.agent.snapshot()
+	if fresh, err := l.agent.c.Capacity(r.Context()); err == nil {
+		capa = fresh
+	}
+	inPlace := want.Persistence == l.inst.Persistence && want.MemoryMB-l.inst.MemoryMB <= capa.MemoryFreeMB
+	if inPlace {
+		u := apitype.Resize{Metadata: md}
+		if want.MemoryMB != l.inst.MemoryMB {
+			u.MemoryMB = &want.MemoryMB
+		}
+		t0 := time.Now()
+		inst, err := l.agent.c.Update(r.Context(), iid, u)
+		if isAgentAnswer(err) && !client.IsStatus(err, http.StatusNotFound) {
+			// Not possible now (shrinking below the data set, no room
+			// after all): a 422 changes nothing.
+			log.Warn("update refused by the agent", "agent", l.agent.cfg.Name, "err", err)
+			fail(w, http.StatusUnprocessableEntity, "", "agent %s: %v", l.agent.cfg.Name, err)
+			return
+		}
+		if err != nil {
+			b.failAgent(w, log, "update", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
+			return
+		}
+		l.agent.remember(inst)
+		log.Info("updated in place", "agent", l.agent.cfg.Name, "plan", plan.Name, "memory_mb", inst.MemoryMB)
+		b.metrics.observe("update", t0)
+		writeJSON(w, http.StatusOK, empty)
+		return
+	}
+	if !acceptsIncomplete(r) {
+		fail(w, http.StatusUnprocessableEntity, codeAsyncRequired, "this plan change moves the instance to another agent, which takes a while: send accepts_incomplete=true")
+		return
+	}
+	want.Metadata = md
+	op := b.ops.start(iid, "update", planID)
+	handedOff = true
+	log.Info("update moves the instance", "from", l.agent.cfg.Name, "plan", plan.Name, "operation", op.id)
+	b.background(func() {
+		defer unlock()
+		t0 := time.Now()
+		target, err := b.move(b.ctx, iid, l.agent, want)
+		if err != nil {
+			log.Error("move for a plan change failed; the instance stays where it was", "err", err)
+			b.ops.finish(op, err)
+			return
+		}
+		log.Info("moved for a plan change", "from", l.agent.cfg.Name, "to", target, "took", time.Since(t0).Round(time.Millisecond))
+		b.metrics.observe("move", t0)
+		b.ops.finish(op, nil)
+	})
+	writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
+}
+
+// cmpOr returns a, or b when a is empty.
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+func versionOf(m *maintenanceInfo) string {
+	if m == nil {
+		return "(unknown)"
+	}
+	return m.Version
+}
+
+
+
+type lastOperationResponse struct {
+	State       string `json:"state"`
+	Description string `json:"description,omitempty"`
+}
+
+// OSB operation states.
+const (
+	opInProgress = "in progress"
+	opSucceeded  = "succeeded"
+	opFailed     = "failed"
+)
+
+func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
+	iid := r.PathValue("iid")
+	opID := r.URL.Query().Get("operation")
+	kind, plan, known := parseOperation(opID)
+	if opID != "" && !known {
+		fail(w, http.StatusBadRequest, "", "operation %q is not one this broker started", opID)
+		return
+	}
+	if op, ok := b.ops.get(iid, opID); ok {
+		st, desc := op.state()
+		if st == opInProgress {
+			w.Header().Set("Retry-After", "2")
+		}
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: st, Description: desc})
+		return
+	}
+	// Not this broker's operation (another broker's, or from before a
+	// restart): the agents tell. An update's operation names its plan.
+	found, unreachable, _ := b.fleet.locate(r.Context(), iid)
+	if len(found) == 0 {
+		if len(unreachable) > 0 {
+			b.failAgent(w, b.logFor(r, iid), "last_operation", fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable))
+			return
+		}
+		if kind == "deprovision" {
+			// An asynchronous delete that finished: the platform takes
+			// Gone as its success.
+			writeJSON(w, http.StatusGone, empty)
+			return
+		}
+		writeJSON(w, http.StatusNotFound, empty)
+		return
+	}
+	switch {
+	case kind == "deprovision":
+		w.Header().Set("Retry-After", "2")
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance is being deleted"})
+	case len(found) > 1:
+		w.Header().Set("Retry-After", "2")
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance is being moved"})
+	case kind == "update":
+		if m, _ := metaOf(found[0].inst); m.PlanID == plan {
+			writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})
+		} else {
+			writeJSON(w, http.StatusOK, lastOperationResponse{State: opFailed, Description: "the instance is not on the new plan: the move did not finish (the broker that ran it stopped, or it failed)"})
+		}
+	default:
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})
+	}
+}
+
+// Bindings.
+
+type bindRequest struct {
+	ServiceID            string          `json:"service_id"`
+	PlanID               string          `json:"plan_id"`
+	Parameters           json.RawMessage `json:"parameters,omitempty"`
+	PredecessorBindingID string          `json:"predecessor_binding_id,omitempty"`
+}
+
+type bindResponse struct {
+	Credentials apitype.Credentials `json:"credentials"`
+	Metadata    map[string]any      `json:"metadata,omitempty"`
+}
+
+func (b *Broker) bind(w http.ResponseWriter, r *http.Request) {
+	iid, bid := r.PathValue("iid"), r.PathValue("bid")
+	var req bindRequest
+	if !readBody(w, r, &req) {
+		return
+	}
+	if req.ServiceID == "" || req.PlanID == "" {
+		fail(w, http.StatusBadRequest, "", "service_id and plan_id are required")
+		return
+	}
+	if p := strings.TrimSpace(string(req.Parameters)); p != "" && p != "null" && p != "{}" {
+		fail(w, http.StatusBadRequest, "", "bindings take no parameters")
+		return
+	}
+	if err := checkID(bid); err != nil || bid == "default" || bid == "agent" {
+		fail(w, http.StatusBadRequest, "", "binding id %q: not one the agents take (ids are GUIDs; default and agent are reserved)", bid)
+		return
+	}
+	if b.locks.kind(iid) != "" {
+		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "an operation on instance %s is in progress", iid)
+		return
+	}
+	log := b.logFor(r, iid).With("binding", bid)
+	l, err := b.find(r.Context(), iid)
+	if errors.Is(err, errNotFound) {
+		fail(w, http.StatusBadRequest, "", "instance %s does not exist", iid)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, log, "bind", err)
+		return
+	}
+	if req.PredecessorBindingID != "" && !slices.Contains(l.inst.Bindings, req.PredecessorBindingID) {
+		fail(w, http.StatusBadRequest, "", "predecessor_binding_id %q is not a binding of instance %s", req.PredecessorBindingID, iid)
+		return
+	}
+	creds, created, err := l.agent.c.Bind(r.Context(), iid, bid, "")
+	if err != nil {
+		b.failAgent(w, log, "bind", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
+		return
+	}
+	log.Info("bound", "agent", l.agent.cfg.Name, "created", created, "predecessor", req.PredecessorBindingID)
+	code := http.StatusOK
+	if created {
+		code = http.StatusCreated
+	}
+	writeJSON(w, code, bindResponse{Credentials: creds})
+}
+
+func (b *Broker) fetchBinding(w http.ResponseWriter, r *http.Request) {
+	iid, bid := r.PathValue("iid"), r.PathValue("bid")
+	l, err := b.find(r.Context(), iid)
+	if errors.Is(err, errNotFound) {
+		writeJSON(w, http.StatusNotFound, empty)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, b.logFor(r, iid), "fetch binding", err)
+		return
+	}
+	creds, err := l.agent.c.Binding(r.Context(), iid, bid)
+	if client.IsStatus(err, http.StatusNotFound) || client.IsStatus(err, http.StatusUnprocessableEntity) {
+		writeJSON(w, http.StatusNotFound, empty)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, b.logFor(r, iid), "fetch binding", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, bindResponse{Credentials: creds})
+}
+
+func (b *Broker) unbind(w http.ResponseWriter, r *http.Request) {
+	iid, bid := r.PathValue("iid"), r.PathValue("bid")
+	q := r.URL.Query()
+	if q.Get("service_id") == "" || q.Get("plan_id") == "" {
+		fail(w, http.StatusBadRequest, "", "service_id and plan_id are required")
+		return
+	}
+	log := b.logFor(r, iid).With("binding", bid)
+	l, err := b.find(r.Context(), iid)
+	if errors.Is(err, errNotFound) {
+		writeJSON(w, http.StatusGone, empty)
+		return
+	}
+	if err != nil {
+		b.failAgent(w, log, "unbind", err)
+		return
+	}
+	if !slices.Contains(l.inst.Bindings, bid) {
+		writeJSON(w, http.StatusGone, empty)
+		return
+	}
+	if err := l.agent.c.Unbind(r.Context(), iid, bid); err != nil {
+		b.failAgent(w, log, "unbind", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
+		return
+	}
+	log.Info("unbound", "agent", l.agent.cfg.Name)
+	writeJSON(w, http.StatusOK, empty)
+}
+
+func (b *Broker) bindingLastOperation(w http.ResponseWriter, r *http.Request) {
+	// Bindings are made and removed synchronously: there is never one in
+	// progress. The binding's presence says how the last one ended.
+	iid, bid := r.PathValue("iid"), r.PathValue("bid")
+	l, err := b.find(r.Context(), iid)
+	if err == nil && slices.Contains(l.inst.Bindings, bid) {
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})
+		return
+	}
+	if err != nil && !errors.Is(err, errNotFound) {
+		b.failAgent(w, b.logFor(r, iid), "binding last_operation", err)
+		return
+	}
+	writeJSON(w, http.StatusGone, empty)
+}
