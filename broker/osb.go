@@ -796,8 +796,6 @@ func versionOf(m *maintenanceInfo) string {
 	return m.Version
 }
 
-
-
 type lastOperationResponse struct {
 	State       string `json:"state"`
 	Description string `json:"description,omitempty"`
