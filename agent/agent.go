@@ -67,7 +67,7 @@ type Service struct {
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
 
-	roll rollout
+	roll *rollouts
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
 	// for them. bgMu orders their start against Close (see background).
@@ -182,6 +182,8 @@ func New(cfg Config) (*Service, error) {
 		}
 	}
 	s.loader = &redisLoader{layout: s.layout, cred: s.cred, cg: s.cg, log: log}
+	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
+		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
 	s.beat(10 * time.Second)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -209,9 +211,10 @@ func (s *Service) Close() error {
 	return s.store.Close()
 }
 
-// background runs fn in a goroutine that Close waits for. Once Close has
-// begun it runs nothing: fn would use a store about to close.
-func (s *Service) background(fn func()) {
+// background runs fn in a goroutine that Close waits for, with the
+// Service's lifetime as its ctx. Once Close has begun it runs nothing: fn
+// would use a store about to close.
+func (s *Service) background(fn func(ctx context.Context)) {
 	s.bgMu.Lock()
 	defer s.bgMu.Unlock()
 	if s.ctx.Err() != nil {
@@ -220,7 +223,7 @@ func (s *Service) background(fn func()) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		fn()
+		fn(s.ctx)
 	}()
 }
 

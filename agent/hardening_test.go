@@ -227,7 +227,7 @@ func TestCloseWaitsForBackgroundWork(t *testing.T) {
 	s := startService(t, testConfig(t, 1))
 	release := make(chan struct{})
 	running := make(chan struct{})
-	s.background(func() { close(running); <-release })
+	s.background(func(context.Context) { close(running); <-release })
 	<-running
 	closed := make(chan struct{})
 	go func() { shutdown(t, s, false); close(closed) }()
@@ -239,7 +239,7 @@ func TestCloseWaitsForBackgroundWork(t *testing.T) {
 	close(release)
 	<-closed
 	ran := false
-	s.background(func() { ran = true })
+	s.background(func(context.Context) { ran = true })
 	if ran {
 		t.Fatal("background work ran after Close")
 	}

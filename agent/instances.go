@@ -198,7 +198,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	log := s.log.With("instance", rec.ID)
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
-	in := &instance{admin: admin, drift: func() { s.background(func() { s.syncLive(id) }) }}
+	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
 	in.limitsDrift = func() bool {
 		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
 		return err == nil && d
@@ -267,7 +267,7 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		// The process may have read an older ACL file or config than the
 		// record says (a bind or resize raced with its start, or it was
 		// adopted).
-		s.background(func() { s.syncLive(id) })
+		s.background(func(ctx context.Context) { s.syncLive(ctx, id) })
 		s.recordExe(id, ev.Process.PID)
 		return
 	}
@@ -372,14 +372,14 @@ const ReasonOOM = "oom"
 // record, and removes an RDB the process has loaded that its persistence
 // mode does not keep. It takes the id's lock, so it never races a bind, unbind or
 // resize.
-func (s *Service) syncLive(id string) {
+func (s *Service) syncLive(ctx context.Context, id string) {
 	unlock := s.locks.lock(id)
 	defer unlock()
 	rec, err := s.store.Get(id)
 	if err != nil {
 		return
 	}
-	if err := s.applyACL(s.ctx, rec); err != nil && s.ctx.Err() == nil {
+	if err := s.applyACL(ctx, rec); err != nil && ctx.Err() == nil {
 		s.log.Error("ACL users differ from the record's and cannot be applied; retried at the next health check", "instance", id, "err", err)
 	}
 	s.dropRDB(rec)
@@ -400,7 +400,7 @@ func (s *Service) syncLive(id string) {
 	if hs == nil || (hs.ok && hs.info.MaxMemory == want) {
 		return
 	}
-	if err := s.applyMemory(s.ctx, in, id, rec.MemoryMB, want < hs.info.MaxMemory); err != nil && s.ctx.Err() == nil {
+	if err := s.applyMemory(ctx, in, id, rec.MemoryMB, want < hs.info.MaxMemory); err != nil && ctx.Err() == nil {
 		s.log.Warn("sync maxmemory", "instance", id, "err", err)
 	}
 }
@@ -511,7 +511,7 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 	if err := in.sup.Restart(ctx); err != nil {
 		return fmt.Errorf("restart %q: %w", id, err)
 	}
-	if err := s.waitReady(ctx, in); err != nil {
+	if err := in.waitReady(ctx); err != nil {
 		return fmt.Errorf("restart %q: %w: %v", id, ErrNotReady, err)
 	}
 	s.metrics.observe("restart", start)
@@ -562,7 +562,7 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 		MemoryReservedMB: u.MemoryMB,
 		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
 	}
-	t, err := s.target(ctx)
+	t, err := s.roll.target(ctx)
 	if err != nil {
 		return Capacity{}, err
 	}
@@ -650,4 +650,24 @@ func (in *instance) current(st supervisor.Status) *instanceStats {
 		return nil
 	}
 	return hs
+}
+
+// settled returns the status of in once it is no longer starting: a
+// process that is starting, loading its data, or adopted without its
+// first check yet is as good as running in a moment.
+func (in *instance) settled(ctx context.Context) supervisor.Status {
+	if in.sup.Status().State == supervisor.Starting {
+		in.waitReady(ctx)
+	}
+	return in.sup.Status()
+}
+
+// waitReady waits until the process of in answers PING after a start.
+// Its only deadline is loaderTimeout: the supervisor itself gives up on a
+// start that does not answer within ReadyTimeout, except while the server
+// is loading its data set, which takes as long as the data set is large.
+func (in *instance) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
+	defer cancel()
+	return in.sup.WaitReady(ctx)
 }

@@ -606,7 +606,7 @@ func TestRollingUpgrade(t *testing.T) {
 	// The next agent start does not try the broken build again by itself.
 	shutdown(t, s, false)
 	s = startService(t, cfg)
-	s.autoRollout(ctx)
+	s.AutoRollout(ctx)
 	if st, _ := s.RolloutStatus(ctx); st.State != RolloutFailed || st.Pending != 3 {
 		t.Fatalf("automatic rollout after a failure = %+v; want failed, not run", st)
 	}
@@ -780,7 +780,7 @@ func TestRolloutFinishesAnInterruptedMove(t *testing.T) {
 
 	cfg.RedisServer = broken
 	s = startService(t, cfg)
-	s.autoRollout(ctx)
+	s.AutoRollout(ctx)
 	st := waitRollout(t, s, 60*time.Second)
 	if st.State != RolloutFailed || st.FailedInstance != "im" {
 		t.Fatalf("rollout after the interrupted move = %+v; want failed at im", st)

@@ -91,7 +91,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	}
 	for _, rec := range recs {
 		if rec.Phase == state.PhaseProvisioning {
-			s.background(func() { s.finishInterrupted(rec.ID) })
+			s.background(func(ctx context.Context) { s.finishInterrupted(ctx, rec.ID) })
 		}
 	}
 	s.findOrphans(owned, procs)
@@ -272,12 +272,12 @@ func (s *Service) findProcess(rec state.Instance, m *machine) *supervisor.Proces
 // finishInterrupted marks a provision that a crash interrupted as active
 // once its process is ready. The broker, which got no answer, retries and
 // is told the instance exists.
-func (s *Service) finishInterrupted(id string) {
+func (s *Service) finishInterrupted(ctx context.Context, id string) {
 	in := s.runtime(id)
 	if in == nil {
 		return
 	}
-	if err := in.sup.WaitReady(s.ctx); err != nil {
+	if err := in.sup.WaitReady(ctx); err != nil {
 		s.log.Warn("interrupted provision not ready yet", "instance", id, "err", err)
 		return
 	}

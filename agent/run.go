@@ -70,7 +70,7 @@ func Run(ctx context.Context, cfg Config, newHandler func(*Service) http.Handler
 	notify(log, daemon.SdNotifyReady+"\n"+svc.statusLine())
 	// Instances still on another redis-server binary than the configured
 	// one move to it now, one at a time, in the background.
-	svc.autoRollout(ctx)
+	svc.AutoRollout(ctx)
 
 	// The main loop: systemd's watchdog is fed only while the agent can
 	// serve (state writable, redis-server executable), and STATUS= tells

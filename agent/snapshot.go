@@ -104,7 +104,7 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 	if rec.Phase != state.PhaseActive || in == nil {
 		return rec, nil, fmt.Errorf("instance %q is %s: %w", id, rec.Phase, ErrConflict)
 	}
-	if st := s.settled(ctx, in).State; st != supervisor.Running {
+	if st := in.settled(ctx).State; st != supervisor.Running {
 		return rec, nil, fmt.Errorf("instance %q is %s, not running: %w", id, st, ErrConflict)
 	}
 	return rec, in, nil
@@ -195,7 +195,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	}); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
-	if err := s.waitReady(ctx, in); err != nil {
+	if err := in.waitReady(ctx); err != nil {
 		log.Error("restored data does not start; putting the old data back", "err", err)
 		if rerr := s.swapBack(ctx, in, id); rerr != nil {
 			return Instance{}, fmt.Errorf("restore %q: the restored data did not start (%w), nor did the old data again: %v", id, err, rerr)
@@ -225,7 +225,7 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 	if err := in.sup.Replace(ctx, "", func() error { return s.layout.Exchange(id) }); err != nil {
 		return err
 	}
-	if err := s.waitReady(ctx, in); err != nil {
+	if err := in.waitReady(ctx); err != nil {
 		return err
 	}
 	return s.layout.RemoveStaging(id)
@@ -323,24 +323,4 @@ func checkVerdict(out []byte) string {
 		keep = keep[:4]
 	}
 	return strings.Join(keep, "; ")
-}
-
-// settled returns the status of in once it is no longer starting: a
-// process that is starting, loading its data, or adopted without its
-// first check yet is as good as running in a moment.
-func (s *Service) settled(ctx context.Context, in *instance) supervisor.Status {
-	if in.sup.Status().State == supervisor.Starting {
-		s.waitReady(ctx, in)
-	}
-	return in.sup.Status()
-}
-
-// waitReady waits until the process of in answers PING after a start.
-// Its only deadline is loaderTimeout: the supervisor itself gives up on a
-// start that does not answer within ReadyTimeout, except while the server
-// is loading its data set, which takes as long as the data set is large.
-func (s *Service) waitReady(ctx context.Context, in *instance) error {
-	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
-	defer cancel()
-	return in.sup.WaitReady(ctx)
 }
