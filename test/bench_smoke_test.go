@@ -14,12 +14,16 @@ import (
 // never rots. It checks that every scenario produced its figures and that
 // the agent restart restarted no redis-server; it asserts no timing.
 func TestBenchSmoke(t *testing.T) {
-	res, err := benchsuite.Run(context.Background(), benchsuite.Config{
+	cfg := benchsuite.Config{
 		Agent: agentBin, RedisServer: testenv.RedisServer(t), Dir: testenv.TraversableDir(t),
-		PortMin: 23000, Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
+		Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
 		SnapshotMB: 2, RolloutInstances: 2,
-	})
+	}
+	// The suite's ports from PortMin: the agent's Density, one left out,
+	// then one per bare redis-server worker (Concurrency of them).
+	cfg.PortMin = testenv.Ports(t, cfg.Density+1+cfg.Concurrency)
+	res, err := benchsuite.Run(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,8 +67,7 @@ func TestChaos(t *testing.T) {
 	}
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	const portMin = 22500
-	opts := agentOpts{dataDir: dataDir, portMin: portMin, ports: n + 10, extra: []string{
+	opts := agentOpts{dataDir: dataDir, portMin: testenv.Ports(t, n+10), ports: n + 10, extra: []string{
 		"--health-interval", "100ms", "--health-timeout", "100ms", "--health-failures", "3", "--ready-timeout", "3s",
 	}}
 	a := runAgent(t, opts)
@@ -109,17 +108,14 @@ func TestChaos(t *testing.T) {
 	}
 	pidOf := func(id string) int {
 		var in instance
-		for range 3000 {
-			if code, _, err := a.try("GET", "/v1/instances/"+id, ""); err == nil && code == 200 {
-				a.do("GET", "/v1/instances/"+id, "", &in)
-				if in.PID != 0 && in.State == "running" {
-					return in.PID
-				}
+		testenv.Eventually(t, id+" to run with a pid", settle, func() bool {
+			if code, _, err := a.try("GET", "/v1/instances/"+id, ""); err != nil || code != 200 {
+				return false
 			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		t.Fatalf("%s has no running pid", id)
-		return 0
+			a.do("GET", "/v1/instances/"+id, "", &in)
+			return in.PID != 0 && in.State == "running"
+		})
+		return in.PID
 	}
 
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))

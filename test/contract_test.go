@@ -86,7 +86,7 @@ func TestOpenAPIContract(t *testing.T) {
 	}
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 22900, ports: 2, extra: []string{"--health-interval", "20ms"}})
+	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 2, extra: []string{"--health-interval", "20ms"}})
 	doc.Servers = openapi3.Servers{{URL: a.base}}
 	router, err := gorillamux.NewRouter(doc)
 	if err != nil {
@@ -166,7 +166,7 @@ func TestOpenAPIContract(t *testing.T) {
 	}
 	a.do("GET", "/v1/instances/c3", "", &in)
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	eventually(t, "restart", func() bool {
+	testenv.Eventually(t, "restart", settle, func() bool {
 		var got instance
 		a.do("GET", "/v1/instances/c3", "", &got)
 		return got.LastExit != nil && got.State == "running"

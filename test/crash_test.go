@@ -45,10 +45,10 @@ func faultAgent(t *testing.T) string {
 func TestCrashAtEveryPoint(t *testing.T) {
 	testenv.RedisServer(t)
 	bin := faultAgent(t)
-	for i, point := range agent.FaultPoints {
+	for _, point := range agent.FaultPoints {
 		t.Run(point, func(t *testing.T) {
 			dataDir := testenv.TraversableDir(t)
-			portMin := 22200 + 20*i
+			portMin := testenv.Ports(t, 20)
 			creds := map[string]credentials{}
 			killRedisUnder(t, dataDir)
 			// Setup that does not pass the point under test, on an agent

@@ -26,7 +26,7 @@ func exportedNames(t *testing.T) map[string]bool {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 22850, extra: []string{"--health-interval", "20ms"}})
+	a := runAgent(t, agentOpts{dataDir: dataDir, extra: []string{"--health-interval", "20ms"}})
 	in := mustProvision(t, a, "dash")
 	syscall.Kill(in.PID, syscall.SIGKILL)
 	names := map[string]bool{}

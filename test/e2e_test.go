@@ -80,8 +80,11 @@ type agentOpts struct {
 	bin     string   // default: the normal build
 	env     []string // added to the environment
 	dataDir string
+	// portMin starts the instance port range, ports ports long (default
+	// 20); 0 takes a range of its own from testenv.Ports. A test that
+	// restarts an agent on the same range takes it once and sets it.
 	portMin int
-	ports   int // size of the port range; default 20
+	ports   int
 	extra   []string
 }
 
@@ -100,6 +103,9 @@ func launchAgent(t *testing.T, o agentOpts) *agentProc {
 	}
 	if o.ports == 0 {
 		o.ports = 20
+	}
+	if o.portMin == 0 {
+		o.portMin = testenv.Ports(t, o.ports)
 	}
 	listen := "127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
 	args := append([]string{
@@ -215,16 +221,9 @@ func redisClient(t *testing.T, c credentials) *goredis.Client {
 	return cl
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// settle is how long a test waits for the agent to get where it should:
+// generous, for race-enabled builds on a busy machine.
+const settle = 15 * time.Second
 
 func alive(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
@@ -239,7 +238,7 @@ func TestEndToEnd(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	const portMin = 22000
+	portMin := testenv.Ports(t, 20)
 	a := startAgent(t, dataDir, portMin)
 	ctx := context.Background()
 	var pids []int
@@ -312,7 +311,7 @@ func TestEndToEnd(t *testing.T) {
 	time.Sleep(1100 * time.Millisecond) // appendfsync everysec: let the write reach the disk
 	syscall.Kill(inst.PID, syscall.SIGKILL)
 	var after instance
-	eventually(t, "restart after kill -9", func() bool {
+	testenv.Eventually(t, "restart after kill -9", settle, func() bool {
 		a.do("GET", "/v1/instances/e2e-1", "", &after)
 		return after.State == "running" && after.PID != inst.PID && after.PID != 0
 	})
@@ -337,7 +336,7 @@ func TestEndToEnd(t *testing.T) {
 	}
 	a = startAgent(t, dataDir, portMin)
 	var adopted instance
-	eventually(t, "adopted instance running", func() bool {
+	testenv.Eventually(t, "adopted instance running", settle, func() bool {
 		a.do("GET", "/v1/instances/e2e-1", "", &adopted)
 		return adopted.State == "running"
 	})
@@ -424,9 +423,9 @@ func TestStatusCommand(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 22800, extra: []string{"--health-interval", "20ms"}})
+	a := runAgent(t, agentOpts{dataDir: dataDir, extra: []string{"--health-interval", "20ms"}})
 	in := mustProvision(t, a, "shown")
-	eventually(t, "memory figures from a health check", func() bool {
+	testenv.Eventually(t, "memory figures from a health check", settle, func() bool {
 		var got struct {
 			MemoryUsedBytes int64 `json:"memory_used_bytes"`
 		}

@@ -31,7 +31,7 @@ func startedAt(pid int) string {
 // not listen on the instance's port.
 func TestLookAlikeIsNotAdopted(t *testing.T) {
 	redisServer := testenv.RedisServer(t)
-	for i, tt := range []struct {
+	for _, tt := range []struct {
 		name string
 		cmd  func(conf string) *exec.Cmd
 	}{
@@ -45,7 +45,7 @@ func TestLookAlikeIsNotAdopted(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dataDir := testenv.TraversableDir(t)
 			killRedisUnder(t, dataDir)
-			portMin := 23500 + 20*i
+			portMin := testenv.Ports(t, 20)
 			extra := []string{"--health-interval", "50ms", "--health-timeout", "50ms"}
 			a := startAgent(t, dataDir, portMin, extra...)
 			in := mustProvision(t, a, "x")
@@ -61,7 +61,7 @@ func TestLookAlikeIsNotAdopted(t *testing.T) {
 			}
 			t.Cleanup(func() { look.Process.Kill(); look.Wait() })
 			lookPID := look.Process.Pid
-			eventually(t, "the look-alike's title to name the config", func() bool {
+			testenv.Eventually(t, "the look-alike's title to name the config", settle, func() bool {
 				b, _ := os.ReadFile("/proc/" + strconv.Itoa(lookPID) + "/cmdline")
 				return strings.HasSuffix(strings.TrimRight(strings.ReplaceAll(string(b), "\x00", " "), " "), " "+conf)
 			})
@@ -72,7 +72,7 @@ func TestLookAlikeIsNotAdopted(t *testing.T) {
 
 			a2 := startAgent(t, dataDir, portMin, extra...)
 			var got instance
-			eventually(t, "the instance running on a redis-server of its own", func() bool {
+			testenv.Eventually(t, "the instance running on a redis-server of its own", settle, func() bool {
 				a2.do("GET", "/v1/instances/x", "", &got)
 				return got.State == "running" && got.PID != 0 && got.PID != lookPID
 			})
@@ -93,7 +93,7 @@ func TestLookAlikeIsNotAdopted(t *testing.T) {
 
 func waitGone(t *testing.T, pid int) {
 	t.Helper()
-	eventually(t, "pid "+strconv.Itoa(pid)+" to be gone", func() bool {
+	testenv.Eventually(t, "pid "+strconv.Itoa(pid)+" to be gone", settle, func() bool {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 		return err != nil || strings.Contains(string(b), ") Z ")
 	})
@@ -121,7 +121,7 @@ func TestTwoAgentsDoNotShareCgroups(t *testing.T) {
 	for i, mb := range []int{32, 48} {
 		dir := testenv.TraversableDir(t)
 		killRedisUnder(t, dir)
-		a := startAgent(t, dir, 23560+20*i)
+		a := runAgent(t, agentOpts{dataDir: dir})
 		var in instance
 		if code := a.do("PUT", "/v1/instances/same", `{"memory_mb":`+strconv.Itoa(mb)+`,"persistence":"none"}`, &in); code != 201 {
 			t.Fatalf("provision on agent %d = %d", i, code)

@@ -139,8 +139,8 @@ func TestMigrationBetweenAgents(t *testing.T) {
 	dirA, dirB := testenv.TraversableDir(t), testenv.TraversableDir(t)
 	killRedisUnder(t, dirA)
 	killRedisUnder(t, dirB)
-	a := runAgent(t, agentOpts{dataDir: dirA, portMin: 23400, ports: 10})
-	b := runAgent(t, agentOpts{dataDir: dirB, portMin: 23420, ports: 10})
+	a := runAgent(t, agentOpts{dataDir: dirA, ports: 10})
+	b := runAgent(t, agentOpts{dataDir: dirB, ports: 10})
 
 	if code := a.do("PUT", "/v1/instances/mig", spec, nil); code != 201 {
 		t.Fatalf("provision on A = %d", code)
@@ -218,7 +218,8 @@ func TestRollingUpgradeAtAgentStart(t *testing.T) {
 	testenv.RedisServer(t)
 	dir := testenv.TraversableDir(t)
 	killRedisUnder(t, dir)
-	a := runAgent(t, agentOpts{dataDir: dir, portMin: 23450, ports: 10})
+	portMin := testenv.Ports(t, 10)
+	a := runAgent(t, agentOpts{dataDir: dir, portMin: portMin, ports: 10})
 	creds := map[string]credentials{}
 	pids := map[string]int{}
 	for _, id := range []string{"r1", "r2"} {
@@ -234,8 +235,8 @@ func TestRollingUpgradeAtAgentStart(t *testing.T) {
 	a.stop(syscall.SIGTERM)
 
 	next := wrapper(t, "7.2.99")
-	a = runAgent(t, agentOpts{dataDir: dir, portMin: 23450, ports: 10, extra: []string{"--redis-server", next}})
-	eventually(t, "the rollout at agent start to finish", func() bool {
+	a = runAgent(t, agentOpts{dataDir: dir, portMin: portMin, ports: 10, extra: []string{"--redis-server", next}})
+	testenv.Eventually(t, "the rollout at agent start to finish", settle, func() bool {
 		a.do("GET", "/v1/rollout", "", &st)
 		return st.State == "done"
 	})

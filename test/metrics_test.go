@@ -15,7 +15,7 @@ func TestMetricsScrape(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 22700})
+	a := runAgent(t, agentOpts{dataDir: dataDir})
 	mustProvision(t, a, "scraped")
 	resp, err := http.Get(a.base + "/metrics")
 	if err != nil {

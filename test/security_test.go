@@ -20,7 +20,7 @@ func TestTenantCannotEscape(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, portMin: 23100})
+	a := runAgent(t, agentOpts{dataDir: dataDir})
 	mustProvision(t, a, "tenant-a")
 	mustProvision(t, a, "tenant-b")
 	ca := mustBind(t, a, "tenant-a", "app-a")

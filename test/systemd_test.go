@@ -26,8 +26,9 @@ func TestSystemdNotify(t *testing.T) {
 	defer conn.Close()
 
 	listen := "127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
+	portMin := testenv.Ports(t, 10)
 	cmd := exec.Command(agentBin, "--listen", listen, "--data-dir", testenv.TraversableDir(t),
-		"--port-min", "22100", "--port-max", "22109")
+		"--port-min", strconv.Itoa(portMin), "--port-max", strconv.Itoa(portMin+9))
 	cmd.Env = append(cmd.Environ(), "NOTIFY_SOCKET="+sock, "WATCHDOG_USEC=200000")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

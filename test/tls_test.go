@@ -85,7 +85,7 @@ func TestMutualTLS(t *testing.T) {
 	port := testenv.FreePort(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := launchAgent(t, agentOpts{dataDir: dataDir, portMin: 23200, extra: []string{
+	a := launchAgent(t, agentOpts{dataDir: dataDir, extra: []string{
 		"--listen", "0.0.0.0:" + strconv.Itoa(port), // beyond loopback: allowed because of mTLS
 		"--tls-cert", srvCert, "--tls-key", srvKey, "--tls-client-ca", caPath,
 	}})
@@ -107,7 +107,7 @@ func TestMutualTLS(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	eventually(t, "HTTPS /readyz", func() bool { return get(httpsClient(nil), "/readyz") == 200 })
+	testenv.Eventually(t, "HTTPS /readyz", settle, func() bool { return get(httpsClient(nil), "/readyz") == 200 })
 	if code := get(httpsClient(nil), "/healthz"); code != 200 {
 		t.Errorf("/healthz without a client certificate = %d, want 200", code)
 	}
@@ -140,8 +140,8 @@ func TestTokenAuth(t *testing.T) {
 	killRedisUnder(t, dataDir)
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(tokenFile, []byte("s3cret-token-0123456789\n"), 0o600)
-	a := launchAgent(t, agentOpts{dataDir: dataDir, portMin: 23220, extra: []string{"--token-file", tokenFile, "--metrics-auth"}})
-	eventually(t, "readyz", func() bool { code, _, _ := a.try("GET", "/readyz", ""); return code == 200 })
+	a := launchAgent(t, agentOpts{dataDir: dataDir, extra: []string{"--token-file", tokenFile, "--metrics-auth"}})
+	testenv.Eventually(t, "readyz", settle, func() bool { code, _, _ := a.try("GET", "/readyz", ""); return code == 200 })
 	call := func(path, token string) int {
 		req, _ := http.NewRequest("GET", a.base+path, nil)
 		if token != "" {
