@@ -17,7 +17,7 @@ import (
 type AgentStatus struct {
 	Name      string           `json:"name"`
 	URL       string           `json:"url"`
-	Zone      string           `json:"zone,omitempty"`
+	Zone      string           `json:"zone"`
 	Reachable bool             `json:"reachable"`
 	Ready     bool             `json:"ready"`
 	Draining  bool             `json:"draining"`

@@ -112,6 +112,7 @@ type testBroker struct {
 	t   *testing.T
 	b   *Broker
 	srv *httptest.Server
+	hc  *http.Client
 }
 
 func startBroker(t *testing.T, agents []AgentConfig, mod func(*Config)) *testBroker {
@@ -132,7 +133,7 @@ func startBroker(t *testing.T, agents []AgentConfig, mod func(*Config)) *testBro
 	b.Start(context.Background())
 	srv := httptest.NewServer(b.Handler())
 	t.Cleanup(func() { srv.Close(); b.Close() })
-	return &testBroker{t, b, srv}
+	return &testBroker{t, b, srv, http.DefaultClient}
 }
 
 type answer struct {
@@ -157,13 +158,16 @@ func (tb *testBroker) send(method, path, body string, hdr map[string]string, use
 	if err != nil {
 		tb.t.Fatal(err)
 	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}
 	if user != "" {
 		req.SetBasicAuth(user, pass)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := tb.hc.Do(req)
 	if err != nil {
 		tb.t.Fatal(err)
 	}
@@ -574,4 +578,74 @@ func TestBrokerDoesNotImportTheAgent(t *testing.T) {
 			t.Errorf("broker depends on %s", bad)
 		}
 	}
+}
+
+// TestOpenAPIContract drives every route of the broker through a
+// transport that validates each request and response against
+// broker/openapi.yaml, so the document cannot drift from the code.
+func TestOpenAPIContract(t *testing.T) {
+	agents := startAgents(t, 200, 2000)
+	tb := startBroker(t, agentConfigs(agents), func(c *Config) { c.Strategy = Pack })
+	contract := testenv.NewContract(t, "openapi.yaml", tb.srv.URL)
+	tb.hc = &http.Client{Transport: contract}
+	admin := func(method, path string) answer { return tb.send(method, path, "", nil, "ops", "secret-ops") }
+	bind := `{"service_id":"svc","plan_id":"p64"}`
+	tb.send("GET", "/v2/catalog", "", nil, "platform", "secret-platform") // 412
+	tb.send("GET", "/v2/catalog", "", map[string]string{"X-Broker-API-Version": "2.17"}, "", "")
+	for _, c := range []struct {
+		method, path, body string
+		want               int
+	}{
+		{"GET", "/v2/catalog", "", 200},
+		{"PUT", "/v2/service_instances/c1", provisionBody, 201},
+		{"PUT", "/v2/service_instances/c1", provisionBody, 200},
+		{"PUT", "/v2/service_instances/c1", bodyWith("p32"), 409},
+		{"PUT", "/v2/service_instances/c2", `{"service_id":"svc"}`, 400},
+		{"GET", "/v2/service_instances/c1", "", 200},
+		{"GET", "/v2/service_instances/none", "", 404},
+		{"PUT", "/v2/service_instances/c1/service_bindings/b1", bind, 201},
+		{"PUT", "/v2/service_instances/c1/service_bindings/b1", bind, 200},
+		{"PUT", "/v2/service_instances/c1/service_bindings/b2", `{}`, 400},
+		{"GET", "/v2/service_instances/c1/service_bindings/b1", "", 200},
+		{"GET", "/v2/service_instances/c1/service_bindings/none", "", 404},
+		{"GET", "/v2/service_instances/c1/service_bindings/b1/last_operation", "", 200},
+		{"PATCH", "/v2/service_instances/c1", `{"service_id":"svc","plan_id":"p32"}`, 200},
+		{"PATCH", "/v2/service_instances/c1", `{"service_id":"svc","plan_id":"p256"}`, 422},
+		{"PATCH", "/v2/service_instances/c1", `{"plan_id":"p32"}`, 400},
+		{"GET", "/v2/service_instances/c1/last_operation?operation=bogus", "", 400},
+		{"DELETE", "/v2/service_instances/c1/service_bindings/b1?service_id=svc&plan_id=p64", "", 200},
+		{"DELETE", "/v2/service_instances/c1/service_bindings/b1?service_id=svc&plan_id=p64", "", 410},
+		{"GET", "/v2/service_instances/c1/service_bindings/b1/last_operation", "", 410},
+		{"DELETE", "/v2/service_instances/c1?service_id=svc", "", 400},
+	} {
+		if a := tb.osb(c.method, c.path, c.body); a.code != c.want {
+			t.Errorf("%s %s = %d %v, want %d", c.method, c.path, a.code, a.body, c.want)
+		}
+	}
+	a := tb.osb("PATCH", "/v2/service_instances/c1?accepts_incomplete=true", `{"service_id":"svc","plan_id":"p256"}`)
+	if a.code != 202 {
+		t.Fatalf("update with a move = %d %v", a.code, a.body)
+	}
+	op := a.body["operation"].(string)
+	testenv.Eventually(t, "the move", 30*time.Second, func() bool {
+		return tb.osb("GET", "/v2/service_instances/c1/last_operation?operation="+op, "").body["state"] != opInProgress
+	})
+	if a := tb.osb("DELETE", "/v2/service_instances/c1?service_id=svc&plan_id=p256&accepts_incomplete=true", ""); a.code != 202 {
+		t.Fatalf("async delete = %d", a.code)
+	}
+	if a := tb.osb("DELETE", "/v2/service_instances/c1?service_id=svc&plan_id=p256", ""); a.code != 410 && a.code != 200 {
+		t.Fatalf("delete after an async delete = %d", a.code)
+	}
+	tb.osb("DELETE", "/v2/service_instances/c1?service_id=svc&plan_id=p256", "")
+	tb.osb("PUT", "/v2/service_instances/c3", provisionBody)
+	admin("GET", "/admin/agents")
+	admin("GET", "/admin/agents/agent-0/drain") // 404: none yet
+	admin("POST", "/admin/agents/agent-0/drain")
+	testenv.Eventually(t, "the drain", 30*time.Second, func() bool { return admin("GET", "/admin/agents/agent-0/drain").body["state"] != DrainRunning })
+	admin("DELETE", "/admin/agents/agent-0/drain")
+	admin("GET", "/admin/agents/none/drain")
+	tb.send("GET", "/healthz", "", nil, "", "")
+	tb.send("GET", "/readyz", "", nil, "", "")
+	tb.send("GET", "/metrics", "", nil, "", "")
+	contract.CheckCovered(t)
 }
