@@ -5,6 +5,7 @@ GO ?= go
 
 build:
 	$(GO) build -o bin/redis-agent ./cmd/redis-agent
+	$(GO) build -o bin/redis-broker ./cmd/redis-broker
 
 # Unit, integration and end-to-end tests, with the race detector. The
 # Redis-backed tests need redis-server (apt-get install -y redis-server).
@@ -37,8 +38,9 @@ microbench:
 generate:
 	$(GO) generate ./...
 
+# An agent and a broker in front of it, on loopback (deploy/run-local.sh).
 run: build
-	./bin/redis-agent
+	./deploy/run-local.sh
 
 clean:
 	rm -rf bin

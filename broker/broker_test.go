@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -69,7 +71,7 @@ func startAgents(t *testing.T, budgets ...int) []*testAgent {
 			t.Fatal(err)
 		}
 		a := &testAgent{name: "agent-" + strconv.Itoa(i), svc: svc}
-		srv := httptest.NewServer(a.serve(api.New(api.Options{Service: svc, Ready: svc.Ready, Live: svc.Live})))
+		srv := httptest.NewServer(a.serve(api.New(api.Options{Service: svc, Ready: svc.Ready})))
 		a.srv = srv
 		t.Cleanup(func() {
 			srv.Close()
@@ -140,6 +142,7 @@ type answer struct {
 	code int
 	body map[string]any
 	hdr  http.Header
+	raw  []byte
 }
 
 // osb sends an OSB request with the version header and credentials.
@@ -173,7 +176,7 @@ func (tb *testBroker) send(method, path, body string, hdr map[string]string, use
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	a := answer{code: resp.StatusCode, hdr: resp.Header}
+	a := answer{code: resp.StatusCode, hdr: resp.Header, raw: b}
 	json.Unmarshal(b, &a.body)
 	return a
 }
@@ -648,4 +651,27 @@ func TestOpenAPIContract(t *testing.T) {
 	tb.send("GET", "/readyz", "", nil, "", "")
 	tb.send("GET", "/metrics", "", nil, "", "")
 	contract.CheckCovered(t)
+}
+
+// Every broker metric the alert rules name is one the broker exports.
+func TestAlertRulesNameExportedMetrics(t *testing.T) {
+	agents := startAgents(t, 500)
+	tb := startBroker(t, agentConfigs(agents), nil)
+	tb.osb("GET", "/v2/catalog", "")
+	tb.osb("PUT", "/v2/service_instances/x", bodyWith("p256"))
+	tb.osb("PUT", "/v2/service_instances/y", bodyWith("p256")) // no room: a placement failure
+	metrics := string(tb.send("GET", "/metrics", "", nil, "", "").raw)
+	rules, err := os.ReadFile("../deploy/prometheus-rules.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refs := regexp.MustCompile(`\bredis_broker_[a-z0-9_]+`).FindAllString(string(rules), -1)
+	if len(refs) < 4 {
+		t.Fatalf("the rules name %d broker metrics; want the broker's alerts there", len(refs))
+	}
+	for _, name := range refs {
+		if !regexp.MustCompile(`(?m)^` + name + `[{ ]`).MatchString(metrics) {
+			t.Errorf("prometheus-rules.yml names %s, which the broker does not export", name)
+		}
+	}
 }
