@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"sync"
 	"time"
@@ -94,7 +95,14 @@ func (d *drains) get(name string) (Drain, bool) {
 	if d.m == nil || d.m[name] == nil {
 		return Drain{}, false
 	}
-	return *d.m[name], true
+	return d.m[name].copy(), true
+}
+
+// copy is d with a map of its own, for a reader outside the lock.
+func (d *Drain) copy() Drain {
+	c := *d
+	c.Unavailable = maps.Clone(d.Unavailable)
+	return c
 }
 
 func (d *drains) update(name string, fn func(*Drain)) {
@@ -112,11 +120,11 @@ func (d *drains) start(name string) (Drain, bool) {
 		d.m = map[string]*Drain{}
 	}
 	if cur := d.m[name]; cur != nil && cur.State == DrainRunning {
-		return *cur, false
+		return cur.copy(), false
 	}
 	dr := &Drain{Agent: name, State: DrainRunning, StartedAt: time.Now().UTC(), Unavailable: map[string]float64{}}
 	d.m[name] = dr
-	return *dr, true
+	return dr.copy(), true
 }
 
 // startDrain marks the agent draining (nothing new is placed there) and

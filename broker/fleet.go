@@ -150,8 +150,9 @@ type located struct {
 
 // locate asks every agent whether it holds instance id, in parallel, and
 // returns each that does. unreachable lists the agents that did not
-// answer and were last seen holding id: the instance may be there.
-// Agents that did not answer and were not seen holding it are in others.
+// answer and were last seen holding id, or never seen at all: the
+// instance may be there. Agents that did not answer and were seen, not
+// holding it, are in others.
 func (f *Fleet) locate(ctx context.Context, id string) (found []located, unreachable, others []*agentState) {
 	type answer struct {
 		a    *agentState
@@ -187,9 +188,11 @@ func (f *Fleet) locate(ctx context.Context, id string) (found []located, unreach
 		default:
 			a.mu.Lock()
 			_, had := a.instances[id]
+			// Never seen since this broker started: it may hold anything.
+			unknown := a.seen.IsZero()
 			a.reachable, a.err = false, an.err
 			a.mu.Unlock()
-			if had {
+			if had || unknown {
 				unreachable = append(unreachable, a)
 			} else {
 				others = append(others, a)
@@ -273,4 +276,12 @@ func (a *agentState) held() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// holds reports whether a was last seen holding id.
+func (a *agentState) holds(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.instances[id]
+	return ok
 }

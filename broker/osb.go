@@ -360,8 +360,16 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 	if len(found) > 0 {
 		return b.provisionExisting(ctx, iid, spec, found)
 	}
+	for _, a := range unreachable {
+		if a.holds(iid) {
+			return "", inst, false, fmt.Errorf("instance %s was last seen on %s: %w", iid, a.cfg.Name, ErrAgentUnreachable)
+		}
+	}
+	// An agent never seen since the broker started may hold it too; a
+	// provision goes ahead anyway (the platform keeps working while an
+	// agent is down), and a copy found there later is reported.
 	if len(unreachable) > 0 {
-		return "", inst, false, fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable)
+		b.log.Warn("provisioning while agents that were never seen do not answer", "instance", iid, "agents", names(unreachable))
 	}
 	b.fleet.refreshCapacity(ctx)
 	var tried []string
@@ -509,7 +517,7 @@ func (b *Broker) find(ctx context.Context, iid string) (located, error) {
 		return found[0], nil
 	}
 	if len(unreachable) > 0 {
-		return located{}, fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable)
+		return located{}, unreachableErr(iid, unreachable)
 	}
 	if len(others) > 0 {
 		// Not seen there before, but an instance is placed only on
@@ -521,6 +529,12 @@ func (b *Broker) find(ctx context.Context, iid string) (located, error) {
 }
 
 var errNotFound = errors.New("no such instance")
+
+// unreachableErr says that instance iid may live on agents that do not
+// answer.
+func unreachableErr(iid string, as []*agentState) error {
+	return fmt.Errorf("instance %s may live on %s, which does not answer: %w", iid, strings.Join(names(as), ", "), ErrAgentUnreachable)
+}
 
 type fetchInstanceResponse struct {
 	ServiceID       string           `json:"service_id"`
@@ -595,7 +609,7 @@ func (b *Broker) deprovision(w http.ResponseWriter, r *http.Request) {
 	log := b.logFor(r, iid)
 	found, unreachable, _ := b.fleet.locate(r.Context(), iid)
 	if len(unreachable) > 0 {
-		b.failAgent(w, log, "deprovision", fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable))
+		b.failAgent(w, log, "deprovision", unreachableErr(iid, unreachable))
 		return
 	}
 	if len(found) == 0 {
@@ -829,7 +843,7 @@ func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
 	found, unreachable, _ := b.fleet.locate(r.Context(), iid)
 	if len(found) == 0 {
 		if len(unreachable) > 0 {
-			b.failAgent(w, b.logFor(r, iid), "last_operation", fmt.Errorf("instance %s was last seen on %s: %w", iid, strings.Join(names(unreachable), ", "), ErrAgentUnreachable))
+			b.failAgent(w, b.logFor(r, iid), "last_operation", unreachableErr(iid, unreachable))
 			return
 		}
 		if kind == "deprovision" {
