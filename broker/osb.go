@@ -379,7 +379,7 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 			b.metrics.placementFailures.Inc()
 			return "", inst, false, fmt.Errorf("%w for %d MiB: %s", errNoRoom, spec.MemoryMB, rejections(rejected))
 		}
-		b.log.Debug("placement", "instance", iid, "chosen", chosen.Name, "rejected", rejections(rejected))
+		b.log.Info("placement", "instance", iid, "memory_mb", spec.MemoryMB, "strategy", b.cfg.Strategy, "chosen", chosen.Name, "others", rejections(rejected))
 		a := b.fleet.agent(chosen.Name)
 		pctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
 		inst, created, err = a.c.Provision(pctx, iid, spec)
