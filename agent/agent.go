@@ -53,9 +53,6 @@ type Service struct {
 	instances map[string]*instance // live supervision, by id
 
 	reconciled atomic.Bool
-	// heartbeat is when the main loop last went round (unix nanoseconds).
-	heartbeat  atomic.Int64
-	heartEvery atomic.Int64 // nanoseconds
 	orphans    atomic.Pointer[[]Orphan]
 	metrics    *metrics
 	// cg manages the instances' cgroups; limits.None when off or
@@ -184,7 +181,6 @@ func New(cfg Config) (*Service, error) {
 	s.loader = &redisLoader{layout: s.layout, cred: s.cred, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
 		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
-	s.beat(10 * time.Second)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -227,22 +223,6 @@ func (s *Service) background(fn func(ctx context.Context)) {
 	}()
 }
 
-// beat records that the main loop is alive and how often it beats.
-func (s *Service) beat(every time.Duration) {
-	s.heartEvery.Store(int64(every))
-	s.heartbeat.Store(time.Now().UnixNano())
-}
-
-// Live reports whether the agent's main loop still goes round: it fails
-// when the loop missed three beats.
-func (s *Service) Live(ctx context.Context) error {
-	last := time.Unix(0, s.heartbeat.Load())
-	if age := time.Since(last); age > 3*time.Duration(s.heartEvery.Load()) {
-		return fmt.Errorf("main loop last ran %v ago", age.Round(time.Second))
-	}
-	return nil
-}
-
 // Ready reports whether the agent can serve: reconcile is done, the state
 // is writable and redis-server is still executable.
 func (s *Service) Ready(ctx context.Context) error {
@@ -272,6 +252,18 @@ func (s *Service) redisCanReach() error {
 		}
 	}
 	return nil
+}
+
+// InstanceStates counts the supervised instances by the state of their
+// process (supervisor.State's names), from memory.
+func (s *Service) InstanceStates() map[string]int {
+	counts := map[string]int{}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, in := range s.instances {
+		counts[in.sup.Status().State.String()]++
+	}
+	return counts
 }
 
 // Orphans returns what the last reconcile found that no record owns.

@@ -22,11 +22,11 @@ import (
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
-// Config is everything the agent can be told. DefaultConfig gives values
-// that work as root and as an ordinary user; Validate checks a Config.
+// Config is everything the Service can be told; how the API is served
+// (address, authentication, TLS) is the server package's. DefaultConfig
+// gives values that work as root and as an ordinary user; Validate checks
+// a Config.
 type Config struct {
-	// Listen is the API's address.
-	Listen string
 	// DataDir holds the state file (state/) and the instance directories
 	// (instances/<id>/).
 	DataDir string
@@ -50,18 +50,6 @@ type Config struct {
 	// RedisUser is the unprivileged user redis-server runs as when the agent
 	// runs as root. Ignored when the agent is not root.
 	RedisUser string
-	// Token is the bearer token every /v1 request must carry, at least
-	// MinTokenBytes long without white space around it; "" disables token
-	// authentication.
-	Token string
-	// TLSCert and TLSKey, when set, make the API serve HTTPS.
-	TLSCert, TLSKey string
-	// TLSClientCA, when set, lets a client certificate signed by it
-	// authenticate /v1 requests (mTLS), instead of or beside the token.
-	// Without a token nor a client CA, the API only listens on loopback.
-	TLSClientCA string
-	// MetricsAuth puts /metrics behind the same authentication as /v1.
-	MetricsAuth bool
 	// ReadyTimeout bounds the wait for a new redis-server to answer PING.
 	ReadyTimeout time.Duration
 	// StopTimeout bounds a graceful stop before SIGKILL.
@@ -92,13 +80,11 @@ type Config struct {
 	Registerer prometheus.Registerer
 }
 
-// DefaultConfig returns the defaults: API on 127.0.0.1:7070, ports
-// 16000-16999, data under /var/lib/redis-agent as root or
+// DefaultConfig returns the defaults: ports 16000-16999, data under /var/lib/redis-agent as root or
 // ~/.local/state/redis-agent otherwise, redis-server from PATH, a memory
 // budget of 75 % of the machine's memory.
 func DefaultConfig() Config {
 	c := Config{
-		Listen:          "127.0.0.1:7070",
 		PortMin:         16000,
 		PortMax:         16999,
 		BindHost:        "127.0.0.1",
@@ -172,41 +158,18 @@ func defaultBudgetMB() int {
 
 var cgroupName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$`)
 
-// MinTokenBytes is the shortest API token Validate accepts.
-const MinTokenBytes = 16
-
 // Validate checks c and says what to change.
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-	if c.Token != "" && strings.TrimSpace(c.Token) != c.Token {
-		bad("the API token has white space around it, which no Authorization header can carry: remove it")
-	} else if c.Token != "" && len(c.Token) < MinTokenBytes {
-		bad("the API token is %d bytes: want at least %d (e.g. openssl rand -hex 32)", len(c.Token), MinTokenBytes)
-	}
-	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
-		bad("listen address %q: %v", c.Listen, err)
-	} else if strings.TrimSpace(c.Token) == "" && c.TLSClientCA == "" && !isLoopback(c.Listen) {
-		bad("listen address %q is not loopback and no authentication is configured: set --token-file (or REDIS_AGENT_TOKEN), or --tls-cert, --tls-key and --tls-client-ca for mTLS, or listen on 127.0.0.1", c.Listen)
-	}
-	if (c.TLSCert == "") != (c.TLSKey == "") {
-		bad("--tls-cert and --tls-key go together")
-	}
-	if c.TLSClientCA != "" && c.TLSCert == "" {
-		bad("--tls-client-ca needs --tls-cert and --tls-key: client certificates are only checked over TLS")
-	}
 	if c.DataDir == "" || !filepath.IsAbs(c.DataDir) {
 		bad("data dir %q: want an absolute path", c.DataDir)
 	}
 	if c.LogDir != "" && !filepath.IsAbs(c.LogDir) {
 		bad("log dir %q: want an absolute path", c.LogDir)
 	}
-	if c.PortMin < 1 || c.PortMax > 65535 || c.PortMin > c.PortMax {
+	if !c.validPorts() {
 		bad("port range %d-%d: want 1 <= min <= max <= 65535", c.PortMin, c.PortMax)
-	} else if _, p, err := net.SplitHostPort(c.Listen); err == nil {
-		if port, err := strconv.Atoi(p); err == nil && port >= c.PortMin && port <= c.PortMax {
-			bad("listen address %q: port %d is inside the instance port range %d-%d: listen on a port outside it, or move the range (--port-min, --port-max)", c.Listen, port, c.PortMin, c.PortMax)
-		}
 	}
 	if c.RedisServer == "" {
 		bad("redis-server not found in PATH: install it (apt-get install redis-server) or set --redis-server")
@@ -275,16 +238,14 @@ func (c Config) checkMemory(mb int) error {
 	return nil
 }
 
-func isLoopback(hostport string) bool {
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
+func (c Config) validPorts() bool {
+	return c.PortMin >= 1 && c.PortMax <= 65535 && c.PortMin <= c.PortMax
+}
+
+// InPortRange reports whether port is one of those handed to instances,
+// when the range is valid: no other listener of the agent's may use one.
+func (c Config) InPortRange(port int) bool {
+	return c.validPorts() && port >= c.PortMin && port <= c.PortMax
 }
 
 // DefaultDataDir is the data directory of an agent run as root.

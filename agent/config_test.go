@@ -16,22 +16,15 @@ func validConfig() Config {
 	return c
 }
 
-// Validate refuses what would start an agent nobody can use safely, and
-// says why; want is a part of the error, "" for none.
+// Validate refuses what would start an agent that could not run an
+// instance, and says why; want is a part of the error, "" for none. The
+// API's address and authentication are server.Config's (server's tests).
 func TestConfigValidateSays(t *testing.T) {
 	tests := []struct {
 		name string
 		mod  func(*Config)
 		want string
 	}{
-		{"token of 16 bytes", func(c *Config) { c.Listen = "0.0.0.0:7070"; c.Token = "0123456789abcdef" }, ""},
-		{"short token", func(c *Config) { c.Token = "s3cret" }, "at least 16"},
-		{"blank token is no authentication", func(c *Config) { c.Listen = "0.0.0.0:7070"; c.Token = strings.Repeat(" ", 20) }, "no authentication is configured"},
-		{"token with white space around it", func(c *Config) { c.Token = "0123456789abcdef\n" }, "white space"},
-		{"listen port inside the instance ports", func(c *Config) { c.Listen = "127.0.0.1:16500" }, "inside the instance port range 16000-16999"},
-		{"listen port at the range's low end", func(c *Config) { c.Listen = "127.0.0.1:16000" }, "inside the instance port range"},
-		{"listen port at the range's high end", func(c *Config) { c.Listen = "127.0.0.1:16999" }, "inside the instance port range"},
-		{"listen port just above the range", func(c *Config) { c.Listen = "127.0.0.1:17000" }, ""},
 		{"default memory over the budget", func(c *Config) { c.MemoryBudgetMB, c.DefaultMemoryMB = 100, 101 }, "more than the whole memory budget"},
 	}
 	for _, tt := range tests {
@@ -89,5 +82,19 @@ func TestResizeBeyondTheWholeBudget(t *testing.T) {
 	}
 	if got := mustGet(t, s, "a"); got.MemoryMB != 40 {
 		t.Fatalf("a refused resize changed memory_mb to %d", got.MemoryMB)
+	}
+}
+
+// InPortRange: the instance ports, inclusive; none of an invalid range.
+func TestInPortRange(t *testing.T) {
+	c := validConfig()
+	for port, want := range map[int]bool{15999: false, 16000: true, 16500: true, 16999: true, 17000: false} {
+		if got := c.InPortRange(port); got != want {
+			t.Errorf("InPortRange(%d) = %v, want %v", port, got, want)
+		}
+	}
+	c.PortMin, c.PortMax = 17000, 16000
+	if c.InPortRange(16500) {
+		t.Error("InPortRange of an inverted range = true")
 	}
 }

@@ -1,7 +1,7 @@
 // Command redis-agent is the node agent that runs one dedicated
 // redis-server per tenant on this machine and serves the REST API a broker
-// calls. main only turns flags and environment into an agent.Config and
-// wires the API into agent.Run.
+// calls. main only turns flags and environment into a server.Config and
+// calls server.Run.
 package main
 
 import (
@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
@@ -19,11 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-
-	"github.com/redis-agent/redis-agent/agent"
-	"github.com/redis-agent/redis-agent/api"
+	"github.com/redis-agent/redis-agent/server"
 )
 
 func main() {
@@ -91,52 +86,50 @@ func (e *envs) duration(name string, def time.Duration) time.Duration {
 
 // settings is what the command line and the environment ask for.
 type settings struct {
-	cfg agent.Config
-	// maxUploads bounds the restores in progress at once.
-	maxUploads                       int
+	cfg                              server.Config
 	pprofListen, logLevel, logFormat string
 }
 
 // parse turns args and the REDIS_AGENT_* environment into settings; a
 // usage message (and -help) goes to out.
 func parse(args []string, out io.Writer) (settings, error) {
-	cfg := agent.DefaultConfig()
+	cfg := server.DefaultConfig()
 	var ev envs
 	env, envInt, envDuration := ev.str, ev.int, ev.duration
 	fs := flag.NewFlagSet("redis-agent", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(&cfg.Listen, "listen", env("LISTEN", cfg.Listen), "API listen address (env REDIS_AGENT_LISTEN)")
-	fs.StringVar(&cfg.DataDir, "data-dir", env("DATA_DIR", cfg.DataDir), "state and instance directories (env REDIS_AGENT_DATA_DIR)")
-	fs.StringVar(&cfg.LogDir, "log-dir", env("LOG_DIR", cfg.LogDir), "redis-server logs; default <data-dir>/logs (env REDIS_AGENT_LOG_DIR)")
-	fs.IntVar(&cfg.PortMin, "port-min", envInt("PORT_MIN", cfg.PortMin), "lowest port for instances (env REDIS_AGENT_PORT_MIN)")
-	fs.IntVar(&cfg.PortMax, "port-max", envInt("PORT_MAX", cfg.PortMax), "highest port for instances (env REDIS_AGENT_PORT_MAX)")
-	fs.StringVar(&cfg.RedisServer, "redis-server", env("REDIS_SERVER", cfg.RedisServer), "redis-server executable; default from PATH (env REDIS_AGENT_REDIS_SERVER)")
-	fs.StringVar(&cfg.RedisCheckRDB, "redis-check-rdb", env("REDIS_CHECK_RDB", cfg.RedisCheckRDB), "redis-check-rdb executable a restore checks its file with; default beside redis-server, else from PATH (env REDIS_AGENT_REDIS_CHECK_RDB)")
-	fs.StringVar(&cfg.BindHost, "bind", env("BIND", cfg.BindHost), "address every redis-server listens on (env REDIS_AGENT_BIND)")
-	fs.StringVar(&cfg.AdvertiseHost, "advertise-host", env("ADVERTISE_HOST", cfg.AdvertiseHost), "host given in credentials; default the bind address (env REDIS_AGENT_ADVERTISE_HOST)")
-	fs.IntVar(&cfg.DefaultMemoryMB, "default-memory-mb", envInt("DEFAULT_MEMORY_MB", cfg.DefaultMemoryMB), "maxmemory of an instance provisioned without one (env REDIS_AGENT_DEFAULT_MEMORY_MB)")
-	fs.IntVar(&cfg.MemoryBudgetMB, "memory-budget-mb", envInt("MEMORY_BUDGET_MB", cfg.MemoryBudgetMB), "total maxmemory handed out; default 75% of RAM (env REDIS_AGENT_MEMORY_BUDGET_MB)")
-	fs.StringVar(&cfg.RedisUser, "redis-user", env("REDIS_USER", cfg.RedisUser), "user redis-server runs as when the agent is root (env REDIS_AGENT_REDIS_USER)")
-	fs.DurationVar(&cfg.ReadyTimeout, "ready-timeout", envDuration("READY_TIMEOUT", cfg.ReadyTimeout), "wait for a new redis-server to answer PING (env REDIS_AGENT_READY_TIMEOUT)")
-	fs.DurationVar(&cfg.StopTimeout, "stop-timeout", envDuration("STOP_TIMEOUT", cfg.StopTimeout), "graceful stop before SIGKILL (env REDIS_AGENT_STOP_TIMEOUT)")
-	fs.DurationVar(&cfg.Health.Interval, "health-interval", envDuration("HEALTH_INTERVAL", cfg.Health.Interval), "check (INFO) every running redis-server this often (env REDIS_AGENT_HEALTH_INTERVAL)")
-	fs.DurationVar(&cfg.Health.Timeout, "health-timeout", envDuration("HEALTH_TIMEOUT", cfg.Health.Timeout), "a check (INFO) unanswered after this fails (env REDIS_AGENT_HEALTH_TIMEOUT)")
-	fs.IntVar(&cfg.Health.Failures, "health-failures", envInt("HEALTH_FAILURES", cfg.Health.Failures), "failed checks in a row before a hung redis-server is killed and restarted (env REDIS_AGENT_HEALTH_FAILURES)")
-	fs.DurationVar(&cfg.Restart.Base, "restart-base", envDuration("RESTART_BASE", cfg.Restart.Base), "delay after the second fast crash in a row, doubling after (env REDIS_AGENT_RESTART_BASE)")
-	fs.DurationVar(&cfg.Restart.Max, "restart-max", envDuration("RESTART_MAX", cfg.Restart.Max), "longest restart delay (env REDIS_AGENT_RESTART_MAX)")
-	fs.DurationVar(&cfg.Restart.StableAfter, "restart-stable-after", envDuration("RESTART_STABLE_AFTER", cfg.Restart.StableAfter), "a run this long resets the crash count (env REDIS_AGENT_RESTART_STABLE_AFTER)")
+	fs.StringVar(&cfg.Agent.DataDir, "data-dir", env("DATA_DIR", cfg.Agent.DataDir), "state and instance directories (env REDIS_AGENT_DATA_DIR)")
+	fs.StringVar(&cfg.Agent.LogDir, "log-dir", env("LOG_DIR", cfg.Agent.LogDir), "redis-server logs; default <data-dir>/logs (env REDIS_AGENT_LOG_DIR)")
+	fs.IntVar(&cfg.Agent.PortMin, "port-min", envInt("PORT_MIN", cfg.Agent.PortMin), "lowest port for instances (env REDIS_AGENT_PORT_MIN)")
+	fs.IntVar(&cfg.Agent.PortMax, "port-max", envInt("PORT_MAX", cfg.Agent.PortMax), "highest port for instances (env REDIS_AGENT_PORT_MAX)")
+	fs.StringVar(&cfg.Agent.RedisServer, "redis-server", env("REDIS_SERVER", cfg.Agent.RedisServer), "redis-server executable; default from PATH (env REDIS_AGENT_REDIS_SERVER)")
+	fs.StringVar(&cfg.Agent.RedisCheckRDB, "redis-check-rdb", env("REDIS_CHECK_RDB", cfg.Agent.RedisCheckRDB), "redis-check-rdb executable a restore checks its file with; default beside redis-server, else from PATH (env REDIS_AGENT_REDIS_CHECK_RDB)")
+	fs.StringVar(&cfg.Agent.BindHost, "bind", env("BIND", cfg.Agent.BindHost), "address every redis-server listens on (env REDIS_AGENT_BIND)")
+	fs.StringVar(&cfg.Agent.AdvertiseHost, "advertise-host", env("ADVERTISE_HOST", cfg.Agent.AdvertiseHost), "host given in credentials; default the bind address (env REDIS_AGENT_ADVERTISE_HOST)")
+	fs.IntVar(&cfg.Agent.DefaultMemoryMB, "default-memory-mb", envInt("DEFAULT_MEMORY_MB", cfg.Agent.DefaultMemoryMB), "maxmemory of an instance provisioned without one (env REDIS_AGENT_DEFAULT_MEMORY_MB)")
+	fs.IntVar(&cfg.Agent.MemoryBudgetMB, "memory-budget-mb", envInt("MEMORY_BUDGET_MB", cfg.Agent.MemoryBudgetMB), "total maxmemory handed out; default 75% of RAM (env REDIS_AGENT_MEMORY_BUDGET_MB)")
+	fs.StringVar(&cfg.Agent.RedisUser, "redis-user", env("REDIS_USER", cfg.Agent.RedisUser), "user redis-server runs as when the agent is root (env REDIS_AGENT_REDIS_USER)")
+	fs.DurationVar(&cfg.Agent.ReadyTimeout, "ready-timeout", envDuration("READY_TIMEOUT", cfg.Agent.ReadyTimeout), "wait for a new redis-server to answer PING (env REDIS_AGENT_READY_TIMEOUT)")
+	fs.DurationVar(&cfg.Agent.StopTimeout, "stop-timeout", envDuration("STOP_TIMEOUT", cfg.Agent.StopTimeout), "graceful stop before SIGKILL (env REDIS_AGENT_STOP_TIMEOUT)")
+	fs.DurationVar(&cfg.Agent.Health.Interval, "health-interval", envDuration("HEALTH_INTERVAL", cfg.Agent.Health.Interval), "check (INFO) every running redis-server this often (env REDIS_AGENT_HEALTH_INTERVAL)")
+	fs.DurationVar(&cfg.Agent.Health.Timeout, "health-timeout", envDuration("HEALTH_TIMEOUT", cfg.Agent.Health.Timeout), "a check (INFO) unanswered after this fails (env REDIS_AGENT_HEALTH_TIMEOUT)")
+	fs.IntVar(&cfg.Agent.Health.Failures, "health-failures", envInt("HEALTH_FAILURES", cfg.Agent.Health.Failures), "failed checks in a row before a hung redis-server is killed and restarted (env REDIS_AGENT_HEALTH_FAILURES)")
+	fs.DurationVar(&cfg.Agent.Restart.Base, "restart-base", envDuration("RESTART_BASE", cfg.Agent.Restart.Base), "delay after the second fast crash in a row, doubling after (env REDIS_AGENT_RESTART_BASE)")
+	fs.DurationVar(&cfg.Agent.Restart.Max, "restart-max", envDuration("RESTART_MAX", cfg.Agent.Restart.Max), "longest restart delay (env REDIS_AGENT_RESTART_MAX)")
+	fs.DurationVar(&cfg.Agent.Restart.StableAfter, "restart-stable-after", envDuration("RESTART_STABLE_AFTER", cfg.Agent.Restart.StableAfter), "a run this long resets the crash count (env REDIS_AGENT_RESTART_STABLE_AFTER)")
 	tokenFile := fs.String("token-file", env("TOKEN_FILE", ""), "file holding the API bearer token (env REDIS_AGENT_TOKEN_FILE, or the token itself in REDIS_AGENT_TOKEN)")
-	fs.StringVar(&cfg.Cgroups, "cgroups", env("CGROUPS", cfg.Cgroups), "auto: a cgroup per instance (memory = 2 x maxmemory + 64 MiB, CPU, pids) where the host allows; off (env REDIS_AGENT_CGROUPS)")
-	fs.IntVar(&cfg.MaxClients, "max-clients", envInt("MAX_CLIENTS", 0), "maxclients of every redis-server; 0 = Redis's default, 10000 (env REDIS_AGENT_MAX_CLIENTS)")
-	fs.StringVar(&cfg.CgroupRoot, "cgroup-root", env("CGROUP_ROOT", ""), "parent cgroup of this agent's instances; default redis-agent for the default data dir, else redis-agent-<hash of the data dir> (env REDIS_AGENT_CGROUP_ROOT)")
-	fs.Uint64Var(&cfg.CPUShares, "cpu-shares", uint64(envInt("CPU_SHARES", int(cfg.CPUShares))), "relative CPU weight of each instance (env REDIS_AGENT_CPU_SHARES)")
-	fs.Float64Var(&cfg.CPUQuota, "cpu-quota", ev.float("CPU_QUOTA", cfg.CPUQuota), "hard CPU cap per instance in cores, 0 for none (env REDIS_AGENT_CPU_QUOTA)")
-	fs.Int64Var(&cfg.Pids, "pids-limit", int64(envInt("PIDS_LIMIT", int(cfg.Pids))), "most processes and threads per instance (env REDIS_AGENT_PIDS_LIMIT)")
+	fs.StringVar(&cfg.Agent.Cgroups, "cgroups", env("CGROUPS", cfg.Agent.Cgroups), "auto: a cgroup per instance (memory = 2 x maxmemory + 64 MiB, CPU, pids) where the host allows; off (env REDIS_AGENT_CGROUPS)")
+	fs.IntVar(&cfg.Agent.MaxClients, "max-clients", envInt("MAX_CLIENTS", 0), "maxclients of every redis-server; 0 = Redis's default, 10000 (env REDIS_AGENT_MAX_CLIENTS)")
+	fs.StringVar(&cfg.Agent.CgroupRoot, "cgroup-root", env("CGROUP_ROOT", ""), "parent cgroup of this agent's instances; default redis-agent for the default data dir, else redis-agent-<hash of the data dir> (env REDIS_AGENT_CGROUP_ROOT)")
+	fs.Uint64Var(&cfg.Agent.CPUShares, "cpu-shares", uint64(envInt("CPU_SHARES", int(cfg.Agent.CPUShares))), "relative CPU weight of each instance (env REDIS_AGENT_CPU_SHARES)")
+	fs.Float64Var(&cfg.Agent.CPUQuota, "cpu-quota", ev.float("CPU_QUOTA", cfg.Agent.CPUQuota), "hard CPU cap per instance in cores, 0 for none (env REDIS_AGENT_CPU_QUOTA)")
+	fs.Int64Var(&cfg.Agent.Pids, "pids-limit", int64(envInt("PIDS_LIMIT", int(cfg.Agent.Pids))), "most processes and threads per instance (env REDIS_AGENT_PIDS_LIMIT)")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", env("TLS_CERT", ""), "PEM certificate: serve the API over HTTPS (env REDIS_AGENT_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
-	maxUploads := fs.Int("max-uploads", envInt("MAX_UPLOADS", api.DefaultMaxUploads), "most restores (snapshot uploads) in progress at once; one more is answered 503 with Retry-After (env REDIS_AGENT_MAX_UPLOADS)")
+	fs.IntVar(&cfg.MaxUploads, "max-uploads", envInt("MAX_UPLOADS", cfg.MaxUploads), "most restores (snapshot uploads) in progress at once; one more is answered 503 with Retry-After (env REDIS_AGENT_MAX_UPLOADS)")
 	pprofListen := fs.String("pprof-listen", env("PPROF_LISTEN", ""), "serve net/http/pprof on this loopback address, for profiling (env REDIS_AGENT_PPROF_LISTEN)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
@@ -149,14 +142,14 @@ func parse(args []string, out io.Writer) (settings, error) {
 	if err := errors.Join(ev.errs...); err != nil {
 		return settings{}, err
 	}
-	if *maxUploads < 1 {
-		return settings{}, fmt.Errorf("--max-uploads %d: want at least 1", *maxUploads)
+	if cfg.MaxUploads < 1 {
+		return settings{}, fmt.Errorf("--max-uploads %d: want at least 1", cfg.MaxUploads)
 	}
 	var err error
 	if cfg.Token, err = token(*tokenFile); err != nil {
 		return settings{}, err
 	}
-	return settings{cfg: cfg, maxUploads: *maxUploads, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
+	return settings{cfg: cfg, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
 }
 
 // token reads the API token from file, else from REDIS_AGENT_TOKEN. White
@@ -203,7 +196,7 @@ func run(args []string) error {
 	default:
 		return fmt.Errorf("log format %q: want text, json or auto", st.logFormat)
 	}
-	cfg.Logger = slog.New(h)
+	cfg.Agent.Logger = slog.New(h)
 
 	if st.pprofListen != "" {
 		if err := servePprof(st.pprofListen); err != nil {
@@ -213,22 +206,5 @@ func run(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), collectors.NewBuildInfoCollector())
-	cfg.Registerer = reg
-	return agent.Run(ctx, cfg, func(svc *agent.Service) http.Handler {
-		return api.New(api.Options{
-			Service:     svc,
-			Logger:      cfg.Logger,
-			Token:       cfg.Token,
-			ClientCert:  cfg.TLSClientCA != "",
-			MetricsAuth: cfg.MetricsAuth,
-			MaxUploads:  st.maxUploads,
-			Ready:       svc.Ready,
-			Live:        svc.Live,
-			Registerer:  reg,
-			Gatherer:    reg,
-		})
-	})
+	return server.Run(ctx, cfg)
 }

@@ -48,11 +48,11 @@ func TestTokenIsTrimmed(t *testing.T) {
 func TestCPUQuotaFromEnvironment(t *testing.T) {
 	t.Setenv("REDIS_AGENT_CPU_QUOTA", "1.5")
 	st, err := parse(nil, io.Discard)
-	if err != nil || st.cfg.CPUQuota != 1.5 {
-		t.Fatalf("REDIS_AGENT_CPU_QUOTA=1.5: CPUQuota = %v, %v", st.cfg.CPUQuota, err)
+	if err != nil || st.cfg.Agent.CPUQuota != 1.5 {
+		t.Fatalf("REDIS_AGENT_CPU_QUOTA=1.5: CPUQuota = %v, %v", st.cfg.Agent.CPUQuota, err)
 	}
-	if st, err := parse([]string{"--cpu-quota", "2"}, io.Discard); err != nil || st.cfg.CPUQuota != 2 {
-		t.Fatalf("the flag does not win over the environment: %v, %v", st.cfg.CPUQuota, err)
+	if st, err := parse([]string{"--cpu-quota", "2"}, io.Discard); err != nil || st.cfg.Agent.CPUQuota != 2 {
+		t.Fatalf("the flag does not win over the environment: %v, %v", st.cfg.Agent.CPUQuota, err)
 	}
 	t.Setenv("REDIS_AGENT_CPU_QUOTA", "half")
 	if _, err := parse(nil, io.Discard); err == nil || !strings.Contains(err.Error(), "REDIS_AGENT_CPU_QUOTA") {
@@ -107,12 +107,12 @@ func TestHelpHealthCheckIsINFO(t *testing.T) {
 
 // --max-uploads bounds the restores in progress; at least one.
 func TestMaxUploads(t *testing.T) {
-	if st, err := parse(nil, io.Discard); err != nil || st.maxUploads != 4 {
-		t.Fatalf("default max uploads = %d, %v; want 4", st.maxUploads, err)
+	if st, err := parse(nil, io.Discard); err != nil || st.cfg.MaxUploads != 4 {
+		t.Fatalf("default max uploads = %d, %v; want 4", st.cfg.MaxUploads, err)
 	}
 	t.Setenv("REDIS_AGENT_MAX_UPLOADS", "8")
-	if st, err := parse(nil, io.Discard); err != nil || st.maxUploads != 8 {
-		t.Fatalf("REDIS_AGENT_MAX_UPLOADS=8: %d, %v", st.maxUploads, err)
+	if st, err := parse(nil, io.Discard); err != nil || st.cfg.MaxUploads != 8 {
+		t.Fatalf("REDIS_AGENT_MAX_UPLOADS=8: %d, %v", st.cfg.MaxUploads, err)
 	}
 	if _, err := parse([]string{"--max-uploads", "0"}, io.Discard); err == nil || !strings.Contains(err.Error(), "--max-uploads") {
 		t.Fatalf("--max-uploads 0: %v, want an error", err)
