@@ -1,8 +1,10 @@
-// Package agent is the composition root of redis-agent and the Service the
-// API calls: it provisions, binds, restarts and deletes instances by
-// combining the state store, the port allocator, the per-instance volumes,
-// the Redis config renderer and one supervisor per instance, and at start
-// it reconciles what the state says with what runs on the machine.
+// Package agent is the Service the API calls: it provisions, binds,
+// restarts and deletes instances by combining the state store, the port
+// allocator, the per-instance volumes, the Redis config renderer and one
+// supervisor per instance, and at start it reconciles what the state says
+// with what runs on the machine. Restores prove their file with a loader
+// (loader.go) and rollouts are a type of their own (rollout.go); serving
+// the API and talking to systemd are package server's.
 //
 // Every operation writes its intent to the state store before it has a
 // side effect, so a crash at any point leaves a record that reconcile can
