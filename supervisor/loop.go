@@ -34,7 +34,7 @@ type loop struct {
 	// failures is the count of fast failures in a row, for Policy.Decide.
 	failures int
 	// backoff starts a backed-off instance when it fires.
-	backoff *time.Timer
+	backoff Timer
 	// Health checks: one in flight at a time (checking), its result on
 	// healthRes; healthFails counts failed ones in a row.
 	healthRes   chan healthResult
@@ -42,7 +42,7 @@ type loop struct {
 	healthFails int
 	// hungKill sends SIGKILL to a hung process that SIGTERM, sent first
 	// because a graceful exit persists its data, has not ended.
-	hungKill *time.Timer
+	hungKill Timer
 }
 
 // Run supervises until Stop is called or ctx is cancelled. Cancelling ctx
@@ -51,7 +51,7 @@ func (s *Supervisor) Run(ctx context.Context) {
 	defer close(s.done)
 	l := &loop{s: s, healthRes: make(chan healthResult, 1)}
 	defer l.stopTimers()
-	health := time.NewTicker(s.cfg.Health.Interval)
+	health := s.cfg.Clock.NewTicker(s.cfg.Health.Interval)
 	defer health.Stop()
 
 	if a := s.cfg.Adopt; a != nil {
@@ -80,7 +80,7 @@ func (s *Supervisor) Run(ctx context.Context) {
 			l.onExit()
 		case <-timerC(l.backoff):
 			l.onTimer()
-		case <-health.C:
+		case <-health.C():
 			l.onHealthTick()
 		case res := <-l.healthRes:
 			l.onHealthResult(res)
@@ -91,11 +91,11 @@ func (s *Supervisor) Run(ctx context.Context) {
 }
 
 // timerC is t's channel, or nil (never ready) when there is no timer.
-func timerC(t *time.Timer) <-chan time.Time {
+func timerC(t Timer) <-chan time.Time {
 	if t == nil {
 		return nil
 	}
-	return t.C
+	return t.C()
 }
 
 // transition moves the state to `to` and applies fn (the fields that
@@ -129,13 +129,13 @@ func (l *loop) start() {
 	r, err := s.spawn()
 	if err != nil {
 		s.log.Error("spawn redis-server", "err", err)
-		ex := &Exit{Time: time.Now(), Code: -1, Reason: "spawn failed: " + err.Error()}
+		ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: "spawn failed: " + err.Error()}
 		d := s.cfg.Policy.Decide(l.failures, 0, s.cfg.Rand())
 		l.failures = d.Failures
-		l.backoff = time.NewTimer(max(d.Delay, s.cfg.Policy.Base))
+		l.backoff = s.cfg.Clock.NewTimer(max(d.Delay, s.cfg.Policy.Base))
 		st := l.transition(backoffState(d), func(st *Status) {
 			st.LastExit, st.Process = ex, Process{}
-			st.NextStart = time.Now().Add(d.Delay)
+			st.NextStart = s.cfg.Clock.Now().Add(d.Delay)
 		})
 		s.cfg.OnEvent(Event{Kind: Exited, Exit: ex, State: st.State, Restarts: st.Restarts})
 		return
@@ -215,7 +215,7 @@ func (l *loop) onReady(err error) {
 	cur.ready = nil
 	if err == nil {
 		st := l.transition(Running, nil)
-		s.log.Info("redis-server ready", "pid", cur.p.PID, "after", time.Since(cur.started).Round(time.Millisecond))
+		s.log.Info("redis-server ready", "pid", cur.p.PID, "after", s.cfg.Clock.Now().Sub(cur.started).Round(time.Millisecond))
 		s.cfg.OnEvent(Event{Kind: Ready, Process: cur.p, State: st.State, Restarts: st.Restarts})
 		return
 	}
@@ -238,7 +238,7 @@ func (l *loop) onExit() {
 	st := l.transition(backoffState(d), func(st *Status) {
 		st.Restarts++
 		st.LastExit, st.Process = ex, Process{}
-		st.NextStart = time.Now().Add(d.Delay)
+		st.NextStart = s.cfg.Clock.Now().Add(d.Delay)
 	})
 	s.log.Warn("redis-server exited", "code", ex.Code, "signal", ex.Signal, "reason", ex.Reason,
 		"ran", ran.Round(time.Millisecond), "restart_in", d.Delay.Round(time.Millisecond), "failures", d.Failures)
@@ -246,7 +246,7 @@ func (l *loop) onExit() {
 	if d.Delay == 0 {
 		l.start()
 	} else {
-		l.backoff = time.NewTimer(d.Delay)
+		l.backoff = s.cfg.Clock.NewTimer(d.Delay)
 	}
 }
 
@@ -295,7 +295,7 @@ func (l *loop) onHealthResult(res healthResult) {
 		l.healthFails = 0
 		cur.kind = ReasonHung
 		s.replaceHung(cur)
-		l.hungKill = time.NewTimer(s.cfg.StopTimeout)
+		l.hungKill = s.cfg.Clock.NewTimer(s.cfg.StopTimeout)
 	}
 }
 

@@ -29,7 +29,9 @@ func (s *Supervisor) spawn() (*running, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	started := time.Now()
+	// started is on the loop's clock (the restart policy judges the run);
+	// the readiness probe waits in real time from now.
+	started, now := s.cfg.Clock.Now(), time.Now()
 	pid := cmd.Process.Pid
 	p, err := identify(pid)
 	if err != nil {
@@ -43,7 +45,7 @@ func (s *Supervisor) spawn() (*running, error) {
 	}
 	r := &running{p: p, cmd: cmd, started: started}
 	r.watch = watchExit(p)
-	s.probe(r, started)
+	s.probe(r, now)
 	s.log.Info("spawned redis-server", "pid", pid)
 	return r, nil
 }
@@ -145,7 +147,7 @@ func isLoading(err error) bool {
 
 // exitOf reaps a child that has exited and describes how it ended.
 func (s *Supervisor) exitOf(r *running) *Exit {
-	ex := &Exit{Time: time.Now(), Code: -1, Reason: ReasonCrash}
+	ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: ReasonCrash}
 	if r.kind != "" {
 		ex.Reason = r.kind
 	}

@@ -46,7 +46,8 @@
 // and the requests to the loop), state.go the states and their edges,
 // loop.go Run and its handlers, spawn.go the process itself (spawning,
 // adoption, probing, signals), proc.go and watch.go what /proc and pidfds
-// say about it, policy.go the restart policy.
+// say about it, policy.go the restart policy, clock.go the clock that
+// times the policy and the health checks.
 package supervisor
 
 import (
@@ -164,6 +165,9 @@ type Config struct {
 	Logger   *slog.Logger
 	// Rand returns uniform numbers in [0, 1) for jitter; nil = math/rand.
 	Rand func() float64
+	// Clock times the restart policy and the health checks; nil is the
+	// real clock.
+	Clock Clock
 }
 
 // Health configures hang detection.
@@ -238,6 +242,9 @@ func New(cfg Config) *Supervisor {
 	}
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Float64
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = realClock{}
 	}
 	if cfg.Env == nil {
 		// Not nil: exec gives a nil Env the agent's environment.
