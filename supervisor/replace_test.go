@@ -31,8 +31,9 @@ type redisInstance struct {
 }
 
 // newRedisSup supervises a redis-server rendered like the agent's, with
-// AOF persistence, and stops it (no save) at the test's end.
-func newRedisSup(t *testing.T) *redisInstance {
+// AOF persistence, and stops it (no save) at the test's end. mod, when
+// set, changes the config first.
+func newRedisSup(t *testing.T, mod func(*Config)) *redisInstance {
 	t.Helper()
 	bin := testenv.RedisServer(t)
 	dir := t.TempDir()
@@ -53,7 +54,7 @@ func newRedisSup(t *testing.T) *redisInstance {
 	}
 	admin := redis.NewAdmin("127.0.0.1", port, pass)
 	rec := &recorder{}
-	s := New(Config{
+	cfg := Config{
 		Binary:       bin,
 		ConfPath:     conf,
 		Dir:          dir,
@@ -65,7 +66,11 @@ func newRedisSup(t *testing.T) *redisInstance {
 		StopTimeout:  5 * time.Second,
 		OnEvent:      rec.on,
 		Rand:         func() float64 { return 0.5 },
-	})
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s := New(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	go s.Run(ctx)
 	client := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:" + strconv.Itoa(port), Username: redis.AdminUser, Password: pass,
@@ -159,7 +164,7 @@ func (r *redisInstance) waitEvents(t *testing.T, n int) []Event {
 }
 
 func TestReplaceRunsNewBinaryAndKeepsData(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	ctx := context.Background()
 	old := r.waitReady(t)
 	if old.Binary != r.binary || r.s.Binary() != r.binary {
@@ -249,19 +254,11 @@ func TestReplaceRunsNewBinaryAndKeepsData(t *testing.T) {
 	}
 	// ...and a restart after a crash.
 	syscall.Kill(cur2.Process.PID, syscall.SIGKILL)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st := r.s.Status()
-		if st.State == Running && st.Process.PID != cur2.Process.PID {
-			if lastPID(t, pids) != st.Process.PID || st.Binary != wrapper {
-				t.Fatalf("after a crash: pid %d from %q, the wrapper's pid %d", st.Process.PID, st.Binary, lastPID(t, pids))
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not restarted after a crash: %+v", st)
-		}
-		time.Sleep(5 * time.Millisecond)
+	st := waitStatus(t, r.s, "a restart after a crash", 10*time.Second, func(st Status) bool {
+		return st.State == Running && st.Process.PID != cur2.Process.PID
+	})
+	if lastPID(t, pids) != st.Process.PID || st.Binary != wrapper {
+		t.Fatalf("after a crash: pid %d from %q, the wrapper's pid %d", st.Process.PID, st.Binary, lastPID(t, pids))
 	}
 	if v, err := r.client.Get(ctx, "k").Result(); err != nil || v != "before the replace" {
 		t.Fatalf("GET k after a crash = %q, %v", v, err)
@@ -278,7 +275,7 @@ func errString(err error) string {
 // between runs while no process runs, so it may change the data directory:
 // the new process starts on what it left.
 func TestReplaceBetweenChangesData(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	ctx := context.Background()
 	r.waitReady(t)
 	if err := r.client.Set(ctx, "k", "v", 0).Err(); err != nil {
@@ -306,7 +303,7 @@ func TestReplaceBetweenChangesData(t *testing.T) {
 // An error from between is returned after the new process is started:
 // the instance is never left down, and the new binary is in use.
 func TestReplaceBetweenError(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	ctx := context.Background()
 	old := r.waitReady(t)
 	wrapper, pids := r.wrapper(t)
@@ -336,9 +333,11 @@ func TestReplaceBetweenError(t *testing.T) {
 // A binary that exits at once: Replace returns once it is spawned, and
 // then the supervisor treats its exits like crashes (backoff, crashloop)
 // and WaitReady fails. Replacing again with a good binary, as the rollout
-// does, brings the instance back from backoff, data included.
+// does, brings the instance back from backoff, data included. The backoff
+// runs on a clock the test moves.
 func TestReplaceWithBinaryThatExits(t *testing.T) {
-	r := newRedisSup(t)
+	clk := newFakeClock()
+	r := newRedisSup(t, func(c *Config) { c.Clock = clk })
 	ctx := context.Background()
 	old := r.waitReady(t)
 	if err := r.client.Set(ctx, "k", "kept", 0).Err(); err != nil {
@@ -354,7 +353,15 @@ func TestReplaceWithBinaryThatExits(t *testing.T) {
 	if err == nil || errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("WaitReady on a binary that exits = %v, want a failed start", err)
 	}
-	st := waitState(t, r.s, Crashloop, 10*time.Second)
+	// Through the backoffs to crashloop: each poll that does not see it
+	// yet ends any backoff (200 ms is the policy's maximum).
+	st := waitStatus(t, r.s, "state crashloop", 10*time.Second, func(st Status) bool {
+		if st.State == Crashloop {
+			return true
+		}
+		clk.Advance(200 * time.Millisecond)
+		return false
+	})
 	if st.Binary != bad || st.LastExit == nil || st.LastExit.Code != 1 || st.LastExit.Reason != ReasonCrash {
 		t.Fatalf("crashloop status %+v, last exit %+v; want exits with code 1 of %s", st, st.LastExit, bad)
 	}
@@ -381,9 +388,12 @@ func TestReplaceWithBinaryThatExits(t *testing.T) {
 		t.Fatalf("GET k after the round trip through a bad binary = %q, %v", v, err)
 	}
 	// Running again, it stays running: no backoff timer left from the
-	// crashloop restarts it.
+	// crashloop restarts it. (Replace stopped the one crashloop had set
+	// before it returned.)
 	n := cur.Restarts
-	time.Sleep(300 * time.Millisecond) // past the 200 ms maximum backoff
+	if fired := clk.Advance(300 * time.Millisecond); fired != 0 { // past the 200 ms maximum backoff
+		t.Fatalf("%d timers fired after recovering; want none left from the crashloop", fired)
+	}
 	if st := r.s.Status(); st.State != Running || st.Process != cur.Process || st.Restarts != n {
 		t.Fatalf("after recovering: %+v, want pid %d running and %d restarts", st, cur.Process.PID, n)
 	}
@@ -392,7 +402,7 @@ func TestReplaceWithBinaryThatExits(t *testing.T) {
 // A binary that cannot be executed fails the spawn: the supervisor backs
 // off with the spawn error as the last exit, and a later Replace recovers.
 func TestReplaceWithMissingBinary(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	ctx := context.Background()
 	r.waitReady(t)
 	missing := filepath.Join(t.TempDir(), "no-such-redis-server")
@@ -444,7 +454,7 @@ func TestReplaceContextEndsWhileBusy(t *testing.T) {
 	s, _, _ := newSup(t, "ignore-term", &fakeAdmin{}, nil)
 	waitState(t, s, Running, 5*time.Second)
 	go s.Restart(context.Background()) // keeps the loop in terminate for the 300 ms stop timeout
-	time.Sleep(50 * time.Millisecond)
+	waitState(t, s, Stopping, 5*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	t0 := time.Now()
@@ -479,7 +489,7 @@ func TestReplaceWithCancelledContextDoesNothing(t *testing.T) {
 // WaitReady must not return nil for a server that is down. (The gap also
 // spans the graceful shutdown, up to StopTimeout.)
 func TestReplaceStatusDuringGap(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	r.waitReady(t)
 	var (
 		state State
@@ -506,7 +516,7 @@ func TestReplaceStatusDuringGap(t *testing.T) {
 // yet: it has no data to persist then) rather than waiting StopTimeout for
 // an exit that never comes and a SIGKILL.
 func TestReplaceRightAfterSpawnIsGraceful(t *testing.T) {
-	r := newRedisSup(t)
+	r := newRedisSup(t, nil)
 	ctx := context.Background()
 	r.waitReady(t)
 	if err := r.s.Replace(ctx, "", nil); err != nil {

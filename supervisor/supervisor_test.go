@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 // The fake redis-server is this test binary run again with one argument,
@@ -145,19 +147,28 @@ func newSup(t *testing.T, mode string, admin Admin, mod func(*Config)) (*Supervi
 	return s, rec, cancel
 }
 
+// waitStatus waits until cond holds for the supervisor's status and
+// returns that status; when it never does, the failure shows the last one.
+func waitStatus(t *testing.T, s *Supervisor, what string, timeout time.Duration, cond func(Status) bool) Status {
+	t.Helper()
+	var st Status
+	ok := false
+	defer func() {
+		if !ok { // Eventually failed the test; it ends through here
+			t.Logf("last status %+v, last exit %+v", st, st.LastExit)
+		}
+	}()
+	testenv.Eventually(t, what, timeout, func() bool {
+		st = s.Status()
+		return cond(st)
+	})
+	ok = true
+	return st
+}
+
 func waitState(t *testing.T, s *Supervisor, want State, timeout time.Duration) Status {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		st := s.Status()
-		if st.State == want {
-			return st
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("state %v after %v, want %v (status %+v)", st.State, timeout, want, st)
-		}
-		time.Sleep(time.Millisecond)
-	}
+	return waitStatus(t, s, "state "+want.String(), timeout, func(st Status) bool { return st.State == want })
 }
 
 func TestSpawnReadyStop(t *testing.T) {
@@ -170,6 +181,9 @@ func TestSpawnReadyStop(t *testing.T) {
 	if st.State != Running || st.Process.PID == 0 || st.Process.StartTime == 0 {
 		t.Fatalf("status = %+v", st)
 	}
+	// WaitReady returns on the status change, a moment before the Ready
+	// event is delivered.
+	testenv.Eventually(t, "two events", 5*time.Second, func() bool { return len(rec.kinds()) >= 2 })
 	if k := rec.kinds(); len(k) != 2 || k[0] != Started || k[1] != Ready {
 		t.Fatalf("events = %v, want Started, Ready", k)
 	}
@@ -199,20 +213,12 @@ func TestCrashIsRestartedAtOnce(t *testing.T) {
 	st := waitState(t, s, Running, 5*time.Second)
 	killed := time.Now()
 	syscall.Kill(st.Process.PID, syscall.SIGKILL)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		cur := s.Status()
-		if cur.State == Running && cur.Process.PID != st.Process.PID {
-			t.Logf("restarted %v after SIGKILL", time.Since(killed))
-			if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Signal != "killed" || cur.LastExit.Reason != ReasonCrash {
-				t.Fatalf("after crash: %+v, last exit %+v", cur, cur.LastExit)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not restarted: %+v", cur)
-		}
-		time.Sleep(time.Millisecond)
+	cur := waitStatus(t, s, "a restart after SIGKILL", 5*time.Second, func(cur Status) bool {
+		return cur.State == Running && cur.Process.PID != st.Process.PID
+	})
+	t.Logf("restarted %v after SIGKILL", time.Since(killed))
+	if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Signal != "killed" || cur.LastExit.Reason != ReasonCrash {
+		t.Fatalf("after crash: %+v, last exit %+v", cur, cur.LastExit)
 	}
 }
 
@@ -227,34 +233,18 @@ func TestExitCodeAndCrashloop(t *testing.T) {
 	}
 	// It keeps trying: the restart count goes on growing.
 	n := st.Restarts
-	deadline := time.Now().Add(5 * time.Second)
-	for s.Status().Restarts == n {
-		if time.Now().After(deadline) {
-			t.Fatal("supervisor gave up on a crashlooping instance")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitStatus(t, s, "another restart of a crashlooping instance", 5*time.Second, func(st Status) bool { return st.Restarts != n })
 }
 
 func TestUnreadyProcessIsKilled(t *testing.T) {
 	s, _, _ := newSup(t, "sleep", &fakeAdmin{pingErr: errors.New("refused")}, nil)
 	first := waitState(t, s, Starting, time.Second).Process
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		st := s.Status()
-		if st.LastExit != nil {
-			if st.LastExit.Reason != ReasonUnready || st.LastExit.Signal != "killed" {
-				t.Fatalf("last exit %+v, want unready/killed", st.LastExit)
-			}
-			if Verify(first, "fake:sleep") == nil {
-				t.Fatal("unready process still alive")
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("unready process never killed: %+v", st)
-		}
-		time.Sleep(5 * time.Millisecond)
+	st := waitStatus(t, s, "the unready process killed", 5*time.Second, func(st Status) bool { return st.LastExit != nil })
+	if st.LastExit.Reason != ReasonUnready || st.LastExit.Signal != "killed" {
+		t.Fatalf("last exit %+v, want unready/killed", st.LastExit)
+	}
+	if Verify(first, "fake:sleep") == nil {
+		t.Fatal("unready process still alive")
 	}
 }
 
@@ -294,21 +284,13 @@ func TestShutdownLeavesProcessAndAdoptWatchesIt(t *testing.T) {
 	}
 	killed := time.Now()
 	syscall.Kill(p.PID, syscall.SIGKILL)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		cur := s2.Status()
-		if cur.Restarts == 1 && cur.Process.PID != p.PID && cur.Process.PID != 0 {
-			t.Logf("adopted process's death noticed and replaced after %v", time.Since(killed))
-			// Not our child: its exit status is unknown.
-			if cur.LastExit.Code != -1 {
-				t.Fatalf("last exit %+v: an adopted process's status cannot be known", cur.LastExit)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("adopted process's death not noticed: %+v", cur)
-		}
-		time.Sleep(time.Millisecond)
+	cur := waitStatus(t, s2, "the adopted process's death noticed and replaced", 5*time.Second, func(cur Status) bool {
+		return cur.Restarts == 1 && cur.Process.PID != p.PID && cur.Process.PID != 0
+	})
+	t.Logf("adopted process's death noticed and replaced after %v", time.Since(killed))
+	// Not our child: its exit status is unknown.
+	if cur.LastExit.Code != -1 {
+		t.Fatalf("last exit %+v: an adopted process's status cannot be known", cur.LastExit)
 	}
 }
 
@@ -372,51 +354,54 @@ func TestHealthChecks(t *testing.T) {
 			var noAnswer error = context.DeadlineExceeded
 			a.after.Store(&noAnswer)
 			t0 := time.Now()
-			deadline := time.Now().Add(5 * time.Second)
-			for {
-				st := s.Status()
-				if st.LastExit != nil {
-					if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != tt.wantSignal || Verify(first, "fake:"+tt.mode) == nil {
-						t.Fatalf("last exit %+v; want hung, signal %q, and the process gone", st.LastExit, tt.wantSignal)
-					}
-					took := time.Since(t0)
-					if tt.wantSignal == "killed" && !tt.stop && took < 2*time.Second {
-						t.Fatalf("killed %v after the hang began, before the 2 s grace for SIGTERM", took)
-					}
-					if tt.stop && took > 1500*time.Millisecond {
-						t.Fatalf("a stopped process was killed only after %v: it cannot act on SIGTERM", took)
-					}
-					return
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("a process that stopped answering was not replaced")
-				}
-				time.Sleep(5 * time.Millisecond)
+			st := waitStatus(t, s, "the process that stopped answering replaced", 5*time.Second, func(st Status) bool { return st.LastExit != nil })
+			took := time.Since(t0)
+			if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != tt.wantSignal || Verify(first, "fake:"+tt.mode) == nil {
+				t.Fatalf("last exit %+v; want hung, signal %q, and the process gone", st.LastExit, tt.wantSignal)
+			}
+			if tt.wantSignal == "killed" && !tt.stop && took < 2*time.Second {
+				t.Fatalf("killed %v after the hang began, before the 2 s grace for SIGTERM", took)
+			}
+			if tt.stop && took > 1500*time.Millisecond {
+				t.Fatalf("a stopped process was killed only after %v: it cannot act on SIGTERM", took)
 			}
 		})
 	}
+	// Answers that show a live process, checked 20 times (far past 3
+	// failures) on a clock the test moves: every check but the last has
+	// been judged when the 20th starts, since one starts only once the
+	// one before it was.
+	alive := func(t *testing.T, e error) {
+		t.Helper()
+		a := &fakeAdmin{}
+		clk := newFakeClock()
+		var checks atomic.Int64
+		s, _, _ := newSup(t, "sleep", a, func(c *Config) {
+			health(c)
+			c.Clock = clk
+			c.Check = func(ctx context.Context, _ int) error { checks.Add(1); return a.Ping(ctx) }
+		})
+		waitState(t, s, Running, 5*time.Second)
+		a.after.Store(&e)
+		from := checks.Load()
+		for i := range int64(20) {
+			testenv.Eventually(t, "health check "+strconv.FormatInt(i+1, 10), 5*time.Second, func() bool {
+				clk.Advance(10 * time.Millisecond) // one interval: a tick, unless a check is in flight
+				return checks.Load() > from+i
+			})
+		}
+		if st := s.Status(); st.State != Running || st.Restarts != 0 {
+			t.Fatalf("%v answers: status %+v; want running, never restarted", e, st)
+		}
+	}
 	t.Run("an answer that is an error is alive", func(t *testing.T) {
 		for _, e := range []error{aliveErr{"ERR max number of clients reached"}, aliveErr{"connection closed by redis-server: EOF"}} {
-			a := &fakeAdmin{}
-			s, _, _ := newSup(t, "sleep", a, health)
-			waitState(t, s, Running, 5*time.Second)
-			a.after.Store(&e)
-			time.Sleep(200 * time.Millisecond) // 20 intervals, far past 3 failures
-			if st := s.Status(); st.State != Running || st.Restarts != 0 {
-				t.Fatalf("%v answers: status %+v; want running, never restarted", e, st)
-			}
+			alive(t, e)
 		}
 	})
 	t.Run("busy and loading are alive", func(t *testing.T) {
 		for _, e := range []error{busyErr{}, loadingErr{}} {
-			a := &fakeAdmin{}
-			s, _, _ := newSup(t, "sleep", a, health)
-			waitState(t, s, Running, 5*time.Second)
-			a.after.Store(&e)
-			time.Sleep(200 * time.Millisecond) // 20 intervals, far past 3 failures
-			if st := s.Status(); st.State != Running || st.Restarts != 0 {
-				t.Fatalf("%v answers: status %+v; want running, never restarted", e, st)
-			}
+			alive(t, e)
 		}
 	})
 }

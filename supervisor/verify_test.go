@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 func TestParseListeners(t *testing.T) {
@@ -26,19 +28,16 @@ func TestParseListeners(t *testing.T) {
 // readPort waits for the fake "listen" server in dir to write its port.
 func readPort(t *testing.T, dir string) int {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	var port int
+	testenv.Eventually(t, "the fake server to write its port", 5*time.Second, func() bool {
 		b, err := os.ReadFile(filepath.Join(dir, "port"))
-		if err == nil {
-			if p, err := strconv.Atoi(string(b)); err == nil {
-				return p
-			}
+		if err != nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the fake server wrote no port")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		port, err = strconv.Atoi(string(b))
+		return err == nil
+	})
+	return port
 }
 
 // A process is adopted only when it is the redis-server binary, names the
