@@ -448,17 +448,16 @@ func runLoader(t *testing.T) (dir, sock string) {
 // waitFields waits until a answers INFO.
 func waitFields(t *testing.T, a *Admin) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		_, err := a.Fields(context.Background(), "server")
-		if err == nil {
-			return
+	var err error
+	defer func() {
+		if err != nil { // Eventually failed the test; it ends through here
+			t.Logf("last error: %v", err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no INFO over the socket: %v", err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	}()
+	testenv.Eventually(t, "INFO over the socket", 5*time.Second, func() bool {
+		_, err = a.Fields(context.Background(), "server")
+		return err == nil
+	})
 }
 
 func TestNewSocketAdmin(t *testing.T) {

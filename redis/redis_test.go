@@ -218,13 +218,7 @@ func runRedis(t *testing.T, conf string) *exec.Cmd {
 // waitUp waits until a answers PING on fresh connections.
 func waitUp(t *testing.T, a *Admin) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for a.Ping(context.Background()) != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("redis not up")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testenv.Eventually(t, "redis to answer PING", 5*time.Second, func() bool { return a.Ping(context.Background()) == nil })
 }
 
 // A script running past busy-reply-threshold makes PING answer BUSY, which
@@ -302,16 +296,7 @@ func TestInfoReusesConnectionAcrossRestart(t *testing.T) {
 	defer a.Close()
 	ctx := context.Background()
 	waitInfo := func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			if _, err := a.Info(ctx); err == nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("no INFO")
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		testenv.Eventually(t, "INFO", 5*time.Second, func() bool { _, err := a.Info(ctx); return err == nil })
 	}
 	first := start()
 	waitInfo()
