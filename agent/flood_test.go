@@ -35,6 +35,9 @@ func loseControl(t *testing.T, s *Service, addr, id string) {
 	for range 20 {
 		in.admin.Close()
 		testenv.Flood(t, addr)
+		// A health check that dialled before the flood took the slot
+		// may still be logging in: let it finish (or fail) first.
+		time.Sleep(300 * time.Millisecond)
 		if !in.admin.Connected() {
 			return
 		}

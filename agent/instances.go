@@ -590,6 +590,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		Binary:      rec.Binary,
 		Metadata:    rec.Metadata,
 	}
+	inst.RedisVersion = s.roll.versionOf(rec)
 	for bid := range rec.Bindings {
 		inst.Bindings = append(inst.Bindings, bid)
 	}

@@ -514,7 +514,7 @@ func TestRollingUpgrade(t *testing.T) {
 	fresh := func(id string) *goredis.Client {
 		return client(t, creds[id].Port, creds[id].Username, creds[id].Password)
 	}
-	if st, err := s.StartRollout(ctx); err != nil || st.State != RolloutDone || st.Total != 0 {
+	if st, err := s.StartRollout(ctx, nil); err != nil || st.State != RolloutDone || st.Total != 0 {
 		t.Fatalf("rollout with nothing to move = %+v, %v; want done at once", st, err)
 	}
 	shutdown(t, s, false)
@@ -558,7 +558,7 @@ func TestRollingUpgrade(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}()
-	st, err := s.StartRollout(ctx)
+	st, err := s.StartRollout(ctx, nil)
 	if err != nil || st.State != RolloutRunning || st.Total != 3 {
 		t.Fatalf("StartRollout = %+v, %v", st, err)
 	}
@@ -586,7 +586,7 @@ func TestRollingUpgrade(t *testing.T) {
 	shutdown(t, s, false)
 	cfg.RedisServer = writeWrapper(t, real, "7.0.100", 1)
 	s = startService(t, cfg)
-	if _, err := s.StartRollout(ctx); err != nil {
+	if _, err := s.StartRollout(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	st = waitRollout(t, s, 60*time.Second)
@@ -656,7 +656,7 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 
 	// A build that cannot even say its version is refused outright.
 	replaceInPlace(t, cfg.RedisServer, []byte("#!/bin/sh\necho broken build >&2\nexit 1\n"))
-	if st, err := s.StartRollout(ctx); err == nil || !strings.Contains(err.Error(), "--version") {
+	if st, err := s.StartRollout(ctx, nil); err == nil || !strings.Contains(err.Error(), "--version") {
 		t.Fatalf("StartRollout onto a binary whose --version fails = %+v, %v; want an error", st, err)
 	}
 	for _, id := range ids {
@@ -671,7 +671,7 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	replaceInPlace(t, cfg.RedisServer, broken)
-	if st, err := s.StartRollout(ctx); err != nil || st.State != RolloutRunning {
+	if st, err := s.StartRollout(ctx, nil); err != nil || st.State != RolloutRunning {
 		t.Fatalf("StartRollout after an in-place upgrade = %+v, %v", st, err)
 	}
 	st := waitRollout(t, s, 60*time.Second)
@@ -703,7 +703,7 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 
 	// The fixed build, at the same path.
 	replaceInPlace(t, cfg.RedisServer, real)
-	if _, err := s.StartRollout(ctx); err != nil {
+	if _, err := s.StartRollout(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	if st := waitRollout(t, s, 60*time.Second); st.State != RolloutDone || st.Moved != 2 {
@@ -812,7 +812,7 @@ func TestRolloutDoesNotBlameABrokenInstance(t *testing.T) {
 
 	cfg.RedisServer = writeWrapper(t, real, "7.0.103", 0)
 	s = startService(t, cfg)
-	if _, err := s.StartRollout(ctx); err != nil {
+	if _, err := s.StartRollout(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	st := waitRollout(t, s, 60*time.Second)

@@ -52,10 +52,19 @@ func (s *Service) RolloutStatus(ctx context.Context) (Rollout, error) {
 
 // StartRollout starts moving every instance not on the configured
 // redis-server binary to it, one at a time, in the background, and
-// returns the rollout's status. A rollout already running is left alone
-// and its status returned.
-func (s *Service) StartRollout(ctx context.Context) (Rollout, error) {
-	return s.roll.start(ctx, false)
+// returns the rollout's status; with instances, only those (a broker's
+// upgrade of one tenant). A rollout already running is left alone and its
+// status returned.
+func (s *Service) StartRollout(ctx context.Context, instances []string) (Rollout, error) {
+	for _, id := range instances {
+		if err := validateID("instance", id); err != nil {
+			return Rollout{}, err
+		}
+		if _, err := s.store.Get(id); err != nil {
+			return Rollout{}, notFound(id, err)
+		}
+	}
+	return s.roll.start(ctx, false, instances...)
 }
 
 // AutoRollout is the rollout at agent start, once Reconcile is done: it
@@ -187,7 +196,7 @@ func (r *rollouts) auto(ctx context.Context) {
 // the background and returns the rollout's status; a rollout already
 // running is left alone and its status returned. auto (the rollout at
 // agent start) runs none when an instance already failed on the binary.
-func (r *rollouts) start(ctx context.Context, auto bool) (Rollout, error) {
+func (r *rollouts) start(ctx context.Context, auto bool, only ...string) (Rollout, error) {
 	t, err := r.target(ctx)
 	if err != nil {
 		return Rollout{}, err
@@ -202,6 +211,9 @@ func (r *rollouts) start(ctx context.Context, auto bool) (Rollout, error) {
 		return Rollout{}, err
 	}
 	ids := pending(t, recs, auto)
+	if len(only) > 0 {
+		ids = slices.DeleteFunc(ids, func(id string) bool { return !slices.Contains(only, id) })
+	}
 	now := time.Now().UTC()
 	st := Rollout{State: RolloutRunning, Binary: t.path, Version: t.version.String(), Total: len(ids), Pending: len(ids), StartedAt: &now}
 	if auto {
@@ -435,4 +447,16 @@ func (r *rollouts) prune() {
 			r.log.Warn("remove a kept redis-server", "path", dir, "err", err)
 		}
 	}
+}
+
+// versionOf is the Redis version rec's process runs, when the agent has
+// asked its binary (the configured one's is asked for every capacity and
+// rollout); "" when unknown.
+func (r *rollouts) versionOf(rec state.Instance) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if v, ok := r.versions[rec.BinaryID]; ok && rec.BinaryID != "" {
+		return v.Version
+	}
+	return ""
 }

@@ -40,7 +40,7 @@ type Service interface {
 	SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
-	StartRollout(ctx context.Context) (apitype.Rollout, error)
+	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)
 	RolloutStatus(ctx context.Context) (apitype.Rollout, error)
 }
 

@@ -142,7 +142,7 @@ func TestSuccessStatuses(t *testing.T) {
 			m.EXPECT().RolloutStatus(gomock.Any()).Return(agent.Rollout{State: agent.RolloutDone, Moved: 2}, nil)
 		}, 200, `"state":"done"`},
 		{"rollout start", "POST", "/v1/rollout", ``, func(m *MockService) {
-			m.EXPECT().StartRollout(gomock.Any()).Return(agent.Rollout{State: agent.RolloutRunning, Total: 3}, nil)
+			m.EXPECT().StartRollout(gomock.Any(), gomock.Any()).Return(agent.Rollout{State: agent.RolloutRunning, Total: 3}, nil)
 		}, 202, `"total":3`},
 		{"healthz", "GET", "/healthz", ``, func(*MockService) {}, 200, `"ok"`},
 		{"readyz", "GET", "/readyz", ``, func(*MockService) {}, 200, `"ready"`},

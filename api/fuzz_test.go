@@ -96,7 +96,7 @@ func (f *fakeService) Restore(_ context.Context, id string, rdb io.Reader, _ int
 	}
 	return agent.Instance{ID: id}, f.errFor(id)
 }
-func (f *fakeService) StartRollout(context.Context) (agent.Rollout, error) {
+func (f *fakeService) StartRollout(context.Context, []string) (agent.Rollout, error) {
 	return agent.Rollout{State: agent.RolloutRunning}, nil
 }
 func (f *fakeService) RolloutStatus(context.Context) (agent.Rollout, error) {

@@ -265,11 +265,11 @@ func (s *server) getRollout(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) postRollout(w http.ResponseWriter, r *http.Request) {
-	var none struct{}
-	if !decode(w, r, &none) {
+	var req apitype.RolloutRequest
+	if !decode(w, r, &req) {
 		return
 	}
-	st, err := s.svc.StartRollout(r.Context())
+	st, err := s.svc.StartRollout(r.Context(), req.Instances)
 	if err != nil {
 		s.fail(w, r, err)
 		return

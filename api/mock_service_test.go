@@ -270,18 +270,18 @@ func (mr *MockServiceMockRecorder) Snapshot(ctx, id any) *gomock.Call {
 }
 
 // StartRollout mocks base method.
-func (m *MockService) StartRollout(ctx context.Context) (apitype.Rollout, error) {
+func (m *MockService) StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error) {
 	m.ctrl.T.Helper()
-	ret := m.ctrl.Call(m, "StartRollout", ctx)
+	ret := m.ctrl.Call(m, "StartRollout", ctx, instances)
 	ret0, _ := ret[0].(apitype.Rollout)
 	ret1, _ := ret[1].(error)
 	return ret0, ret1
 }
 
 // StartRollout indicates an expected call of StartRollout.
-func (mr *MockServiceMockRecorder) StartRollout(ctx any) *gomock.Call {
+func (mr *MockServiceMockRecorder) StartRollout(ctx, instances any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
-	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "StartRollout", reflect.TypeOf((*MockService)(nil).StartRollout), ctx)
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "StartRollout", reflect.TypeOf((*MockService)(nil).StartRollout), ctx, instances)
 }
 
 // Unbind mocks base method.

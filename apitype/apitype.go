@@ -126,6 +126,9 @@ type Instance struct {
 	LogTail []string `json:"log_tail,omitempty"`
 	// Metadata is what the provision (or a later PATCH) stored.
 	Metadata json.RawMessage `json:"metadata,omitempty"`
+	// RedisVersion is the version of the redis-server the instance runs,
+	// when the agent knows it ("7.0.15").
+	RedisVersion string `json:"redis_version,omitempty"`
 }
 
 // InstanceList is the body of GET /v1/instances.
@@ -181,6 +184,12 @@ type LogLines struct {
 // Status is the body of /healthz and /readyz when they pass.
 type Status struct {
 	Status string `json:"status"`
+}
+
+// RolloutRequest is the optional body of POST /v1/rollout.
+type RolloutRequest struct {
+	// Instances, when set, limits the rollout to these instances.
+	Instances []string `json:"instances,omitempty"`
 }
 
 // Rollout states.

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -32,22 +33,43 @@ import (
 
 type testAgent struct {
 	name string
+	cfg  agent.Config
 	svc  *agent.Service
 	srv  *httptest.Server
+	api  atomic.Pointer[http.Handler]
 	// cut makes the agent hang up on every request, as one that is cut
 	// off the network.
 	cut atomic.Bool
 }
 
-func (a *testAgent) serve(h http.Handler) http.Handler {
+func (a *testAgent) serve() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if a.cut.Load() {
 			c, _, _ := w.(http.Hijacker).Hijack()
 			c.Close()
 			return
 		}
-		h.ServeHTTP(w, r)
+		(*a.api.Load()).ServeHTTP(w, r)
 	})
+}
+
+// start (re)starts the agent's Service on cfg behind its address; a
+// running one is closed first (its redis-servers are adopted).
+func (a *testAgent) start(t *testing.T, cfg agent.Config) {
+	t.Helper()
+	if a.svc != nil {
+		a.svc.Close()
+	}
+	svc, err := agent.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a.cfg, a.svc = cfg, svc
+	h := api.New(api.Options{Service: svc, Ready: svc.Ready})
+	a.api.Store(&h)
 }
 
 // startAgents starts one agent per memory budget (MiB).
@@ -63,23 +85,17 @@ func startAgents(t *testing.T, budgets ...int) []*testAgent {
 		cfg.RedisServer = redisServer
 		cfg.MemoryBudgetMB = mb
 		cfg.Logger = slog.New(slog.DiscardHandler)
-		svc, err := agent.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := svc.Reconcile(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		a := &testAgent{name: "agent-" + strconv.Itoa(i), svc: svc}
-		srv := httptest.NewServer(a.serve(api.New(api.Options{Service: svc, Ready: svc.Ready})))
+		a := &testAgent{name: "agent-" + strconv.Itoa(i)}
+		a.start(t, cfg)
+		srv := httptest.NewServer(a.serve())
 		a.srv = srv
 		t.Cleanup(func() {
 			srv.Close()
-			list, _ := svc.List(context.Background())
+			list, _ := a.svc.List(context.Background())
 			for _, in := range list {
-				svc.Deprovision(context.Background(), in.ID)
+				a.svc.Deprovision(context.Background(), in.ID)
 			}
-			svc.Close()
+			a.svc.Close()
 		})
 		out = append(out, a)
 	}
@@ -673,5 +689,68 @@ func TestAlertRulesNameExportedMetrics(t *testing.T) {
 		if !regexp.MustCompile(`(?m)^` + name + `[{ ]`).MatchString(metrics) {
 			t.Errorf("prometheus-rules.yml names %s, which the broker does not export", name)
 		}
+	}
+}
+
+// A new Redis on an agent shows in the catalog's maintenance_info; an
+// update with it (cf update-service --upgrade) moves that one instance to
+// the new binary on its agent, and only that one.
+func TestMaintenanceUpgrade(t *testing.T) {
+	agents := startAgents(t, 1000)
+	tb := startBroker(t, agentConfigs(agents), nil)
+	for _, id := range []string{"up1", "up2"} {
+		if a := tb.osb("PUT", "/v2/service_instances/"+id, provisionBody); a.code != 201 {
+			t.Fatalf("provision %s = %d", id, a.code)
+		}
+	}
+	version := func(id string) any {
+		mi, _ := tb.osb("GET", "/v2/service_instances/"+id, "").body["maintenance_info"].(map[string]any)
+		return mi["version"]
+	}
+	if v := version("up1"); v != "7.0.15" {
+		t.Fatalf("maintenance_info of a new instance = %v; want the agent's Redis, 7.0.15", v)
+	}
+	// A new build of Redis on the agent (a wrapper that says 7.0.100).
+	script := filepath.Join(testenv.TraversableDir(t), "redis-server-7.0.100")
+	os.WriteFile(script, []byte("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'Redis server v=7.0.100 sha=0 malloc=libc bits=64 build=test'; exit 0; fi\nexec "+agents[0].cfg.RedisServer+" \"$@\"\n"), 0o755)
+	cfg := agents[0].cfg
+	cfg.RedisServer = script
+	agents[0].start(t, cfg)
+	tb.b.fleet.Refresh(context.Background())
+	cat := tb.osb("GET", "/v2/catalog", "")
+	plan := cat.body["services"].([]any)[0].(map[string]any)["plans"].([]any)[0].(map[string]any)
+	if mi := plan["maintenance_info"].(map[string]any); mi["version"] != "7.0.100" {
+		t.Fatalf("catalog maintenance_info = %v; want 7.0.100", mi)
+	}
+	if v := version("up1"); v == "7.0.100" {
+		t.Fatal("the instance shows the new version before its upgrade")
+	}
+	body := `{"service_id":"svc","maintenance_info":{"version":"7.0.100"}}`
+	if a := tb.osb("PATCH", "/v2/service_instances/up1", body); a.code != 422 || a.body["error"] != codeAsyncRequired {
+		t.Fatalf("upgrade without accepts_incomplete = %d %v", a.code, a.body)
+	}
+	if a := tb.osb("PATCH", "/v2/service_instances/up1?accepts_incomplete=true", `{"service_id":"svc","maintenance_info":{"version":"9.9.9"}}`); a.code != 422 || a.body["error"] != codeMaintenanceInfoConflict {
+		t.Fatalf("upgrade to a version nobody offers = %d %v", a.code, a.body)
+	}
+	a := tb.osb("PATCH", "/v2/service_instances/up1?accepts_incomplete=true", body)
+	if a.code != 202 {
+		t.Fatalf("upgrade = %d %v", a.code, a.body)
+	}
+	op := a.body["operation"].(string)
+	testenv.Eventually(t, "the upgrade", 30*time.Second, func() bool {
+		st := tb.osb("GET", "/v2/service_instances/up1/last_operation?operation="+op, "").body["state"]
+		if st == opFailed {
+			t.Fatal("upgrade failed")
+		}
+		return st == opSucceeded
+	})
+	if v := version("up1"); v != "7.0.100" {
+		t.Fatalf("maintenance_info after the upgrade = %v", v)
+	}
+	if v := version("up2"); v == "7.0.100" {
+		t.Fatal("the other instance was upgraded too")
+	}
+	if in, _ := agents[0].svc.Get(context.Background(), "up1"); in.Binary != script || in.State != "running" {
+		t.Fatalf("up1 after the upgrade: %+v", in)
 	}
 }

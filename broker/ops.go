@@ -90,12 +90,13 @@ func (os *operations) gc() {
 }
 
 // parseOperation reads an operation id: its kind and, for an update, the
-// plan it goes to. ok is false for an id this broker never makes.
+// plan it goes to (for an upgrade, the Redis version). ok is false for an
+// id this broker never makes.
 func parseOperation(id string) (kind, plan string, ok bool) {
 	parts := strings.Split(id, ":")
 	switch {
-	case len(parts) == 3 && parts[0] == "update":
-		return "update", parts[1], true
+	case len(parts) == 3 && (parts[0] == "update" || parts[0] == "upgrade"):
+		return parts[0], parts[1], true
 	case len(parts) == 2 && parts[0] == "deprovision":
 		return "deprovision", "", true
 	}

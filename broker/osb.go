@@ -574,13 +574,35 @@ func (b *Broker) fetchInstance(w http.ResponseWriter, r *http.Request) {
 }
 
 // maintenanceOf is the maintenance_info of an instance: the Redis version
-// of its agent.
+// it runs, as its agent reports it; nil when the agent does not know.
 func (b *Broker) maintenanceOf(l located) *maintenanceInfo {
-	_, _, _, capa, _, _ := l.agent.snapshot()
-	if capa.RedisVersion == "" {
+	if l.inst.RedisVersion == "" {
 		return nil
 	}
-	return &maintenanceInfo{Version: capa.RedisVersion, Description: "Redis " + capa.RedisVersion}
+	return &maintenanceInfo{Version: l.inst.RedisVersion, Description: "Redis " + l.inst.RedisVersion}
+}
+
+// waitUpgrade waits until instance iid runs Redis version on agent a, or
+// a's rollout of it failed.
+func (b *Broker) waitUpgrade(ctx context.Context, iid string, a *agentState, version string) error {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		in, err := a.c.Get(ctx, iid)
+		if err == nil && in.RedisVersion == version && in.State == apitype.StateRunning {
+			a.remember(in)
+			return nil
+		}
+		st, err := a.c.RolloutStatus(ctx)
+		if err == nil && st.State == apitype.RolloutFailed && st.FailedInstance == iid {
+			return fmt.Errorf("agent %s could not start the instance on Redis %s; it runs its old one again: %s", a.cfg.Name, version, st.Error)
+		}
+	}
 }
 
 func (b *Broker) deprovision(w http.ResponseWriter, r *http.Request) {
@@ -719,20 +741,45 @@ func (b *Broker) update(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, "", "%v", err)
 		return
 	}
+	upgrade := false
 	if req.MaintenanceInfo != nil {
 		if mi := b.maintenance(); mi == nil || req.MaintenanceInfo.Version != mi.Version {
 			fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict, "maintenance_info.version %q is not the catalog's", req.MaintenanceInfo.Version)
 			return
 		}
 		if cur := b.maintenanceOf(l); cur == nil || cur.Version != req.MaintenanceInfo.Version {
-			// The instance's agent runs another Redis than the catalog
-			// offers: it moves to its agent's new binary when that
-			// agent's rollout runs (POST /v1/rollout on the agent); the
-			// broker does not upgrade one instance alone yet.
-			fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict,
-				"instance %s runs Redis %v on agent %s; upgrade that agent (its rollout moves every instance) to reach %s", iid, versionOf(cur), l.agent.cfg.Name, req.MaintenanceInfo.Version)
+			_, _, _, capa, _, _ := l.agent.snapshot()
+			if capa.RedisVersion != req.MaintenanceInfo.Version {
+				fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict,
+					"agent %s, where instance %s lives, does not run Redis %s yet (it offers %s)", l.agent.cfg.Name, iid, req.MaintenanceInfo.Version, capa.RedisVersion)
+				return
+			}
+			upgrade = true
+		}
+	}
+	if upgrade {
+		if planID != m.PlanID {
+			fail(w, http.StatusUnprocessableEntity, "", "change the plan and upgrade Redis in two updates, one after the other")
 			return
 		}
+		if !acceptsIncomplete(r) {
+			fail(w, http.StatusUnprocessableEntity, codeAsyncRequired, "an upgrade restarts the instance on its agent's new redis-server, which takes a while: send accepts_incomplete=true")
+			return
+		}
+		version := req.MaintenanceInfo.Version
+		if _, err := l.agent.c.StartRollout(r.Context(), iid); err != nil {
+			b.failAgent(w, log, "upgrade", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
+			return
+		}
+		op := b.ops.start(iid, "upgrade", version)
+		handedOff = true
+		log.Info("upgrading the instance on its agent", "agent", l.agent.cfg.Name, "version", version, "operation", op.id)
+		b.background(func() {
+			defer unlock()
+			b.ops.finish(op, b.waitUpgrade(b.ctx, iid, l.agent, version))
+		})
+		writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
+		return
 	}
 	want := plan.spec(params)
 	newMeta := m
@@ -862,6 +909,18 @@ func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
 	case len(found) > 1:
 		w.Header().Set("Retry-After", "2")
 		writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance is being moved"})
+	case kind == "upgrade":
+		if found[0].inst.RedisVersion == plan {
+			writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})
+			return
+		}
+		st, err := found[0].agent.c.RolloutStatus(r.Context())
+		if err == nil && st.State == apitype.RolloutRunning {
+			w.Header().Set("Retry-After", "2")
+			writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance's agent is moving it to Redis " + plan})
+			return
+		}
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opFailed, Description: "the instance does not run Redis " + plan})
 	case kind == "update":
 		if m, _ := metaOf(found[0].inst); m.PlanID == plan {
 			writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})

@@ -259,6 +259,21 @@ func (c *Client) Capacity(ctx context.Context) (apitype.Capacity, error) {
 	return out, err
 }
 
+// StartRollout starts moving instances (all of them when none are named)
+// to the agent's configured redis-server, one at a time.
+func (c *Client) StartRollout(ctx context.Context, instances ...string) (apitype.Rollout, error) {
+	var out apitype.Rollout
+	_, err := c.do(ctx, http.MethodPost, "/v1/rollout", apitype.RolloutRequest{Instances: instances}, &out)
+	return out, err
+}
+
+// RolloutStatus returns the progress of the agent's last rollout.
+func (c *Client) RolloutStatus(ctx context.Context) (apitype.Rollout, error) {
+	var out apitype.Rollout
+	_, err := c.do(ctx, http.MethodGet, "/v1/rollout", nil, &out)
+	return out, err
+}
+
 // Ready reports whether the agent's /readyz passes.
 func (c *Client) Ready(ctx context.Context) error {
 	_, err := c.do(ctx, http.MethodGet, "/readyz", nil, nil)
