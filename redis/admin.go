@@ -74,8 +74,8 @@ func (a *Admin) Ping(ctx context.Context) error {
 	return nil
 }
 
-// SyncUsers makes the running server's tenant users exactly users (the
-// admin and default users are left alone): users missing or different are
+// SyncUsers makes the running server's users exactly users, each with its
+// rules (the admin and default users are left alone): users missing or different are
 // set with ACL SETUSER, which keeps their open connections, and users the
 // server has but users lacks are removed with ACL DELUSER, which closes
 // theirs. It never uses ACL LOAD: on Redis 7.0 that disconnects every
@@ -89,7 +89,7 @@ func (a *Admin) SyncUsers(ctx context.Context, users []User) error {
 	var cmds [][]string
 	for _, u := range users {
 		want[u.Name] = true
-		cmds = append(cmds, append([]string{"ACL", "SETUSER", u.Name, "reset", "on", "#" + u.PasswordHash}, strings.Fields(TenantRules)...))
+		cmds = append(cmds, append([]string{"ACL", "SETUSER", u.Name, "reset", "on", "#" + u.PasswordHash}, strings.Fields(u.rules())...))
 	}
 	for _, name := range live.Strings() {
 		if !want[name] && name != AdminUser && name != "default" {

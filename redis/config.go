@@ -40,6 +40,17 @@ type Conf struct {
 	// MaxClients is the most client connections the server takes; 0
 	// leaves Redis's default (10000, fewer under a low open-files limit).
 	MaxClients int
+	// ReplicaOf, when set, makes the server a replica of that primary (the
+	// target of a move, until it is promoted).
+	ReplicaOf *Primary
+}
+
+// Primary is where a replica replicates from, and how it logs in there.
+type Primary struct {
+	Host     string `json:"host"`
+	Port     int    `json:"port"`
+	User     string `json:"user"`
+	Password string `json:"password"`
 }
 
 // Render returns the redis.conf text for c. The output depends only on c,
@@ -71,6 +82,15 @@ func Render(c Conf) []byte {
 	}
 	line("databases 16")
 	line("tcp-keepalive 60")
+	// A move's replica syncs at once: no wait for more replicas.
+	line("repl-diskless-sync-delay 0")
+	if p := c.ReplicaOf; p != nil {
+		line("replicaof %s %d", p.Host, p.Port)
+		line("masteruser %s", quote(p.User))
+		line("masterauth %s", quote(p.Password))
+		line("replica-read-only yes")
+		line("replica-serve-stale-data yes")
+	}
 	switch c.Persistence {
 	case apitype.PersistenceAOF, apitype.PersistenceAOFAlways:
 		fsync := "everysec"
@@ -99,8 +119,25 @@ type User struct {
 	Name string
 	// PasswordHash is the hex sha256 of the password (HashPassword).
 	PasswordHash string
-	// Admin users get every command; others get +@all -@admin -migrate.
+	// Admin users get every command; others get TenantRules, unless Rules
+	// says otherwise (the replication user of a move).
 	Admin bool
+	Rules string
+}
+
+// ReplicationRules are the ACL rules of a move's replication user: only
+// what a replica sends its primary.
+const ReplicationRules = "resetkeys resetchannels -@all +psync +replconf +ping"
+
+// rules returns u's ACL rules.
+func (u User) rules() string {
+	switch {
+	case u.Admin:
+		return "~* &* +@all"
+	case u.Rules != "":
+		return u.Rules
+	}
+	return TenantRules
 }
 
 // TenantRules are the ACL rules of a binding's user: every data command on
@@ -116,11 +153,7 @@ func RenderACL(users []User) []byte {
 	// Without this line Redis would create "default" with nopass and +@all.
 	b.WriteString("user default off resetpass resetkeys resetchannels -@all\n")
 	for _, u := range us {
-		rules := TenantRules
-		if u.Admin {
-			rules = "~* &* +@all"
-		}
-		fmt.Fprintf(&b, "user %s on #%s %s\n", u.Name, u.PasswordHash, rules)
+		fmt.Fprintf(&b, "user %s on #%s %s\n", u.Name, u.PasswordHash, u.rules())
 	}
 	return []byte(b.String())
 }
