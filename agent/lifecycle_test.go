@@ -20,6 +20,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/internal/procfs"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/state"
 )
@@ -774,8 +775,8 @@ func TestRolloutFinishesAnInterruptedMove(t *testing.T) {
 	syscallKill(t, inst.PID)
 	waitFor(t, "the process gone", 5*time.Second, func() bool {
 		// Gone, or a zombie: the closed supervisor no longer reaps it.
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", inst.PID))
-		return err != nil || strings.Contains(string(b), ") Z ")
+		st, err := procfs.ReadStat(inst.PID)
+		return err != nil || st.Gone()
 	})
 
 	cfg.RedisServer = broken

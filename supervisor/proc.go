@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/procfs"
 )
 
 // Process identifies one process across pid reuse: the kernel never gives
@@ -24,41 +26,20 @@ type Process struct {
 // process than the one recorded.
 var errGone = errors.New("process is gone")
 
-// procStat returns the state letter and start time of pid from
-// /proc/<pid>/stat.
-func procStat(pid int) (state byte, start uint64, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, fmt.Errorf("pid %d: %w", pid, errGone)
-	}
-	// The command name (field 2) is in parentheses and may hold spaces or
-	// parentheses itself; everything after the last ')' is plain fields.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		return 0, 0, fmt.Errorf("pid %d: malformed stat", pid)
-	}
-	fields := strings.Fields(string(b[i+2:]))
-	// fields[0] is field 3 (state); field 22 (starttime) is fields[19].
-	if len(fields) < 20 {
-		return 0, 0, fmt.Errorf("pid %d: short stat", pid)
-	}
-	start, err = strconv.ParseUint(fields[19], 10, 64)
-	if err != nil {
-		return 0, 0, fmt.Errorf("pid %d: start time: %w", pid, err)
-	}
-	return fields[0][0], start, nil
-}
-
 // identify returns the live process pid, or errGone.
 func identify(pid int) (Process, error) {
-	state, start, err := procStat(pid)
-	if err != nil {
+	st, err := procfs.ReadStat(pid)
+	if errors.Is(err, procfs.ErrMalformed) {
 		return Process{}, err
 	}
-	if state == 'Z' || state == 'X' {
+	if err != nil {
+		// No such file, or the process ended while it was read.
+		return Process{}, fmt.Errorf("pid %d: %w", pid, errGone)
+	}
+	if st.Gone() {
 		return Process{}, fmt.Errorf("pid %d is a zombie: %w", pid, errGone)
 	}
-	return Process{PID: pid, StartTime: start}, nil
+	return Process{PID: pid, StartTime: st.StartTime}, nil
 }
 
 // cmdline returns /proc/<pid>/cmdline with NULs as spaces. redis-server
@@ -154,16 +135,13 @@ var bootTime = sync.OnceValue(func() time.Time {
 	return time.Time{}
 })
 
-// clockTicks is USER_HZ, which is 100 on every Linux architecture Go runs on.
-const clockTicks = 100
-
 // StartedAt converts a process start time to wall time (1 s resolution).
 func (p Process) StartedAt() time.Time {
 	bt := bootTime()
 	if bt.IsZero() {
 		return time.Time{}
 	}
-	return bt.Add(time.Duration(p.StartTime) * time.Second / clockTicks)
+	return bt.Add(time.Duration(p.StartTime) * time.Second / procfs.ClockTicks)
 }
 
 // Listeners maps the inode of every listening TCP socket of the agent's

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/procfs"
 )
 
 // spawn starts redis-server and its readiness probe.
@@ -219,7 +221,7 @@ func (s *Supervisor) terminate(r *running, nosave bool) error {
 // it, when only SIGKILL ends it. The loop sends SIGKILL after StopTimeout
 // when SIGTERM was not enough.
 func (s *Supervisor) replaceHung(r *running) {
-	if state, _, err := procStat(r.p.PID); err == nil && (state == 'T' || state == 't') {
+	if st, err := procfs.ReadStat(r.p.PID); err == nil && (st.State == 'T' || st.State == 't') {
 		s.log.Error("redis-server hangs and is stopped, killing it", "pid", r.p.PID)
 		s.kill(r)
 		return

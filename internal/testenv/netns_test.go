@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis-agent/redis-agent/internal/procfs"
 )
 
 // The test binary re-runs itself inside a host, as a tiny TCP echo server
@@ -248,15 +250,8 @@ func TestHosts(t *testing.T) {
 // exited reports whether pid is a zombie or gone (the Wait goroutine may
 // not have reaped it yet).
 func exited(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
-		return s[i+2] == 'Z'
-	}
-	return false
+	st, err := procfs.ReadStat(pid)
+	return err != nil || st.Gone()
 }
 
 // assertGone checks with ip that no namespace, veth or bridge of hosts is
