@@ -89,7 +89,7 @@ func (a *Admin) SyncUsers(ctx context.Context, users []User) error {
 	var cmds [][]string
 	for _, u := range users {
 		want[u.Name] = true
-		cmds = append(cmds, append([]string{"ACL", "SETUSER", u.Name, "reset", "on", "#" + u.PasswordHash}, strings.Fields(u.rules())...))
+		cmds = append(cmds, append([]string{"ACL", "SETUSER", u.Name, "reset", u.onOff(), "#" + u.PasswordHash}, strings.Fields(u.rules())...))
 	}
 	for _, name := range live.Strings() {
 		if !want[name] && name != AdminUser && name != "default" {

@@ -123,6 +123,17 @@ type User struct {
 	// says otherwise (the replication user of a move).
 	Admin bool
 	Rules string
+	// Off users exist but cannot log in (a move's source fences its
+	// tenants off during the cutover).
+	Off bool
+}
+
+// onOff is the ACL flag of u.
+func (u User) onOff() string {
+	if u.Off {
+		return "off"
+	}
+	return "on"
 }
 
 // ReplicationRules are the ACL rules of a move's replication user: only
@@ -153,7 +164,7 @@ func RenderACL(users []User) []byte {
 	// Without this line Redis would create "default" with nopass and +@all.
 	b.WriteString("user default off resetpass resetkeys resetchannels -@all\n")
 	for _, u := range us {
-		fmt.Fprintf(&b, "user %s on #%s %s\n", u.Name, u.PasswordHash, u.rules())
+		fmt.Fprintf(&b, "user %s %s #%s %s\n", u.Name, u.onOff(), u.PasswordHash, u.rules())
 	}
 	return []byte(b.String())
 }
