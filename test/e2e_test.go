@@ -26,7 +26,7 @@ import (
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
-var agentBin string
+var agentBin, brokerBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "redis-agent-e2e")
@@ -34,10 +34,11 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	agentBin = filepath.Join(dir, "redis-agent")
-	build := exec.Command("go", "build", "-race", "-o", agentBin, "../cmd/redis-agent")
+	brokerBin = filepath.Join(dir, "redis-broker")
+	build := exec.Command("go", "build", "-race", "-o", dir+"/", "../cmd/redis-agent", "../cmd/redis-broker")
 	build.Stdout, build.Stderr = os.Stdout, os.Stderr
 	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build redis-agent:", err)
+		fmt.Fprintln(os.Stderr, "build redis-agent and redis-broker:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
