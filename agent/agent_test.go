@@ -98,17 +98,6 @@ func client(t testing.TB, port int, user, pass string) *goredis.Client {
 	return c
 }
 
-func waitFor(t testing.TB, what string, timeout time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 func mustGet(t testing.TB, s *Service, id string) Instance {
 	t.Helper()
 	in, err := s.Get(context.Background(), id)
@@ -287,7 +276,7 @@ func TestCrashRecoveryKeepsData(t *testing.T) {
 	if err := syscall.Kill(oldPID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the binding user to PING again", 10*time.Second, func() bool {
+	testenv.Eventually(t, "the binding user to PING again", 10*time.Second, func() bool {
 		return client(t, creds.Port, creds.Username, creds.Password).Ping(ctx).Err() == nil
 	})
 	t.Logf("recovered %v after SIGKILL", time.Since(killed))
@@ -317,7 +306,7 @@ func TestRepeatedCrashesBackOff(t *testing.T) {
 		in := mustGet(t, s, "loop")
 		killed := time.Now()
 		syscall.Kill(in.PID, syscall.SIGKILL)
-		waitFor(t, "restart", 10*time.Second, func() bool {
+		testenv.Eventually(t, "restart", 10*time.Second, func() bool {
 			cur := mustGet(t, s, "loop")
 			return cur.State == "running" && cur.PID != in.PID && cur.Restarts == i+1
 		})
@@ -329,7 +318,7 @@ func TestRepeatedCrashesBackOff(t *testing.T) {
 	}
 	in := mustGet(t, s, "loop")
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	waitFor(t, "crashloop state", 5*time.Second, func() bool { return mustGet(t, s, "loop").State == "crashloop" })
+	testenv.Eventually(t, "crashloop state", 5*time.Second, func() bool { return mustGet(t, s, "loop").State == "crashloop" })
 	// Restart clears the backoff at once.
 	if err := s.Restart(ctx, "loop"); err != nil {
 		t.Fatal(err)
@@ -369,7 +358,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 
 	// a3 dies while no agent watches it.
 	syscall.Kill(before[2].PID, syscall.SIGKILL)
-	waitFor(t, "a3 to be gone", 5*time.Second, func() bool {
+	testenv.Eventually(t, "a3 to be gone", 5*time.Second, func() bool {
 		return supervisor.Verify(supervisor.Process{PID: before[2].PID}, "") != nil
 	})
 	if err := app.Ping(ctx).Err(); err != nil {
@@ -383,11 +372,11 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 			t.Errorf("%s after agent restart: pid %d restarts %d; want adopted pid %d, 0 restarts", b.ID, in.PID, in.Restarts, b.PID)
 		}
 	}
-	waitFor(t, "a3 started again", 10*time.Second, func() bool {
+	testenv.Eventually(t, "a3 started again", 10*time.Second, func() bool {
 		in := mustGet(t, s2, "a3")
 		return in.State == "running" && in.PID != before[2].PID
 	})
-	waitFor(t, "a1 adopted and ready", 5*time.Second, func() bool { return mustGet(t, s2, "a1").State == "running" })
+	testenv.Eventually(t, "a1 adopted and ready", 5*time.Second, func() bool { return mustGet(t, s2, "a1").State == "running" })
 	// The tenant connection survived the whole agent restart.
 	if v, err := app.Get(ctx, "k").Result(); err != nil || v != "v" {
 		t.Fatalf("GET over the original connection = %q, %v", v, err)
@@ -395,7 +384,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 	// An adopted process's death is noticed (pidfd) and it is restarted.
 	killed := time.Now()
 	syscall.Kill(before[0].PID, syscall.SIGKILL)
-	waitFor(t, "adopted a1 restarted", 10*time.Second, func() bool {
+	testenv.Eventually(t, "adopted a1 restarted", 10*time.Second, func() bool {
 		in := mustGet(t, s2, "a1")
 		return in.State == "running" && in.PID != before[0].PID
 	})
@@ -420,7 +409,7 @@ func TestReusedPIDIsNotAdopted(t *testing.T) {
 	}
 	shutdown(t, s1, false)
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	waitFor(t, "r1 gone", 5*time.Second, func() bool {
+	testenv.Eventually(t, "r1 gone", 5*time.Second, func() bool {
 		return supervisor.Verify(supervisor.Process{PID: in.PID}, "") != nil
 	})
 	// A foreign process now holds the recorded pid: simulate by pointing
@@ -437,7 +426,7 @@ func TestReusedPIDIsNotAdopted(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { shutdown(t, st, true) })
-	waitFor(t, "r1 started fresh", 10*time.Second, func() bool {
+	testenv.Eventually(t, "r1 started fresh", 10*time.Second, func() bool {
 		got := mustGet(t, st, "r1")
 		return got.State == "running" && got.PID != os.Getpid()
 	})
@@ -608,7 +597,7 @@ func TestReconcileAdoptsUnrecordedProcessAndReportsOrphans(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ghost.Process.Kill(); ghost.Wait() })
-	waitFor(t, "ghost redis up", 5*time.Second, func() bool {
+	testenv.Eventually(t, "ghost redis up", 5*time.Second, func() bool {
 		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
 		if err == nil {
 			c.Close()
@@ -666,7 +655,7 @@ func TestHungInstanceIsReplaced(t *testing.T) {
 	if err := syscall.Kill(in.PID, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the stopped redis-server to be replaced", 10*time.Second, func() bool {
+	testenv.Eventually(t, "the stopped redis-server to be replaced", 10*time.Second, func() bool {
 		cur := mustGet(t, s, "hang")
 		return cur.State == "running" && cur.PID != in.PID
 	})
@@ -708,7 +697,7 @@ func TestCorruptAOFIsReportedNotDeleted(t *testing.T) {
 		t.Fatal(err)
 	}
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	waitFor(t, "crashloop", 10*time.Second, func() bool { return mustGet(t, s, "aofbad").State == "crashloop" })
+	testenv.Eventually(t, "crashloop", 10*time.Second, func() bool { return mustGet(t, s, "aofbad").State == "crashloop" })
 	got := mustGet(t, s, "aofbad")
 	if !strings.Contains(strings.Join(got.LogTail, "\n"), "Bad file format reading the append only file") {
 		t.Fatalf("log tail does not say why:\n%s", strings.Join(got.LogTail, "\n"))

@@ -241,7 +241,7 @@ func TestMemoryContainment(t *testing.T) {
 	for range 400 {
 		conn.Write([]byte("GET big\r\n"))
 	}
-	waitFor(t, "the noisy instance to be OOM-killed and restarted", 20*time.Second, func() bool {
+	testenv.Eventually(t, "the noisy instance to be OOM-killed and restarted", 20*time.Second, func() bool {
 		in := mustGet(t, s, "noisy")
 		return in.PID != noisy.PID && in.State == "running" && in.LastExit != nil
 	})

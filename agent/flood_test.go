@@ -86,7 +86,7 @@ func TestUnbindDuringConnectionFlood(t *testing.T) {
 		t.Fatalf("Bind in a flood: %v", err)
 	}
 	end()
-	waitFor(t, "the flood's connections to close", 5*time.Second, func() bool {
+	testenv.Eventually(t, "the flood's connections to close", 5*time.Second, func() bool {
 		c := client(t, victim.Port, fresh.Username, fresh.Password)
 		return c.Ping(ctx).Err() == nil
 	})
@@ -158,7 +158,7 @@ func TestUnbindOutOfReachRestarts(t *testing.T) {
 	mustFail(t, vc, "the revoked user's open connection")
 	end()
 	kc := client(t, keeper.Port, keeper.Username, keeper.Password)
-	waitFor(t, "the restarted server", 5*time.Second, func() bool { return kc.Ping(ctx).Err() == nil })
+	testenv.Eventually(t, "the restarted server", 5*time.Second, func() bool { return kc.Ping(ctx).Err() == nil })
 	mustFail(t, client(t, victim.Port, victim.Username, victim.Password), "a new login of the revoked user")
 	if v, err := kc.Get(ctx, "k").Result(); err != nil || v != "v" {
 		t.Fatalf("data after the graceful restart: %q, %v", v, err)

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
@@ -72,7 +73,7 @@ func TestRedisUpFollowsTheProcess(t *testing.T) {
 	}
 	time.Sleep(1100 * time.Millisecond) // the first process's uptime reaches 1 s
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	waitFor(t, "restart", 5*time.Second, func() bool {
+	testenv.Eventually(t, "restart", 5*time.Second, func() bool {
 		cur := mustGet(t, s, "u")
 		return cur.State == "running" && cur.PID != in.PID
 	})
@@ -129,7 +130,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 	shutdown(t, s, false)
 	s = startService(t, cfg)
 	shrink(s) // its Apply of the old limit succeeded: the limit was wrong
-	waitFor(t, "the drift check to fix the cgroup limit", 5*time.Second, func() bool { return cgroupMemoryLimit(t, cfg, "r") == want })
+	testenv.Eventually(t, "the drift check to fix the cgroup limit", 5*time.Second, func() bool { return cgroupMemoryLimit(t, cfg, "r") == want })
 
 	// Again, with the agent stopped before it noticed: adoption fixes it.
 	cfg.Health.Interval = time.Hour
@@ -301,8 +302,8 @@ func TestBindCrashloopingIsConflict(t *testing.T) {
 		if in.PID != 0 {
 			syscall.Kill(in.PID, syscall.SIGKILL)
 		}
-		waitFor(t, "the exit", 5*time.Second, func() bool { return mustGet(t, s, "c").PID != in.PID })
-		waitFor(t, "a restart or the crashloop", 5*time.Second, func() bool {
+		testenv.Eventually(t, "the exit", 5*time.Second, func() bool { return mustGet(t, s, "c").PID != in.PID })
+		testenv.Eventually(t, "a restart or the crashloop", 5*time.Second, func() bool {
 			st := mustGet(t, s, "c").State
 			return st == "running" || st == "crashloop"
 		})
@@ -334,7 +335,7 @@ func TestWithoutCgroups(t *testing.T) {
 		t.Fatal(err)
 	}
 	syscallKill(t, inst.PID)
-	waitFor(t, "a crash restart", 10*time.Second, func() bool {
+	testenv.Eventually(t, "a crash restart", 10*time.Second, func() bool {
 		got := mustGet(t, s, "plain")
 		return got.State == "running" && got.PID != inst.PID
 	})

@@ -186,14 +186,14 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 					t.Fatal(err)
 				}
 				checkFilled(t, dst, 5000, 100)
-				waitFor(t, "the loaded RDB removed", 5*time.Second, func() bool {
+				testenv.Eventually(t, "the loaded RDB removed", 5*time.Second, func() bool {
 					_, err := os.Stat(rdbPath)
 					return errors.Is(err, fs.ErrNotExist)
 				})
 				if err := s.Restart(ctx, "dst-"+mode); err != nil {
 					t.Fatal(err)
 				}
-				waitFor(t, "the instance back", 5*time.Second, func() bool { return mustGet(t, s, "dst-"+mode).State == "running" })
+				testenv.Eventually(t, "the instance back", 5*time.Second, func() bool { return mustGet(t, s, "dst-"+mode).State == "running" })
 				if n, err := dst.DBSize(ctx).Result(); err != nil || n != 0 {
 					t.Fatalf("a none instance came back from a restart with %d keys (%v), want none", n, err)
 				}
@@ -211,7 +211,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 				// Written after the restore, in the AOF: survives a crash.
 				time.Sleep(1100 * time.Millisecond) // appendfsync everysec
 				syscallKill(t, pid)
-				waitFor(t, "restart after SIGKILL", 10*time.Second, func() bool {
+				testenv.Eventually(t, "restart after SIGKILL", 10*time.Second, func() bool {
 					in := mustGet(t, s, "dst-"+mode)
 					return in.State == "running" && in.PID != pid
 				})
@@ -427,7 +427,7 @@ func TestResizeLive(t *testing.T) {
 	shutdown(t, s, false)
 	cfg.Health.Interval = 100 * time.Millisecond
 	s2 := startService(t, cfg)
-	waitFor(t, "maxmemory synced after adoption", 5*time.Second, func() bool {
+	testenv.Eventually(t, "maxmemory synced after adoption", 5*time.Second, func() bool {
 		f, err := s2.runtime("r").admin.Fields(ctx, "memory")
 		return err == nil && f["maxmemory"] == strconv.Itoa(40<<20)
 	})
@@ -485,7 +485,7 @@ func testenvDir(t *testing.T) string { return testenv.TraversableDir(t) }
 func waitRollout(t *testing.T, s *Service, timeout time.Duration) Rollout {
 	t.Helper()
 	var st Rollout
-	waitFor(t, "rollout to end", timeout, func() bool {
+	testenv.Eventually(t, "rollout to end", timeout, func() bool {
 		var err error
 		st, err = s.RolloutStatus(context.Background())
 		return err == nil && st.State != RolloutRunning
@@ -694,7 +694,7 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	// A crash restart of the instance keeps it on the copy, not on the
 	// broken file.
 	syscallKill(t, back.PID)
-	waitFor(t, "ip1 restarted after its crash", 10*time.Second, func() bool {
+	testenv.Eventually(t, "ip1 restarted after its crash", 10*time.Second, func() bool {
 		in := mustGet(t, s, "ip1")
 		return in.State == "running" && in.PID != back.PID
 	})
@@ -773,7 +773,7 @@ func TestRolloutFinishesAnInterruptedMove(t *testing.T) {
 	}
 	shutdown(t, s, false)
 	syscallKill(t, inst.PID)
-	waitFor(t, "the process gone", 5*time.Second, func() bool {
+	testenv.Eventually(t, "the process gone", 5*time.Second, func() bool {
 		// Gone, or a zombie: the closed supervisor no longer reaps it.
 		st, err := procfs.ReadStat(inst.PID)
 		return err != nil || st.Gone()
@@ -867,7 +867,7 @@ func breakAOF(t *testing.T, s *Service, id string, pid int) {
 		t.Fatal(err)
 	}
 	syscallKill(t, pid)
-	waitFor(t, id+" down", 10*time.Second, func() bool {
+	testenv.Eventually(t, id+" down", 10*time.Second, func() bool {
 		st := mustGet(t, s, id).State
 		return st == "backoff" || st == "crashloop"
 	})
@@ -905,7 +905,7 @@ func TestReconcileFinishesASwapBack(t *testing.T) {
 	if in.PID == inst.PID {
 		t.Fatal("the process on the failed data was adopted, not stopped")
 	}
-	waitFor(t, "sb running", 10*time.Second, func() bool { return mustGet(t, s, "sb").State == "running" })
+	testenv.Eventually(t, "sb running", 10*time.Second, func() bool { return mustGet(t, s, "sb").State == "running" })
 	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 300, 20)
 	if l.Staging("sb") || l.RestoreFailed("sb") {
 		t.Fatal("the failed restored data or its marker is left")

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
@@ -26,7 +27,7 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	syscall.Kill(in.PID, syscall.SIGKILL)
-	waitFor(t, "restart", 5*time.Second, func() bool {
+	testenv.Eventually(t, "restart", 5*time.Second, func() bool {
 		cur := mustGet(t, s, "m1")
 		return cur.State == "running" && cur.PID != in.PID
 	})
@@ -78,7 +79,7 @@ redis_agent_ports_in_range 3
 		c.Set(ctx, fmt.Sprint("k", i), "v", 0)
 	}
 	c.Do(ctx, "SELECT", "2")
-	waitFor(t, "INFO to show 3 keys", 5*time.Second, func() bool {
+	testenv.Eventually(t, "INFO to show 3 keys", 5*time.Second, func() bool {
 		st := s.runtime("m1").stats.Load()
 		return st != nil && st.ok && st.info.DBKeys["db0"] == 3
 	})
