@@ -52,32 +52,24 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	// restart at a thousand instances is not a thousand sequential rounds
 	// of /proc reads and file checks.
 	var (
-		mu                        sync.Mutex
-		adopted, started, deleted int
-		firstErr                  error
-		wg                        sync.WaitGroup
-		sem                       = make(chan struct{}, reconcileWorkers)
+		mu       sync.Mutex
+		done     = map[outcome]int{}
+		firstErr error
+		wg       sync.WaitGroup
+		sem      = make(chan struct{}, reconcileWorkers)
 	)
 	for _, rec := range recs {
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			outcome, err := s.reconcileOne(rec, m)
+			o, err := s.reconcileOne(rec, m)
 			mu.Lock()
 			defer mu.Unlock()
-			switch {
-			case err != nil:
-				if firstErr == nil {
-					firstErr = err
-				}
-			case outcome == "adopted":
-				adopted++
-			case outcome == "started":
-				started++
-			case outcome == "deleted":
-				deleted++
+			if err != nil && firstErr == nil {
+				firstErr = err
 			}
+			done[o]++
 		}()
 	}
 	wg.Wait()
@@ -96,30 +88,44 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	}
 	s.findOrphans(owned, procs)
 	s.metrics.reconcileSecs.Set(time.Since(t0).Seconds())
-	s.metrics.reconcileCounts.WithLabelValues("adopted").Set(float64(adopted))
-	s.metrics.reconcileCounts.WithLabelValues("started").Set(float64(started))
-	s.metrics.reconcileCounts.WithLabelValues("deleted").Set(float64(deleted))
+	for _, o := range outcomes {
+		s.metrics.reconcileCounts.WithLabelValues(string(o)).Set(float64(done[o]))
+	}
 	s.reconciled.Store(true)
-	s.log.Info("reconciled", "instances", len(recs), "adopted", adopted, "started", started,
-		"deletions_finished", deleted, "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))
+	s.log.Info("reconciled", "instances", len(recs), "adopted", done[outcomeAdopted], "started", done[outcomeStarted],
+		"deletions_finished", done[outcomeDeleted], "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))
 	return nil
 }
 
 // reconcileWorkers bounds how many records reconcile handles at once.
 const reconcileWorkers = 8
 
-// reconcileOne brings one record's instance in line and says what it did:
-// "deleted", "adopted", "started", or "" when it had to leave it (logged).
+// outcome is what reconcile did with one record: the outcome label of
+// redis_agent_reconcile_instances.
+type outcome string
+
+// Outcomes of reconcileOne.
+const (
+	outcomeLeft    outcome = ""        // it had to leave the record as it was (logged)
+	outcomeDeleted outcome = "deleted" // it finished an interrupted deletion
+	outcomeAdopted outcome = "adopted" // it adopted the process a previous agent left
+	outcomeStarted outcome = "started" // it prepared a new process
+)
+
+// outcomes are the outcomes the metric shows.
+var outcomes = []outcome{outcomeAdopted, outcomeStarted, outcomeDeleted}
+
+// reconcileOne brings one record's instance in line and says what it did.
 // An error is the state store's, which stops reconcile.
-func (s *Service) reconcileOne(rec state.Instance, m *machine) (string, error) {
+func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) {
 	log := s.log.With("instance", rec.ID)
 	if rec.Phase == state.PhaseDeleting {
 		if err := s.destroy(rec.ID); err != nil {
 			log.Error("finish deletion", "err", err)
-			return "", nil
+			return outcomeLeft, nil
 		}
 		log.Info("finished an interrupted deletion")
-		return "deleted", nil
+		return outcomeDeleted, nil
 	}
 	s.finishRestore(rec, m)
 	adopt := s.findProcess(rec, m)
@@ -128,7 +134,7 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (string, error) {
 		// Keep the record; report. The operator fixes the disk, the next
 		// start tries again.
 		log.Error("cannot write instance files", "err", err)
-		return "", nil
+		return outcomeLeft, nil
 	}
 	if adopt != nil && rec.ConfigHash != "" && rec.ConfigHash != confHash {
 		log.Info("running process has an older config; it applies at its next restart")
@@ -152,16 +158,16 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (string, error) {
 			}
 			return nil
 		}); err != nil {
-			return "", err
+			return outcomeLeft, err
 		}
 	}
 	// Run starts after the loop: the supervisors' first probes would
 	// otherwise compete with reconcile for the CPU.
 	s.prepare(rec, adopt)
 	if adopt != nil {
-		return "adopted", nil
+		return outcomeAdopted, nil
 	}
-	return "started", nil
+	return outcomeStarted, nil
 }
 
 // killLoaders kills restore loaders a crashed agent left running (they
