@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -246,7 +247,7 @@ func TestMemoryContainment(t *testing.T) {
 		return in.PID != noisy.PID && in.State == "running" && in.LastExit != nil
 	})
 	got := mustGet(t, s, "noisy")
-	if got.LastExit.Reason != ReasonOOM || got.LastExit.Signal != "killed" {
+	if got.LastExit.Reason != apitype.ReasonOOM || got.LastExit.Signal != "killed" {
 		t.Fatalf("noisy's last exit %+v; want oom, killed", got.LastExit)
 	}
 	if v, err := quiet.Get(ctx, "keep").Result(); err != nil || v != "me" {

@@ -10,6 +10,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/supervisor"
@@ -164,7 +165,7 @@ func TestUnbindOutOfReachRestarts(t *testing.T) {
 		t.Fatalf("data after the graceful restart: %q, %v", v, err)
 	}
 	got := mustGet(t, s, "f")
-	if got.PID == inst.PID || got.LastExit == nil || got.LastExit.Reason != supervisor.ReasonManual {
+	if got.PID == inst.PID || got.LastExit == nil || got.LastExit.Reason != apitype.ReasonManual {
 		t.Fatalf("after the revocation: %+v; want a graceful restart", got)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/state"
@@ -339,7 +340,7 @@ func TestWithoutCgroups(t *testing.T) {
 		got := mustGet(t, s, "plain")
 		return got.State == "running" && got.PID != inst.PID
 	})
-	if got := mustGet(t, s, "plain"); got.LastExit == nil || got.LastExit.Reason != supervisor.ReasonCrash {
+	if got := mustGet(t, s, "plain"); got.LastExit == nil || got.LastExit.Reason != apitype.ReasonCrash {
 		t.Fatalf("last exit %+v, want a crash (no cgroup to call it oom)", got.LastExit)
 	}
 	for _, mb := range []int{32, 16} {

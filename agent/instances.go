@@ -280,13 +280,13 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 			r.Binary = ev.Binary
 			r.BinaryID, _ = binaryID(ev.Binary)
 		case supervisor.Exited:
-			if ev.Exit != nil && ev.Exit.Reason != supervisor.ReasonStopped {
-				s.metrics.restarts.WithLabelValues(id, restartReason(ev.Exit.Reason)).Inc()
+			if ev.Exit != nil && ev.Exit.Reason != apitype.ReasonStopped {
+				s.metrics.restarts.WithLabelValues(id, ev.Exit.Reason).Inc()
 			}
 			r.PID, r.StartTime = 0, 0
 			r.Restarts = ev.Restarts
 			if ev.Exit != nil {
-				r.LastExit = &state.Exit{Time: ev.Exit.Time.UTC(), Code: ev.Exit.Code, Signal: ev.Exit.Signal, Reason: ev.Exit.Reason}
+				r.LastExit = lastExit(ev.Exit)
 			}
 		}
 		return nil
@@ -294,6 +294,12 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	if err != nil && !errors.Is(err, state.ErrNotFound) {
 		s.log.Error("persist process event", "instance", id, "err", err)
 	}
+}
+
+// lastExit is a supervisor's exit as the record keeps it and the API
+// shows it, in UTC: the one conversion between the two.
+func lastExit(ex *supervisor.Exit) *apitype.Exit {
+	return &apitype.Exit{Time: ex.Time.UTC(), Code: ex.Code, Signal: ex.Signal, Reason: ex.Reason, Message: ex.Message}
 }
 
 // recordExe records the executable a ready process runs, for adoption to
@@ -352,21 +358,17 @@ func (s *Service) confine(id string, pid int) {
 	}
 }
 
-// classify calls an exit "oom" when the instance's cgroup counted a new
-// OOM kill.
+// classify calls an exit oom (apitype.ReasonOOM) when the instance's
+// cgroup counted a new OOM kill.
 func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
 	n, err := s.cg.OOMKills(id)
 	if err != nil {
 		return
 	}
 	if n > in.oomKills.Swap(n) && ex.Signal == "killed" {
-		ex.Reason = ReasonOOM
+		ex.Reason = apitype.ReasonOOM
 	}
 }
-
-// ReasonOOM is the exit reason of a redis-server killed by its cgroup's
-// memory limit.
-const ReasonOOM = "oom"
 
 // syncLive brings the live ACL users and maxmemory of id in line with its
 // record, and removes an RDB the process has loaded that its persistence
@@ -518,16 +520,6 @@ func (s *Service) Restart(ctx context.Context, id string) error {
 	return nil
 }
 
-// restartReason folds exit reasons into the bounded set of the restarts
-// metric's reason label.
-func restartReason(r string) string {
-	switch r {
-	case supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual, ReasonOOM:
-		return r
-	}
-	return "spawn_failed"
-}
-
 // MaxLogLines bounds a log request.
 const MaxLogLines = 10000
 
@@ -579,7 +571,7 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 func (s *Service) view(rec state.Instance) Instance {
 	inst := Instance{
 		ID:          rec.ID,
-		State:       "stopped",
+		State:       apitype.StateStopped,
 		MemoryMB:    rec.MemoryMB,
 		Persistence: rec.Persistence,
 		Host:        s.cfg.advertiseHost(),
@@ -595,9 +587,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		inst.Bindings = append(inst.Bindings, bid)
 	}
 	slices.Sort(inst.Bindings)
-	if rec.LastExit != nil {
-		inst.LastExit = &Exit{Time: rec.LastExit.Time, Code: rec.LastExit.Code, Signal: rec.LastExit.Signal, Reason: rec.LastExit.Reason}
-	}
+	inst.LastExit = rec.LastExit
 	if in := s.runtime(rec.ID); in != nil {
 		st := in.sup.Status()
 		inst.State = st.State.String()
@@ -611,13 +601,13 @@ func (s *Service) view(rec state.Instance) Instance {
 			inst.MemoryUsedBytes, inst.RSSBytes = int64(hs.info.UsedMemory), int64(hs.rss)
 		}
 		if st.LastExit != nil {
-			inst.LastExit = &Exit{Time: st.LastExit.Time.UTC(), Code: st.LastExit.Code, Signal: st.LastExit.Signal, Reason: st.LastExit.Reason}
+			inst.LastExit = lastExit(st.LastExit)
 		}
 	}
 	if rec.Phase == state.PhaseDeleting {
-		inst.State = "stopping"
+		inst.State = apitype.StateStopping
 	}
-	if inst.State != "running" && inst.State != "stopping" {
+	if inst.State != apitype.StateRunning && inst.State != apitype.StateStopping {
 		// Why it does not run is in its log.
 		inst.LogTail, _ = volumes.Tail(s.layout.LogPath(rec.ID), logTailLines)
 	}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
@@ -49,8 +50,9 @@ func (m *metrics) observe(op string, start time.Time) {
 	m.opDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
 }
 
-// restartReasons is the bounded set restartReason folds exit reasons into.
-var restartReasons = []string{supervisor.ReasonCrash, supervisor.ReasonHung, supervisor.ReasonUnready, supervisor.ReasonManual, ReasonOOM, "spawn_failed"}
+// restartReasons are the values of the restarts metric's reason label:
+// every exit reason but stopped (a delete, not a restart).
+var restartReasons = []string{apitype.ReasonCrash, apitype.ReasonHung, apitype.ReasonUnready, apitype.ReasonManual, apitype.ReasonOOM, apitype.ReasonSpawnFailed}
 
 // track creates the per-instance event series of id at 0, when it is
 // provisioned or adopted. A counter that first appears at its first

@@ -301,7 +301,11 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 			if e.Signal != "" {
 				how = e.Signal
 			}
-			last = fmt.Sprintf("%s (%s) %s ago", e.Reason, how, time.Since(e.Time).Round(time.Second))
+			why := e.Reason
+			if e.Message != "" {
+				why += ": " + e.Message
+			}
+			last = fmt.Sprintf("%s (%s) %s ago", why, how, time.Since(e.Time).Round(time.Second))
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, last)
 	}

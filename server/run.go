@@ -17,6 +17,7 @@ import (
 
 	"github.com/redis-agent/redis-agent/agent"
 	"github.com/redis-agent/redis-agent/api"
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // Run is the agent's main loop: it opens the Service, serves the API,
@@ -193,7 +194,7 @@ func statusLine(counts map[string]int) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "STATUS=%d instances", n)
-	for _, st := range []string{"running", "starting", "backoff", "crashloop", "stopping"} {
+	for _, st := range []string{apitype.StateRunning, apitype.StateStarting, apitype.StateBackoff, apitype.StateCrashloop, apitype.StateStopping} {
 		if counts[st] > 0 {
 			fmt.Fprintf(&b, ", %d %s", counts[st], st)
 		}

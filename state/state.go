@@ -34,6 +34,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // Errors of the store.
@@ -65,14 +67,6 @@ type Binding struct {
 	CreatedAt time.Time `json:"created_at"`
 }
 
-// Exit records how the last process of an instance ended.
-type Exit struct {
-	Time   time.Time `json:"time"`
-	Code   int       `json:"code"`
-	Signal string    `json:"signal,omitempty"`
-	Reason string    `json:"reason"`
-}
-
 // Instance is the durable record of one instance: what is needed to rebuild
 // or adopt it.
 type Instance struct {
@@ -90,7 +84,8 @@ type Instance struct {
 	StartTime  uint64 `json:"start_time,omitempty"`
 	ConfigHash string `json:"config_hash,omitempty"`
 	Restarts   int    `json:"restarts"`
-	LastExit   *Exit  `json:"last_exit,omitempty"`
+	// LastExit is how the last process ended, as the API shows it.
+	LastExit *apitype.Exit `json:"last_exit,omitempty"`
 	// Binary is the redis-server executable the instance's process was
 	// started from, and BinaryID that file's identity then (device, inode,
 	// size, modification time): a rollout moves instances whose pair
@@ -212,11 +207,7 @@ func get(tx *bolt.Tx, id string) (Instance, error) {
 	if v == nil {
 		return Instance{}, fmt.Errorf("instance %q: %w", id, ErrNotFound)
 	}
-	var inst Instance
-	if err := json.Unmarshal(v, &inst); err != nil {
-		return Instance{}, fmt.Errorf("instance %q: decode: %w", id, err)
-	}
-	return inst, nil
+	return decode([]byte(id), v)
 }
 
 func put(tx *bolt.Tx, inst Instance) error {
@@ -242,9 +233,9 @@ func (s *Store) List() ([]Instance, error) {
 	var out []Instance
 	err := s.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
-			var inst Instance
-			if err := json.Unmarshal(v, &inst); err != nil {
-				return fmt.Errorf("instance %q: decode: %w", k, err)
+			inst, err := decode(k, v)
+			if err != nil {
+				return err
 			}
 			out = append(out, inst)
 			return nil

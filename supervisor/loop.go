@@ -4,6 +4,8 @@ import (
 	"context"
 	"os/exec"
 	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // running is the process the loop currently watches.
@@ -129,7 +131,7 @@ func (l *loop) start() {
 	r, err := s.spawn()
 	if err != nil {
 		s.log.Error("spawn redis-server", "err", err)
-		ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: "spawn failed: " + err.Error()}
+		ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: apitype.ReasonSpawnFailed, Message: err.Error()}
 		d := s.cfg.Policy.Decide(l.failures, 0, s.cfg.Rand())
 		l.failures = d.Failures
 		l.backoff = s.cfg.Clock.NewTimer(max(d.Delay, s.cfg.Policy.Base))
@@ -169,7 +171,7 @@ func (l *loop) onStop(req stopRequest) {
 	l.transition(Stopping, nil)
 	var err error
 	if l.cur != nil {
-		l.cur.kind = ReasonStopped
+		l.cur.kind = apitype.ReasonStopped
 		err = l.s.terminate(l.cur, req.nosave)
 	}
 	l.transition(Stopped, func(st *Status) { st.Process = Process{} })
@@ -185,7 +187,7 @@ func (l *loop) onReplace(req restartRequest) {
 		// Down from here until the new process is spawned (and
 		// req.between has run): nobody may read it as running.
 		l.transition(Stopping, nil)
-		l.cur.kind = ReasonManual
+		l.cur.kind = apitype.ReasonManual
 		err = s.terminate(l.cur, false)
 		ex := s.exitOf(l.cur)
 		l.cur.cancel()
@@ -220,7 +222,7 @@ func (l *loop) onReady(err error) {
 		return
 	}
 	s.log.Warn("redis-server not ready, killing it", "pid", cur.p.PID, "err", err)
-	cur.kind = ReasonUnready
+	cur.kind = apitype.ReasonUnready
 	s.kill(cur)
 }
 
@@ -293,7 +295,7 @@ func (l *loop) onHealthResult(res healthResult) {
 	s.log.Warn("health check failed", "pid", cur.p.PID, "failures", l.healthFails, "of", s.cfg.Health.Failures, "err", res.err)
 	if l.healthFails >= s.cfg.Health.Failures {
 		l.healthFails = 0
-		cur.kind = ReasonHung
+		cur.kind = apitype.ReasonHung
 		s.replaceHung(cur)
 		l.hungKill = s.cfg.Clock.NewTimer(s.cfg.StopTimeout)
 	}
@@ -302,7 +304,7 @@ func (l *loop) onHealthResult(res healthResult) {
 // onHungKill kills a hung process that SIGTERM did not end in StopTimeout.
 func (l *loop) onHungKill() {
 	l.hungKill = nil
-	if cur := l.cur; cur != nil && cur.kind == ReasonHung {
+	if cur := l.cur; cur != nil && cur.kind == apitype.ReasonHung {
 		l.s.log.Error("hung redis-server did not act on SIGTERM, killing it", "pid", cur.p.PID, "after", l.s.cfg.StopTimeout)
 		l.s.kill(cur)
 	}

@@ -221,7 +221,7 @@ func TestReplaceRunsNewBinaryAndKeepsData(t *testing.T) {
 	if cur.Binary != wrapper || r.s.Binary() != wrapper {
 		t.Fatalf("binary after Replace = %q / %q, want %q", cur.Binary, r.s.Binary(), wrapper)
 	}
-	if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Reason != ReasonManual || cur.LastExit.Code != 0 {
+	if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Reason != apitype.ReasonManual || cur.LastExit.Code != 0 {
 		t.Fatalf("after Replace: restarts %d, last exit %+v; want 1, a manual exit with code 0", cur.Restarts, cur.LastExit)
 	}
 	// The events: the old one exited (manual), the new one started from
@@ -230,7 +230,7 @@ func TestReplaceRunsNewBinaryAndKeepsData(t *testing.T) {
 	if len(ev) != 5 {
 		t.Fatalf("events = %+v, want Started, Ready, Exited, Started, Ready", ev)
 	}
-	if e := ev[2]; e.Kind != Exited || e.Exit == nil || e.Exit.Reason != ReasonManual || e.Restarts != 1 {
+	if e := ev[2]; e.Kind != Exited || e.Exit == nil || e.Exit.Reason != apitype.ReasonManual || e.Restarts != 1 {
 		t.Errorf("third event = %+v, want a manual Exited", e)
 	}
 	if e := ev[3]; e.Kind != Started || e.Binary != wrapper || e.Process != cur.Process {
@@ -362,7 +362,7 @@ func TestReplaceWithBinaryThatExits(t *testing.T) {
 		clk.Advance(200 * time.Millisecond)
 		return false
 	})
-	if st.Binary != bad || st.LastExit == nil || st.LastExit.Code != 1 || st.LastExit.Reason != ReasonCrash {
+	if st.Binary != bad || st.LastExit == nil || st.LastExit.Code != 1 || st.LastExit.Reason != apitype.ReasonCrash {
 		t.Fatalf("crashloop status %+v, last exit %+v; want exits with code 1 of %s", st, st.LastExit, bad)
 	}
 	if lastPID(t, badPIDs) == 0 {
@@ -418,7 +418,7 @@ func TestReplaceWithMissingBinary(t *testing.T) {
 	if st.Binary != missing || st.Process.PID != 0 || (st.State != Backoff && st.State != Crashloop && st.State != Starting) {
 		t.Fatalf("status with a missing binary: %+v", st)
 	}
-	if st.LastExit == nil || !strings.HasPrefix(st.LastExit.Reason, "spawn failed") {
+	if st.LastExit == nil || st.LastExit.Reason != apitype.ReasonSpawnFailed || st.LastExit.Message == "" {
 		t.Fatalf("last exit %+v, want a spawn failure", st.LastExit)
 	}
 	if err := r.s.Replace(ctx, r.binary, nil); err != nil {

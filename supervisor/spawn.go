@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/procfs"
 )
 
@@ -149,7 +150,7 @@ func isLoading(err error) bool {
 
 // exitOf reaps a child that has exited and describes how it ended.
 func (s *Supervisor) exitOf(r *running) *Exit {
-	ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: ReasonCrash}
+	ex := &Exit{Time: s.cfg.Clock.Now(), Code: -1, Reason: apitype.ReasonCrash}
 	if r.kind != "" {
 		ex.Reason = r.kind
 	}

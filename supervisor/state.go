@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // State is where an instance's process is in its lifecycle.
@@ -20,7 +22,16 @@ const (
 	Stopped
 )
 
-var stateNames = [...]string{"starting", "running", "backoff", "crashloop", "stopping", "stopped"}
+// stateNames are the states' names: the API's, so that a State's String
+// is what GET /v1/instances shows.
+var stateNames = [...]string{
+	Starting:  apitype.StateStarting,
+	Running:   apitype.StateRunning,
+	Backoff:   apitype.StateBackoff,
+	Crashloop: apitype.StateCrashloop,
+	Stopping:  apitype.StateStopping,
+	Stopped:   apitype.StateStopped,
+}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {

@@ -3,7 +3,9 @@
 // once (a pidfd through the netpoller), restarts it with backoff, adopts a
 // process left running by a previous agent, and stops it gracefully. It
 // knows nothing about HTTP or the state store: it reports what happens
-// through Config.OnEvent and answers Status.
+// through Config.OnEvent and answers Status. Its exit reasons and the
+// names of its states are the API's (package apitype), so the agent shows
+// them as they are.
 //
 // States, and every move between them:
 //
@@ -61,15 +63,6 @@ import (
 	"time"
 )
 
-// Exit reasons.
-const (
-	ReasonCrash   = "crash"   // the process exited or was killed by something else
-	ReasonUnready = "unready" // it did not answer PING within the ready timeout
-	ReasonManual  = "manual"  // a restart was asked for
-	ReasonStopped = "stopped" // Stop was called
-	ReasonHung    = "hung"    // it stopped answering PING and was killed
-)
-
 // Exit describes how a process ended.
 type Exit struct {
 	Time time.Time
@@ -78,7 +71,21 @@ type Exit struct {
 	Code int
 	// Signal is the signal that killed it ("killed", "terminated", ...).
 	Signal string
+	// Reason is one of apitype's Reason* values: crash, unready, manual
+	// (Restart, Replace), stopped (Stop), hung, spawn_failed, or what
+	// Config.Classify makes of it.
 	Reason string
+	// Message says more where the reason alone does not: the error of a
+	// spawn that failed.
+	Message string
+}
+
+// String is the reason, with the message when there is one.
+func (e *Exit) String() string {
+	if e.Message != "" {
+		return e.Reason + ": " + e.Message
+	}
+	return e.Reason
 }
 
 // Admin is the part of the Redis admin client the supervisor needs.
@@ -159,8 +166,8 @@ type Config struct {
 	// OnEvent is called for each event, from the supervisor goroutine. It
 	// must not call back into the Supervisor.
 	OnEvent func(Event)
-	// Classify, when set, may refine an exit's Reason (e.g. "oom" from the
-	// cgroup's OOM-kill count) before it is recorded.
+	// Classify, when set, may refine an exit's Reason (apitype.ReasonOOM
+	// from the cgroup's OOM-kill count) before it is recorded.
 	Classify func(*Exit)
 	Logger   *slog.Logger
 	// Rand returns uniform numbers in [0, 1) for jitter; nil = math/rand.
@@ -315,7 +322,7 @@ func (s *Supervisor) WaitReady(ctx context.Context) error {
 			return nil
 		case Backoff, Crashloop:
 			if st.LastExit != nil {
-				return fmt.Errorf("redis-server did not become ready: %s (exit code %d %s)", st.LastExit.Reason, st.LastExit.Code, st.LastExit.Signal)
+				return fmt.Errorf("redis-server did not become ready: %s (exit code %d %s)", st.LastExit, st.LastExit.Code, st.LastExit.Signal)
 			}
 			return errors.New("redis-server did not become ready")
 		case Stopping, Stopped:

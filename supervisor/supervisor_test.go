@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -217,7 +218,7 @@ func TestCrashIsRestartedAtOnce(t *testing.T) {
 		return cur.State == Running && cur.Process.PID != st.Process.PID
 	})
 	t.Logf("restarted %v after SIGKILL", time.Since(killed))
-	if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Signal != "killed" || cur.LastExit.Reason != ReasonCrash {
+	if cur.Restarts != 1 || cur.LastExit == nil || cur.LastExit.Signal != "killed" || cur.LastExit.Reason != apitype.ReasonCrash {
 		t.Fatalf("after crash: %+v, last exit %+v", cur, cur.LastExit)
 	}
 }
@@ -240,7 +241,7 @@ func TestUnreadyProcessIsKilled(t *testing.T) {
 	s, _, _ := newSup(t, "sleep", &fakeAdmin{pingErr: errors.New("refused")}, nil)
 	first := waitState(t, s, Starting, time.Second).Process
 	st := waitStatus(t, s, "the unready process killed", 5*time.Second, func(st Status) bool { return st.LastExit != nil })
-	if st.LastExit.Reason != ReasonUnready || st.LastExit.Signal != "killed" {
+	if st.LastExit.Reason != apitype.ReasonUnready || st.LastExit.Signal != "killed" {
 		t.Fatalf("last exit %+v, want unready/killed", st.LastExit)
 	}
 	if Verify(first, "fake:sleep") == nil {
@@ -356,7 +357,7 @@ func TestHealthChecks(t *testing.T) {
 			t0 := time.Now()
 			st := waitStatus(t, s, "the process that stopped answering replaced", 5*time.Second, func(st Status) bool { return st.LastExit != nil })
 			took := time.Since(t0)
-			if st.LastExit.Reason != ReasonHung || st.LastExit.Signal != tt.wantSignal || Verify(first, "fake:"+tt.mode) == nil {
+			if st.LastExit.Reason != apitype.ReasonHung || st.LastExit.Signal != tt.wantSignal || Verify(first, "fake:"+tt.mode) == nil {
 				t.Fatalf("last exit %+v; want hung, signal %q, and the process gone", st.LastExit, tt.wantSignal)
 			}
 			if tt.wantSignal == "killed" && !tt.stop && took < 2*time.Second {
