@@ -5,6 +5,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // validConfig passes Validate on any machine the tests run on.
@@ -70,7 +72,7 @@ func TestResizeBeyondTheWholeBudget(t *testing.T) {
 	s := startService(t, cfg)
 	ctx := context.Background()
 	for _, id := range []string{"a", "b"} {
-		if _, _, err := s.Provision(ctx, id, Spec{MemoryMB: 40, Persistence: PersistenceNone}); err != nil {
+		if _, _, err := s.Provision(ctx, id, Spec{MemoryMB: 40, Persistence: apitype.PersistenceNone}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -331,7 +331,7 @@ func TestWithoutCgroups(t *testing.T) {
 		t.Fatal("--cgroups off gave cgroups")
 	}
 	ctx := context.Background()
-	c, inst := bound(t, s, "plain", Spec{MemoryMB: 16, Persistence: PersistenceAOF})
+	c, inst := bound(t, s, "plain", Spec{MemoryMB: 16, Persistence: apitype.PersistenceAOF})
 	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
 		t.Fatal(err)
 	}

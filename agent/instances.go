@@ -35,7 +35,7 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 		spec.MemoryMB = s.cfg.DefaultMemoryMB
 	}
 	if spec.Persistence == "" {
-		spec.Persistence = PersistenceAOF
+		spec.Persistence = apitype.PersistenceAOF
 	}
 	if spec.MemoryMB < 0 {
 		return spec, fmt.Errorf("memory_mb %d: %w: want a positive number of MiB", spec.MemoryMB, ErrInvalid)
@@ -334,10 +334,10 @@ func (s *Service) limitsFor(memoryMB int, persistence string) limits.Limits {
 // a dump and the one a BGSAVE writes beside it.
 func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
 	mb := int64(memoryMB) << 20
-	switch persistence {
-	case PersistenceAOF, PersistenceAOFAlways:
+	switch {
+	case apitype.IsAOF(persistence):
 		return 3*mb + 64<<20
-	case PersistenceRDB:
+	case persistence == apitype.PersistenceRDB:
 		return 2 * mb
 	}
 	return 0

@@ -138,7 +138,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 	cfg := testConfig(t, 12)
 	s := startService(t, cfg)
 	ctx := context.Background()
-	for _, mode := range []string{PersistenceAOF, PersistenceAOFAlways, PersistenceRDB, PersistenceNone} {
+	for _, mode := range []string{apitype.PersistenceAOF, apitype.PersistenceAOFAlways, apitype.PersistenceRDB, apitype.PersistenceNone} {
 		t.Run(mode, func(t *testing.T) {
 			src, _ := bound(t, s, "src-"+mode, Spec{MemoryMB: 64, Persistence: mode})
 			dst, dinst := bound(t, s, "dst-"+mode, Spec{MemoryMB: 64, Persistence: mode})
@@ -148,7 +148,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			}
 			rdb := snapshotBytes(t, s, "src-"+mode)
 			_, err := os.Stat(filepath.Join(s.layout.DataDir("src-"+mode), rdbName))
-			if kept := err == nil; kept != (mode == PersistenceRDB) {
+			if kept := err == nil; kept != (mode == apitype.PersistenceRDB) {
 				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
 			}
 
@@ -168,7 +168,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 					t.Fatalf("no AOF after the restore: %v", err)
 				}
 			}
-			if mode == PersistenceNone {
+			if mode == apitype.PersistenceNone {
 				// Nothing survives a restart: that is the mode. An RDB a
 				// crash between the swap and the restore's end left behind
 				// is loaded once (the restore was to happen), then removed.
@@ -207,7 +207,7 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			if err := dst.Set(ctx, "after", "restore", 0).Err(); err != nil {
 				t.Fatal(err)
 			}
-			if mode != PersistenceRDB {
+			if mode != apitype.PersistenceRDB {
 				// Written after the restore, in the AOF: survives a crash.
 				time.Sleep(1100 * time.Millisecond) // appendfsync everysec
 				syscallKill(t, pid)
@@ -506,7 +506,7 @@ func TestRollingUpgrade(t *testing.T) {
 	creds := map[string]Credentials{}
 	pids := map[string]int{}
 	for i, id := range ids {
-		mode := []string{PersistenceAOF, PersistenceRDB, PersistenceAOFAlways}[i]
+		mode := []string{apitype.PersistenceAOF, apitype.PersistenceRDB, apitype.PersistenceAOFAlways}[i]
 		c, inst, cr := boundCreds(t, s, id, Spec{MemoryMB: 32, Persistence: mode})
 		fill(t, c, 2000, 50)
 		creds[id], pids[id] = cr, inst.PID
@@ -650,7 +650,7 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	creds := map[string]Credentials{}
 	pids := map[string]int{}
 	for _, id := range ids {
-		c, inst, cr := boundCreds(t, s, id, Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+		c, inst, cr := boundCreds(t, s, id, Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 		fill(t, c, 500, 50)
 		creds[id], pids[id] = cr, inst.PID
 	}
@@ -755,7 +755,7 @@ func TestRolloutFinishesAnInterruptedMove(t *testing.T) {
 	real := cfg.RedisServer
 	s := startService(t, cfg)
 	ctx := context.Background()
-	c, inst, cr := boundCreds(t, s, "im", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	c, inst, cr := boundCreds(t, s, "im", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, c, 500, 50)
 
 	// What the crash left: the record says the instance was started on
@@ -804,9 +804,9 @@ func TestRolloutDoesNotBlameABrokenInstance(t *testing.T) {
 	real := cfg.RedisServer
 	s := startService(t, cfg)
 	ctx := context.Background()
-	bad, inst, _ := boundCreds(t, s, "rb-bad", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	bad, inst, _ := boundCreds(t, s, "rb-bad", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, bad, 10, 10)
-	good, _, gcr := boundCreds(t, s, "rb-good", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	good, _, gcr := boundCreds(t, s, "rb-good", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, good, 500, 50)
 	breakAOF(t, s, "rb-bad", inst.PID)
 	shutdown(t, s, false)
@@ -838,7 +838,7 @@ func TestResizeWhileDown(t *testing.T) {
 	cfg := testConfig(t, 4)
 	s := startService(t, cfg)
 	ctx := context.Background()
-	c, inst := bound(t, s, "rs-down", Spec{MemoryMB: 64, Persistence: PersistenceAOF})
+	c, inst := bound(t, s, "rs-down", Spec{MemoryMB: 64, Persistence: apitype.PersistenceAOF})
 	fill(t, c, 10, 10)
 	breakAOF(t, s, "rs-down", inst.PID)
 	if _, err := s.Resize(ctx, "rs-down", 32); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "shrink only while running") {
@@ -880,7 +880,7 @@ func breakAOF(t *testing.T, s *Service, id string, pid int) {
 func TestReconcileFinishesASwapBack(t *testing.T) {
 	cfg := testConfig(t, 4)
 	s := startService(t, cfg)
-	c, inst, cr := boundCreds(t, s, "sb", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	c, inst, cr := boundCreds(t, s, "sb", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, c, 300, 20)
 	shutdown(t, s, false)
 
@@ -930,7 +930,7 @@ func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
 	src, _ := bound(t, s, "pk-src", Spec{MemoryMB: 32})
 	fill(t, src, 100, 10)
 	rdb := snapshotBytes(t, s, "pk-src")
-	dst, _, cr := boundCreds(t, s, "pk-dst", Spec{MemoryMB: 32, Persistence: PersistenceAOF})
+	dst, _, cr := boundCreds(t, s, "pk-dst", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, dst, 300, 20)
 
 	_, err := s.Restore(ctx, "pk-dst", bytes.NewReader(rdb), -1, "")

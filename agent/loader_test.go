@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/redis-agent/redis-agent/apitype"
 )
 
 // loaderFunc is a snapshotLoader made of a function.
@@ -21,7 +23,7 @@ func (f loaderFunc) Load(ctx context.Context, job loadJob) error { return f(ctx,
 func TestRestoreLoaderContract(t *testing.T) {
 	s := startService(t, testConfig(t, 2))
 	ctx := context.Background()
-	c, before := bound(t, s, "dst", Spec{MemoryMB: 24, Persistence: PersistenceRDB})
+	c, before := bound(t, s, "dst", Spec{MemoryMB: 24, Persistence: apitype.PersistenceRDB})
 	if err := c.Set(ctx, "old", "data", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +42,7 @@ func TestRestoreLoaderContract(t *testing.T) {
 	if !errors.Is(err, broke) || errors.Is(err, ErrInvalid) {
 		t.Fatalf("Restore = %v; want the loader's own error, not ErrInvalid", err)
 	}
-	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: PersistenceRDB, Limits: s.limitsFor(24, PersistenceRDB)}
+	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: apitype.PersistenceRDB, Limits: s.limitsFor(24, apitype.PersistenceRDB)}
 	if got != want {
 		t.Fatalf("loader job = %+v, want %+v", got, want)
 	}

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
@@ -60,7 +61,7 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q: %w", id, err)
 	}
-	if rec.Persistence != PersistenceRDB {
+	if rec.Persistence != apitype.PersistenceRDB {
 		if err := os.Remove(path); err != nil {
 			s.log.Warn("snapshot file left in the data directory", "instance", id, "err", err)
 		}
@@ -84,7 +85,7 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 // of a restore can leave it): such an instance keeps nothing on disk, and
 // its next restart must come back empty, not with that file's data.
 func (s *Service) dropRDB(rec state.Instance) {
-	if rec.Persistence != PersistenceNone {
+	if rec.Persistence != apitype.PersistenceNone {
 		return
 	}
 	if err := os.Remove(filepath.Join(s.layout.DataDir(rec.ID), rdbName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -166,7 +167,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	if err := os.Rename(upload, filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}
-	if rec.Persistence == PersistenceRDB {
+	if rec.Persistence == apitype.PersistenceRDB {
 		// The file is the instance's data from the swap on. In the other
 		// modes it is only read (by the loader, the first start) and then
 		// removed: flushing it to disk would only cost.

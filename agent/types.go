@@ -38,14 +38,6 @@ type (
 	Rollout     = apitype.Rollout
 )
 
-// Persistence modes of an instance.
-const (
-	PersistenceAOF       = apitype.PersistenceAOF
-	PersistenceAOFAlways = apitype.PersistenceAOFAlways
-	PersistenceRDB       = apitype.PersistenceRDB
-	PersistenceNone      = apitype.PersistenceNone
-)
-
 // Rollout states.
 const (
 	RolloutIdle    = apitype.RolloutIdle

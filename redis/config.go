@@ -91,8 +91,8 @@ func Render(c Conf) []byte {
 		line("replica-read-only yes")
 		line("replica-serve-stale-data yes")
 	}
-	switch c.Persistence {
-	case apitype.PersistenceAOF, apitype.PersistenceAOFAlways:
+	switch {
+	case apitype.IsAOF(c.Persistence):
 		fsync := "everysec"
 		if c.Persistence == apitype.PersistenceAOFAlways {
 			fsync = "always"
@@ -101,7 +101,7 @@ func Render(c Conf) []byte {
 		line("appendfsync %s", fsync)
 		line(`appenddirname "appendonlydir"`)
 		line(`save ""`)
-	case apitype.PersistenceRDB:
+	case c.Persistence == apitype.PersistenceRDB:
 		line("appendonly no")
 		line("save 3600 1 300 100 60 10000")
 		line(`dbfilename "dump.rdb"`)
