@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/forward"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
 	"github.com/redis-agent/redis-agent/redis"
@@ -53,6 +54,8 @@ type Service struct {
 
 	mu        sync.Mutex
 	instances map[string]*instance // live supervision, by id
+	// forwarders hold the old ports of instances moved away, by id.
+	forwarders map[string]*forward.Forwarder
 
 	reconciled atomic.Bool
 	orphans    atomic.Pointer[[]Orphan]
@@ -134,10 +137,11 @@ func New(cfg Config) (*Service, error) {
 		log = slog.Default()
 	}
 	s := &Service{
-		cfg:       cfg,
-		log:       log,
-		alloc:     ports.Allocator{Range: ports.Range{Min: cfg.PortMin, Max: cfg.PortMax}, Busy: ports.ListenProbe(cfg.BindHost)},
-		instances: map[string]*instance{},
+		cfg:        cfg,
+		log:        log,
+		alloc:      ports.Allocator{Range: ports.Range{Min: cfg.PortMin, Max: cfg.PortMax}, Busy: ports.ListenProbe(cfg.BindHost)},
+		instances:  map[string]*instance{},
+		forwarders: map[string]*forward.Forwarder{},
 	}
 	s.layout = volumes.Layout{
 		DataRoot: filepath.Join(cfg.DataDir, "instances"),
@@ -204,6 +208,13 @@ func (s *Service) Close() error {
 		<-in.sup.Done()
 		in.admin.Close()
 	}
+	// A forwarder lives in the agent: the next one starts it again.
+	s.mu.Lock()
+	for id, f := range s.forwarders {
+		f.Close()
+		delete(s.forwarders, id)
+	}
+	s.mu.Unlock()
 	// Gone only when no instance's cgroup is left in it.
 	s.cg.RemoveRootIfEmpty()
 	return s.store.Close()
@@ -287,7 +298,16 @@ func (s *Service) conf(rec state.Instance) []byte {
 		MemoryMB:    rec.MemoryMB,
 		Persistence: rec.Persistence,
 		MaxClients:  s.cfg.MaxClients,
+		ReplicaOf:   replicaOf(rec),
 	})
+}
+
+// replicaOf is the primary rec's server replicates from, if any.
+func replicaOf(rec state.Instance) *redis.Primary {
+	if p := rec.ReplicaOf; p != nil {
+		return &redis.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+	}
+	return nil
 }
 
 func hash(b []byte) string {
@@ -303,10 +323,17 @@ func acl(rec state.Instance) []byte {
 }
 
 // tenantUsers are the ACL users of rec's bindings.
+//
+// While rec is a move's source its replication user is one of them; from
+// the cutover on the bindings' users are off (the tenants are fenced).
 func tenantUsers(rec state.Instance) []redis.User {
-	users := make([]redis.User, 0, len(rec.Bindings))
+	users := make([]redis.User, 0, len(rec.Bindings)+1)
+	fenced := rec.Move != nil && rec.Move.State != state.MoveReplicating
 	for _, b := range rec.Bindings {
-		users = append(users, redis.User{Name: b.Username, PasswordHash: redis.HashPassword(b.Password)})
+		users = append(users, redis.User{Name: b.Username, PasswordHash: redis.HashPassword(b.Password), Off: fenced})
+	}
+	if rec.Move != nil {
+		users = append(users, redis.User{Name: rec.Move.User, PasswordHash: redis.HashPassword(rec.Move.Password), Rules: redis.ReplicationRules})
 	}
 	return users
 }

@@ -18,7 +18,19 @@ const (
 	FaultRestoreSwapped    = "restore.swapped"    // data directories swapped, no process running
 )
 
-// FaultPoints lists every fault-injection point.
+// Fault-injection points of a replication move (MoveFaultPoints).
+const (
+	FaultMoveStarted         = "move.started"          // source: replication user recorded, not yet in Redis
+	FaultMoveCutover         = "move.cutover"          // source: cutover recorded, writes not yet paused
+	FaultMoveForwardRecorded = "move.forward.recorded" // source: forwarding recorded, redis-server still running
+	FaultPromoteRecorded     = "promote.recorded"      // target: primary recorded and configured, still a replica live
+)
+
+// MoveFaultPoints lists the fault-injection points of a move.
+var MoveFaultPoints = []string{FaultMoveStarted, FaultMoveCutover, FaultMoveForwardRecorded, FaultPromoteRecorded}
+
+// FaultPoints lists every fault-injection point of the single-agent
+// operations.
 var FaultPoints = []string{
 	FaultProvisionRecorded, FaultProvisionFiles, FaultSpawnUnrecorded, FaultProvisionReady,
 	FaultDeleteMarked, FaultDeleteStopped, FaultDeleteRemoved,

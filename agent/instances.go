@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -45,6 +47,9 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	}
 	if !redis.ValidPersistence(spec.Persistence) {
 		return spec, fmt.Errorf("persistence %q: %w: want one of aof, aof-always, rdb, none", spec.Persistence, ErrInvalid)
+	}
+	if p := spec.ReplicaOf; p != nil && (p.Host == "" || p.Port < 1 || p.Port > 65535 || p.User == "" || p.Password == "") {
+		return spec, fmt.Errorf("replica_of: %w: want host, port, user and password", ErrInvalid)
 	}
 	md, err := normalizeMetadata(spec.Metadata)
 	spec.Metadata = md
@@ -99,6 +104,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		MemoryMB:      spec.MemoryMB,
 		Persistence:   spec.Persistence,
 		Metadata:      spec.Metadata,
+		ReplicaOf:     primaryOf(spec.ReplicaOf),
 		AdminPassword: redis.NewPassword(),
 		Phase:         state.PhaseProvisioning,
 		CreatedAt:     time.Now().UTC(),
@@ -417,6 +423,7 @@ func (s *Service) runtime(id string) *instance {
 // its record. Each step tolerates what an earlier, interrupted destroy
 // already did.
 func (s *Service) destroy(id string) error {
+	s.stopForwarding(id)
 	if in := s.runtime(id); in != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout+10*time.Second)
 		err := in.sup.Stop(ctx, true)
@@ -604,10 +611,24 @@ func (s *Service) view(rec state.Instance) Instance {
 			inst.LastExit = lastExit(st.LastExit)
 		}
 	}
+	if p := rec.ReplicaOf; p != nil {
+		inst.ReplicaOf = net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
+	}
+	if m := rec.Move; m != nil {
+		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, ForwardTo: m.ForwardTo}
+		if m.State == state.MoveForwarding {
+			inst.State = apitype.StateForwarding
+			s.mu.Lock()
+			if f := s.forwarders[rec.ID]; f != nil {
+				inst.Move.Forwarded = f.Active()
+			}
+			s.mu.Unlock()
+		}
+	}
 	if rec.Phase == state.PhaseDeleting {
 		inst.State = apitype.StateStopping
 	}
-	if inst.State != apitype.StateRunning && inst.State != apitype.StateStopping {
+	if inst.State != apitype.StateRunning && inst.State != apitype.StateStopping && inst.State != apitype.StateForwarding {
 		// Why it does not run is in its log.
 		inst.LogTail, _ = volumes.Tail(s.layout.LogPath(rec.ID), logTailLines)
 	}
@@ -661,4 +682,12 @@ func (in *instance) waitReady(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
 	defer cancel()
 	return in.sup.WaitReady(ctx)
+}
+
+// primaryOf is the record's form of a provision's replica_of.
+func primaryOf(p *apitype.Primary) *state.Primary {
+	if p == nil {
+		return nil
+	}
+	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
 }

@@ -110,10 +110,12 @@ const (
 	outcomeDeleted outcome = "deleted" // it finished an interrupted deletion
 	outcomeAdopted outcome = "adopted" // it adopted the process a previous agent left
 	outcomeStarted outcome = "started" // it prepared a new process
+	// outcomeForwarding: a moved instance's forwarder holds its port.
+	outcomeForwarding outcome = "forwarding"
 )
 
 // outcomes are the outcomes the metric shows.
-var outcomes = []outcome{outcomeAdopted, outcomeStarted, outcomeDeleted}
+var outcomes = []outcome{outcomeAdopted, outcomeStarted, outcomeDeleted, outcomeForwarding}
 
 // reconcileOne brings one record's instance in line and says what it did.
 // An error is the state store's, which stops reconcile.
@@ -126,6 +128,15 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 		}
 		log.Info("finished an interrupted deletion")
 		return outcomeDeleted, nil
+	}
+	if rec.Move != nil && rec.Move.State == state.MoveForwarding {
+		// Moved away: its port forwards to the new place, whatever a
+		// crash left running on it.
+		if err := s.startForwarding(context.Background(), rec); err != nil {
+			log.Error("forward a moved instance", "err", err)
+			return outcomeLeft, nil
+		}
+		return outcomeForwarding, nil
 	}
 	s.finishRestore(rec, m)
 	adopt := s.findProcess(rec, m)

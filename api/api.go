@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/gorilla/mux"
 	"github.com/prometheus/client_golang/prometheus"
@@ -41,6 +42,12 @@ type Service interface {
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
 	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)
+	StartMove(ctx context.Context, id string) (apitype.Primary, error)
+	Replication(ctx context.Context, id string) (apitype.Replication, error)
+	Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error)
+	AbortMove(ctx context.Context, id string) error
+	Forward(ctx context.Context, id, host string, port int, ttl time.Duration) error
+	Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error
 	RolloutStatus(ctx context.Context) (apitype.Rollout, error)
 }
 
@@ -161,6 +168,12 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodDelete, "/instances/{id}/bindings/{bid}", s.deleteBinding)
 	v1(http.MethodPost, "/instances/{id}/restart", s.restart)
 	v1(http.MethodGet, "/instances/{id}/log", s.instanceLog)
+	v1(http.MethodPost, "/instances/{id}/move", s.startMove)
+	v1(http.MethodDelete, "/instances/{id}/move", s.abortMove)
+	v1(http.MethodPost, "/instances/{id}/move/cutover", s.cutover)
+	v1(http.MethodPost, "/instances/{id}/move/forward", s.forward)
+	v1(http.MethodPost, "/instances/{id}/promote", s.promote)
+	v1(http.MethodGet, "/instances/{id}/replication", s.replication)
 	v1(http.MethodGet, "/capacity", s.capacity)
 	v1(http.MethodGet, "/orphans", s.orphans)
 	return r

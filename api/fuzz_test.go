@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/redis-agent/redis-agent/agent"
 	"github.com/redis-agent/redis-agent/apitype"
@@ -150,4 +151,21 @@ func FuzzHandler(f *testing.F) {
 			}
 		}
 	})
+}
+
+func (f *fakeService) StartMove(_ context.Context, id string) (apitype.Primary, error) {
+	return apitype.Primary{}, f.errFor(id)
+}
+func (f *fakeService) Replication(_ context.Context, id string) (apitype.Replication, error) {
+	return apitype.Replication{}, f.errFor(id)
+}
+func (f *fakeService) Cutover(_ context.Context, id string, _ time.Duration) (int64, error) {
+	return 0, f.errFor(id)
+}
+func (f *fakeService) AbortMove(_ context.Context, id string) error { return f.errFor(id) }
+func (f *fakeService) Forward(_ context.Context, id, _ string, _ int, _ time.Duration) error {
+	return f.errFor(id)
+}
+func (f *fakeService) Promote(_ context.Context, id string, _ int64, _ time.Duration) error {
+	return f.errFor(id)
 }

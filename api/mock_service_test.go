@@ -14,6 +14,7 @@ import (
 	json "encoding/json"
 	io "io"
 	reflect "reflect"
+	time "time"
 
 	agent "github.com/redis-agent/redis-agent/agent"
 	apitype "github.com/redis-agent/redis-agent/apitype"
@@ -42,6 +43,20 @@ func NewMockService(ctrl *gomock.Controller) *MockService {
 // EXPECT returns an object that allows the caller to indicate expected use.
 func (m *MockService) EXPECT() *MockServiceMockRecorder {
 	return m.recorder
+}
+
+// AbortMove mocks base method.
+func (m *MockService) AbortMove(ctx context.Context, id string) error {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "AbortMove", ctx, id)
+	ret0, _ := ret[0].(error)
+	return ret0
+}
+
+// AbortMove indicates an expected call of AbortMove.
+func (mr *MockServiceMockRecorder) AbortMove(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "AbortMove", reflect.TypeOf((*MockService)(nil).AbortMove), ctx, id)
 }
 
 // Bind mocks base method.
@@ -90,6 +105,21 @@ func (mr *MockServiceMockRecorder) Capacity(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Capacity", reflect.TypeOf((*MockService)(nil).Capacity), ctx)
 }
 
+// Cutover mocks base method.
+func (m *MockService) Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Cutover", ctx, id, timeout)
+	ret0, _ := ret[0].(int64)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Cutover indicates an expected call of Cutover.
+func (mr *MockServiceMockRecorder) Cutover(ctx, id, timeout any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Cutover", reflect.TypeOf((*MockService)(nil).Cutover), ctx, id, timeout)
+}
+
 // Deprovision mocks base method.
 func (m *MockService) Deprovision(ctx context.Context, id string) error {
 	m.ctrl.T.Helper()
@@ -102,6 +132,20 @@ func (m *MockService) Deprovision(ctx context.Context, id string) error {
 func (mr *MockServiceMockRecorder) Deprovision(ctx, id any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Deprovision", reflect.TypeOf((*MockService)(nil).Deprovision), ctx, id)
+}
+
+// Forward mocks base method.
+func (m *MockService) Forward(ctx context.Context, id, host string, port int, ttl time.Duration) error {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Forward", ctx, id, host, port, ttl)
+	ret0, _ := ret[0].(error)
+	return ret0
+}
+
+// Forward indicates an expected call of Forward.
+func (mr *MockServiceMockRecorder) Forward(ctx, id, host, port, ttl any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Forward", reflect.TypeOf((*MockService)(nil).Forward), ctx, id, host, port, ttl)
 }
 
 // Get mocks base method.
@@ -164,6 +208,20 @@ func (mr *MockServiceMockRecorder) Orphans(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Orphans", reflect.TypeOf((*MockService)(nil).Orphans), ctx)
 }
 
+// Promote mocks base method.
+func (m *MockService) Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Promote", ctx, id, offset, timeout)
+	ret0, _ := ret[0].(error)
+	return ret0
+}
+
+// Promote indicates an expected call of Promote.
+func (mr *MockServiceMockRecorder) Promote(ctx, id, offset, timeout any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Promote", reflect.TypeOf((*MockService)(nil).Promote), ctx, id, offset, timeout)
+}
+
 // Provision mocks base method.
 func (m *MockService) Provision(ctx context.Context, id string, spec apitype.Spec) (apitype.Instance, bool, error) {
 	m.ctrl.T.Helper()
@@ -178,6 +236,21 @@ func (m *MockService) Provision(ctx context.Context, id string, spec apitype.Spe
 func (mr *MockServiceMockRecorder) Provision(ctx, id, spec any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Provision", reflect.TypeOf((*MockService)(nil).Provision), ctx, id, spec)
+}
+
+// Replication mocks base method.
+func (m *MockService) Replication(ctx context.Context, id string) (apitype.Replication, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Replication", ctx, id)
+	ret0, _ := ret[0].(apitype.Replication)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Replication indicates an expected call of Replication.
+func (mr *MockServiceMockRecorder) Replication(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Replication", reflect.TypeOf((*MockService)(nil).Replication), ctx, id)
 }
 
 // Resize mocks base method.
@@ -267,6 +340,21 @@ func (m *MockService) Snapshot(ctx context.Context, id string) (*agent.Snapshot,
 func (mr *MockServiceMockRecorder) Snapshot(ctx, id any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Snapshot", reflect.TypeOf((*MockService)(nil).Snapshot), ctx, id)
+}
+
+// StartMove mocks base method.
+func (m *MockService) StartMove(ctx context.Context, id string) (apitype.Primary, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "StartMove", ctx, id)
+	ret0, _ := ret[0].(apitype.Primary)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// StartMove indicates an expected call of StartMove.
+func (mr *MockServiceMockRecorder) StartMove(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "StartMove", reflect.TypeOf((*MockService)(nil).StartMove), ctx, id)
 }
 
 // StartRollout mocks base method.

@@ -38,6 +38,62 @@ type Spec struct {
 	// context there, so it needs no database of its own); at most
 	// MaxMetadataBytes. Part of what makes two provisions identical.
 	Metadata json.RawMessage `json:"metadata,omitempty"`
+	// ReplicaOf makes the new instance a replica of that primary: the
+	// target of a move, until POST .../promote.
+	ReplicaOf *Primary `json:"replica_of,omitempty"`
+}
+
+// Primary is where a move's target replicates from and how it logs in
+// there: the answer of POST /v1/instances/{id}/move on the source, and
+// Spec.ReplicaOf on the target.
+type Primary struct {
+	Host     string `json:"host"`
+	Port     int    `json:"port"`
+	User     string `json:"user"`
+	Password string `json:"password"`
+}
+
+// Replication is GET /v1/instances/{id}/replication.
+type Replication struct {
+	// Role is "master" or "replica".
+	Role string `json:"role"`
+	// Offset is a primary's replication offset, or how far a replica has
+	// processed its primary's.
+	Offset int64 `json:"offset"`
+	// LinkUp and SyncInProgress are a replica's link to its primary.
+	LinkUp         bool `json:"link_up"`
+	SyncInProgress bool `json:"sync_in_progress"`
+	// Replicas is how many replicas a primary has.
+	Replicas int `json:"replicas"`
+	// Persisted is false while the server still writes its data to disk
+	// the first time (an AOF replica's rewrite after its sync): a move
+	// cuts over only once its target has.
+	Persisted bool `json:"persisted"`
+}
+
+// Cutover is the body of POST /v1/instances/{id}/move/cutover, and
+// Offset its answer's: the source pauses writes for at most TimeoutMS,
+// fences its tenants off, and says its final replication offset.
+type Cutover struct {
+	TimeoutMS int   `json:"timeout_ms"`
+	Offset    int64 `json:"offset"`
+}
+
+// Promote is the body of POST /v1/instances/{id}/promote on a move's
+// target: it waits at most TimeoutMS until it has processed Offset of its
+// primary's stream, then becomes a primary.
+type Promote struct {
+	Offset    int64 `json:"offset"`
+	TimeoutMS int   `json:"timeout_ms"`
+}
+
+// Forward is the body of POST /v1/instances/{id}/move/forward on a move's
+// source: its redis-server goes and a forwarder to Host:Port holds its
+// port for TTLSeconds, after which the instance is deleted.
+type Forward struct {
+	Host       string `json:"host"`
+	Port       int    `json:"port"`
+	TTLSeconds int    `json:"ttl_seconds"`
 }
 
 // MaxMetadataBytes bounds an instance's metadata (compacted JSON).
@@ -129,7 +185,26 @@ type Instance struct {
 	// RedisVersion is the version of the redis-server the instance runs,
 	// when the agent knows it ("7.0.15").
 	RedisVersion string `json:"redis_version,omitempty"`
+	// Move is the source's side of a move in progress: its state
+	// (replicating, cutover, forwarding) and, once forwarding, where to.
+	Move *MoveStatus `json:"move,omitempty"`
+	// ReplicaOf is set on a move's target until it is promoted.
+	ReplicaOf string `json:"replica_of,omitempty"`
 }
+
+// MoveStatus is the source's side of a move, in the instance's view.
+type MoveStatus struct {
+	State string `json:"state"`
+	// StartedAt is when the move began on the source.
+	StartedAt time.Time `json:"started_at"`
+	ForwardTo string    `json:"forward_to,omitempty"`
+	// Forwarded counts the connections the forwarder holds now.
+	Forwarded int64 `json:"forwarded,omitempty"`
+}
+
+// StateForwarding is the state of a moved instance whose old port
+// forwards to its new place.
+const StateForwarding = "forwarding"
 
 // InstanceList is the body of GET /v1/instances.
 type InstanceList struct {

@@ -77,9 +77,10 @@ type Drain struct {
 	Error      string     `json:"error,omitempty"`
 	StartedAt  time.Time  `json:"started_at"`
 	FinishedAt *time.Time `json:"finished_at,omitempty"`
-	// Unavailable is, by instance, how long it was out of service: from
-	// the snapshot's start until the source was deleted (writes in that
-	// window stay on the source).
+	// Unavailable is, by instance, how long it took no writes: a
+	// replication move's cutover (writes wait, none is lost), or a
+	// snapshot move's copy (from the snapshot's start to the source's
+	// removal; writes in that window stay on the source and are lost).
 	Unavailable map[string]float64 `json:"unavailable_seconds,omitempty"`
 }
 
@@ -185,16 +186,15 @@ func (b *Broker) runDrain(ctx context.Context, a *agentState) {
 		}
 		t0 := time.Now()
 		spec := apitype.Spec{MemoryMB: in.MemoryMB, Persistence: in.Persistence, Metadata: in.Metadata}
-		target, err := b.move(ctx, in.ID, a, spec)
+		target, unavailable, err := b.move(ctx, in.ID, a, spec)
 		unlock()
 		if err != nil {
 			finish(fmt.Errorf("move %s: %w", in.ID, err))
 			return
 		}
-		took := time.Since(t0)
 		b.metrics.observe("move", t0)
-		b.log.Info("moved for a drain", "instance", in.ID, "from", name, "to", target, "took", took.Round(time.Millisecond))
-		b.drains.update(name, func(d *Drain) { d.Moved++; d.Unavailable[in.ID] = took.Seconds() })
+		b.log.Info("moved for a drain", "instance", in.ID, "from", name, "to", target, "took", time.Since(t0).Round(time.Millisecond), "unavailable", unavailable.Round(time.Millisecond))
+		b.drains.update(name, func(d *Drain) { d.Moved++; d.Unavailable[in.ID] = unavailable.Seconds() })
 	}
 	finish(nil)
 }

@@ -47,6 +47,9 @@ type Config struct {
 	// OperationTTL is how long a finished asynchronous operation is still
 	// answered by last_operation; 0 means 1 h.
 	OperationTTL time.Duration
+	// SnapshotMoves makes every move a snapshot and a restore, never a
+	// replication (for agents that cannot reach each other).
+	SnapshotMoves bool
 	// HTTP is the client for agents (TLS settings); nil means a default.
 	HTTP *http.Client
 	// Logger receives the broker's logs; nil means slog.Default().
@@ -139,6 +142,7 @@ func (b *Broker) Start(ctx context.Context) {
 				return
 			case <-t.C:
 				b.fleet.Refresh(b.ctx)
+				b.settleMoves(b.ctx)
 			}
 		}
 	})

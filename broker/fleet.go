@@ -154,18 +154,48 @@ type located struct {
 // instance may be there. Agents that did not answer and were seen, not
 // holding it, are in others.
 func (f *Fleet) locate(ctx context.Context, id string) (found []located, unreachable, others []*agentState) {
+	return f.locateIn(ctx, id, f.agents)
+}
+
+// locateReachable is locate without the agents that did not answer their
+// last look (a check that must not wait out their timeout again).
+func (f *Fleet) locateReachable(ctx context.Context, id string) (found []located, unreachable, others []*agentState) {
+	as := slices.DeleteFunc(slices.Clone(f.agents), func(a *agentState) bool {
+		reachable, _, _, _, _, _ := a.snapshot()
+		return !reachable
+	})
+	return f.locateIn(ctx, id, as)
+}
+
+// timeoutFor is how long to wait for a: the configured timeout, or at most
+// a second for one that did not answer its last look (it is asked again,
+// but a provision must not wait for it several times over).
+func (f *Fleet) timeoutFor(a *agentState) time.Duration {
+	if reachable, _, _, _, _, _ := a.snapshot(); !reachable && !a.seenZero() {
+		return min(f.timeout, time.Second)
+	}
+	return f.timeout
+}
+
+func (a *agentState) seenZero() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.seen.IsZero()
+}
+
+func (f *Fleet) locateIn(ctx context.Context, id string, agents []*agentState) (found []located, unreachable, others []*agentState) {
 	type answer struct {
 		a    *agentState
 		inst apitype.Instance
 		err  error
 	}
-	answers := make([]answer, len(f.agents))
+	answers := make([]answer, len(agents))
 	var wg sync.WaitGroup
-	for i, a := range f.agents {
+	for i, a := range agents {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(ctx, f.timeout)
+			ctx, cancel := context.WithTimeout(ctx, f.timeoutFor(a))
 			defer cancel()
 			in, err := a.c.Get(ctx, id)
 			answers[i] = answer{a, in, err}
@@ -220,7 +250,7 @@ func (f *Fleet) refreshCapacity(ctx context.Context) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(ctx, f.timeout)
+			ctx, cancel := context.WithTimeout(ctx, f.timeoutFor(a))
 			defer cancel()
 			capa, err := a.c.Capacity(ctx)
 			readyErr := err

@@ -17,6 +17,7 @@ type metrics struct {
 	placements        *prometheus.CounterVec
 	placementFailures prometheus.Counter
 	duplicates        prometheus.Counter
+	moves             *prometheus.CounterVec
 	opDuration        *prometheus.HistogramVec
 }
 
@@ -39,6 +40,10 @@ func newMetrics(b *Broker) *metrics {
 			Name: "redis_broker_duplicate_instances_total",
 			Help: "Instances found on more than one agent that the broker could not settle by itself.",
 		}),
+		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "redis_broker_moves_total",
+			Help: "Instances moved to another agent, by how (replication, snapshot).",
+		}, []string{"method"}),
 		opDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "redis_broker_operation_duration_seconds",
 			Help:    "Duration of successful provisions, updates, deprovisions and moves.",
@@ -48,7 +53,9 @@ func newMetrics(b *Broker) *metrics {
 	for _, a := range b.fleet.agents {
 		m.placements.WithLabelValues(a.cfg.Name)
 	}
-	m.reg.MustRegister(m.requests, m.placements, m.placementFailures, m.duplicates, m.opDuration, &fleetCollector{b},
+	m.moves.WithLabelValues("replication")
+	m.moves.WithLabelValues("snapshot")
+	m.reg.MustRegister(m.requests, m.placements, m.placementFailures, m.duplicates, m.moves, m.opDuration, &fleetCollector{b},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -2,6 +2,8 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,82 +15,255 @@ import (
 )
 
 // move moves instance iid from src to another agent with room, as want
-// (the same or a new plan): it creates the instance on the target,
-// streams a fresh snapshot of the source into it, recreates every binding
-// there with the same username and password (an application keeps its
-// credentials; only host and port change), and only then deletes the
-// source. Any failure before that deletes what it made on the target and
-// leaves the source serving as if nothing happened. Writes the source
-// takes after its snapshot began are not carried over: a live,
-// replication-based move is not built yet.
-func (b *Broker) move(ctx context.Context, iid string, src *agentState, want apitype.Spec) (target string, err error) {
+// (the same or a new plan), keeping every acknowledged write and the
+// bindings' usernames and passwords (only host and port change; the old
+// port forwards to the new place for a while): by replication when the
+// target reaches the source, by snapshot and restore otherwise. Any
+// failure before the target takes over leaves the source serving as if
+// nothing happened and removes what was made on the target.
+//
+// unavailable is how long the instance took no writes: a replication
+// move's cutover, or a snapshot move's copy (whose writes are lost).
+func (b *Broker) move(ctx context.Context, iid string, src *agentState, want apitype.Spec) (target string, unavailable time.Duration, err error) {
 	b.fleet.refreshCapacity(ctx)
 	chosen, rejected, ok := Place(b.fleet.candidates(), want.MemoryMB, b.cfg.Strategy, src.cfg.Name)
 	if !ok {
 		b.metrics.placementFailures.Inc()
-		return "", fmt.Errorf("%w for %d MiB: %s", errNoRoom, want.MemoryMB, rejections(rejected))
+		return "", 0, fmt.Errorf("%w for %d MiB: %s", errNoRoom, want.MemoryMB, rejections(rejected))
 	}
 	dst := b.fleet.agent(chosen.Name)
+	cur, err := src.c.Get(ctx, iid)
+	if err != nil {
+		return "", 0, fmt.Errorf("read the instance on %s: %w", src.cfg.Name, err)
+	}
+	if !b.cfg.SnapshotMoves && want.Persistence == cur.Persistence {
+		unavailable, err := b.replicate(ctx, iid, src, dst, cur, want)
+		if err == nil {
+			b.metrics.moves.WithLabelValues("replication").Inc()
+			return dst.cfg.Name, unavailable, nil
+		}
+		if !errors.Is(err, errNoLink) {
+			return "", 0, err
+		}
+		b.log.Warn("the target cannot replicate from the source; moving by snapshot", "instance", iid, "from", src.cfg.Name, "to", dst.cfg.Name, "err", err)
+	}
+	unavailable, err = b.snapshotMove(ctx, iid, src, dst, cur, want)
+	if err != nil {
+		return "", 0, err
+	}
+	b.metrics.moves.WithLabelValues("snapshot").Inc()
+	return dst.cfg.Name, unavailable, nil
+}
+
+// errNoLink: the target never got a replication link to the source.
+var errNoLink = errors.New("no replication link")
+
+// Bounds of a replication move.
+const (
+	// syncTimeout bounds the initial sync and the catch-up.
+	syncTimeout = 30 * time.Minute
+	// linkTimeout bounds the wait for the replica's first link up.
+	linkTimeout = 20 * time.Second
+	// pauseFor is the source's write pause; the cutover must finish
+	// well within it (promotion waits at most promoteWait).
+	pauseFor    = 2 * time.Second
+	promoteWait = 1500 * time.Millisecond
+	// catchUp is the lag, in bytes of the replication stream, under which
+	// the cutover starts.
+	catchUp = 1 << 20
+	// forwardFor is how long the old port forwards to the new place.
+	forwardFor = time.Hour
+)
+
+// replicate moves iid from src to dst by replication: dst syncs as a
+// replica, the bindings are copied, then the cutover: src pauses writes
+// and fences its tenants off, dst is promoted once it has src's final
+// offset, and src's port forwards to dst.
+func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState, cur apitype.Instance, want apitype.Spec) (unavailable time.Duration, err error) {
+	log := b.log.With("instance", iid, "from", src.cfg.Name, "to", dst.cfg.Name)
+	t0 := time.Now()
+	actx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
+	primary, err := src.c.StartMove(actx, iid)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("start the move on %s: %w", src.cfg.Name, err)
+	}
+	promoted := false
+	defer func() {
+		if err == nil || promoted {
+			return
+		}
+		// Undo: the source serves as before, the target copy goes.
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
+		defer cancel()
+		if aerr := src.c.AbortMove(uctx, iid); aerr != nil {
+			log.Error("abort the move on the source", "err", aerr)
+			err = fmt.Errorf("%w (and aborting it on %s failed: %v)", err, src.cfg.Name, aerr)
+		}
+		if derr := dst.c.Deprovision(uctx, iid); derr != nil {
+			log.Error("remove the move's target copy", "err", derr)
+			err = fmt.Errorf("%w (and removing the copy on %s failed: %v)", err, dst.cfg.Name, derr)
+		}
+		dst.forget(iid)
+	}()
+	want.ReplicaOf = &primary
+	pctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
+	_, _, err = dst.c.Provision(pctx, iid, want)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("create the replica on %s: %w", dst.cfg.Name, err)
+	}
+	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
+	if err := b.copyBindings(ctx, iid, src, dst, cur.Bindings); err != nil {
+		return 0, err
+	}
+	// The initial sync and the catch-up.
+	linked := false
+	deadline := time.Now().Add(syncTimeout)
+	for {
+		r, rerr := dst.c.Replication(ctx, iid)
+		s, serr := src.c.Replication(ctx, iid)
+		if rerr == nil && serr == nil && r.LinkUp && !r.SyncInProgress {
+			linked = true
+			// Caught up, and on disk (an AOF target writes its first
+			// AOF after the sync).
+			if s.Offset-r.Offset <= catchUp && r.Persisted {
+				break
+			}
+		}
+		if !linked && time.Since(t0) > linkTimeout {
+			return 0, fmt.Errorf("%w from %s to %s after %v", errNoLink, dst.cfg.Name, src.cfg.Name, linkTimeout)
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("the replica on %s did not catch up in %v", dst.cfg.Name, syncTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	synced := time.Since(t0)
+	// Bindings made on the source while it synced.
+	if again, err := src.c.Get(ctx, iid); err == nil {
+		if err := b.copyBindings(ctx, iid, src, dst, again.Bindings); err != nil {
+			return 0, err
+		}
+	}
+	t1 := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
+	offset, err := src.c.Cutover(cctx, iid, pauseFor)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("cut over on %s: %w", src.cfg.Name, err)
+	}
+	pctx, cancel = context.WithTimeout(ctx, b.cfg.AgentTimeout)
+	err = dst.c.Promote(pctx, iid, offset, promoteWait)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("promote on %s: %w", dst.cfg.Name, err)
+	}
+	promoted = true
+	inst, err := dst.c.Get(ctx, iid)
+	if err != nil {
+		return 0, fmt.Errorf("read the promoted instance on %s: %w", dst.cfg.Name, err)
+	}
+	dst.remember(inst)
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
+	err = src.c.Forward(fctx, iid, inst.Host, inst.Port, forwardFor)
+	cancel()
+	if err != nil {
+		// The target holds every write and takes new ones; the source is
+		// fenced. An operator or the next broker finishes this.
+		log.Error("promoted, but the source's forwarder did not start", "err", err)
+		return 0, fmt.Errorf("moved to %s, but the forwarder on %s did not start: %w", dst.cfg.Name, src.cfg.Name, err)
+	}
+	src.forget(iid)
+	unavailable = time.Since(t1)
+	log.Info("moved by replication", "sync", synced.Round(time.Millisecond), "cutover", unavailable.Round(time.Millisecond), "offset", offset)
+	return unavailable, nil
+}
+
+// copyBindings makes each of bids on dst with its password on src.
+func (b *Broker) copyBindings(ctx context.Context, iid string, src, dst *agentState, bids []string) error {
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
+	defer cancel()
+	for _, bid := range bids {
+		creds, err := src.c.Binding(ctx, iid, bid)
+		if err != nil {
+			return fmt.Errorf("read binding %s on %s: %w", bid, src.cfg.Name, err)
+		}
+		if _, _, err := dst.c.Bind(ctx, iid, bid, creds.Password); err != nil {
+			return fmt.Errorf("recreate binding %s on %s: %w", bid, dst.cfg.Name, err)
+		}
+	}
+	return nil
+}
+
+// snapshotMove moves iid by a snapshot out and a restore in: every
+// binding is recreated with its password, then the source is deleted.
+// Writes the source takes after its snapshot began are not carried over;
+// it is the fallback when the agents cannot reach each other, and for a
+// change of persistence mode.
+func (b *Broker) snapshotMove(ctx context.Context, iid string, src, dst *agentState, cur apitype.Instance, want apitype.Spec) (unavailable time.Duration, err error) {
 	log := b.log.With("instance", iid, "from", src.cfg.Name, "to", dst.cfg.Name)
 	actx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
 	defer cancel()
-	cur, err := src.c.Get(actx, iid)
-	if err != nil {
-		return "", fmt.Errorf("read the instance on %s: %w", src.cfg.Name, err)
-	}
+	// The target copy says where the instance lives until the move ends,
+	// so a broker that did not run the move answers from the source.
+	final := want.Metadata
+	var m instanceMeta
+	json.Unmarshal(final, &m)
+	m.MovingFrom = src.cfg.Name
+	want.Metadata = m.raw()
 	if _, _, err := dst.c.Provision(actx, iid, want); err != nil {
-		return "", fmt.Errorf("create the instance on %s: %w", dst.cfg.Name, err)
+		return 0, fmt.Errorf("create the instance on %s: %w", dst.cfg.Name, err)
 	}
 	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
-	undo := func(cause error) (string, error) {
+	undo := func(cause error) (time.Duration, error) {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
 		defer cancel()
 		if err := dst.c.Deprovision(dctx, iid); err != nil {
 			log.Error("move failed and its target copy could not be removed", "err", err)
-			return "", fmt.Errorf("%w (and removing the copy on %s failed: %v)", cause, dst.cfg.Name, err)
+			return 0, fmt.Errorf("%w (and removing the copy on %s failed: %v)", cause, dst.cfg.Name, err)
 		}
 		dst.forget(iid)
-		return "", cause
+		return 0, cause
 	}
+	t0 := time.Now()
 	if err := b.copyData(ctx, iid, src, dst); err != nil {
 		return undo(err)
 	}
-	for _, bid := range cur.Bindings {
-		creds, err := src.c.Binding(actx, iid, bid)
-		if err != nil {
-			return undo(fmt.Errorf("read binding %s on %s: %w", bid, src.cfg.Name, err))
-		}
-		if _, _, err := dst.c.Bind(actx, iid, bid, creds.Password); err != nil {
-			return undo(fmt.Errorf("recreate binding %s on %s: %w", bid, dst.cfg.Name, err))
-		}
+	if err := b.copyBindings(ctx, iid, src, dst, cur.Bindings); err != nil {
+		return undo(err)
 	}
 	// Bindings made on the source while the move ran.
 	if again, err := src.c.Get(actx, iid); err == nil {
+		var more []string
 		for _, bid := range again.Bindings {
-			if slices.Contains(cur.Bindings, bid) {
-				continue
+			if !slices.Contains(cur.Bindings, bid) {
+				more = append(more, bid)
 			}
-			creds, err := src.c.Binding(actx, iid, bid)
-			if err == nil {
-				_, _, err = dst.c.Bind(actx, iid, bid, creds.Password)
-			}
-			if err != nil {
-				return undo(fmt.Errorf("recreate binding %s made during the move: %w", bid, err))
-			}
+		}
+		if err := b.copyBindings(ctx, iid, src, dst, more); err != nil {
+			return undo(err)
 		}
 	}
 	if err := src.c.Deprovision(actx, iid); err != nil && !client.IsStatus(err, http.StatusGone) {
-		// Both hold it now, the target complete: the next look settles
-		// it (the lowest-named agent's copy is the one the broker
-		// uses), and an operator sees the error.
+		// Both hold it: the source serves (the target copy is marked),
+		// and the broker's look at the fleet settles it later.
 		log.Error("moved, but the source copy could not be removed", "err", err)
-		return dst.cfg.Name, fmt.Errorf("moved to %s, but removing the source copy on %s failed: %w", dst.cfg.Name, src.cfg.Name, err)
+		return 0, fmt.Errorf("moved to %s, but removing the source copy on %s failed: %w", dst.cfg.Name, src.cfg.Name, err)
 	}
+	unavailable = time.Since(t0)
 	src.forget(iid)
-	if inst, err := dst.c.Get(actx, iid); err == nil {
-		dst.remember(inst)
+	inst, err := dst.c.Update(actx, iid, apitype.Resize{Metadata: final})
+	if err != nil {
+		log.Error("moved, but the target copy is still marked as moving", "err", err)
+		return unavailable, nil
 	}
-	return dst.cfg.Name, nil
+	dst.remember(inst)
+	return unavailable, nil
 }
 
 // copyData streams a fresh snapshot of iid from src into iid on dst,

@@ -262,6 +262,18 @@ type instanceMeta struct {
 	SpaceGUID        string          `json:"space_guid,omitempty"`
 	Context          json.RawMessage `json:"context,omitempty"`
 	Parameters       json.RawMessage `json:"parameters,omitempty"`
+	// MovingFrom marks the target copy of a snapshot move while the move
+	// runs: the instance still lives on that agent. The move clears it
+	// once the source is gone.
+	MovingFrom string `json:"moving_from,omitempty"`
+}
+
+// moveCopy reports whether l is a move's copy that does not serve the
+// instance yet (a replica, or a snapshot move's target), or its old place
+// that forwards to the new one.
+func moveCopy(l located) bool {
+	m, _ := metaOf(l.inst)
+	return l.inst.ReplicaOf != "" || l.inst.Move != nil || m.MovingFrom != ""
 }
 
 func metaOf(in apitype.Instance) (instanceMeta, bool) {
@@ -388,7 +400,10 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 		case err == nil:
 			b.metrics.placements.WithLabelValues(chosen.Name).Inc()
 			a.remember(inst)
-			b.dedupe(ctx, iid, spec)
+			if kept, ok := b.dedupe(ctx, iid, spec); ok && kept.agent != a {
+				// Another broker's copy won the race: that is the instance.
+				return kept.agent.cfg.Name, kept.inst, false, nil
+			}
 			return chosen.Name, inst, created, nil
 		case client.IsStatus(err, http.StatusInsufficientStorage):
 			b.log.Info("agent full after all; trying the next", "instance", iid, "agent", chosen.Name, "err", err)
@@ -407,7 +422,7 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 // provisionExisting answers a provision of an id some agent holds: the
 // holder decides whether it is identical.
 func (b *Broker) provisionExisting(ctx context.Context, iid string, spec apitype.Spec, found []located) (string, apitype.Instance, bool, error) {
-	slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
+	sortServing(found)
 	l := found[0]
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
 	defer cancel()
@@ -427,10 +442,13 @@ func (b *Broker) provisionExisting(ctx context.Context, iid string, spec apitype
 // which it may do only while they are fresh (created within a minute,
 // without bindings) and identical: a copy with data or other attributes
 // is reported, never deleted.
-func (b *Broker) dedupe(ctx context.Context, iid string, spec apitype.Spec) {
-	found, _, _ := b.fleet.locate(ctx, iid)
-	if len(found) < 2 {
-		return
+func (b *Broker) dedupe(ctx context.Context, iid string, spec apitype.Spec) (kept located, ok bool) {
+	found, _, _ := b.fleet.locateReachable(ctx, iid)
+	// A move's copies (a source that forwards or replicates, a replica)
+	// are the move's business, not a race's.
+	found = slices.DeleteFunc(found, moveCopy)
+	if len(found) == 0 {
+		return located{}, false
 	}
 	slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
 	for _, l := range found[1:] {
@@ -449,6 +467,7 @@ func (b *Broker) dedupe(ctx context.Context, iid string, spec apitype.Spec) {
 		cancel()
 		l.agent.forget(iid)
 	}
+	return found[0], true
 }
 
 func rejections(rs []Rejection) string {
@@ -513,7 +532,7 @@ func checkID(id string) error {
 func (b *Broker) find(ctx context.Context, iid string) (located, error) {
 	found, unreachable, others := b.fleet.locate(ctx, iid)
 	if len(found) > 0 {
-		slices.SortFunc(found, func(x, y located) int { return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name) })
+		sortServing(found)
 		return found[0], nil
 	}
 	if len(unreachable) > 0 {
@@ -529,6 +548,28 @@ func (b *Broker) find(ctx context.Context, iid string) (located, error) {
 }
 
 var errNotFound = errors.New("no such instance")
+
+// sortServing orders the copies of an instance by which serves it: a
+// primary that is not a move's forwarding source first, then a replica,
+// then a forwarder; among equals the lowest agent name.
+func sortServing(found []located) {
+	rank := func(l located) int {
+		m, _ := metaOf(l.inst)
+		switch {
+		case l.inst.Move != nil && l.inst.Move.State == apitype.StateForwarding:
+			return 2
+		case l.inst.ReplicaOf != "" || m.MovingFrom != "":
+			return 1
+		}
+		return 0
+	}
+	slices.SortFunc(found, func(x, y located) int {
+		if d := rank(x) - rank(y); d != 0 {
+			return d
+		}
+		return strings.Compare(x.agent.cfg.Name, y.agent.cfg.Name)
+	})
+}
 
 // unreachableErr says that instance iid may live on agents that do not
 // answer.
@@ -829,7 +870,7 @@ func (b *Broker) update(w http.ResponseWriter, r *http.Request) {
 	b.background(func() {
 		defer unlock()
 		t0 := time.Now()
-		target, err := b.move(b.ctx, iid, l.agent, want)
+		target, _, err := b.move(b.ctx, iid, l.agent, want)
 		if err != nil {
 			log.Error("move for a plan change failed; the instance stays where it was", "err", err)
 			b.ops.finish(op, err)
@@ -902,6 +943,14 @@ func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, empty)
 		return
 	}
+	// A moved instance's old place forwards to its new one for a while:
+	// that copy is no longer the instance.
+	if serving := slices.DeleteFunc(slices.Clone(found), func(l located) bool {
+		return l.inst.Move != nil && l.inst.Move.State == apitype.StateForwarding
+	}); len(serving) > 0 {
+		found = serving
+	}
+	sortServing(found)
 	switch {
 	case kind == "deprovision":
 		w.Header().Set("Retry-After", "2")

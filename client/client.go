@@ -259,6 +259,48 @@ func (c *Client) Capacity(ctx context.Context) (apitype.Capacity, error) {
 	return out, err
 }
 
+// StartMove makes instance id the source of a replication move and
+// returns how its replica logs in.
+func (c *Client) StartMove(ctx context.Context, id string) (apitype.Primary, error) {
+	var out apitype.Primary
+	_, err := c.do(ctx, http.MethodPost, instancePath(id)+"/move", nil, &out)
+	return out, err
+}
+
+// Replication returns instance id's role and replication offset.
+func (c *Client) Replication(ctx context.Context, id string) (apitype.Replication, error) {
+	var out apitype.Replication
+	_, err := c.do(ctx, http.MethodGet, instancePath(id)+"/replication", nil, &out)
+	return out, err
+}
+
+// Cutover pauses the source's writes for at most timeout, fences its
+// tenants off and returns its final replication offset.
+func (c *Client) Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error) {
+	var out apitype.Cutover
+	_, err := c.do(ctx, http.MethodPost, instancePath(id)+"/move/cutover", apitype.Cutover{TimeoutMS: int(timeout.Milliseconds())}, &out)
+	return out.Offset, err
+}
+
+// Promote makes a move's target a primary once it reached offset.
+func (c *Client) Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error {
+	_, err := c.do(ctx, http.MethodPost, instancePath(id)+"/promote", apitype.Promote{Offset: offset, TimeoutMS: int(timeout.Milliseconds())}, nil)
+	return err
+}
+
+// Forward replaces the source's redis-server by a forwarder to host:port
+// for ttl.
+func (c *Client) Forward(ctx context.Context, id, host string, port int, ttl time.Duration) error {
+	_, err := c.do(ctx, http.MethodPost, instancePath(id)+"/move/forward", apitype.Forward{Host: host, Port: port, TTLSeconds: int(ttl.Seconds())}, nil)
+	return err
+}
+
+// AbortMove puts a move's source back as it was.
+func (c *Client) AbortMove(ctx context.Context, id string) error {
+	_, err := c.do(ctx, http.MethodDelete, instancePath(id)+"/move", nil, nil)
+	return err
+}
+
 // StartRollout starts moving instances (all of them when none are named)
 // to the agent's configured redis-server, one at a time.
 func (c *Client) StartRollout(ctx context.Context, instances ...string) (apitype.Rollout, error) {

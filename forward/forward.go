@@ -48,7 +48,7 @@ func (f *Forwarder) Target() string { return f.target }
 
 // Active is the number of connections it forwards now; Total how many it
 // has accepted.
-func (f *Forwarder) Active() int64  { return f.active.Load() }
+func (f *Forwarder) Active() int64 { return f.active.Load() }
 func (f *Forwarder) Total() uint64 { return f.total.Load() }
 
 // Serve accepts until Close.

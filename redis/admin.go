@@ -120,9 +120,14 @@ func (a *Admin) Shutdown(ctx context.Context, nosave bool) error {
 		// gone, or has no slot for us): the caller must signal it.
 		return fmt.Errorf("SHUTDOWN: %w", err)
 	}
-	args := []string{"SHUTDOWN"}
+	// NOW: no wait (up to shutdown-timeout, 10 s) for replicas to catch
+	// up; the only replica an instance has is a move's, which has either
+	// taken over or is to be thrown away.
+	args := []string{"SHUTDOWN", "NOW"}
 	if nosave {
-		args = append(args, "NOSAVE")
+		// The data is about to be removed: nothing may keep it running
+		// (Redis refuses to exit while it writes a replica's first AOF).
+		args = append(args, "NOSAVE", "FORCE")
 	}
 	_, err := a.exchange(ctx, [][]string{args}, false)
 	if err == nil || isConnDrop(err) {

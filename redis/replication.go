@@ -21,6 +21,9 @@ type Replication struct {
 	SyncInProgress  bool
 	// ConnectedSlaves (a primary) counts its replicas.
 	ConnectedSlaves int
+	// AOFRewriting is set while an AOF rewrite runs or is scheduled (a
+	// replica's first AOF after its sync).
+	AOFRewriting bool
 }
 
 // Replication reads INFO replication.
@@ -30,7 +33,12 @@ func (a *Admin) Replication(ctx context.Context) (Replication, error) {
 		return Replication{}, err
 	}
 	n := func(k string) int64 { v, _ := strconv.ParseInt(f[k], 10, 64); return v }
+	p, err := a.Fields(ctx, "persistence")
+	if err != nil {
+		return Replication{}, err
+	}
 	return Replication{
+		AOFRewriting:     p["aof_rewrite_in_progress"] == "1" || p["aof_rewrite_scheduled"] == "1",
 		Role:             f["role"],
 		MasterReplOffset: n("master_repl_offset"),
 		SlaveReplOffset:  n("slave_repl_offset"),

@@ -109,6 +109,40 @@ type Instance struct {
 	// Metadata is the caller's opaque JSON object (compacted), stored
 	// with the instance.
 	Metadata json.RawMessage `json:"metadata,omitempty"`
+	// Move is set on the source of a replication move while it runs,
+	// each step recorded before it is taken.
+	Move *Move `json:"move,omitempty"`
+	// ReplicaOf is set on a move's target until it is promoted: its
+	// redis-server replicates from there.
+	ReplicaOf *Primary `json:"replica_of,omitempty"`
+}
+
+// Move states on the source, in order.
+const (
+	MoveReplicating = "replicating" // a replica may sync from it
+	MoveCutover     = "cutover"     // writes paused and tenants fenced off
+	MoveForwarding  = "forwarding"  // its redis-server is gone; a forwarder holds the port
+)
+
+// Move is the source's side of a replication move.
+type Move struct {
+	State string `json:"state"`
+	// User and Password are the replication ACL user made for this move.
+	User     string `json:"user"`
+	Password string `json:"password"`
+	// ForwardTo is the target's address, and ForwardUntil when the
+	// forwarder (and the record) go, once forwarding.
+	ForwardTo    string    `json:"forward_to,omitempty"`
+	ForwardUntil time.Time `json:"forward_until,omitempty"`
+	StartedAt    time.Time `json:"started_at"`
+}
+
+// Primary is where a move's target replicates from.
+type Primary struct {
+	Host     string `json:"host"`
+	Port     int    `json:"port"`
+	User     string `json:"user"`
+	Password string `json:"password"`
 }
 
 // SchemaVersion is the version this code writes.

@@ -194,6 +194,12 @@ func (s *Supervisor) terminate(r *running, nosave bool) error {
 	defer deadline.Stop()
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout/2)
 	err := s.cfg.Admin.Shutdown(ctx, nosave)
+	// A server that answers but refuses (it is writing its first AOF
+	// after a replica's sync, say) is asked again until it can.
+	for err != nil && isAlive(err) && !isSaturated(err) && ctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+		err = s.cfg.Admin.Shutdown(ctx, nosave)
+	}
 	cancel()
 	if err != nil {
 		s.log.Info("SHUTDOWN failed, sending SIGTERM", "err", err)

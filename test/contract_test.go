@@ -130,6 +130,16 @@ func TestOpenAPIContract(t *testing.T) {
 		{"PUT", "/v1/instances/c4", `{"metadata":[1]}`, 422},
 		{"PATCH", "/v1/instances/c3", `{"metadata":{"plan":"p2"}}`, 200},
 		{"GET", "/v1/instances/c3", "", 200},
+		// A move's steps on one agent: started, looked at, refused where a
+		// step does not fit, aborted.
+		{"POST", "/v1/instances/c3/move", "", 200},
+		{"GET", "/v1/instances/c3/replication", "", 200},
+		{"POST", "/v1/instances/c3/move/cutover", `{"timeout_ms":0}`, 422},
+		{"POST", "/v1/instances/c3/move/forward", `{"host":"127.0.0.1","port":1,"ttl_seconds":60}`, 409},
+		{"POST", "/v1/instances/c3/promote", `{"offset":0,"timeout_ms":100}`, 409},
+		{"DELETE", "/v1/instances/c3/move", "", 200},
+		{"DELETE", "/v1/instances/c3/move", "", 410},
+		{"GET", "/v1/instances/none/replication", "", 404},
 		{"DELETE", "/v1/instances/c3", "", 200},
 		{"POST", "/v1/instances/c1/restart", "", 200},
 		{"GET", "/v1/instances/c1/log?lines=5", "", 200},

@@ -1,0 +1,321 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/forward"
+	"github.com/redis-agent/redis-agent/redis"
+	"github.com/redis-agent/redis-agent/state"
+)
+
+// A replication move, as the agents do it (a broker drives the steps):
+//
+//	source                               target
+//	StartMove: a replication user   ->   Provision with replica_of: it
+//	                                     syncs from the source, live
+//	Cutover: pause writes, fence the
+//	tenants off, say the final offset -> Promote: wait for that offset,
+//	                                     then REPLICAOF NO ONE
+//	Forward: the redis-server goes, a
+//	forwarder to the target holds the
+//	port until its TTL, then the
+//	instance is deleted
+//
+// Every step is recorded before it is taken. Until Forward, AbortMove
+// puts the source back as it was (the broker deletes the target). The
+// source is fenced from the cutover on: its tenants' users are off and
+// their connections closed, so even when the pause ends (its timeout)
+// before Forward, a crash of the broker or of an agent in between cannot
+// leave two primaries taking writes.
+
+// moveUser is the ACL user a move's replica logs in to the source as.
+const moveUser = "_move"
+
+// StartMove prepares instance id, on this agent, to be the source of a
+// replication move: an ACL user that may only replicate, returned with
+// where to reach the instance. Asked again while the move replicates, it
+// returns the same.
+func (s *Service) StartMove(ctx context.Context, id string) (apitype.Primary, error) {
+	if err := validateID("instance", id); err != nil {
+		return apitype.Primary{}, err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		switch {
+		case r.Phase != state.PhaseActive:
+			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
+		case r.ReplicaOf != nil:
+			return fmt.Errorf("instance %q is itself a move's replica: %w", id, ErrConflict)
+		case r.Move != nil && r.Move.State != state.MoveReplicating:
+			return fmt.Errorf("instance %q is in a move's %s step: %w", id, r.Move.State, ErrConflict)
+		case r.Move == nil:
+			r.Move = &state.Move{State: state.MoveReplicating, User: moveUser, Password: redis.NewPassword(), StartedAt: time.Now().UTC()}
+		}
+		return nil
+	})
+	if err != nil {
+		return apitype.Primary{}, notFound(id, err)
+	}
+	crashAt(FaultMoveStarted)
+	if err := s.applyACL(ctx, rec); err != nil {
+		return apitype.Primary{}, fmt.Errorf("move %q: %w", id, err)
+	}
+	s.log.Info("move started: a replica may sync", "instance", id)
+	return apitype.Primary{Host: s.cfg.advertiseHost(), Port: rec.Port, User: rec.Move.User, Password: rec.Move.Password}, nil
+}
+
+// Replication reports instance id's role and replication offset.
+func (s *Service) Replication(ctx context.Context, id string) (apitype.Replication, error) {
+	in, _, err := s.running(id)
+	if err != nil {
+		return apitype.Replication{}, err
+	}
+	r, err := in.admin.Replication(ctx)
+	if err != nil {
+		return apitype.Replication{}, fmt.Errorf("replication of %q: %w", id, err)
+	}
+	out := apitype.Replication{Role: r.Role, Offset: r.MasterReplOffset, Replicas: r.ConnectedSlaves, Persisted: !r.AOFRewriting}
+	if r.Role == "slave" {
+		out.Role, out.Offset, out.LinkUp, out.SyncInProgress = "replica", r.SlaveReplOffset, r.MasterLinkUp, r.SyncInProgress
+	}
+	return out, nil
+}
+
+// running returns the supervised, running instance id.
+func (s *Service) running(id string) (*instance, state.Instance, error) {
+	if err := validateID("instance", id); err != nil {
+		return nil, state.Instance{}, err
+	}
+	rec, err := s.store.Get(id)
+	if err != nil {
+		return nil, rec, notFound(id, err)
+	}
+	in := s.runtime(id)
+	if in == nil || in.sup.Status().State.String() != apitype.StateRunning {
+		return nil, rec, fmt.Errorf("instance %q is not running: %w", id, ErrConflict)
+	}
+	return in, rec, nil
+}
+
+// Cutover is the source's last step before the target is promoted: it
+// pauses writes for at most timeout, fences the tenants off (their users
+// off, their connections closed) and returns its replication offset, which
+// no longer moves. Recorded first: an agent that restarts keeps the
+// tenants fenced until AbortMove or Forward.
+func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error) {
+	if timeout <= 0 || timeout > maxPause {
+		return 0, fmt.Errorf("timeout_ms %d: %w: want 1 to %d", timeout.Milliseconds(), ErrInvalid, maxPause.Milliseconds())
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	in, _, err := s.running(id)
+	if err != nil {
+		return 0, err
+	}
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Move == nil || (r.Move.State != state.MoveReplicating && r.Move.State != state.MoveCutover) {
+			return fmt.Errorf("instance %q has no move to cut over: %w", id, ErrConflict)
+		}
+		r.Move.State = state.MoveCutover
+		return nil
+	})
+	if err != nil {
+		return 0, notFound(id, err)
+	}
+	crashAt(FaultMoveCutover)
+	off, err := in.admin.PauseWrites(ctx, timeout)
+	if err != nil {
+		return 0, fmt.Errorf("cutover of %q: %w", id, err)
+	}
+	if err := s.applyACL(ctx, rec); err != nil {
+		return 0, fmt.Errorf("cutover of %q: fence the tenants: %w", id, err)
+	}
+	for bid := range rec.Bindings {
+		if err := in.admin.KillUser(ctx, bid); err != nil {
+			return 0, fmt.Errorf("cutover of %q: %w", id, err)
+		}
+	}
+	s.log.Info("move cut over: writes paused, tenants fenced", "instance", id, "offset", off, "pause", timeout)
+	return off, nil
+}
+
+// maxPause bounds a cutover's write pause.
+const maxPause = 10 * time.Second
+
+// AbortMove undoes a move that has not reached Forward: the tenants are
+// let in again, writes resume, the replication user goes.
+func (s *Service) AbortMove(ctx context.Context, id string) error {
+	if err := validateID("instance", id); err != nil {
+		return err
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Move == nil {
+			return fmt.Errorf("instance %q has no move: %w", id, ErrNotFound)
+		}
+		if r.Move.State == state.MoveForwarding {
+			return fmt.Errorf("instance %q already forwards to its new place: %w", id, ErrConflict)
+		}
+		r.Move = nil
+		return nil
+	})
+	if err != nil {
+		return notFound(id, err)
+	}
+	if err := s.applyACL(ctx, rec); err != nil {
+		return fmt.Errorf("abort the move of %q: %w", id, err)
+	}
+	if in := s.runtime(id); in != nil {
+		if err := in.admin.Unpause(ctx); err != nil {
+			return fmt.Errorf("abort the move of %q: %w", id, err)
+		}
+	}
+	s.log.Info("move aborted: the instance serves as before", "instance", id)
+	return nil
+}
+
+// Forward ends the source's part of a move whose target has been
+// promoted: its redis-server stops and a forwarder to host:port takes its
+// port for ttl, after which the instance is deleted here.
+func (s *Service) Forward(ctx context.Context, id, host string, port int, ttl time.Duration) error {
+	target := net.JoinHostPort(host, strconv.Itoa(port))
+	if host == "" || port < 1 || port > 65535 || ttl <= 0 {
+		return fmt.Errorf("forward to %q for %v: %w: want a host, a port and a positive ttl", target, ttl, ErrInvalid)
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Move == nil || (r.Move.State != state.MoveCutover && r.Move.State != state.MoveForwarding) {
+			return fmt.Errorf("instance %q has not been cut over: %w", id, ErrConflict)
+		}
+		r.Move.State, r.Move.ForwardTo, r.Move.ForwardUntil = state.MoveForwarding, target, time.Now().Add(ttl).UTC()
+		return nil
+	})
+	if err != nil {
+		return notFound(id, err)
+	}
+	crashAt(FaultMoveForwardRecorded)
+	return s.startForwarding(ctx, rec)
+}
+
+// startForwarding stops rec's redis-server, if one runs, and puts a
+// forwarder on its port; it also arms the deletion at the forwarder's
+// end. Reconcile calls it for a record a crash left forwarding.
+func (s *Service) startForwarding(ctx context.Context, rec state.Instance) error {
+	id := rec.ID
+	if in := s.runtime(id); in != nil {
+		// Its data is on the target: nothing to save.
+		sctx, cancel := context.WithTimeout(ctx, s.cfg.StopTimeout+10*time.Second)
+		err := in.sup.Stop(sctx, true)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("forward %q: stop its redis-server: %w", id, err)
+		}
+		in.admin.Close()
+		s.mu.Lock()
+		delete(s.instances, id)
+		s.mu.Unlock()
+	} else if err := s.killStray(id); err != nil {
+		return err
+	}
+	addr := net.JoinHostPort(s.cfg.BindHost, strconv.Itoa(rec.Port))
+	var f *forward.Forwarder
+	var err error
+	// The port was the redis-server's a moment ago: retry briefly.
+	for range 50 {
+		if f, err = forward.Listen(addr, rec.Move.ForwardTo); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		return fmt.Errorf("forward %q: listen on %s: %w", id, addr, err)
+	}
+	s.mu.Lock()
+	if old := s.forwarders[id]; old != nil {
+		old.Close()
+	}
+	s.forwarders[id] = f
+	s.mu.Unlock()
+	go f.Serve()
+	until := time.Until(rec.Move.ForwardUntil)
+	s.log.Info("moved away: the old port forwards to the new place", "instance", id, "to", rec.Move.ForwardTo, "for", until.Round(time.Second))
+	s.background(func(ctx context.Context) {
+		t := time.NewTimer(max(until, 0))
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := s.Deprovision(ctx, id); err != nil {
+			s.log.Error("remove a moved instance at the end of its forwarding", "instance", id, "err", err)
+		}
+	})
+	return nil
+}
+
+// stopForwarding closes id's forwarder, if any.
+func (s *Service) stopForwarding(id string) {
+	s.mu.Lock()
+	f := s.forwarders[id]
+	delete(s.forwarders, id)
+	s.mu.Unlock()
+	if f != nil {
+		f.Close()
+	}
+}
+
+// Promote makes instance id, a move's target, a primary once it has
+// processed offset of its primary's stream (waiting at most timeout).
+// Recorded first: a target that restarts after it comes up as a primary
+// with the data it had synced.
+func (s *Service) Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error {
+	if timeout <= 0 || timeout > maxPause {
+		return fmt.Errorf("timeout_ms %d: %w: want 1 to %d", timeout.Milliseconds(), ErrInvalid, maxPause.Milliseconds())
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	in, rec, err := s.running(id)
+	if err != nil {
+		return err
+	}
+	if rec.ReplicaOf == nil {
+		return fmt.Errorf("instance %q is not a replica: %w", id, ErrConflict)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		r, err := in.admin.Replication(ctx)
+		if err == nil && r.Role == "slave" && r.MasterLinkUp && r.SlaveReplOffset >= offset {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("instance %q has not reached offset %d in %v (at %d, link up %v): %w", id, offset, timeout, r.SlaveReplOffset, r.MasterLinkUp, ErrNotReady)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rec, err = s.store.Update(id, func(r *state.Instance) error { r.ReplicaOf = nil; return nil })
+	if err != nil {
+		return notFound(id, err)
+	}
+	confHash, err := s.writeFiles(rec)
+	if err != nil {
+		return fmt.Errorf("promote %q: %w", id, err)
+	}
+	if _, err := s.store.Update(id, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
+		return err
+	}
+	crashAt(FaultPromoteRecorded)
+	if err := in.admin.Promote(ctx); err != nil {
+		return fmt.Errorf("promote %q: %w", id, err)
+	}
+	s.log.Info("promoted: the move's target is the primary", "instance", id, "offset", offset)
+	return nil
+}

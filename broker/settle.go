@@ -1,0 +1,131 @@
+package broker
+
+import (
+	"context"
+	"time"
+
+	"github.com/redis-agent/redis-agent/apitype"
+)
+
+// Moves a broker stopped in the middle of (it was killed or restarted)
+// leave copies behind: a move's replica with its source still
+// replicating or cut over, or a snapshot move's marked target copy next
+// to its source. Every broker settles those it finds once they are older
+// than any move it would run itself: back to the source when the target
+// was not promoted (the source never stopped holding every write), on to
+// the target when it was (the source is fenced and has stopped taking
+// writes).
+
+// staleMove is how long a move may run before another broker takes it
+// for abandoned: longer than a move's initial sync may take.
+const staleMove = syncTimeout + 5*time.Minute
+
+// staleCutover is the same for a move cut over: a cutover takes seconds.
+const staleCutover = time.Minute
+
+// settleMoves looks at what the last refresh saw and settles the moves
+// that were left in the middle.
+func (b *Broker) settleMoves(ctx context.Context) {
+	copies := map[string][]located{}
+	for _, a := range b.fleet.agents {
+		if reachable, _, _, _, _, _ := a.snapshot(); !reachable {
+			continue
+		}
+		a.mu.Lock()
+		for id, in := range a.instances {
+			copies[id] = append(copies[id], located{a, in})
+		}
+		a.mu.Unlock()
+	}
+	for id, cs := range copies {
+		if len(cs) < 2 && !(len(cs) == 1 && cs[0].inst.Move != nil && cs[0].inst.Move.State != apitype.StateForwarding) {
+			continue
+		}
+		unlock, ok := b.locks.tryLock(id, "settle")
+		if !ok {
+			continue // this broker runs it
+		}
+		b.settle(ctx, id, cs)
+		unlock()
+	}
+}
+
+func (b *Broker) settle(ctx context.Context, id string, cs []located) {
+	var src *located
+	var replicas, marked, primaries []located
+	for i := range cs {
+		c := cs[i]
+		m, _ := metaOf(c.inst)
+		switch {
+		case c.inst.Move != nil && c.inst.Move.State != apitype.StateForwarding:
+			src = &cs[i]
+		case c.inst.Move != nil:
+			// A forwarder: done with, it goes at its own end.
+		case c.inst.ReplicaOf != "":
+			replicas = append(replicas, c)
+		case m.MovingFrom != "":
+			marked = append(marked, c)
+		default:
+			primaries = append(primaries, c)
+		}
+	}
+	log := b.log.With("instance", id)
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
+	defer cancel()
+	if src != nil {
+		age := time.Since(src.inst.Move.StartedAt)
+		cutOver := src.inst.Move.State == "cutover"
+		if age < staleMove && !(cutOver && age > staleCutover) {
+			return
+		}
+		if cutOver && len(primaries) == 1 {
+			p := primaries[0]
+			log.Warn("finishing a move a broker left after its target took over: the source forwards to it", "source", src.agent.cfg.Name, "target", p.agent.cfg.Name)
+			if err := src.agent.c.Forward(ctx, id, p.inst.Host, p.inst.Port, forwardFor); err != nil {
+				log.Error("finish a left move", "err", err)
+			}
+			return
+		}
+		log.Warn("undoing a move a broker left: the source serves as before", "source", src.agent.cfg.Name, "age", age.Round(time.Second))
+		for _, r := range replicas {
+			if err := r.agent.c.Deprovision(ctx, id); err != nil {
+				log.Error("remove a left move's replica", "agent", r.agent.cfg.Name, "err", err)
+				return
+			}
+			r.agent.forget(id)
+		}
+		if err := src.agent.c.AbortMove(ctx, id); err != nil {
+			log.Error("abort a left move", "agent", src.agent.cfg.Name, "err", err)
+		}
+		return
+	}
+	for _, c := range marked {
+		if time.Since(c.inst.CreatedAt) < staleMove {
+			continue
+		}
+		m, _ := metaOf(c.inst)
+		if sourceHolds(cs, m.MovingFrom) {
+			log.Warn("removing the copy of a snapshot move a broker left: the source serves", "copy", c.agent.cfg.Name, "source", m.MovingFrom)
+			if err := c.agent.c.Deprovision(ctx, id); err != nil {
+				log.Error("remove a left move's copy", "err", err)
+			}
+			c.agent.forget(id)
+			continue
+		}
+		log.Warn("a snapshot move a broker left had removed its source: its copy is the instance", "copy", c.agent.cfg.Name)
+		m.MovingFrom = ""
+		if _, err := c.agent.c.Update(ctx, id, apitype.Resize{Metadata: m.raw()}); err != nil {
+			log.Error("clear a left move's mark", "err", err)
+		}
+	}
+}
+
+// sourceHolds reports whether agent name holds one of cs.
+func sourceHolds(cs []located, name string) bool {
+	for _, c := range cs {
+		if c.agent.cfg.Name == name {
+			return true
+		}
+	}
+	return false
+}
