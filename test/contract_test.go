@@ -1,100 +1,24 @@
 package test
 
 import (
-	"bytes"
-	"context"
-	"io"
 	"net/http"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 
-	"github.com/getkin/kin-openapi/openapi3"
-	"github.com/getkin/kin-openapi/openapi3filter"
-	"github.com/getkin/kin-openapi/routers"
-	"github.com/getkin/kin-openapi/routers/gorillamux"
-
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
-
-// validating is an http.RoundTripper that checks every request and
-// response against the OpenAPI document, and records which operations
-// and statuses it saw.
-type validating struct {
-	t      *testing.T
-	router routers.Router
-	mu     sync.Mutex
-	seen   map[string]bool // "METHOD path-template status"
-}
-
-func (v *validating) RoundTrip(req *http.Request) (*http.Response, error) {
-	v.t.Helper()
-	var reqBody []byte
-	if req.Body != nil {
-		reqBody, _ = io.ReadAll(req.Body)
-		req.Body = io.NopCloser(bytes.NewReader(reqBody))
-	}
-	route, params, err := v.router.FindRoute(req)
-	if err != nil {
-		v.t.Errorf("%s %s: not in the OpenAPI document: %v", req.Method, req.URL.Path, err)
-		return http.DefaultTransport.RoundTrip(req)
-	}
-	in := &openapi3filter.RequestValidationInput{
-		Request: req, PathParams: params, Route: route,
-		Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc},
-	}
-	// Only requests the agent accepts must match the schema; the bad ones
-	// are sent on purpose to see the 4xx answer validated.
-	reqErr := openapi3filter.ValidateRequest(context.Background(), in)
-	req.Body = io.NopCloser(bytes.NewReader(reqBody))
-	resp, err := http.DefaultTransport.RoundTrip(req)
-	if err != nil {
-		return resp, err
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body = io.NopCloser(bytes.NewReader(body))
-	if resp.StatusCode < 400 && reqErr != nil {
-		v.t.Errorf("%s %s answered %d to a request the spec rejects: %v", req.Method, req.URL.Path, resp.StatusCode, reqErr)
-	}
-	out := &openapi3filter.ResponseValidationInput{
-		RequestValidationInput: in, Status: resp.StatusCode, Header: resp.Header,
-		Options: &openapi3filter.Options{IncludeResponseStatus: true},
-	}
-	out.SetBodyBytes(body)
-	if err := openapi3filter.ValidateResponse(context.Background(), out); err != nil {
-		v.t.Errorf("%s %s -> %d %s: response does not match the spec: %v", req.Method, req.URL.Path, resp.StatusCode, body, err)
-	}
-	v.mu.Lock()
-	v.seen[req.Method+" "+route.Path+" "+http.StatusText(resp.StatusCode)] = true
-	v.mu.Unlock()
-	return resp, nil
-}
 
 // TestOpenAPIContract drives every route of the running agent through a
 // transport that validates each request and response against
 // api/openapi.yaml, so the spec cannot drift from the code.
 func TestOpenAPIContract(t *testing.T) {
 	testenv.RedisServer(t)
-	loader := openapi3.NewLoader()
-	doc, err := loader.LoadFromFile("../api/openapi.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := doc.Validate(loader.Context); err != nil {
-		t.Fatalf("openapi.yaml is not a valid OpenAPI document: %v", err)
-	}
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
 	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 2, extra: []string{"--health-interval", "20ms"}})
-	doc.Servers = openapi3.Servers{{URL: a.base}}
-	router, err := gorillamux.NewRouter(doc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := &validating{t: t, router: router, seen: map[string]bool{}}
+	contract := testenv.NewContract(t, "../api/openapi.yaml", a.base)
 	saved := http.DefaultClient.Transport
-	http.DefaultClient.Transport = v
+	http.DefaultClient.Transport = contract
 	defer func() { http.DefaultClient.Transport = saved }()
 
 	calls := []struct {
@@ -183,17 +107,5 @@ func TestOpenAPIContract(t *testing.T) {
 	})
 	a.do("DELETE", "/v1/instances/c3", "", nil)
 
-	for path, item := range doc.Paths.Map() {
-		for method := range item.Operations() {
-			found := false
-			for k := range v.seen {
-				if strings.HasPrefix(k, method+" "+path+" ") {
-					found = true
-				}
-			}
-			if !found {
-				t.Errorf("the contract test never called %s %s", method, path)
-			}
-		}
-	}
+	contract.CheckCovered(t)
 }
