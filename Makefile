@@ -21,6 +21,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseInfo$$' -fuzztime $(FUZZTIME) ./redis/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseVersion$$' -fuzztime $(FUZZTIME) ./redis/
 	$(GO) test -run '^$$' -fuzz '^FuzzNormalize$$' -fuzztime $(FUZZTIME) ./agent/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseStat$$' -fuzztime $(FUZZTIME) ./internal/procfs/
 
 chaos:
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} CHAOS_INSTANCES=$${CHAOS_INSTANCES:-20} $(GO) test -count=1 -v -run TestChaos -timeout 30m ./test/
