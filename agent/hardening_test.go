@@ -96,12 +96,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 	cfg := testConfig(t, 2)
 	cfg.Health = supervisor.Health{Interval: 20 * time.Millisecond, Timeout: time.Second, Failures: 3}
 	s := startService(t, cfg)
-	if !cgroupsOn(s) {
-		if os.Getenv("CI") != "" {
-			t.Fatal("cgroups unavailable in CI")
-		}
-		t.Skip("cgroups unavailable on this host")
-	}
+	requireCgroups(t, s)
 	ctx := context.Background()
 	inst, _, err := s.Provision(ctx, "r", Spec{MemoryMB: 64, Persistence: "none"})
 	if err != nil {
@@ -254,12 +249,7 @@ func TestTmpfsDataDirFilesFitTheCgroup(t *testing.T) {
 	cfg := testConfig(t, 2)
 	cfg.DataDir = mountTmpfs(t, "400m")
 	s := startService(t, cfg)
-	if !cgroupsOn(s) {
-		if os.Getenv("CI") != "" {
-			t.Fatal("cgroups unavailable in CI")
-		}
-		t.Skip("cgroups unavailable on this host")
-	}
+	requireCgroups(t, s)
 	if !s.dataOnTmpfs {
 		t.Fatal("tmpfs not detected")
 	}
