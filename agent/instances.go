@@ -554,7 +554,12 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 	if err != nil {
 		return Capacity{}, err
 	}
+	draining, err := s.store.Draining()
+	if err != nil {
+		return Capacity{}, err
+	}
 	c := Capacity{
+		Draining:         draining,
 		Instances:        u.Instances,
 		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
 		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
@@ -690,4 +695,15 @@ func primaryOf(p *apitype.Primary) *state.Primary {
 		return nil
 	}
 	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+}
+
+// SetDraining records the brokers' drain mark: nothing new is to be placed
+// on this agent. The agent itself places nothing; it keeps the mark so
+// that every broker, and one that restarts, sees it in the capacity.
+func (s *Service) SetDraining(ctx context.Context, on bool) error {
+	if err := s.store.SetDraining(on); err != nil {
+		return err
+	}
+	s.log.Info("drain mark", "draining", on)
+	return nil
 }

@@ -42,6 +42,7 @@ type Service interface {
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
 	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)
+	SetDraining(ctx context.Context, on bool) error
 	StartMove(ctx context.Context, id string) (apitype.Primary, error)
 	Replication(ctx context.Context, id string) (apitype.Replication, error)
 	Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error)
@@ -175,6 +176,8 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodPost, "/instances/{id}/promote", s.promote)
 	v1(http.MethodGet, "/instances/{id}/replication", s.replication)
 	v1(http.MethodGet, "/capacity", s.capacity)
+	v1(http.MethodPut, "/drain", s.setDrain(true))
+	v1(http.MethodDelete, "/drain", s.setDrain(false))
 	v1(http.MethodGet, "/orphans", s.orphans)
 	return r
 }

@@ -169,3 +169,5 @@ func (f *fakeService) Forward(_ context.Context, id, _ string, _ int, _ time.Dur
 func (f *fakeService) Promote(_ context.Context, id string, _ int64, _ time.Duration) error {
 	return f.errFor(id)
 }
+
+func (f *fakeService) SetDraining(context.Context, bool) error { return nil }

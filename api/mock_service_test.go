@@ -312,6 +312,20 @@ func (mr *MockServiceMockRecorder) RolloutStatus(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "RolloutStatus", reflect.TypeOf((*MockService)(nil).RolloutStatus), ctx)
 }
 
+// SetDraining mocks base method.
+func (m *MockService) SetDraining(ctx context.Context, on bool) error {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SetDraining", ctx, on)
+	ret0, _ := ret[0].(error)
+	return ret0
+}
+
+// SetDraining indicates an expected call of SetDraining.
+func (mr *MockServiceMockRecorder) SetDraining(ctx, on any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetDraining", reflect.TypeOf((*MockService)(nil).SetDraining), ctx, on)
+}
+
 // SetMetadata mocks base method.
 func (m *MockService) SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error) {
 	m.ctrl.T.Helper()

@@ -248,6 +248,9 @@ type Capacity struct {
 	// RedisVersion is the version of the configured redis-server, the one
 	// new instances run.
 	RedisVersion string `json:"redis_version"`
+	// Draining is the brokers' mark (PUT /v1/drain): nothing new is to be
+	// placed here. Kept by the agent so that every broker sees it.
+	Draining bool `json:"draining"`
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.

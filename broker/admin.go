@@ -138,12 +138,18 @@ func (b *Broker) startDrain(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, osbError{Description: "no agent named " + name})
 		return
 	}
+	// The mark is kept on the agent: every broker, and this one after a
+	// restart, places nothing there.
+	if err := a.c.SetDraining(r.Context(), true); err != nil {
+		fail(w, http.StatusBadGateway, "", "mark agent %s draining: %v", name, err)
+		return
+	}
+	a.setDraining(true)
 	dr, started := b.drains.start(name)
 	if !started {
 		writeJSON(w, http.StatusAccepted, dr)
 		return
 	}
-	a.setDraining(true)
 	b.log.Info("draining agent", "agent", name)
 	b.background(func() { b.runDrain(b.ctx, a) })
 	writeJSON(w, http.StatusAccepted, dr)
@@ -220,6 +226,10 @@ func (b *Broker) stopDrain(w http.ResponseWriter, r *http.Request) {
 	a := b.fleet.agent(name)
 	if a == nil {
 		writeJSON(w, http.StatusNotFound, osbError{Description: "no agent named " + name})
+		return
+	}
+	if err := a.c.SetDraining(r.Context(), false); err != nil {
+		fail(w, http.StatusBadGateway, "", "clear agent %s's drain mark: %v", name, err)
 		return
 	}
 	a.setDraining(false)

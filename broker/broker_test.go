@@ -584,6 +584,23 @@ func TestDrain(t *testing.T) {
 	if list.code != 200 || len(list.body["agents"].([]any)) != 3 {
 		t.Fatalf("GET /admin/agents = %d %v", list.code, list.body)
 	}
+	// The mark is on the agent: another broker sees it too.
+	other := startBroker(t, agentConfigs(agents, "z1", "z2", "z2"), nil)
+	for i := range 3 {
+		id := "other-" + strconv.Itoa(i)
+		if a := other.osb("PUT", "/v2/service_instances/"+id, provisionBody); a.code != 201 {
+			t.Fatal(a.code)
+		}
+		if h := holders(t, agents, id); len(h) != 1 || h[0] == "agent-0" {
+			t.Fatalf("another broker placed %s on %v, the drained agent", id, h)
+		}
+	}
+	if a := admin("DELETE", "/admin/agents/agent-0/drain"); a.code != 200 {
+		t.Fatalf("clear the drain = %d", a.code)
+	}
+	if capa, _ := agents[0].svc.Capacity(context.Background()); capa.Draining {
+		t.Fatal("the agent is still marked draining")
+	}
 }
 
 // The broker talks to agents only over HTTP: no store, cgroups or Redis

@@ -118,6 +118,7 @@ func (f *Fleet) look(ctx context.Context, a *agentState) {
 		return
 	}
 	a.capacity = capa
+	a.draining = capa.Draining
 	a.instances = make(map[string]apitype.Instance, len(list))
 	for _, in := range list {
 		a.instances[in.ID] = in
@@ -261,7 +262,7 @@ func (f *Fleet) refreshCapacity(ctx context.Context) {
 			defer a.mu.Unlock()
 			a.reachable, a.ready, a.err = err == nil, readyErr == nil, readyErr
 			if err == nil {
-				a.capacity = capa
+				a.capacity, a.draining = capa, capa.Draining
 			}
 		}()
 	}

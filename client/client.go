@@ -259,6 +259,16 @@ func (c *Client) Capacity(ctx context.Context) (apitype.Capacity, error) {
 	return out, err
 }
 
+// SetDraining sets or clears the agent's drain mark.
+func (c *Client) SetDraining(ctx context.Context, on bool) error {
+	method := http.MethodPut
+	if !on {
+		method = http.MethodDelete
+	}
+	_, err := c.do(ctx, method, "/v1/drain", nil, nil)
+	return err
+}
+
 // StartMove makes instance id the source of a replication move and
 // returns how its replica logs in.
 func (c *Client) StartMove(ctx context.Context, id string) (apitype.Primary, error) {

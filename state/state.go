@@ -154,6 +154,7 @@ var (
 	bucketPorts     = []byte("ports")
 	bucketReserved  = []byte("reserved")
 	keyVersion      = []byte("version")
+	keyDraining     = []byte("draining")
 )
 
 // Store is the state file. It is safe for concurrent use.
@@ -456,4 +457,29 @@ func (s *Store) Delete(id string) error {
 		}
 		return tx.Bucket(bucketInstances).Delete([]byte(id))
 	})
+}
+
+// SetDraining records whether the agent is drained (its instances are
+// being moved away, nothing new is to be placed on it); a write that
+// changes nothing is skipped.
+func (s *Store) SetDraining(on bool) error {
+	if cur, err := s.Draining(); err == nil && cur == on {
+		return nil
+	}
+	return s.write(func(tx *bolt.Tx) error {
+		if on {
+			return tx.Bucket(bucketMeta).Put(keyDraining, []byte("1"))
+		}
+		return tx.Bucket(bucketMeta).Delete(keyDraining)
+	})
+}
+
+// Draining reports whether the agent is drained.
+func (s *Store) Draining() (bool, error) {
+	on := false
+	err := s.db.View(func(tx *bolt.Tx) error {
+		on = tx.Bucket(bucketMeta).Get(keyDraining) != nil
+		return nil
+	})
+	return on, err
 }

@@ -68,6 +68,8 @@ func TestOpenAPIContract(t *testing.T) {
 		{"POST", "/v1/instances/c1/restart", "", 200},
 		{"GET", "/v1/instances/c1/log?lines=5", "", 200},
 		{"GET", "/v1/capacity", "", 200},
+		{"PUT", "/v1/drain", "", 200},
+		{"DELETE", "/v1/drain", "", 200},
 		{"GET", "/v1/orphans", "", 200},
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":48}`, 200},
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
