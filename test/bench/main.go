@@ -1,6 +1,7 @@
 // Command bench runs the benchmark suite (package benchsuite) against the
-// real agent binary and a bare redis-server, prints the table and writes
-// it to docs/benchmarks.md. `make bench` runs it; -quick is the CI smoke.
+// real agent and broker binaries and a bare redis-server, prints the table
+// and writes it to docs/benchmarks.md. `make bench` runs it; -quick is the
+// CI smoke.
 package main
 
 import (
@@ -25,6 +26,7 @@ func run() error {
 	cfg := benchsuite.Config{Log: os.Stderr}
 	fs := flag.CommandLine
 	fs.StringVar(&cfg.Agent, "agent", "bin/redis-agent", "redis-agent binary")
+	fs.StringVar(&cfg.Broker, "broker", "bin/redis-broker", "redis-broker binary; empty to leave out the broker figures")
 	fs.IntVar(&cfg.PortMin, "port-min", 30000, "first port of the agent's range")
 	fs.IntVar(&cfg.Samples, "samples", 200, "provisions and deletes measured")
 	fs.IntVar(&cfg.Concurrency, "concurrency", 16, "callers of the concurrent provision scenario")
@@ -35,6 +37,9 @@ func run() error {
 	fs.IntVar(&cfg.APIClients, "api-clients", 32, "concurrent GET clients")
 	fs.IntVar(&cfg.SnapshotMB, "snapshot-mb", 100, "dataset of the snapshot and restore scenario, MiB")
 	fs.IntVar(&cfg.RolloutInstances, "rollout", 10, "small instances of the rolling upgrade scenario")
+	fs.IntVar(&cfg.BrokerSamples, "broker-samples", 50, "provisions and deletes through the broker, and as many directly")
+	fs.IntVar(&cfg.DrainInstances, "drain", 20, "AOF instances on the agent the broker drains")
+	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
 	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
 	flag.Parse()
@@ -42,6 +47,7 @@ func run() error {
 		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
 		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
+		cfg.BrokerSamples, cfg.DrainInstances, cfg.DrainMB = 5, 2, 2
 	}
 	var err error
 	if cfg.RedisServer, err = exec.LookPath("redis-server"); err != nil {

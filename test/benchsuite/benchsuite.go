@@ -1,8 +1,10 @@
 // Package benchsuite measures the agent against bare redis-server on this
 // machine: provisioning, deletion, crash recovery, snapshot and restore,
-// rolling upgrade, density, agent restart and API throughput, each next to a reference measured in the same run.
-// It drives the real agent binary over HTTP on loopback; test/bench is
-// its command and `make bench` runs it.
+// rolling upgrade, density, agent restart and API throughput; then, given
+// the broker binary, the broker's provision overhead, start at density and
+// drain (broker.go). Each figure is next to a reference measured in the
+// same run. It drives the real binaries over HTTP on loopback; test/bench
+// is its command and `make bench` runs it.
 package benchsuite
 
 import (
@@ -34,6 +36,16 @@ import (
 type Config struct {
 	// Agent is the redis-agent binary; RedisServer the redis-server one.
 	Agent, RedisServer string
+	// Broker is the redis-broker binary; "" leaves out the broker
+	// scenarios. They run three agents of their own after the others,
+	// each on a third of the ports PortMin to PortMin+Density+Concurrency.
+	Broker string
+	// BrokerSamples is the number of provisions and deletes measured
+	// through the broker and, as many, directly on its agent.
+	BrokerSamples int
+	// DrainInstances AOF instances of DrainMB MiB of data each are on the
+	// agent the broker drains.
+	DrainInstances, DrainMB int
 	// Dir is a scratch directory (data dirs of the agent and the bare
 	// reference).
 	Dir string
@@ -200,6 +212,11 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	}
 	s.stopAgent(syscall.SIGTERM)
 	s.agent = nil
+	if cfg.Broker != "" {
+		if err := s.brokerScenarios(ctx); err != nil {
+			return res, fmt.Errorf("broker: %w", err)
+		}
+	}
 	res.Rows = s.rows
 	return res, nil
 }
@@ -727,6 +744,7 @@ func (r Result) Markdown(command string) string {
 		r.Started.UTC().Format("2006-01-02 15:04 MST"), command, r.Took.Round(time.Second), r.Machine)
 	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
 	b.WriteString("Snapshot and restore: an AOF instance filled with 1 KiB random values, its snapshot downloaded (GET, sha256 checked) and restored into a second instance (PUT, until 200 with the instance ready on the data); their references are a bare redis-server SAVE of the same data and a bare redis-server start that loads the same RDB. Rolling upgrade: the agent's redis-server is a symlink, pointed at a copy of the binary before `POST /v1/rollout`; each instance is PINGed by its binding user on a fresh connection every 2 ms, and its unavailability is the longest gap between two answers (so ~3 ms is the floor).\n\n")
+	b.WriteString(r.brokerNote())
 	b.WriteString(r.Table())
 	return b.String()
 }

@@ -130,13 +130,13 @@ func (s *suite) snapshotRestore(ctx context.Context, mb int) error {
 		return err
 	}
 	t0 := time.Now()
-	size, err := s.download("snap-src", rdb)
+	size, err := s.download(s.agent.base, "snap-src", rdb)
 	out := time.Since(t0)
 	if err != nil {
 		return err
 	}
 	t0 = time.Now()
-	if err := s.upload("snap-dst", rdb); err != nil {
+	if err := s.upload(s.agent.base, "snap-dst", rdb); err != nil {
 		return err
 	}
 	in := time.Since(t0)
@@ -164,10 +164,10 @@ func (s *suite) snapshotRestore(ctx context.Context, mb int) error {
 	return err
 }
 
-// download streams id's snapshot to path, checks its sha256 and returns
-// its size.
-func (s *suite) download(id, path string) (int64, error) {
-	resp, err := s.client.Get(s.agent.base + "/v1/instances/" + id + "/snapshot")
+// download streams id's snapshot from the agent at base to path, checks
+// its sha256 and returns its size.
+func (s *suite) download(base, id, path string) (int64, error) {
+	resp, err := s.client.Get(base + "/v1/instances/" + id + "/snapshot")
 	if err != nil {
 		return 0, err
 	}
@@ -192,14 +192,14 @@ func (s *suite) download(id, path string) (int64, error) {
 	return n, f.Close()
 }
 
-// upload restores id from the RDB at path.
-func (s *suite) upload(id, path string) error {
+// upload restores id on the agent at base from the RDB at path.
+func (s *suite) upload(base, id, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	req, err := http.NewRequest("PUT", s.agent.base+"/v1/instances/"+id+"/snapshot", f)
+	req, err := http.NewRequest("PUT", base+"/v1/instances/"+id+"/snapshot", f)
 	if err != nil {
 		return err
 	}
