@@ -742,36 +742,67 @@ func (b *Broker) update(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusUnprocessableEntity, codeConcurrency, "another operation on instance %s is in progress", iid)
 		return
 	}
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			unlock()
-		}
-	}()
-	log := b.logFor(r, iid)
+	u, ok := b.planUpdate(w, r, iid, req)
+	if !ok {
+		unlock()
+		return
+	}
+	var async bool
+	switch {
+	case u.upgrade != "":
+		async = b.upgrade(w, r, u, unlock)
+	case u.inPlace:
+		b.resizeInPlace(w, r, u)
+	default:
+		async = b.moveForUpdate(w, r, u, unlock)
+	}
+	if !async {
+		unlock()
+	}
+}
+
+// updateJob is an update, checked and planned.
+type updateJob struct {
+	iid     string
+	log     *slog.Logger
+	l       located      // where the instance lives
+	plan    *Plan        // the plan it goes to
+	planID  string       // and its id
+	want    apitype.Spec // the instance it becomes, metadata included
+	upgrade string       // the Redis version to move it to, if that is the update
+	inPlace bool         // its agent has room for it
+}
+
+// planUpdate checks an update against the instance and the catalog and
+// decides what it takes; it answers the error itself and returns false
+// when the update is refused.
+func (b *Broker) planUpdate(w http.ResponseWriter, r *http.Request, iid string, req updateRequest) (updateJob, bool) {
+	u := updateJob{iid: iid, log: b.logFor(r, iid)}
 	l, err := b.find(r.Context(), iid)
 	if errors.Is(err, errNotFound) {
 		fail(w, http.StatusBadRequest, "", "instance %s does not exist", iid)
-		return
+		return u, false
 	}
 	if err != nil {
-		b.failAgent(w, log, "update", err)
-		return
+		b.failAgent(w, u.log, "update", err)
+		return u, false
 	}
+	u.l = l
 	m, ok := metaOf(l.inst)
 	if !ok || m.ServiceID != req.ServiceID {
 		fail(w, http.StatusBadRequest, "", "instance %s is not of service %s", iid, req.ServiceID)
-		return
+		return u, false
 	}
-	planID := cmpOr(req.PlanID, m.PlanID)
-	svc, plan := b.catalog.find(m.ServiceID, planID)
+	u.planID = cmpOr(req.PlanID, m.PlanID)
+	svc, plan := b.catalog.find(m.ServiceID, u.planID)
 	if plan == nil {
-		fail(w, http.StatusBadRequest, "", "plan_id %q is not a plan of service %s", planID, m.ServiceID)
-		return
+		fail(w, http.StatusBadRequest, "", "plan_id %q is not a plan of service %s", u.planID, m.ServiceID)
+		return u, false
 	}
-	if planID != m.PlanID && !svc.PlanUpdateable {
+	u.plan = plan
+	if u.planID != m.PlanID && !svc.PlanUpdateable {
 		fail(w, http.StatusUnprocessableEntity, "", "service %s does not allow plan changes", svc.Name)
-		return
+		return u, false
 	}
 	rawParams := req.Parameters
 	if rawParams == nil {
@@ -780,107 +811,113 @@ func (b *Broker) update(w http.ResponseWriter, r *http.Request) {
 	params, err := plan.checkParameters(rawParams)
 	if err != nil {
 		fail(w, http.StatusBadRequest, "", "%v", err)
-		return
+		return u, false
 	}
-	upgrade := false
 	if req.MaintenanceInfo != nil {
 		if mi := b.maintenance(); mi == nil || req.MaintenanceInfo.Version != mi.Version {
 			fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict, "maintenance_info.version %q is not the catalog's", req.MaintenanceInfo.Version)
-			return
+			return u, false
 		}
 		if cur := b.maintenanceOf(l); cur == nil || cur.Version != req.MaintenanceInfo.Version {
 			_, _, _, capa, _, _ := l.agent.snapshot()
 			if capa.RedisVersion != req.MaintenanceInfo.Version {
 				fail(w, http.StatusUnprocessableEntity, codeMaintenanceInfoConflict,
 					"agent %s, where instance %s lives, does not run Redis %s yet (it offers %s)", l.agent.cfg.Name, iid, req.MaintenanceInfo.Version, capa.RedisVersion)
-				return
+				return u, false
 			}
-			upgrade = true
+			if u.planID != m.PlanID {
+				fail(w, http.StatusUnprocessableEntity, "", "change the plan and upgrade Redis in two updates, one after the other")
+				return u, false
+			}
+			u.upgrade = req.MaintenanceInfo.Version
 		}
 	}
-	if upgrade {
-		if planID != m.PlanID {
-			fail(w, http.StatusUnprocessableEntity, "", "change the plan and upgrade Redis in two updates, one after the other")
-			return
-		}
-		if !acceptsIncomplete(r) {
-			fail(w, http.StatusUnprocessableEntity, codeAsyncRequired, "an upgrade restarts the instance on its agent's new redis-server, which takes a while: send accepts_incomplete=true")
-			return
-		}
-		version := req.MaintenanceInfo.Version
-		if _, err := l.agent.c.StartRollout(r.Context(), iid); err != nil {
-			b.failAgent(w, log, "upgrade", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
-			return
-		}
-		op := b.ops.start(iid, "upgrade", version)
-		handedOff = true
-		log.Info("upgrading the instance on its agent", "agent", l.agent.cfg.Name, "version", version, "operation", op.id)
-		b.background(func() {
-			defer unlock()
-			b.ops.finish(op, b.waitUpgrade(b.ctx, iid, l.agent, version))
-		})
-		writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
-		return
-	}
-	want := plan.spec(params)
+	u.want = plan.spec(params)
 	newMeta := m
-	newMeta.PlanID, newMeta.Parameters = planID, rawParams
+	newMeta.PlanID, newMeta.Parameters = u.planID, rawParams
 	if req.Context != nil {
 		newMeta.Context = req.Context
 	}
-	md := newMeta.raw()
+	u.want.Metadata = newMeta.raw()
 	// In place when the persistence stays and the agent has room.
 	_, _, _, capa, _, _ := l.agent.snapshot()
 	if fresh, err := l.agent.c.Capacity(r.Context()); err == nil {
 		capa = fresh
 	}
-	inPlace := want.Persistence == l.inst.Persistence && want.MemoryMB-l.inst.MemoryMB <= capa.MemoryFreeMB
-	if inPlace {
-		u := apitype.Resize{Metadata: md}
-		if want.MemoryMB != l.inst.MemoryMB {
-			u.MemoryMB = &want.MemoryMB
+	u.inPlace = u.want.Persistence == l.inst.Persistence && u.want.MemoryMB-l.inst.MemoryMB <= capa.MemoryFreeMB
+	if (u.upgrade != "" || !u.inPlace) && !acceptsIncomplete(r) {
+		what := "this plan change moves the instance to another agent"
+		if u.upgrade != "" {
+			what = "an upgrade restarts the instance on its agent's new redis-server"
 		}
-		t0 := time.Now()
-		inst, err := l.agent.c.Update(r.Context(), iid, u)
-		if isAgentAnswer(err) && !client.IsStatus(err, http.StatusNotFound) {
-			// Not possible now (shrinking below the data set, no room
-			// after all): a 422 changes nothing.
-			log.Warn("update refused by the agent", "agent", l.agent.cfg.Name, "err", err)
-			fail(w, http.StatusUnprocessableEntity, "", "agent %s: %v", l.agent.cfg.Name, err)
-			return
-		}
-		if err != nil {
-			b.failAgent(w, log, "update", fmt.Errorf("on %s: %w", l.agent.cfg.Name, err))
-			return
-		}
-		l.agent.remember(inst)
-		log.Info("updated in place", "agent", l.agent.cfg.Name, "plan", plan.Name, "memory_mb", inst.MemoryMB)
-		b.metrics.observe("update", t0)
-		writeJSON(w, http.StatusOK, empty)
+		fail(w, http.StatusUnprocessableEntity, codeAsyncRequired, "%s, which takes a while: send accepts_incomplete=true", what)
+		return u, false
+	}
+	return u, true
+}
+
+// upgrade moves the instance to its agent's new redis-server, in the
+// background; it returns whether it took over unlock.
+func (b *Broker) upgrade(w http.ResponseWriter, r *http.Request, u updateJob, unlock func()) bool {
+	if _, err := u.l.agent.c.StartRollout(r.Context(), u.iid); err != nil {
+		b.failAgent(w, u.log, "upgrade", fmt.Errorf("on %s: %w", u.l.agent.cfg.Name, err))
+		return false
+	}
+	op := b.ops.start(u.iid, "upgrade", u.upgrade)
+	u.log.Info("upgrading the instance on its agent", "agent", u.l.agent.cfg.Name, "version", u.upgrade, "operation", op.id)
+	b.background(func() {
+		defer unlock()
+		b.ops.finish(op, b.waitUpgrade(b.ctx, u.iid, u.l.agent, u.upgrade))
+	})
+	writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
+	return true
+}
+
+// resizeInPlace applies the update on the instance's own agent.
+func (b *Broker) resizeInPlace(w http.ResponseWriter, r *http.Request, u updateJob) {
+	patch := apitype.Resize{Metadata: u.want.Metadata}
+	if u.want.MemoryMB != u.l.inst.MemoryMB {
+		patch.MemoryMB = &u.want.MemoryMB
+	}
+	t0 := time.Now()
+	inst, err := u.l.agent.c.Update(r.Context(), u.iid, patch)
+	if isAgentAnswer(err) && !client.IsStatus(err, http.StatusNotFound) {
+		// Not possible now (shrinking below the data set, no room after
+		// all): a 422 changes nothing.
+		u.log.Warn("update refused by the agent", "agent", u.l.agent.cfg.Name, "err", err)
+		fail(w, http.StatusUnprocessableEntity, "", "agent %s: %v", u.l.agent.cfg.Name, err)
 		return
 	}
-	if !acceptsIncomplete(r) {
-		fail(w, http.StatusUnprocessableEntity, codeAsyncRequired, "this plan change moves the instance to another agent, which takes a while: send accepts_incomplete=true")
+	if err != nil {
+		b.failAgent(w, u.log, "update", fmt.Errorf("on %s: %w", u.l.agent.cfg.Name, err))
 		return
 	}
-	want.Metadata = md
-	op := b.ops.start(iid, "update", planID)
-	handedOff = true
-	log.Info("update moves the instance", "from", l.agent.cfg.Name, "plan", plan.Name, "operation", op.id)
+	u.l.agent.remember(inst)
+	u.log.Info("updated in place", "agent", u.l.agent.cfg.Name, "plan", u.plan.Name, "memory_mb", inst.MemoryMB)
+	b.metrics.observe("update", t0)
+	writeJSON(w, http.StatusOK, empty)
+}
+
+// moveForUpdate moves the instance to an agent with room for its new
+// plan, in the background; it takes over unlock.
+func (b *Broker) moveForUpdate(w http.ResponseWriter, r *http.Request, u updateJob, unlock func()) bool {
+	op := b.ops.start(u.iid, "update", u.planID)
+	u.log.Info("update moves the instance", "from", u.l.agent.cfg.Name, "plan", u.plan.Name, "operation", op.id)
 	b.background(func() {
 		defer unlock()
 		t0 := time.Now()
-		target, _, err := b.move(b.ctx, iid, l.agent, want)
+		target, _, err := b.move(b.ctx, u.iid, u.l.agent, u.want)
 		if err != nil {
-			log.Error("move for a plan change failed; the instance stays where it was", "err", err)
+			u.log.Error("move for a plan change failed; the instance stays where it was", "err", err)
 			b.ops.finish(op, err)
 			return
 		}
-		log.Info("moved for a plan change", "from", l.agent.cfg.Name, "to", target, "took", time.Since(t0).Round(time.Millisecond))
+		u.log.Info("moved for a plan change", "from", u.l.agent.cfg.Name, "to", target, "took", time.Since(t0).Round(time.Millisecond))
 		b.metrics.observe("move", t0)
 		b.ops.finish(op, nil)
 	})
 	writeJSON(w, http.StatusAccepted, operationResponse{Operation: op.id})
+	return true
 }
 
 // cmpOr returns a, or b when a is empty.
