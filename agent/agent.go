@@ -109,6 +109,8 @@ type instance struct {
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
+	// checks counts the health checks.
+	checks atomic.Uint64
 	// aclPending is set while an ACL change could not be applied to the
 	// running server; the next health check tries again.
 	aclPending atomic.Bool

@@ -640,6 +640,11 @@ func (s *Service) view(rec state.Instance) Instance {
 	return inst
 }
 
+// limitsEvery is how many health checks go by between two comparisons of
+// an instance's cgroup limits with its record (a minute at the default
+// interval).
+const limitsEvery = 6
+
 // check is the health check: INFO on the kept admin connection (it answers
 // while loading, and BUSY during a long script, both alive) plus the
 // process's RSS and CPU from /proc. What it sees is cached for metrics,
@@ -649,7 +654,10 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	st := &instanceStats{pid: pid, ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
 	in.stats.Store(st)
-	drifted := in.aclPending.Load() || in.limitsDrift()
+	// The cgroup's limits (four files) every limitsEvery-th check, the
+	// first included: at 1000 instances every check would be a tenth of
+	// the agent's idle CPU.
+	drifted := in.aclPending.Load() || (in.checks.Add(1)-1)%limitsEvery == 0 && in.limitsDrift()
 	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
 		drifted = true
 	}
