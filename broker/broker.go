@@ -50,6 +50,13 @@ type Config struct {
 	// SnapshotMoves makes every move a snapshot and a restore, never a
 	// replication (for agents that cannot reach each other).
 	SnapshotMoves bool
+	// StaleMove and StaleCutover are how old a move a stopped broker left
+	// must be before this broker settles it (settleMoves): one still
+	// replicating, and one cut over. 0 means 35 minutes (longer than any
+	// move's sync may take) and 1 minute. Shorter bounds are for tests: a
+	// bound shorter than a running move's steps lets another broker undo
+	// that move under it.
+	StaleMove, StaleCutover time.Duration
 	// HTTP is the client for agents (TLS settings); nil means a default.
 	HTTP *http.Client
 	// Logger receives the broker's logs; nil means slog.Default().
@@ -105,6 +112,12 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if cfg.OperationTTL <= 0 {
 		cfg.OperationTTL = time.Hour
+	}
+	if cfg.StaleMove <= 0 {
+		cfg.StaleMove = staleMove
+	}
+	if cfg.StaleCutover <= 0 {
+		cfg.StaleCutover = staleCutover
 	}
 	if cfg.Strategy == "" {
 		cfg.Strategy = Spread

@@ -17,10 +17,12 @@ import (
 // writes).
 
 // staleMove is how long a move may run before another broker takes it
-// for abandoned: longer than a move's initial sync may take.
+// for abandoned: longer than a move's initial sync may take. It is the
+// default of Config.StaleMove.
 const staleMove = syncTimeout + 5*time.Minute
 
 // staleCutover is the same for a move cut over: a cutover takes seconds.
+// It is the default of Config.StaleCutover.
 const staleCutover = time.Minute
 
 // settleMoves looks at what the last refresh saw and settles the moves
@@ -75,7 +77,7 @@ func (b *Broker) settle(ctx context.Context, id string, cs []located) {
 	if src != nil {
 		age := time.Since(src.inst.Move.StartedAt)
 		cutOver := src.inst.Move.State == "cutover"
-		if age < staleMove && !(cutOver && age > staleCutover) {
+		if age < b.cfg.StaleMove && !(cutOver && age > b.cfg.StaleCutover) {
 			return
 		}
 		if cutOver && len(primaries) == 1 {
@@ -100,7 +102,7 @@ func (b *Broker) settle(ctx context.Context, id string, cs []located) {
 		return
 	}
 	for _, c := range marked {
-		if time.Since(c.inst.CreatedAt) < staleMove {
+		if time.Since(c.inst.CreatedAt) < b.cfg.StaleMove {
 			continue
 		}
 		m, _ := metaOf(c.inst)

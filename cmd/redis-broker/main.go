@@ -101,11 +101,23 @@ func parse(args []string, out io.Writer) (settings, error) {
 	strategy := fs.String("strategy", env("STRATEGY", string(broker.Spread)), "placement: spread (most free memory, across zones) or pack (bin-packing) (env REDIS_BROKER_STRATEGY)")
 	fs.DurationVar(&s.cfg.Refresh, "refresh", 30*time.Second, "how often the fleet is looked at again")
 	fs.DurationVar(&s.cfg.AgentTimeout, "agent-timeout", 10*time.Second, "bound of one request to an agent (not a snapshot's transfer)")
+	staleMove := fs.String("stale-move", env("STALE_MOVE", "0"), "age at which a move a stopped broker left is settled; 0: 35m (env REDIS_BROKER_STALE_MOVE; shorter only in tests)")
+	staleCutover := fs.String("stale-cutover", env("STALE_CUTOVER", "0"), "the same for a move left cut over; 0: 1m (env REDIS_BROKER_STALE_CUTOVER; shorter only in tests)")
 	fs.StringVar(&s.tlsCert, "tls-cert", env("TLS_CERT", ""), "serve HTTPS with this certificate (env REDIS_BROKER_TLS_CERT)")
 	fs.StringVar(&s.tlsKey, "tls-key", env("TLS_KEY", ""), "and this key (env REDIS_BROKER_TLS_KEY)")
 	fs.StringVar(&s.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_BROKER_LOG_LEVEL)")
 	if err := fs.Parse(args); err != nil {
 		return s, err
+	}
+	for _, d := range []struct {
+		name, v string
+		to      *time.Duration
+	}{{"stale-move", *staleMove, &s.cfg.StaleMove}, {"stale-cutover", *staleCutover, &s.cfg.StaleCutover}} {
+		v, err := time.ParseDuration(d.v)
+		if err != nil || v < 0 {
+			return s, fmt.Errorf("--%s %q: want a duration, 0 for the default", d.name, d.v)
+		}
+		*d.to = v
 	}
 	secret := func(file, envName string) (string, error) {
 		if file != "" {
