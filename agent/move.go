@@ -129,6 +129,9 @@ func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration)
 		return 0, notFound(id, err)
 	}
 	crashAt(FaultMoveCutover)
+	// Recorded: the rest is done even if the caller hangs up (the record
+	// says fenced; so must the server).
+	ctx = context.WithoutCancel(ctx)
 	off, err := in.admin.PauseWrites(ctx, timeout)
 	if err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
@@ -169,6 +172,7 @@ func (s *Service) AbortMove(ctx context.Context, id string) error {
 	if err != nil {
 		return notFound(id, err)
 	}
+	ctx = context.WithoutCancel(ctx) // recorded: done even if the caller hangs up
 	if err := s.applyACL(ctx, rec); err != nil {
 		return fmt.Errorf("abort the move of %q: %w", id, err)
 	}
@@ -202,7 +206,9 @@ func (s *Service) Forward(ctx context.Context, id, host string, port int, ttl ti
 		return notFound(id, err)
 	}
 	crashAt(FaultMoveForwardRecorded)
-	return s.startForwarding(ctx, rec)
+	// Recorded: a caller that hangs up must not leave the port with
+	// neither the redis-server nor the forwarder until the next start.
+	return s.startForwarding(context.WithoutCancel(ctx), rec)
 }
 
 // startForwarding stops rec's redis-server, if one runs, and puts a
@@ -277,6 +283,13 @@ func (s *Service) stopForwarding(id string) {
 // processed offset of its primary's stream (waiting at most timeout).
 // Recorded first: a target that restarts after it comes up as a primary
 // with the data it had synced.
+//
+// Asked again once recorded, it finishes the promotion at once: a crash
+// of the agent between the record and REPLICAOF NO ONE leaves the
+// redis-server, which the next agent adopts, replicating (read-only)
+// although its record says primary, and a broker that finishes the move
+// promotes it again before it forwards the source. On any other primary
+// it changes nothing.
 func (s *Service) Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error {
 	if timeout <= 0 || timeout > maxPause {
 		return fmt.Errorf("timeout_ms %d: %w: want 1 to %d", timeout.Milliseconds(), ErrInvalid, maxPause.Milliseconds())
@@ -288,7 +301,18 @@ func (s *Service) Promote(ctx context.Context, id string, offset int64, timeout 
 		return err
 	}
 	if rec.ReplicaOf == nil {
-		return fmt.Errorf("instance %q is not a replica: %w", id, ErrConflict)
+		r, err := in.admin.Replication(ctx)
+		if err != nil {
+			return fmt.Errorf("promote %q: %w", id, err)
+		}
+		if r.Role == "master" {
+			return nil
+		}
+		if err := in.admin.Promote(context.WithoutCancel(ctx)); err != nil {
+			return fmt.Errorf("promote %q: %w", id, err)
+		}
+		s.log.Warn("promoted a move's target whose record said primary while its server still replicated", "instance", id)
+		return nil
 	}
 	deadline := time.Now().Add(timeout)
 	for {
@@ -301,6 +325,9 @@ func (s *Service) Promote(ctx context.Context, id string, offset int64, timeout 
 		}
 		time.Sleep(time.Millisecond)
 	}
+	// From the record on, the promotion is finished even if the caller
+	// hangs up.
+	ctx = context.WithoutCancel(ctx)
 	rec, err = s.store.Update(id, func(r *state.Instance) error { r.ReplicaOf = nil; return nil })
 	if err != nil {
 		return notFound(id, err)
