@@ -88,23 +88,34 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 	if err != nil {
 		return 0, fmt.Errorf("start the move on %s: %w", src.cfg.Name, err)
 	}
-	promoted := false
+	promoted, cutOver := false, false
 	defer func() {
 		if err == nil || promoted {
 			return
 		}
-		// Undo: the source serves as before, the target copy goes.
+		// Undo: the target copy goes, the source serves as before. From
+		// the cutover on, the copy goes first: it may have recorded its
+		// promotion although Promote failed (the target's agent died
+		// after the record, or the answer was lost), and the source let
+		// in again next to it would make two primaries. Until the copy is
+		// gone the source stays fenced; a broker's settle of left moves
+		// ends it (on to the copy if it says it is a primary, else back).
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
 		defer cancel()
+		if derr := dst.c.Deprovision(uctx, iid); derr != nil && !client.IsStatus(derr, http.StatusGone) {
+			log.Error("remove the move's target copy", "err", derr)
+			err = fmt.Errorf("%w (and removing the copy on %s failed: %v)", err, dst.cfg.Name, derr)
+			if cutOver {
+				log.Error("the source stays fenced until the target copy is known not to serve", "err", derr)
+				return
+			}
+		} else {
+			dst.forget(iid)
+		}
 		if aerr := src.c.AbortMove(uctx, iid); aerr != nil {
 			log.Error("abort the move on the source", "err", aerr)
 			err = fmt.Errorf("%w (and aborting it on %s failed: %v)", err, src.cfg.Name, aerr)
 		}
-		if derr := dst.c.Deprovision(uctx, iid); derr != nil {
-			log.Error("remove the move's target copy", "err", derr)
-			err = fmt.Errorf("%w (and removing the copy on %s failed: %v)", err, dst.cfg.Name, derr)
-		}
-		dst.forget(iid)
 	}()
 	want.ReplicaOf = &primary
 	pctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout+30*time.Second)
@@ -151,6 +162,7 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 		}
 	}
 	t1 := time.Now()
+	cutOver = true // from the request on: it may be recorded whatever the answer
 	cctx, cancel := context.WithTimeout(ctx, b.cfg.AgentTimeout)
 	offset, err := src.c.Cutover(cctx, iid, pauseFor)
 	cancel()

@@ -29,8 +29,10 @@ const staleCutover = time.Minute
 // that were left in the middle.
 func (b *Broker) settleMoves(ctx context.Context) {
 	copies := map[string][]located{}
+	everyAgent := true // answered the last look
 	for _, a := range b.fleet.agents {
 		if reachable, _, _, _, _, _ := a.snapshot(); !reachable {
+			everyAgent = false
 			continue
 		}
 		a.mu.Lock()
@@ -47,12 +49,14 @@ func (b *Broker) settleMoves(ctx context.Context) {
 		if !ok {
 			continue // this broker runs it
 		}
-		b.settle(ctx, id, cs)
+		b.settle(ctx, id, cs, everyAgent)
 		unlock()
 	}
 }
 
-func (b *Broker) settle(ctx context.Context, id string, cs []located) {
+// settle settles the move of id whose copies are cs; everyAgent says
+// whether every agent answered (none may hold a copy that is not in cs).
+func (b *Broker) settle(ctx context.Context, id string, cs []located, everyAgent bool) {
 	var src *located
 	var replicas, marked, primaries []located
 	for i := range cs {
@@ -83,9 +87,24 @@ func (b *Broker) settle(ctx context.Context, id string, cs []located) {
 		if cutOver && len(primaries) == 1 {
 			p := primaries[0]
 			log.Warn("finishing a move a broker left after its target took over: the source forwards to it", "source", src.agent.cfg.Name, "target", p.agent.cfg.Name)
+			// Promoted again first: the target's record says primary, but
+			// its server may still replicate (its agent died between the
+			// record and REPLICAOF NO ONE), and would take no writes.
+			if err := p.agent.c.Promote(ctx, id, 0, promoteWait); err != nil {
+				log.Error("finish a left move: promote its target", "err", err)
+				return
+			}
 			if err := src.agent.c.Forward(ctx, id, p.inst.Host, p.inst.Port, forwardFor); err != nil {
 				log.Error("finish a left move", "err", err)
 			}
+			return
+		}
+		if cutOver && len(replicas) == 0 && !everyAgent {
+			// Its target, promoted or not, may be on an agent that does
+			// not answer: letting the source's tenants in again next to a
+			// promoted one would make two primaries. It stays fenced
+			// until every agent answers.
+			log.Warn("a move a broker left after its cutover waits: an agent that may hold its target does not answer", "source", src.agent.cfg.Name, "age", age.Round(time.Second))
 			return
 		}
 		log.Warn("undoing a move a broker left: the source serves as before", "source", src.agent.cfg.Name, "age", age.Round(time.Second))
