@@ -36,6 +36,7 @@ type agentState struct {
 	draining  bool
 	err       error // why it was not reachable or ready at the last look
 	capacity  apitype.Capacity
+	capAt     time.Time // when capacity was read; placements in between adjust it
 	instances map[string]apitype.Instance // by id, at the last look
 	seen      time.Time                   // the last successful look
 }
@@ -117,7 +118,7 @@ func (f *Fleet) look(ctx context.Context, a *agentState) {
 	if err != nil {
 		return
 	}
-	a.capacity = capa
+	a.capacity, a.capAt = capa, time.Now()
 	a.draining = capa.Draining
 	a.instances = make(map[string]apitype.Instance, len(list))
 	for _, in := range list {
@@ -245,9 +246,22 @@ func names(as []*agentState) []string {
 
 // refreshCapacity asks every agent for its readiness and capacity, in
 // parallel: what placement needs, without the instance lists.
+//
+// An agent read less than capacityTTL ago is not asked again: the broker
+// adjusts what it read by its own placements and deletions in between
+// (reserve, release), and the agent refuses (507) a placement that does
+// not fit after all, so the next agent is tried. At a few provisions a
+// second this saves the capacity call (a port probe per free port on the
+// agent) on all but one.
 func (f *Fleet) refreshCapacity(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, a := range f.agents {
+		a.mu.Lock()
+		fresh := a.reachable && time.Since(a.capAt) < capacityTTL
+		a.mu.Unlock()
+		if fresh {
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -262,11 +276,35 @@ func (f *Fleet) refreshCapacity(ctx context.Context) {
 			defer a.mu.Unlock()
 			a.reachable, a.ready, a.err = err == nil, readyErr == nil, readyErr
 			if err == nil {
-				a.capacity, a.draining = capa, capa.Draining
+				a.capacity, a.draining, a.capAt = capa, capa.Draining, time.Now()
 			}
 		}()
 	}
 	wg.Wait()
+}
+
+// capacityTTL is how long a capacity read serves placements.
+const capacityTTL = time.Second
+
+// reserve adjusts a's capacity for an instance of mb the broker placed
+// there.
+func (a *agentState) reserve(mb int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.capacity.Instances++
+	a.capacity.PortsFree--
+	a.capacity.MemoryReservedMB += mb
+	a.capacity.MemoryFreeMB -= mb
+}
+
+// release adjusts a's capacity for an instance of mb deleted there.
+func (a *agentState) release(mb int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.capacity.Instances--
+	a.capacity.PortsFree++
+	a.capacity.MemoryReservedMB -= mb
+	a.capacity.MemoryFreeMB += mb
 }
 
 // remember records that a holds inst.

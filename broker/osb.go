@@ -399,6 +399,9 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 		switch {
 		case err == nil:
 			b.metrics.placements.WithLabelValues(chosen.Name).Inc()
+			if created {
+				a.reserve(inst.MemoryMB)
+			}
 			a.remember(inst)
 			if kept, ok := b.dedupe(ctx, iid, spec); ok && kept.agent != a {
 				// Another broker's copy won the race: that is the instance.
@@ -709,6 +712,7 @@ func (b *Broker) deleteAll(ctx context.Context, log *slog.Logger, iid string, fo
 			return fmt.Errorf("on %s: %w", l.agent.cfg.Name, err)
 		}
 		l.agent.forget(iid)
+		l.agent.release(l.inst.MemoryMB)
 		log.Info("deprovisioned", "agent", l.agent.cfg.Name)
 	}
 	b.metrics.observe("deprovision", t0)
