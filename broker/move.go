@@ -125,6 +125,7 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 		return 0, fmt.Errorf("create the replica on %s: %w", dst.cfg.Name, err)
 	}
 	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
+	dst.reserve(want.MemoryMB)
 	if err := b.copyBindings(ctx, iid, src, dst, cur.Bindings); err != nil {
 		return 0, err
 	}
@@ -232,6 +233,7 @@ func (b *Broker) snapshotMove(ctx context.Context, iid string, src, dst *agentSt
 		return 0, fmt.Errorf("create the instance on %s: %w", dst.cfg.Name, err)
 	}
 	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
+	dst.reserve(want.MemoryMB)
 	undo := func(cause error) (time.Duration, error) {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
 		defer cancel()
