@@ -41,7 +41,7 @@ import (
 // host's namespace (Host.Command), in the role fleetAppEnv names. It
 // takes its role from init, before TestMain builds anything, and exits.
 const (
-	fleetAppEnv  = "REDIS_AGENT_FLEET_APP"  // "redis" or "writer"
+	fleetAppEnv  = "REDIS_AGENT_FLEET_APP"  // "redis", "writer" or "movewriters"
 	fleetArgsEnv = "REDIS_AGENT_FLEET_ARGS" // the role's JSON input
 )
 
@@ -52,8 +52,10 @@ func init() {
 		os.Exit(fleetAppRedis(os.Getenv(fleetArgsEnv)))
 	case "writer":
 		os.Exit(fleetAppWriter(os.Getenv(fleetArgsEnv)))
+	case "movewriters": // move_test.go
+		os.Exit(moveAppWriters(os.Getenv(fleetArgsEnv)))
 	default:
-		fmt.Fprintf(os.Stderr, "%s=%q: want redis or writer\n", fleetAppEnv, role)
+		fmt.Fprintf(os.Stderr, "%s=%q: want redis, writer or movewriters\n", fleetAppEnv, role)
 		os.Exit(2)
 	}
 }
@@ -245,12 +247,7 @@ func newFleet(t *testing.T) *fleet {
 func (f *fleet) launchAgent(t *testing.T, a *fleetAgent, token string) {
 	t.Helper()
 	a.log, a.exited = &lockedBuffer{}, make(chan struct{})
-	a.cmd = a.host.Command(agentBin,
-		"--listen", net.JoinHostPort(a.host.Addr, fleetAgentPort), "--bind", a.host.Addr,
-		"--data-dir", a.dataDir,
-		"--port-min", strconv.Itoa(a.portMin), "--port-max", strconv.Itoa(a.portMin+a.ports-1),
-		"--memory-budget-mb", strconv.Itoa(a.budgetMB), "--log-level", "debug")
-	a.cmd.Env = append(os.Environ(), "REDIS_AGENT_TOKEN="+token)
+	a.cmd = a.command(agentBin, "REDIS_AGENT_TOKEN="+token)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -262,6 +259,18 @@ func (f *fleet) launchAgent(t *testing.T, a *fleetAgent, token string) {
 			t.Logf("agent %s (%s) log, last part:\n%s", a.name, a.host.Addr, tail(a.log.String(), 12000))
 		}
 	})
+}
+
+// command runs the agent binary bin in a's host with a's flags and env
+// added to the environment (REDIS_AGENT_TOKEN among them).
+func (a *fleetAgent) command(bin string, env ...string) *exec.Cmd {
+	cmd := a.host.Command(bin,
+		"--listen", net.JoinHostPort(a.host.Addr, fleetAgentPort), "--bind", a.host.Addr,
+		"--data-dir", a.dataDir,
+		"--port-min", strconv.Itoa(a.portMin), "--port-max", strconv.Itoa(a.portMin+a.ports-1),
+		"--memory-budget-mb", strconv.Itoa(a.budgetMB), "--log-level", "debug")
+	cmd.Env = append(os.Environ(), env...)
+	return cmd
 }
 
 func (a *fleetAgent) waitReady(t *testing.T) {
