@@ -620,7 +620,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		inst.ReplicaOf = net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
 	}
 	if m := rec.Move; m != nil {
-		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, ForwardTo: m.ForwardTo}
+		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, CutoverAt: m.CutoverAt, ForwardTo: m.ForwardTo}
 		if m.State == state.MoveForwarding {
 			inst.State = apitype.StateForwarding
 			s.mu.Lock()

@@ -122,6 +122,9 @@ func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration)
 		if r.Move == nil || (r.Move.State != state.MoveReplicating && r.Move.State != state.MoveCutover) {
 			return fmt.Errorf("instance %q has no move to cut over: %w", id, ErrConflict)
 		}
+		if r.Move.State != state.MoveCutover {
+			r.Move.CutoverAt = time.Now().UTC()
+		}
 		r.Move.State = state.MoveCutover
 		return nil
 	})

@@ -195,8 +195,10 @@ type Instance struct {
 // MoveStatus is the source's side of a move, in the instance's view.
 type MoveStatus struct {
 	State string `json:"state"`
-	// StartedAt is when the move began on the source.
+	// StartedAt is when the move began on the source, CutoverAt when its
+	// cutover did (zero before).
 	StartedAt time.Time `json:"started_at"`
+	CutoverAt time.Time `json:"cutover_at,omitzero"`
 	ForwardTo string    `json:"forward_to,omitempty"`
 	// Forwarded counts the connections the forwarder holds now.
 	Forwarded int64 `json:"forwarded,omitempty"`

@@ -36,7 +36,7 @@ type agentState struct {
 	draining  bool
 	err       error // why it was not reachable or ready at the last look
 	capacity  apitype.Capacity
-	capAt     time.Time // when capacity was read; placements in between adjust it
+	capAt     time.Time                   // when capacity was read; placements in between adjust it
 	instances map[string]apitype.Instance // by id, at the last look
 	seen      time.Time                   // the last successful look
 }

@@ -81,7 +81,13 @@ func (b *Broker) settle(ctx context.Context, id string, cs []located, everyAgent
 	if src != nil {
 		age := time.Since(src.inst.Move.StartedAt)
 		cutOver := src.inst.Move.State == "cutover"
-		if age < b.cfg.StaleMove && !(cutOver && age > b.cfg.StaleCutover) {
+		// A cutover is stale a while after it began, not after the move
+		// did: another broker's long sync may just have reached it.
+		cutAge := time.Since(src.inst.Move.CutoverAt)
+		if src.inst.Move.CutoverAt.IsZero() {
+			cutAge = age // an agent from before the field
+		}
+		if age < b.cfg.StaleMove && !(cutOver && cutAge > b.cfg.StaleCutover) {
 			return
 		}
 		if cutOver && len(primaries) == 1 {

@@ -135,6 +135,8 @@ type Move struct {
 	ForwardTo    string    `json:"forward_to,omitempty"`
 	ForwardUntil time.Time `json:"forward_until,omitempty"`
 	StartedAt    time.Time `json:"started_at"`
+	// CutoverAt is when the cutover began.
+	CutoverAt time.Time `json:"cutover_at,omitempty"`
 }
 
 // Primary is where a move's target replicates from.
