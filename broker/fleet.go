@@ -253,13 +253,31 @@ func names(as []*agentState) []string {
 // not fit after all, so the next agent is tried. At a few provisions a
 // second this saves the capacity call (a port probe per free port on the
 // agent) on all but one.
-func (f *Fleet) refreshCapacity(ctx context.Context) {
+func (f *Fleet) refreshCapacity(ctx context.Context) { f.readCapacity(ctx, false) }
+
+// place picks an agent for an instance of mb (see Place), from the
+// capacities refreshCapacity keeps; when none has room by them, it reads
+// every agent's afresh and picks again: room made behind the broker's back
+// (a delete on an agent, another broker's) is not in what it kept.
+func (f *Fleet) place(ctx context.Context, mb int, strategy Strategy, exclude ...string) (Candidate, []Rejection, bool) {
+	f.refreshCapacity(ctx)
+	chosen, rejected, ok := Place(f.candidates(), mb, strategy, exclude...)
+	if ok {
+		return chosen, rejected, ok
+	}
+	f.readCapacity(ctx, true)
+	return Place(f.candidates(), mb, strategy, exclude...)
+}
+
+// readCapacity reads the agents' capacity: all of them with force, else
+// those not read within capacityTTL.
+func (f *Fleet) readCapacity(ctx context.Context, force bool) {
 	var wg sync.WaitGroup
 	for _, a := range f.agents {
 		a.mu.Lock()
 		fresh := a.reachable && time.Since(a.capAt) < capacityTTL
 		a.mu.Unlock()
-		if fresh {
+		if fresh && !force {
 			continue
 		}
 		wg.Add(1)

@@ -25,8 +25,7 @@ import (
 // unavailable is how long the instance took no writes: a replication
 // move's cutover, or a snapshot move's copy (whose writes are lost).
 func (b *Broker) move(ctx context.Context, iid string, src *agentState, want apitype.Spec) (target string, unavailable time.Duration, err error) {
-	b.fleet.refreshCapacity(ctx)
-	chosen, rejected, ok := Place(b.fleet.candidates(), want.MemoryMB, b.cfg.Strategy, src.cfg.Name)
+	chosen, rejected, ok := b.fleet.place(ctx, want.MemoryMB, b.cfg.Strategy, src.cfg.Name)
 	if !ok {
 		b.metrics.placementFailures.Inc()
 		return "", 0, fmt.Errorf("%w for %d MiB: %s", errNoRoom, want.MemoryMB, rejections(rejected))

@@ -383,10 +383,9 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 	if len(unreachable) > 0 {
 		b.log.Warn("provisioning while agents that were never seen do not answer", "instance", iid, "agents", names(unreachable))
 	}
-	b.fleet.refreshCapacity(ctx)
 	var tried []string
 	for {
-		chosen, rejected, ok := Place(b.fleet.candidates(), spec.MemoryMB, b.cfg.Strategy, tried...)
+		chosen, rejected, ok := b.fleet.place(ctx, spec.MemoryMB, b.cfg.Strategy, tried...)
 		if !ok {
 			b.metrics.placementFailures.Inc()
 			return "", inst, false, fmt.Errorf("%w for %d MiB: %s", errNoRoom, spec.MemoryMB, rejections(rejected))
