@@ -193,8 +193,12 @@ func (a *Admin) roundTrip(ctx context.Context, cmds [][]string) (rs []Reply, err
 		req = append(req, command(args...)...)
 	}
 	cc.c.SetDeadline(deadline)
-	// A cancel without a deadline ends the wait too.
-	defer context.AfterFunc(ctx, func() { cc.c.SetDeadline(time.Now()) })()
+	// A cancel without a deadline ends the wait too. (With one, the
+	// connection's deadline is enough: the health checks, every few
+	// seconds on every instance, skip the registration.)
+	if _, hasDeadline := ctx.Deadline(); !hasDeadline && ctx.Done() != nil {
+		defer context.AfterFunc(ctx, func() { cc.c.SetDeadline(time.Now()) })()
+	}
 	if _, err := cc.c.Write(req); err != nil {
 		if isReset(err) {
 			// The server closed it before reading: a full server
