@@ -496,10 +496,7 @@ func (f *fleet) mustRedis(t *testing.T, c apitype.Credentials, cmds ...[]string)
 
 // fleetWriter is the writer running on the app host.
 type fleetWriter struct {
-	cmd    *exec.Cmd
-	stdin  io.WriteCloser
-	exited chan struct{}
-	read   chan struct{} // closed when stdout is drained
+	app *appProc
 
 	mu         sync.Mutex
 	acks       []writerAck
@@ -517,52 +514,84 @@ type writerAck struct {
 func (f *fleet) startWriter(t *testing.T, c apitype.Credentials, every time.Duration) *fleetWriter {
 	t.Helper()
 	arg, _ := json.Marshal(writerArgs{Addr: net.JoinHostPort(c.Host, strconv.Itoa(c.Port)), User: c.Username, Pass: c.Password, Every: every})
+	w := &fleetWriter{}
+	w.app = f.startApp(t, "writer", arg, &lockedWriter{mu: &w.mu, w: &w.stderr}, func(line string) {
+		now := time.Now()
+		fields := strings.SplitN(line, " ", 3)
+		if len(fields) < 2 {
+			return
+		}
+		n, _ := strconv.Atoi(fields[1])
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if fields[0] == "ack" {
+			w.acks = append(w.acks, writerAck{n, now})
+			return
+		}
+		w.errs++
+		if w.firstErrAt.IsZero() {
+			w.firstErrAt = now
+			if len(fields) == 3 {
+				w.firstErr = fields[2]
+			}
+		}
+	})
+	t.Cleanup(w.stop)
+	return w
+}
+
+// appProc is a role of the test binary run on the app host: it reads its
+// arguments from the environment, reports on stdout, and ends when its
+// stdin closes.
+type appProc struct {
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	exited chan struct{} // closed once it exited and its output was read
+}
+
+// startApp runs role on the app host with arg (JSON in the environment),
+// its stderr to stderr, and each line of its stdout to onLine.
+func (f *fleet) startApp(t *testing.T, role string, arg []byte, stderr io.Writer, onLine func(string)) *appProc {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &fleetWriter{exited: make(chan struct{}), read: make(chan struct{})}
-	w.cmd = f.app.Command(self)
-	w.cmd.Env = append(os.Environ(), fleetAppEnv+"=writer", fleetArgsEnv+"="+string(arg), appGorace())
-	w.cmd.Stderr = &lockedWriter{mu: &w.mu, w: &w.stderr}
-	if w.stdin, err = w.cmd.StdinPipe(); err != nil {
+	p := &appProc{exited: make(chan struct{})}
+	p.cmd = f.app.Command(self)
+	p.cmd.Env = append(os.Environ(), fleetAppEnv+"="+role, fleetArgsEnv+"="+string(arg), appGorace())
+	p.cmd.Stderr = stderr
+	if p.stdin, err = p.cmd.StdinPipe(); err != nil {
 		t.Fatal(err)
 	}
-	stdout, err := w.cmd.StdoutPipe()
+	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := w.cmd.Start(); err != nil {
+	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
-		defer close(w.read)
 		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 16<<20)
 		for sc.Scan() {
-			now := time.Now()
-			fields := strings.SplitN(sc.Text(), " ", 3)
-			if len(fields) < 2 {
-				continue
-			}
-			n, _ := strconv.Atoi(fields[1])
-			w.mu.Lock()
-			if fields[0] == "ack" {
-				w.acks = append(w.acks, writerAck{n, now})
-			} else {
-				w.errs++
-				if w.firstErrAt.IsZero() {
-					w.firstErrAt = now
-					if len(fields) == 3 {
-						w.firstErr = fields[2]
-					}
-				}
-			}
-			w.mu.Unlock()
+			onLine(sc.Text())
 		}
+		p.cmd.Wait()
+		close(p.exited)
 	}()
-	go func() { <-w.read; w.cmd.Wait(); close(w.exited) }()
-	t.Cleanup(w.stop)
-	return w
+	return p
+}
+
+// stop closes its stdin and waits for it to end, killing it after timeout.
+func (p *appProc) stop(timeout time.Duration) {
+	p.stdin.Close()
+	select {
+	case <-p.exited:
+	case <-time.After(timeout):
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
 }
 
 type lockedWriter struct {
@@ -577,15 +606,7 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 }
 
 // stop ends the writer and waits until everything it printed is read.
-func (w *fleetWriter) stop() {
-	w.stdin.Close()
-	select {
-	case <-w.exited:
-	case <-time.After(5 * time.Second):
-		w.cmd.Process.Kill()
-		<-w.exited
-	}
-}
+func (w *fleetWriter) stop() { w.app.stop(5 * time.Second) }
 
 func (w *fleetWriter) ackCount() int {
 	w.mu.Lock()

@@ -27,7 +27,6 @@ package test
 // password work there and at the old address.
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -35,7 +34,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -198,9 +196,7 @@ func moveAppWriters(arg string) int {
 
 // moveWriters is the app host's writers, seen from the test.
 type moveWriters struct {
-	cmd     *exec.Cmd
-	stdin   io.WriteCloser
-	exited  chan struct{}
+	app     *appProc
 	started time.Time
 	acks    atomic.Int64
 	stderr  lockedBuffer
@@ -212,50 +208,18 @@ func (f *fleet) startMoveWriters(t *testing.T, c apitype.Credentials, writers, k
 	t.Helper()
 	arg, _ := json.Marshal(moveWriterArgs{Addr: net.JoinHostPort(c.Host, strconv.Itoa(c.Port)), User: c.Username, Pass: c.Password,
 		Writers: writers, Keys: keys, XAddEvery: 5, Every: every})
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := &moveWriters{exited: make(chan struct{}), started: time.Now()}
-	w.cmd = f.app.Command(self)
-	w.cmd.Env = append(os.Environ(), fleetAppEnv+"=movewriters", fleetArgsEnv+"="+string(arg), appGorace())
-	w.cmd.Stderr = &w.stderr
-	if w.stdin, err = w.cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := w.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := w.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	read := make(chan struct{})
-	go func() {
-		defer close(read)
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(nil, 16<<20)
-		for sc.Scan() {
-			kind, rest, _ := strings.Cut(sc.Text(), " ")
-			switch kind {
-			case "acks":
-				n, _ := strconv.ParseInt(rest, 10, 64)
-				w.acks.Store(n)
-			case "report":
-				w.report = []byte(rest)
-			}
-		}
-	}()
-	go func() { <-read; w.cmd.Wait(); close(w.exited) }()
-	t.Cleanup(func() {
-		w.stdin.Close()
-		select {
-		case <-w.exited:
-		case <-time.After(10 * time.Second):
-			w.cmd.Process.Kill()
-			<-w.exited
+	w := &moveWriters{started: time.Now()}
+	w.app = f.startApp(t, "movewriters", arg, &w.stderr, func(line string) {
+		kind, rest, _ := strings.Cut(line, " ")
+		switch kind {
+		case "acks":
+			n, _ := strconv.ParseInt(rest, 10, 64)
+			w.acks.Store(n)
+		case "report":
+			w.report = []byte(rest)
 		}
 	})
+	t.Cleanup(func() { w.app.stop(10 * time.Second) })
 	return w
 }
 
@@ -272,17 +236,16 @@ func (w *moveWriters) waitAcks(t *testing.T, n int64, timeout time.Duration) {
 // stop ends the writers and returns their report.
 func (w *moveWriters) stop(t *testing.T) moveWriterReport {
 	t.Helper()
-	w.stdin.Close()
+	w.app.stdin.Close()
 	select {
-	case <-w.exited:
+	case <-w.app.exited:
 	case <-time.After(20 * time.Second):
-		w.cmd.Process.Kill()
-		<-w.exited
+		w.app.stop(0)
 		t.Fatalf("the writers did not end 20s after their input closed; stderr %s", w.stderr.String())
 	}
 	var rep moveWriterReport
 	if err := json.Unmarshal(w.report, &rep); err != nil {
-		t.Fatalf("the writers' report %q: %v (exit %v, stderr %s)", w.report, err, w.cmd.ProcessState, w.stderr.String())
+		t.Fatalf("the writers' report %q: %v (exit %v, stderr %s)", w.report, err, w.app.cmd.ProcessState, w.stderr.String())
 	}
 	return rep
 }
