@@ -40,11 +40,13 @@ type testAgent struct {
 	// cut makes the agent hang up on every request, as one that is cut
 	// off the network.
 	cut atomic.Bool
+	// refuse, when set, makes it hang up on the requests it matches.
+	refuse atomic.Pointer[func(*http.Request) bool]
 }
 
 func (a *testAgent) serve() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if a.cut.Load() {
+		if f := a.refuse.Load(); a.cut.Load() || f != nil && (*f)(r) {
 			c, _, _ := w.(http.Hijacker).Hijack()
 			c.Close()
 			return

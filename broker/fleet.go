@@ -365,6 +365,14 @@ func (a *agentState) held() []string {
 	return out
 }
 
+// lastSeen returns a's copy of id as a was last seen, if it held one.
+func (a *agentState) lastSeen(id string) (apitype.Instance, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	in, ok := a.instances[id]
+	return in, ok
+}
+
 // holds reports whether a was last seen holding id.
 func (a *agentState) holds(id string) bool {
 	a.mu.Lock()

@@ -57,6 +57,14 @@ func (b *Broker) move(ctx context.Context, iid string, src *agentState, want api
 // errNoLink: the target never got a replication link to the source.
 var errNoLink = errors.New("no replication link")
 
+// errUnsettled: a replication move stopped where this broker can neither
+// finish it nor undo it now: the target took over but the source's
+// forwarder did not start, or, cut over, the target copy could not be
+// removed. Its copies are left to the settle of left moves (settle.go),
+// which finishes or undoes the move once the agents answer; until then
+// the move's operation is neither succeeded nor failed.
+var errUnsettled = errors.New("left to the settle of left moves")
+
 // Bounds of a replication move.
 const (
 	// syncTimeout bounds the initial sync and the catch-up.
@@ -106,6 +114,7 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 			err = fmt.Errorf("%w (and removing the copy on %s failed: %v)", err, dst.cfg.Name, derr)
 			if cutOver {
 				log.Error("the source stays fenced until the target copy is known not to serve", "err", derr)
+				err = fmt.Errorf("%w: %w", err, errUnsettled)
 				return
 			}
 		} else {
@@ -186,9 +195,10 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 	cancel()
 	if err != nil {
 		// The target holds every write and takes new ones; the source is
-		// fenced. An operator or the next broker finishes this.
+		// fenced. A broker's settle of left moves finishes this (or the
+		// source's agent itself, when it recorded the forwarding).
 		log.Error("promoted, but the source's forwarder did not start", "err", err)
-		return 0, fmt.Errorf("moved to %s, but the forwarder on %s did not start: %w", dst.cfg.Name, src.cfg.Name, err)
+		return 0, fmt.Errorf("moved to %s, but the forwarder on %s did not start: %w: %w", dst.cfg.Name, src.cfg.Name, err, errUnsettled)
 	}
 	src.forget(iid)
 	unavailable = time.Since(t1)

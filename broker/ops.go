@@ -3,6 +3,7 @@ package broker
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +20,10 @@ type operation struct {
 	mu       sync.Mutex
 	err      error
 	finished time.Time
+	// unsettled: the operation ended leaving its move to the settle of
+	// left moves (errUnsettled): err says why, but how the move ends is
+	// up to that settle, so the agents tell.
+	unsettled bool
 }
 
 func (o *operation) state() (state, description string) {
@@ -65,7 +70,15 @@ func (os *operations) start(instance, kind, arg string) *operation {
 func (os *operations) finish(o *operation, err error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	o.err, o.finished = err, time.Now()
+	o.err, o.finished, o.unsettled = err, time.Now(), errors.Is(err, errUnsettled)
+}
+
+// leftToSettle reports whether o ended leaving its move to the settle of
+// left moves: last_operation then asks the agents how it ends.
+func (o *operation) leftToSettle() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.unsettled
 }
 
 // get returns the operation id of instance, if this broker remembers it.

@@ -573,6 +573,24 @@ func sortServing(found []located) {
 	})
 }
 
+// inMove reports whether l is a copy of a move that has not ended: a
+// replica, a source replicating or cut over, a snapshot move's marked
+// copy (not a forwarder: that move is done with).
+func inMove(l located) bool {
+	return moveCopy(l) && (l.inst.Move == nil || l.inst.Move.State != apitype.StateForwarding)
+}
+
+// movingOn reports whether one of as, which did not answer, was last seen
+// holding a copy of iid other than a forwarder.
+func movingOn(as []*agentState, iid string) bool {
+	for _, a := range as {
+		if in, ok := a.lastSeen(iid); ok && (in.Move == nil || in.Move.State != apitype.StateForwarding) {
+			return true
+		}
+	}
+	return false
+}
+
 // unreachableErr says that instance iid may live on agents that do not
 // answer.
 func unreachableErr(iid string, as []*agentState) error {
@@ -910,6 +928,11 @@ func (b *Broker) moveForUpdate(w http.ResponseWriter, r *http.Request, u updateJ
 		defer unlock()
 		t0 := time.Now()
 		target, _, err := b.move(b.ctx, u.iid, u.l.agent, u.want)
+		if errors.Is(err, errUnsettled) {
+			u.log.Error("move for a plan change stopped midway: a settle of moves ends it, and last_operation asks the agents how", "err", err)
+			b.ops.finish(op, err)
+			return
+		}
 		if err != nil {
 			u.log.Error("move for a plan change failed; the instance stays where it was", "err", err)
 			b.ops.finish(op, err)
@@ -958,7 +981,9 @@ func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, "", "operation %q is not one this broker started", opID)
 		return
 	}
-	if op, ok := b.ops.get(iid, opID); ok {
+	// This broker's operation, unless it left its move to the settle of
+	// left moves: then the agents tell, as for another broker's.
+	if op, ok := b.ops.get(iid, opID); ok && !op.leftToSettle() {
 		st, desc := op.state()
 		if st == opInProgress {
 			w.Header().Set("Retry-After", "2")
@@ -1010,6 +1035,16 @@ func (b *Broker) lastOperation(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		writeJSON(w, http.StatusOK, lastOperationResponse{State: opFailed, Description: "the instance does not run Redis " + plan})
+	case kind == "update" && slices.ContainsFunc(found, inMove):
+		// One copy left, still in a move (a source cut over, a replica):
+		// a settle of left moves has yet to finish it or undo it.
+		w.Header().Set("Retry-After", "2")
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance is being moved"})
+	case kind == "update" && movingOn(unreachable, iid):
+		// The other copy is on an agent that does not answer: the move
+		// may end either way once it does.
+		w.Header().Set("Retry-After", "2")
+		writeJSON(w, http.StatusOK, lastOperationResponse{State: opInProgress, Description: "the instance is being moved; agents that hold a copy do not answer: " + strings.Join(names(unreachable), ", ")})
 	case kind == "update":
 		if m, _ := metaOf(found[0].inst); m.PlanID == plan {
 			writeJSON(w, http.StatusOK, lastOperationResponse{State: opSucceeded})

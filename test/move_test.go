@@ -533,6 +533,23 @@ func movedByReplication(b *fleetBroker) (sync, cutover time.Duration, ok bool) {
 	return sync, cutover, ok
 }
 
+// waitMoveEnded waits until broker b's own run of a move of id for a
+// plan change is over: moved, failed, or stopped midway (left to the
+// settle of left moves).
+func waitMoveEnded(t *testing.T, b *fleetBroker, id string, timeout time.Duration) {
+	t.Helper()
+	testenv.Eventually(t, "the broker's move of "+id+" to end", timeout, func() bool {
+		for _, line := range strings.Split(b.log.String(), "\n") {
+			var l struct{ Msg, Instance string }
+			if json.Unmarshal([]byte(line), &l) == nil && l.Instance == id && strings.Contains(l.Msg, "for a plan change") {
+				return true
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+		return false
+	})
+}
+
 // settleLog is what broker b logged of settling left moves.
 func settleLog(b *fleetBroker) []string {
 	var out []string
@@ -681,7 +698,10 @@ func TestMoveAgentCrash(t *testing.T) {
 				t.Fatalf("%s ended with %v; want SIGKILL at %s", victim.name, victim.cmd.ProcessState, point)
 			}
 			crashed := time.Since(t0)
-			lo := b.waitOperation(t, id, op, time.Minute)
+			// The broker's own run of the move ends; a move it left to
+			// the settle of left moves is still in progress.
+			waitMoveEnded(t, b, id, time.Minute)
+			lo := b.osb(t, "GET", "/v2/service_instances/"+id+"/last_operation?operation="+op, "")
 			cs, _ := f.moveCopies(id)
 			t.Logf("%s died at %s %v into the move; the broker's operation: %v; the copies: %v", victim.name, point, crashed.Round(time.Millisecond), lo, cs)
 			// Down for longer than the settle's bounds: a settle that
@@ -699,7 +719,12 @@ func TestMoveAgentCrash(t *testing.T) {
 			}
 			now := f.checkConverged(t, b, id, p, src, creds, "p32", "p256")
 			lost := f.checkWrites(t, now, rep)
-			t.Logf("%s: converged %v after the move began, %s (%s); %d acknowledged writes lost; the broker's settle: %q", point, converged.Round(time.Millisecond), outcome, p, lost, settleLog(b))
+			// The operation says how the move ended, settled or not.
+			end := b.waitOperation(t, id, op, 30*time.Second)
+			if want := map[bool]string{true: "succeeded", false: "failed"}[p.agent != src]; end.body["state"] != want {
+				t.Errorf("last_operation once converged (%s) = %v; want %s", outcome, end, want)
+			}
+			t.Logf("%s: converged %v after the move began, %s (%s); %d acknowledged writes lost; last_operation %v; the broker's settle: %q", point, converged.Round(time.Millisecond), outcome, p, lost, end, settleLog(b))
 			if point == agent.FaultMoveForwardRecorded && p.agent == src {
 				t.Errorf("after a crash at %s (the target promoted) the source serves again", point)
 			}
