@@ -21,7 +21,6 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
-	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/broker"
 )
 
@@ -39,8 +38,12 @@ import (
 //     first look at the fleet costs at least);
 //   - a drain of an agent holding DrainInstances AOF instances of DrainMB
 //     of data each onto the other two, and each instance's unavailability
-//     as the drain status gives it, against a snapshot out of one such
-//     instance and its restore into another agent, directly.
+//     as the drain status gives it and as a client writing to it at its
+//     old address sees it (move.go), with the acknowledged writes lost,
+//     against a snapshot out of one such instance and its restore into
+//     another agent, directly;
+//   - the same for one instance of SnapshotMB, alone on its agent, with
+//     the bytes its replication sent.
 
 // The broker's credentials in the bench (env REDIS_BROKER_PASSWORD and
 // REDIS_BROKER_ADMIN_PASSWORD of its process).
@@ -220,7 +223,7 @@ func (s *suite) brokerScenarios(ctx context.Context) (err error) {
 		}
 	}()
 	s.logf("broker: starting %d agents", brokerAgents)
-	budget := 16*per + (2*s.cfg.DrainMB+64)*(s.cfg.DrainInstances+2) + 1024
+	budget := 16*per + (2*s.cfg.DrainMB+64)*(s.cfg.DrainInstances+2) + (2*s.cfg.SnapshotMB+64)*2 + 1024
 	for i := range brokerAgents {
 		name := "a" + strconv.Itoa(i)
 		data := filepath.Join(f.dir, name)
@@ -269,7 +272,10 @@ func (s *suite) brokerScenarios(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	return s.brokerDrain(ctx, f, b, s.cfg.DrainInstances, s.cfg.DrainMB)
+	if err := s.brokerDrain(ctx, f, b, s.cfg.DrainInstances, s.cfg.DrainMB); err != nil {
+		return err
+	}
+	return s.brokerBigMove(ctx, f, b, s.cfg.SnapshotMB)
 }
 
 // startBroker runs a broker in front of agents and returns once its
@@ -485,10 +491,83 @@ func (s *suite) provisionFilled(ctx context.Context, a *proc, id string, mb int)
 	return c, fill(ctx, cl, mb<<20/valueSize)
 }
 
+// refSnapshot is the reference of a move without replication: id's
+// snapshot out of src (GET), and its restore (PUT) into a new instance
+// of mb MiB on dst, directly; the copy on dst is deleted again. It
+// returns both times and the snapshot's size.
+func (s *suite) refSnapshot(f *brokerFleet, src, dst *proc, id string, mb int) (out, in time.Duration, size int64, err error) {
+	rdb := filepath.Join(f.dir, id+".rdb")
+	defer os.Remove(rdb)
+	t0 := time.Now()
+	if size, err = s.download(src.base, id, rdb); err != nil {
+		return 0, 0, 0, err
+	}
+	out = time.Since(t0)
+	if err := expect("PUT "+id+" on "+dst.name, 201)(s.call("PUT", dst.base+"/v1/instances/"+id, lifecycleSpec(mb, "aof"), nil)); err != nil {
+		return 0, 0, 0, err
+	}
+	t0 = time.Now()
+	if err := s.upload(dst.base, id, rdb); err != nil {
+		return 0, 0, 0, err
+	}
+	in = time.Since(t0)
+	return out, in, size, expect("DELETE "+id+" on "+dst.name, 200)(s.call("DELETE", dst.base+"/v1/instances/"+id, "", nil))
+}
+
+// checkMoved checks id after its move off src: a primary on another
+// agent holding its keys of data and every write w had acknowledged (it
+// returns how many it lacks), a forwarder on src.
+func (s *suite) checkMoved(ctx context.Context, f *brokerFleet, src *proc, id string, c creds, keys int, w *writer) (at instance, lost int64, err error) {
+	if at, err = s.newPrimary(f, src, id); err != nil {
+		return at, 0, err
+	}
+	lost, wkeys, err := w.check(ctx, instanceAddr(at))
+	if err != nil {
+		return at, 0, fmt.Errorf("after the move of %s: %w", id, err)
+	}
+	cl := goredis.NewClient(&goredis.Options{Addr: instanceAddr(at), Username: c.Username, Password: c.Password, DisableIdentity: true, MaxRetries: -1})
+	got, err := cl.DBSize(ctx).Result()
+	cl.Close()
+	if want := int64(keys) + wkeys; err != nil || got != want {
+		return at, 0, fmt.Errorf("after the move %s has %d keys (%v), want %d", id, got, err, want)
+	}
+	return at, lost, nil
+}
+
+// deleteEverywhere deletes id on every agent that has it (a forwarder
+// included).
+func (s *suite) deleteEverywhere(f *brokerFleet, id string) error {
+	for _, a := range f.agents {
+		code, body, err := s.call("DELETE", a.base+"/v1/instances/"+id, "", nil)
+		if err != nil {
+			return err
+		}
+		if code != 200 && code != 410 {
+			return fmt.Errorf("DELETE %s on %s = %d %s", id, a.name, code, body)
+		}
+	}
+	return nil
+}
+
+// endDrain clears agent a's drain mark through broker b.
+func (s *suite) endDrain(b, a *proc) error {
+	return expect("DELETE drain mark of "+a.name, 200)(s.call("DELETE", b.base+"/admin/agents/"+a.name+"/drain", "", admin))
+}
+
+// sumWrites adds up the writers' acknowledged writes and failed commands.
+func sumWrites(ws []*writer) (acked, errs int64) {
+	for _, w := range ws {
+		acked += w.ackedAll()
+		errs += w.errs
+	}
+	return acked, errs
+}
+
 // brokerDrain fills n AOF instances with mb MiB each on the first agent
-// and drains it through broker b onto the others; its reference is a
-// snapshot out of one such instance and its restore into the second
-// agent, done directly first.
+// and drains it through broker b onto the others while a writer per
+// instance writes at its binding's address; its reference is a snapshot
+// out of one such instance and its restore into the second agent, done
+// directly first. The drain mark is cleared afterwards.
 func (s *suite) brokerDrain(ctx context.Context, f *brokerFleet, b *proc, n, mb int) error {
 	if n < 1 || mb < 1 {
 		return nil
@@ -499,31 +578,20 @@ func (s *suite) brokerDrain(ctx context.Context, f *brokerFleet, b *proc, n, mb 
 	if _, err := s.provisionFilled(ctx, src, "ref-move", mb); err != nil {
 		return err
 	}
-	rdb := filepath.Join(f.dir, "ref-move.rdb")
-	t0 := time.Now()
-	if _, err := s.download(src.base, "ref-move", rdb); err != nil {
+	out, in, _, err := s.refSnapshot(f, src, dst, "ref-move", mb)
+	if err != nil {
 		return err
 	}
-	out := time.Since(t0)
-	if err := expect("PUT ref-move on "+dst.name, 201)(s.call("PUT", dst.base+"/v1/instances/ref-move", lifecycleSpec(mb, "aof"), nil)); err != nil {
+	if err := expect("DELETE ref-move on "+src.name, 200)(s.call("DELETE", src.base+"/v1/instances/ref-move", "", nil)); err != nil {
 		return err
 	}
-	t0 = time.Now()
-	if err := s.upload(dst.base, "ref-move", rdb); err != nil {
-		return err
-	}
-	in := time.Since(t0)
-	for _, a := range []*proc{src, dst} {
-		if err := expect("DELETE ref-move on "+a.name, 200)(s.call("DELETE", a.base+"/v1/instances/ref-move", "", nil)); err != nil {
-			return err
-		}
-	}
-	os.Remove(rdb)
 
-	s.logf("broker: drain of %s with %d AOF instances of %d MiB", src.name, n, mb)
+	s.logf("broker: drain of %s with %d AOF instances of %d MiB, a writer on each", src.name, n, mb)
 	id := func(i int) string { return fmt.Sprintf("drain-%02d", i) }
+	ids := make([]string, n)
 	all := make([]creds, n)
-	err := parallel(n, 4, func(i int) error {
+	err = parallel(n, 4, func(i int) error {
+		ids[i] = id(i)
 		c, err := s.provisionFilled(ctx, src, id(i), mb)
 		all[i] = c
 		return err
@@ -531,61 +599,25 @@ func (s *suite) brokerDrain(ctx context.Context, f *brokerFleet, b *proc, n, mb 
 	if err != nil {
 		return err
 	}
-	path := b.base + "/admin/agents/" + src.name + "/drain"
-	if err := expect("POST drain", 202)(s.call("POST", path, "", admin)); err != nil {
+	dr, ws, err := s.watchedDrain(b, src.name, ids, all)
+	if err != nil {
 		return err
-	}
-	var dr broker.Drain
-	for {
-		code, body, err := s.call("GET", path, "", admin)
-		if err := expect("GET drain", 200)(code, body, err); err != nil {
-			return err
-		}
-		if err := json.Unmarshal(body, &dr); err != nil {
-			return err
-		}
-		if dr.State != broker.DrainRunning {
-			break
-		}
-		if time.Since(dr.StartedAt) > 10*time.Minute {
-			return errors.New("drain still running after 10m")
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 	if dr.State != broker.DrainDone || dr.Moved != n || len(dr.Unavailable) != n || dr.FinishedAt == nil {
 		return fmt.Errorf("drain ended %s with %d of %d moved: %s\n%s", dr.State, dr.Moved, n, dr.Error, b.logTail())
 	}
 	// Every instance serves from one of the others now (a primary, not a
-	// replica), with its data and its binding's credentials; the source
-	// holds at most a forwarder on its old port.
+	// replica), with its data, every acknowledged write and its binding's
+	// credentials; the source holds at most a forwarder on its old port.
+	var lost int64
+	var seen []time.Duration
 	for i := range n {
-		var where []instance
-		for _, a := range f.agents {
-			code, body, err := s.call("GET", a.base+"/v1/instances/"+id(i), "", nil)
-			if err != nil {
-				return err
-			}
-			var in instance
-			if code != 200 || json.Unmarshal(body, &in) != nil {
-				continue
-			}
-			switch {
-			case a == src && in.State != apitype.StateForwarding:
-				return fmt.Errorf("after the drain %s is %s on %s", id(i), in.State, src.name)
-			case a != src && in.ReplicaOf == "":
-				where = append(where, in)
-			}
+		_, l, err := s.checkMoved(ctx, f, src, id(i), all[i], keys, ws[i])
+		if err != nil {
+			return err
 		}
-		if len(where) != 1 {
-			return fmt.Errorf("after the drain %s serves on %d agents", id(i), len(where))
-		}
-		c := goredis.NewClient(&goredis.Options{Addr: net.JoinHostPort(where[0].Host, strconv.Itoa(where[0].Port)),
-			Username: all[i].Username, Password: all[i].Password, DisableIdentity: true, MaxRetries: -1})
-		got, err := c.DBSize(ctx).Result()
-		c.Close()
-		if err != nil || got != int64(keys) {
-			return fmt.Errorf("after the drain %s has %d keys (%v), want %d", id(i), got, err, keys)
-		}
+		lost += l
+		seen = append(seen, ws[i].gap)
 	}
 	replicated, err := s.brokerMoves(b, "replication")
 	if err != nil {
@@ -606,23 +638,94 @@ func (s *suite) brokerDrain(ctx context.Context, f *brokerFleet, b *proc, n, mb 
 		s.add(Row{Figure: "  unavailability per instance (drain status), " + q.name, Value: ms(q.d), Unit: "ms",
 			Reference: ms(ref), Aim: "ref: snapshot out + restore in of one, directly"})
 	}
+	for _, q := range []struct {
+		name string
+		p    int
+	}{{"p50", 50}, {"max", 100}} {
+		s.add(Row{Figure: "  unavailability per instance seen by a client writing at its old address, " + q.name, Value: ms(pct(seen, q.p)), Unit: "ms",
+			Reference: ms(ref), Aim: fmt.Sprintf("<= 100 ms; drain status %s: %.2f ms; ref: snapshot out + restore in", q.name, ms(pct(unavail, q.p)))})
+	}
+	acked, errs := sumWrites(ws)
+	s.add(Row{Figure: "  acknowledged writes lost (INCR counters and XADD stream, read on the new primaries)", Value: float64(lost), Unit: "",
+		Aim: fmt.Sprintf("0; of %d acknowledged", acked)})
+	s.add(Row{Figure: "  the writers' failed commands (each followed by a reconnect)", Value: float64(errs), Unit: ""})
 	s.add(Row{Figure: "  moved by replication (the others by snapshot)", Value: float64(replicated), Unit: "", Aim: strconv.Itoa(n)})
 	s.add(Row{Figure: fmt.Sprintf("  ref: snapshot out (GET) of one %d MiB instance", mb), Value: ms(out), Unit: "ms"})
 	s.add(Row{Figure: "  ref: its restore in (PUT -> 200 ready) on another agent", Value: ms(in), Unit: "ms"})
 
 	s.logf("broker: deleting the drained instances (and the forwarders on %s)", src.name)
-	return parallel(n, 4, func(i int) error {
-		for _, a := range f.agents {
-			code, body, err := s.call("DELETE", a.base+"/v1/instances/"+id(i), "", nil)
-			if err != nil {
-				return err
-			}
-			if code != 200 && code != 410 {
-				return fmt.Errorf("DELETE %s on %s = %d %s", id(i), a.name, code, body)
-			}
-		}
+	if err := parallel(n, 4, func(i int) error { return s.deleteEverywhere(f, id(i)) }); err != nil {
+		return err
+	}
+	return s.endDrain(b, src)
+}
+
+// brokerBigMove moves one AOF instance of mb MiB through broker b, by a
+// drain of the second agent holding only it, with a writer at its
+// binding's address; its reference is a snapshot out of it and a restore
+// into the third agent, directly, before the move.
+func (s *suite) brokerBigMove(ctx context.Context, f *brokerFleet, b *proc, mb int) error {
+	if mb < 1 {
 		return nil
-	})
+	}
+	const id = "big-move"
+	keys := mb << 20 / valueSize
+	src, other := f.agents[1], f.agents[2]
+	s.logf("broker: one %d MiB AOF instance on %s, its reference move to %s directly", mb, src.name, other.name)
+	c, err := s.provisionFilled(ctx, src, id, mb)
+	if err != nil {
+		return err
+	}
+	out, in, size, err := s.refSnapshot(f, src, other, id, mb)
+	if err != nil {
+		return err
+	}
+	before, err := s.brokerMoves(b, "replication")
+	if err != nil {
+		return err
+	}
+	s.logf("broker: drain of %s holding only it, a writer on it", src.name)
+	dr, ws, err := s.watchedDrain(b, src.name, []string{id}, []creds{c})
+	if err != nil {
+		return err
+	}
+	if dr.State != broker.DrainDone || dr.Moved != 1 || len(dr.Unavailable) != 1 || dr.FinishedAt == nil {
+		return fmt.Errorf("drain of %s ended %s with %d of 1 moved: %s\n%s", src.name, dr.State, dr.Moved, dr.Error, b.logTail())
+	}
+	at, lost, err := s.checkMoved(ctx, f, src, id, c, keys, ws[0])
+	if err != nil {
+		return err
+	}
+	// What the target read from the source over its replication link:
+	// the initial sync's RDB and the stream after it.
+	sent, err := infoStat(ctx, instanceAddr(at), c, "stats", "total_net_repl_input_bytes")
+	if err != nil {
+		return fmt.Errorf("INFO stats of %s on its new primary: %w", id, err)
+	}
+	after, err := s.brokerMoves(b, "replication")
+	if err != nil {
+		return err
+	}
+	ref := out + in
+	unavail := time.Duration(dr.Unavailable[id] * float64(time.Second))
+	s.add(Row{Figure: fmt.Sprintf("move of one %d MiB AOF instance through the broker (a drain of its agent), total", mb), Value: ms(dr.FinishedAt.Sub(dr.StartedAt)), Unit: "ms",
+		Reference: ms(ref), Aim: "ref: snapshot out + restore in of it, directly"})
+	s.add(Row{Figure: "  its unavailability seen by a client writing at its old address", Value: ms(ws[0].gap), Unit: "ms",
+		Reference: ms(ref), Aim: fmt.Sprintf("<= 100 ms; drain status: %.2f ms; ref: snapshot out + restore in", ms(unavail))})
+	s.add(Row{Figure: "  its unavailability (drain status)", Value: ms(unavail), Unit: "ms", Reference: ms(ref), Aim: "ref: snapshot out + restore in"})
+	s.add(Row{Figure: "  bytes sent to the target (its total_net_repl_input_bytes after the move)", Value: float64(sent) / (1 << 20), Unit: "MiB",
+		Reference: float64(size) / (1 << 20), Aim: "ref: its snapshot's RDB"})
+	s.add(Row{Figure: "  acknowledged writes lost (read on the new primary)", Value: float64(lost), Unit: "",
+		Aim: fmt.Sprintf("0; of %d acknowledged", ws[0].ackedAll())})
+	s.add(Row{Figure: "  the writer's failed commands (each followed by a reconnect)", Value: float64(ws[0].errs), Unit: ""})
+	s.add(Row{Figure: "  moved by replication", Value: float64(after - before), Unit: "", Aim: "1"})
+	s.add(Row{Figure: fmt.Sprintf("  ref: snapshot out (GET) of it, %.0f MiB RDB", float64(size)/(1<<20)), Value: ms(out), Unit: "ms"})
+	s.add(Row{Figure: "  ref: its restore in (PUT -> 200 ready) on another agent", Value: ms(in), Unit: "ms"})
+
+	if err := s.deleteEverywhere(f, id); err != nil {
+		return err
+	}
+	return s.endDrain(b, src)
 }
 
 // brokerMoves reads the broker's count of moves made by method from its
@@ -647,7 +750,7 @@ func (s *suite) brokerMoves(b *proc, method string) (int, error) {
 func (r Result) brokerNote() string {
 	for _, row := range r.Rows {
 		if strings.Contains(row.Figure, "through the broker") {
-			return "Broker: the real `redis-broker` in front of three agents of its own (run after the figures above, on the same ports), in the same run as its references on those agents. Provision and deprovision: the built-in catalog's `cache` plan over OSB (`X-Broker-API-Version: 2.17`, basic auth, synchronous) with one agent behind the broker, interleaved one at a time with a PUT and a DELETE of the same spec on that agent (50 each way in `make bench`, so p99 is the slowest); the broker looks the id up on its agents, asks their `/v1/capacity` and `/readyz`, places, and looks the id up again, and the capacity call's own time is given below the difference. Broker start: the agents hold the instances of the density figure between them (16 MiB, no persistence); timed from the exec of the broker until `/readyz` is 200 and `GET /admin/agents` (which looks at the fleet again) lists every instance; its reference is one `GET /v1/instances` on each agent at once, the median of 5. Drain: AOF instances filled with 1 KiB random values on one agent, `POST /admin/agents/{name}/drain` moves them one at a time to the other two (spread); the total is the drain status's `finished_at - started_at`, each instance's unavailability its `unavailable_seconds`: how long the instance took no writes, which for a move by replication (the broker's way when the persistence stays; the row below says how many went that way) is the cutover (writes paused, tenants fenced, target promoted), and for a move by snapshot the copy. Afterwards every instance is checked: a primary on its new agent with its old credentials and all its keys, a forwarder on its old port. The reference is a snapshot out (GET) of one such instance and its restore (PUT) into another agent, done directly: the unavailability of a move without replication.\n\n"
+			return "Broker: the real `redis-broker` in front of three agents of its own (run after the figures above, on the same ports), in the same run as its references on those agents. Provision and deprovision: the built-in catalog's `cache` plan over OSB (`X-Broker-API-Version: 2.17`, basic auth, synchronous) with one agent behind the broker, interleaved one at a time with a PUT and a DELETE of the same spec on that agent (50 each way in `make bench`, so p99 is the slowest); the broker looks the id up on its agents, asks their `/v1/capacity` and `/readyz`, places, and looks the id up again, and the capacity call's own time is given below the difference. Broker start: the agents hold the instances of the density figure between them (16 MiB, no persistence); timed from the exec of the broker until `/readyz` is 200 and `GET /admin/agents` (which looks at the fleet again) lists every instance; its reference is one `GET /v1/instances` on each agent at once, the median of 5. Drain: AOF instances filled with 1 KiB random values on one agent, `POST /admin/agents/{name}/drain` moves them one at a time to the other two (spread); the total is the drain status's `finished_at - started_at`, each instance's unavailability its `unavailable_seconds`: how long the instance took no writes, which for a move by replication (the broker's way when the persistence stays; the row below says how many went that way) is the cutover (writes paused, tenants fenced, target promoted), and for a move by snapshot the copy. Afterwards every instance is checked: a primary on its new agent with its old credentials and all its keys, a forwarder on its old port. The reference is a snapshot out (GET) of one such instance and its restore (PUT) into another agent, done directly: the unavailability of a move without replication. While the drain runs, a writer per instance (go-redis, one connection, the binding's credentials at the address the binding gave: the source agent's port, a forwarder to the target after the cutover) INCRs 4 counters in turn and XADDs to a stream after each round, pausing 1 ms after each acknowledged command; after a failed one (refused, reset, fenced) it dials again 1 ms later. The unavailability a client sees is the longest time between two of its acknowledged writes that overlaps its instance's move (from when the drain status, polled every 2 ms, first names the instance as current to when it names the next or ends), so ~1 ms is its floor, and a write held by the cutover's pause counts until it is acknowledged; the drain status's figure is in the aim column. Afterwards every counter and the stream's length are read on the new primary: a write lost is an acknowledged INCR or XADD missing there (a failed command may or may not have been applied; more than was sent would fail the run). Last, one AOF instance of the snapshot figure's size alone on the second agent, moved by a drain of that agent (its mark cleared after each drain) with the same writer on it: the total is that drain's `finished_at - started_at`, the bytes sent are what the target read over its replication link (the initial sync's RDB and the stream after it: the new primary's `total_net_repl_input_bytes` in INFO stats, read by the binding user after the move), next to the size of the RDB its snapshot gives; the reference is a snapshot out of it and its restore into the third agent, directly, before the move.\n\n"
 		}
 	}
 	return ""
