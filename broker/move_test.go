@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -123,5 +124,52 @@ func TestMovePromotedButNotForwardedSucceedsOnceSettled(t *testing.T) {
 	}
 	if lo := startBroker(t, agentConfigs(agents), nil).lastOperation("m1", op); lo.body["state"] != opSucceeded {
 		t.Fatalf("last_operation from a fresh broker = %v", lo.body)
+	}
+}
+
+// A move undone before its cutover whose replica could not be removed
+// (the target's agent hung up on the deletion) leaves that replica; the
+// source, no longer in a move, serves. The settle of left moves removes
+// the replica once its agent answers, and leaves the source alone.
+func TestSettleRemovesAStrayReplica(t *testing.T) {
+	agents := startAgents(t, 300, 2000)
+	tb := startBroker(t, agentConfigs(agents), settleFast)
+	creds := placeToMove(t, tb, agents, "m2")
+	// The binding's copy fails (the move is undone before its cutover),
+	// and so does the undo's deletion of the replica.
+	refuse(agents[1], func(r *http.Request) bool {
+		return r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/v1/instances/m2/bindings/") ||
+			r.Method == http.MethodDelete && r.URL.Path == "/v1/instances/m2"
+	})
+	op := startMoveTo(t, tb, "m2", "p256")
+	waitMoveEnded(t, tb, "m2", op)
+	if lo := tb.lastOperation("m2", op); lo.body["state"] != opFailed {
+		t.Fatalf("last_operation of the undone move = %v; want failed", lo.body)
+	}
+	ctx := context.Background()
+	if in, err := agents[1].svc.Get(ctx, "m2"); err != nil || in.ReplicaOf == "" {
+		t.Fatalf("m2 on agent-1 after the undo = %+v, %v; want the replica the undo could not remove", in, err)
+	}
+	if in, err := agents[0].svc.Get(ctx, "m2"); err != nil || in.Move != nil || in.State != apitype.StateRunning {
+		t.Fatalf("m2 on agent-0 after the undo = %+v, %v; want it serving, out of the move", in, err)
+	}
+	agents[1].refuse.Store(nil)
+	testenv.Eventually(t, "the settle to remove the stray replica", 20*time.Second, func() bool {
+		time.Sleep(50 * time.Millisecond)
+		_, err := agents[1].svc.Get(ctx, "m2")
+		return err != nil
+	})
+	if h := holders(t, agents, "m2"); len(h) != 1 || h[0] != "agent-0" {
+		t.Fatalf("m2 on %v once settled; want agent-0 only", h)
+	}
+	if in, err := agents[0].svc.Get(ctx, "m2"); err != nil || in.Move != nil || in.State != apitype.StateRunning {
+		t.Fatalf("m2 on agent-0 once settled = %+v, %v; want it serving", in, err)
+	}
+	rc := redisClient(t, creds)
+	if n, err := rc.DBSize(ctx).Result(); err != nil || n != 100 {
+		t.Fatalf("DBSIZE on the source = %d, %v; want 100", n, err)
+	}
+	if err := rc.Set(ctx, "after", "1", 0).Err(); err != nil {
+		t.Fatalf("a write on the source once settled: %v", err)
 	}
 }

@@ -2,19 +2,22 @@ package broker
 
 import (
 	"context"
+	"net/http"
 	"time"
 
 	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/client"
 )
 
 // Moves a broker stopped in the middle of (it was killed or restarted)
 // leave copies behind: a move's replica with its source still
 // replicating or cut over, or a snapshot move's marked target copy next
-// to its source. Every broker settles those it finds once they are older
-// than any move it would run itself: back to the source when the target
-// was not promoted (the source never stopped holding every write), on to
-// the target when it was (the source is fenced and has stopped taking
-// writes).
+// to its source. So does a broker whose undo of a move could not remove
+// the replica: a replica next to a source out of the move. Every broker
+// settles those it finds once they are older than any move it would run
+// itself: back to the source when the target was not promoted (the source
+// never stopped holding every write), on to the target when it was (the
+// source is fenced and has stopped taking writes).
 
 // staleMove is how long a move may run before another broker takes it
 // for abandoned: longer than a move's initial sync may take. It is the
@@ -125,6 +128,25 @@ func (b *Broker) settle(ctx context.Context, id string, cs []located, everyAgent
 			log.Error("abort a left move", "agent", src.agent.cfg.Name, "err", err)
 		}
 		return
+	}
+	// No source in a move, yet a replica: a move undone before its cutover
+	// whose replica could not be removed (its agent did not answer the
+	// deletion). The source, out of the move, serves and holds every
+	// write; the replica, its replication user gone, holds an old copy, a
+	// port and memory. With no serving copy in sight it is kept: it may be
+	// all there is of the instance.
+	if len(primaries) > 0 {
+		for _, r := range replicas {
+			if time.Since(r.inst.CreatedAt) < b.cfg.StaleMove {
+				continue // a move just starting, seen between its steps
+			}
+			log.Warn("removing the replica of a move a broker undid and left: the source serves", "replica", r.agent.cfg.Name, "primary", primaries[0].agent.cfg.Name)
+			if err := r.agent.c.Deprovision(ctx, id); err != nil && !client.IsStatus(err, http.StatusGone) {
+				log.Error("remove a left move's replica", "agent", r.agent.cfg.Name, "err", err)
+				continue
+			}
+			r.agent.forget(id)
+		}
 	}
 	for _, c := range marked {
 		if time.Since(c.inst.CreatedAt) < b.cfg.StaleMove {
