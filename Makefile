@@ -3,9 +3,12 @@ GO ?= go
 
 .PHONY: build test fuzz chaos bench microbench generate run clean
 
+# redis-agent-launch, which every redis-server starts through, is built
+# static and small: the step costs little more than an exec.
 build:
 	$(GO) build -o bin/redis-agent ./cmd/redis-agent
 	$(GO) build -o bin/redis-broker ./cmd/redis-broker
+	CGO_ENABLED=0 $(GO) build -ldflags=-s -o bin/redis-agent-launch ./cmd/redis-agent-launch
 
 # Unit, integration and end-to-end tests, with the race detector. The
 # Redis-backed tests need redis-server (apt-get install -y redis-server).

@@ -17,6 +17,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -25,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
@@ -44,7 +46,18 @@ type Service struct {
 	store  *state.Store
 	layout volumes.Layout
 	alloc  ports.Allocator
-	cred   *syscall.Credential
+	// cred is the shared Redis user (RedisUser), nil when there is none.
+	cred *syscall.Credential
+	// uidMin-uidMax are the instance users' uids, 0-0 when instances have
+	// none (uidReason says why); uidMu orders their allocation.
+	uidMin, uidMax int
+	uidReason      string
+	uidMu          sync.Mutex
+	// launcher confines every redis-server ("" runs them unconfined) with
+	// what the kernel supports; notes say what is missing.
+	launcher string
+	support  confine.Support
+	notes    []string
 
 	// ctx is the supervisors' lifetime: cancelling it is agent shutdown.
 	ctx    context.Context
@@ -148,7 +161,6 @@ func New(cfg Config) (*Service, error) {
 	s.layout = volumes.Layout{
 		DataRoot: filepath.Join(cfg.DataDir, "instances"),
 		LogRoot:  cfg.logDir(),
-		Owner:    volumes.Owner{UID: -1, GID: -1},
 	}
 	if cfg.RedisUser != "" && syscall.Geteuid() == 0 {
 		u, err := user.Lookup(cfg.RedisUser)
@@ -158,7 +170,30 @@ func New(cfg Config) (*Service, error) {
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)
 		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
-		s.layout.Owner = volumes.Owner{UID: uid, GID: gid}
+	}
+	switch {
+	case syscall.Geteuid() != 0:
+		s.uidReason = "the agent is not root"
+	case cfg.InstanceUIDs == "off":
+		s.uidReason = "--instance-uids off"
+	case cfg.InstanceUIDs == "auto" || cfg.InstanceUIDs == "":
+		s.uidMin, s.uidMax = UIDRangeFor(cfg.DataDir)
+	default:
+		lo, hi, err := ParseUIDRange(cfg.InstanceUIDs)
+		if err != nil {
+			return nil, err
+		}
+		s.uidMin, s.uidMax = lo, hi
+	}
+	if cfg.Confine != "off" {
+		s.launcher, s.support = cfg.Launcher, confine.Probe()
+	}
+	s.notes = s.confinementNotes()
+	for _, n := range s.notes {
+		log.Warn("isolation: " + n)
+	}
+	if s.uidsOn() {
+		log.Info("a user per instance", "uids", fmt.Sprintf("%d-%d", s.uidMin, s.uidMax), "confined", s.launcher != "", "landlock_abi", s.support.Landlock, "seccomp", s.support.Seccomp)
 	}
 	if err := s.layout.Init(); err != nil {
 		return nil, err
@@ -186,7 +221,7 @@ func New(cfg Config) (*Service, error) {
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
-	s.loader = &redisLoader{layout: s.layout, cred: s.cred, cg: s.cg, log: log}
+	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
 		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -258,12 +293,32 @@ func (s *Service) Ready(ctx context.Context) error {
 // through. A data directory under a 0700 parent (as mktemp -d makes) would
 // otherwise fail every start with "permission denied" on the binary.
 func (s *Service) redisCanReach() error {
-	if s.cred == nil {
+	uid, gid, who := -1, -1, "redis user "+s.cfg.RedisUser
+	switch {
+	case s.uidsOn():
+		// Any uid of the range: one that owns nothing on the way.
+		uid, gid, who = s.uidMin, s.uidMin, fmt.Sprintf("instance uid %d", s.uidMin)
+	case s.cred != nil:
+		uid, gid = int(s.cred.Uid), int(s.cred.Gid)
+	default:
 		return nil // it runs as the agent's own user, who made them
 	}
 	for _, dir := range []string{s.layout.DataRoot, s.layout.LogRoot} {
-		if err := volumes.Traversable(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
-			return fmt.Errorf("redis user %s cannot reach %s: %w: let it through (chmod o+x or chgrp on that directory) or choose another --data-dir/--log-dir", s.cfg.RedisUser, dir, err)
+		if err := volumes.Traversable(dir, uid, gid); err != nil {
+			return fmt.Errorf("%s cannot reach %s: %w: let it through (chmod o+x on that directory) or choose another --data-dir/--log-dir", who, dir, err)
+		}
+	}
+	// It runs the launcher and redis-server as itself.
+	for _, exe := range []string{s.launcher, s.cfg.RedisServer} {
+		if exe == "" {
+			continue
+		}
+		if err := volumes.Traversable(filepath.Dir(exe), uid, gid); err != nil {
+			return fmt.Errorf("%s cannot reach %s: %w: install it where every user may run it", who, exe, err)
+		}
+		// An instance user owns nothing: the others' bits decide.
+		if st, err := os.Stat(exe); err == nil && s.uidsOn() && st.Mode().Perm()&0o001 == 0 {
+			return fmt.Errorf("%s cannot run %s (mode %04o): chmod o+x it", who, exe, st.Mode().Perm())
 		}
 	}
 	return nil
@@ -343,14 +398,15 @@ func tenantUsers(rec state.Instance) []redis.User {
 // writeFiles writes the config and ACL file of rec, creating its
 // directories first. It is idempotent.
 func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
-	if err := s.layout.Create(rec.ID); err != nil {
+	o := s.ownerOf(rec)
+	if err := s.layout.Create(rec.ID, o); err != nil {
 		return "", err
 	}
 	conf := s.conf(rec)
-	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec)); err != nil {
+	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec), o); err != nil {
 		return "", err
 	}
-	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf); err != nil {
+	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf, o); err != nil {
 		return "", err
 	}
 	return hash(conf), nil

@@ -41,6 +41,7 @@ func testConfig(t testing.TB, ports int) Config {
 	cfg.PortMax = cfg.PortMin + ports - 1
 	cfg.DataDir = testenv.TraversableDir(t)
 	cfg.RedisServer = testenv.RedisServer(t)
+	cfg.Launcher = testenv.Launcher(t)
 	cfg.MemoryBudgetMB = 4096
 	cfg.ReadyTimeout = 5 * time.Second
 	cfg.StopTimeout = 5 * time.Second
@@ -525,6 +526,7 @@ func TestConfigValidate(t *testing.T) {
 	good.DataDir = "/tmp/x"
 	good.RedisServer = "/bin/sh"
 	good.RedisUser = "nobody"
+	good.Launcher = "/bin/sh" // beside a deployed agent; not beside a test binary
 	tests := []struct {
 		name string
 		mod  func(*Config)
@@ -538,6 +540,14 @@ func TestConfigValidate(t *testing.T) {
 		{"no redis-server found", func(c *Config) { c.RedisServer = "" }, false},
 		{"bad bind host", func(c *Config) { c.BindHost = "example" }, false},
 		{"zero budget", func(c *Config) { c.MemoryBudgetMB = 0 }, false},
+		{"no launcher", func(c *Config) { c.Launcher = "" }, false},
+		{"no launcher, unconfined", func(c *Config) { c.Launcher, c.Confine = "", "off" }, true},
+		{"launcher not executable", func(c *Config) { c.Launcher = notExecutable(t) }, false},
+		{"bad confine", func(c *Config) { c.Confine = "yes" }, false},
+		{"uid range", func(c *Config) { c.InstanceUIDs = "200000-200999" }, true},
+		{"uid range inverted", func(c *Config) { c.InstanceUIDs = "200999-200000" }, false},
+		{"uid range of system users", func(c *Config) { c.InstanceUIDs = "100-200" }, false},
+		{"uids off", func(c *Config) { c.InstanceUIDs = "off" }, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -47,9 +47,19 @@ type Config struct {
 	DefaultMemoryMB int
 	// MemoryBudgetMB is the total maxmemory the agent hands out.
 	MemoryBudgetMB int
-	// RedisUser is the unprivileged user redis-server runs as when the agent
-	// runs as root. Ignored when the agent is not root.
+	// RedisUser is the unprivileged user every redis-server runs as when
+	// the agent runs as root without instance users (InstanceUIDs "off"),
+	// and the one instances an older agent started still run as until
+	// their next start. Ignored when the agent is not root.
 	RedisUser string
+	// InstanceUIDs is "auto" (as root, a uid and gid per instance from a
+	// block of UIDRangeFor(DataDir)), "MIN-MAX" (from that range) or "off".
+	InstanceUIDs string
+	// Confine is "on" (every redis-server and redis-check-rdb is started
+	// through Launcher, which confines it: package confine) or "off".
+	Confine string
+	// Launcher is the redis-agent-launch executable.
+	Launcher string
 	// ReadyTimeout bounds the wait for a new redis-server to answer PING.
 	ReadyTimeout time.Duration
 	// StopTimeout bounds a graceful stop before SIGKILL.
@@ -95,6 +105,9 @@ func DefaultConfig() Config {
 		Restart:         supervisor.DefaultPolicy(),
 		Health:          supervisor.DefaultHealth(),
 		Cgroups:         "auto",
+		InstanceUIDs:    "auto",
+		Confine:         "on",
+		Launcher:        defaultLauncher(),
 		CPUShares:       1024,
 		Pids:            128,
 	}
@@ -119,6 +132,19 @@ func DefaultConfig() Config {
 		}
 	}
 	return c
+}
+
+// defaultLauncher is redis-agent-launch beside the running executable,
+// else from PATH, else "".
+func defaultLauncher() string {
+	if exe, err := os.Executable(); err == nil {
+		beside := filepath.Join(filepath.Dir(exe), "redis-agent-launch")
+		if _, err := os.Stat(beside); err == nil {
+			return beside
+		}
+	}
+	p, _ := exec.LookPath("redis-agent-launch")
+	return p
 }
 
 // checkRDB returns the redis-check-rdb to use.
@@ -210,7 +236,25 @@ func (c Config) Validate() error {
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")
 	}
-	if os.Geteuid() == 0 {
+	switch c.Confine {
+	case "off":
+	case "on":
+		if c.Launcher == "" {
+			bad("%v beside the agent or in PATH: install it with the agent (make build puts both in bin/), set --launcher, or --confine off to run redis-servers unconfined", errNoLauncher)
+		} else if st, err := os.Stat(c.Launcher); err != nil {
+			bad("launcher %q: %v", c.Launcher, err)
+		} else if st.IsDir() || st.Mode()&0o111 == 0 {
+			bad("launcher %q is not an executable file", c.Launcher)
+		}
+	default:
+		bad("confine %q: want on or off", c.Confine)
+	}
+	if c.InstanceUIDs != "auto" && c.InstanceUIDs != "off" {
+		if _, _, err := ParseUIDRange(c.InstanceUIDs); err != nil {
+			bad("instance uids: %v, auto or off", err)
+		}
+	}
+	if os.Geteuid() == 0 && c.InstanceUIDs == "off" {
 		if c.RedisUser == "" {
 			bad("running as root: set --redis-user to an unprivileged user for redis-server (no user 'redis' exists)")
 		} else if u, err := user.Lookup(c.RedisUser); err != nil {

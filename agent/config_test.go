@@ -15,6 +15,7 @@ func validConfig() Config {
 	c.DataDir = "/tmp/x"
 	c.RedisServer = "/bin/sh"
 	c.RedisUser = "nobody"
+	c.Launcher = "/bin/sh"
 	return c
 }
 

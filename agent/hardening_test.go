@@ -155,23 +155,32 @@ func TestDataDirTheRedisUserCannotReach(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the agent drops privileges for redis-server only as root")
 	}
+	for _, uids := range []string{"auto", "off"} {
+		cfg := testConfig(t, 2)
+		cfg.InstanceUIDs = uids
+		who := "instance uid "
+		if uids == "off" {
+			if cfg.RedisUser == "" {
+				t.Skip("no redis user")
+			}
+			who = "redis user " + cfg.RedisUser
+		}
+		parent := filepath.Dir(cfg.DataDir)
+		os.Chmod(parent, 0o700)
+		_, err := New(cfg)
+		os.Chmod(parent, 0o755)
+		if err == nil || !strings.Contains(err.Error(), parent) || !strings.Contains(err.Error(), who) {
+			t.Fatalf("New with a data dir under a 0700 parent = %v; want an error naming %s and %s", err, parent, who)
+		}
+	}
 	cfg := testConfig(t, 2)
-	if cfg.RedisUser == "" {
-		t.Skip("no redis user")
-	}
 	parent := filepath.Dir(cfg.DataDir)
-	os.Chmod(parent, 0o700)
-	_, err := New(cfg)
-	os.Chmod(parent, 0o755)
-	if err == nil || !strings.Contains(err.Error(), parent) || !strings.Contains(err.Error(), cfg.RedisUser) {
-		t.Fatalf("New with a data dir under a 0700 parent = %v; want an error naming %s and user %s", err, parent, cfg.RedisUser)
-	}
 	s := startService(t, cfg)
 	if err := s.Ready(context.Background()); err != nil {
 		t.Fatalf("Ready = %v", err)
 	}
 	os.Chmod(parent, 0o700)
-	err = s.Ready(context.Background())
+	err := s.Ready(context.Background())
 	os.Chmod(parent, 0o755)
 	if err == nil || !strings.Contains(err.Error(), parent) {
 		t.Fatalf("Ready with the parent closed = %v; want an error naming %s", err, parent)

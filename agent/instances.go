@@ -168,6 +168,11 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 	// then only readiness is left to wait for.
 	in := s.runtime(rec.ID)
 	if in == nil {
+		// Its own user before its first file.
+		var err error
+		if rec, err = s.ensureUID(rec.ID); err != nil {
+			return fail(err)
+		}
 		confHash, err := s.writeFiles(rec)
 		if err != nil {
 			return fail(err)
@@ -216,7 +221,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		Dir:          s.layout.DataDir(id),
 		LogPath:      s.layout.LogPath(id),
 		Env:          redis.Env,
-		Credential:   s.cred,
+		Command:      s.startCommand(id),
 		OOMScoreAdj:  500,
 		Admin:        admin,
 		Check:        in.check,
@@ -593,6 +598,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		Bindings:    []string{},
 		Binary:      rec.Binary,
 		Metadata:    rec.Metadata,
+		UID:         rec.UID,
 	}
 	inst.RedisVersion = s.roll.versionOf(rec)
 	for bid := range rec.Bindings {

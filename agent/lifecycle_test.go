@@ -179,8 +179,14 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 				if err := os.WriteFile(rdbPath, rdb, 0o600); err != nil {
 					t.Fatal(err)
 				}
-				if err := os.Chown(rdbPath, s.layout.Owner.UID, s.layout.Owner.GID); err != nil && s.layout.Owner.UID >= 0 {
+				rec, err := s.store.Get("dst-" + mode)
+				if err != nil {
 					t.Fatal(err)
+				}
+				if o := s.ownerOf(rec); o.UID >= 0 {
+					if err := os.Chown(rdbPath, o.UID, o.GID); err != nil {
+						t.Fatal(err)
+					}
 				}
 				if err := s.Restart(ctx, "dst-"+mode); err != nil {
 					t.Fatal(err)
@@ -882,12 +888,16 @@ func TestReconcileFinishesASwapBack(t *testing.T) {
 	s := startService(t, cfg)
 	c, inst, cr := boundCreds(t, s, "sb", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
 	fill(t, c, 300, 20)
+	rec, err := s.store.Get("sb")
+	if err != nil {
+		t.Fatal(err)
+	}
 	shutdown(t, s, false)
 
 	// The crash's leftovers, built under the running process: the failed
 	// data is live (an empty directory here), the previous data staged.
 	l := s.layout
-	if err := l.CreateStaging("sb"); err != nil {
+	if err := l.CreateStaging("sb", s.ownerOf(rec)); err != nil {
 		t.Fatal(err)
 	}
 	if err := l.Exchange("sb"); err != nil {

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/confine"
+
 	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
@@ -40,6 +42,10 @@ type loadJob struct {
 	Persistence string
 	// Limits are the loader's cgroup's, the instance's own.
 	Limits limits.Limits
+	// Owner is the instance's Redis user, Cred the same as a credential
+	// (nil: the agent's own user).
+	Owner volumes.Owner
+	Cred  *syscall.Credential
 }
 
 // loaderTimeout bounds a loader's whole run (load, AOF, shutdown), and a
@@ -59,13 +65,16 @@ type loaderCgroups interface {
 
 // redisLoader is the snapshotLoader of the Service: a throwaway
 // redis-server, the instance's own binary, on a unix socket only, run as
-// the Redis user in a cgroup of its own limited like the instance, and
-// killed if the agent dies.
+// the instance's Redis user in a cgroup of its own limited like the
+// instance, confined to the staging directory like the instance to its
+// own, and killed if the agent dies.
 type redisLoader struct {
 	layout volumes.Layout
-	cred   *syscall.Credential
-	cg     loaderCgroups
-	log    *slog.Logger
+	// launcher and policy confine it as the instance's processes are.
+	launcher string
+	policy   func(confine.Policy) confine.Policy
+	cg       loaderCgroups
+	log      *slog.Logger
 }
 
 var _ snapshotLoader = (*redisLoader)(nil)
@@ -153,7 +162,7 @@ func (l *redisLoader) start(job loadJob) (*loaderProcess, error) {
 	// The socket is dir/loader.sock, bound by a path relative to data and
 	// dialled through this process's descriptor of dir: a socket address
 	// holds 107 bytes, and dir's path alone can be longer.
-	if err := l.layout.WriteConfig(conf, redis.RenderLoader(data, "../loader.sock")); err != nil {
+	if err := l.layout.WriteConfig(conf, redis.RenderLoader(data, "../loader.sock"), job.Owner); err != nil {
 		return nil, err
 	}
 	p := &loaderProcess{logPath: filepath.Join(dir, "loader.log"), exited: make(chan error, 1)}
@@ -165,11 +174,12 @@ func (l *redisLoader) start(job loadJob) (*loaderProcess, error) {
 	if p.dir, err = os.Open(dir); err != nil {
 		return nil, err
 	}
-	p.cmd = exec.Command(job.Binary, conf)
+	pol := l.policy(confine.Policy{Exec: []string{job.Binary}, ReadOnly: []string{conf}, ReadWrite: []string{dir}})
+	p.cmd = confine.Command(context.Background(), l.launcher, pol, job.Binary, conf)
 	p.cmd.Dir = data
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	p.cmd.Env = redis.Env
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: l.cred, Pdeathsig: syscall.SIGKILL}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: job.Cred, Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		p.dir.Close()
 		return nil, fmt.Errorf("start loader: %w", err)

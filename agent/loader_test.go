@@ -42,7 +42,20 @@ func TestRestoreLoaderContract(t *testing.T) {
 	if !errors.Is(err, broke) || errors.Is(err, ErrInvalid) {
 		t.Fatalf("Restore = %v; want the loader's own error, not ErrInvalid", err)
 	}
-	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: apitype.PersistenceRDB, Limits: s.limitsFor(24, apitype.PersistenceRDB)}
+	rec, err := s.store.Get("dst")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the instance's own user, when it has one.
+	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: apitype.PersistenceRDB, Limits: s.limitsFor(24, apitype.PersistenceRDB),
+		Owner: s.ownerOf(rec)}
+	if s.uidsOn() && (rec.UID == 0 || want.Owner.UID != rec.UID) {
+		t.Fatalf("record %+v has no uid of its own", rec)
+	}
+	if c := s.credOf(rec); (got.Cred == nil) != (c == nil) || c != nil && (got.Cred.Uid != c.Uid || got.Cred.Gid != c.Gid) {
+		t.Fatalf("loader credential = %+v, want %+v", got.Cred, c)
+	}
+	got.Cred = nil
 	if got != want {
 		t.Fatalf("loader job = %+v, want %+v", got, want)
 	}

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/confine"
+
 	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
@@ -153,7 +155,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 		return Instance{}, fmt.Errorf("restore %q: %w", id, tooLarge(limit, rec.MemoryMB))
 	}
 	log := s.log.With("instance", id)
-	if err := s.layout.CreateStaging(id); err != nil {
+	if err := s.layout.CreateStaging(id, s.ownerOf(rec)); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
 	swapped := false
@@ -175,7 +177,8 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 		}
 	}
-	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence)}
+	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence),
+		Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
 	if err := s.loader.Load(ctx, job); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
@@ -269,7 +272,7 @@ func (s *Service) receive(ctx context.Context, rec state.Instance, body io.Reade
 	if got := hex.EncodeToString(h.Sum(nil)); want != "" && !strings.EqualFold(got, want) {
 		return path, n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
 	}
-	if o := s.layout.Owner; o.UID >= 0 {
+	if o := s.ownerOf(rec); o.UID >= 0 {
 		if err := f.Chown(o.UID, o.GID); err != nil {
 			return path, n, err
 		}
@@ -280,9 +283,9 @@ func (s *Service) receive(ctx context.Context, rec state.Instance, body io.Reade
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(cctx, check, path)
+	cmd := confine.Command(cctx, s.launcher, s.policy(confine.Policy{Exec: []string{check}, ReadOnly: []string{path}}), check, path)
 	cmd.Env = redis.Env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.credOf(rec)}
 	out, err := cmd.CombinedOutput()
 	var exit *exec.ExitError
 	if errors.As(err, &exit) && cctx.Err() == nil {

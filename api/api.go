@@ -70,6 +70,8 @@ type Options struct {
 	MetricsAuth bool
 	// Ready backs /readyz; nil means always ready.
 	Ready func(ctx context.Context) error
+	// Details, when set, are added to /readyz's 200 answer.
+	Details func() []string
 	// Live backs /healthz; nil means always alive.
 	Live func(ctx context.Context) error
 	// Registerer receives the HTTP request metrics; nil means none.
@@ -90,10 +92,11 @@ const DefaultMaxUploads = 4
 const maxBody = 64 << 10
 
 type server struct {
-	svc   Service
-	log   *slog.Logger
-	ready func(context.Context) error
-	live  func(context.Context) error
+	svc     Service
+	log     *slog.Logger
+	ready   func(context.Context) error
+	details func() []string
+	live    func(context.Context) error
 	// uploads holds a token per restore in progress.
 	uploads chan struct{}
 }
@@ -104,7 +107,7 @@ func New(o Options) http.Handler {
 	if o.MaxUploads <= 0 {
 		o.MaxUploads = DefaultMaxUploads
 	}
-	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, live: o.Live, uploads: make(chan struct{}, o.MaxUploads)}
+	s := &server{svc: o.Service, log: o.Logger, ready: o.Ready, details: o.Details, live: o.Live, uploads: make(chan struct{}, o.MaxUploads)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}

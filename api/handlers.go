@@ -46,7 +46,11 @@ func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, apitype.CodeNotReady, err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, apitype.Status{Status: "ready"})
+	st := apitype.Status{Status: "ready"}
+	if s.details != nil {
+		st.Details = s.details()
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 func (s *server) listInstances(w http.ResponseWriter, r *http.Request) {

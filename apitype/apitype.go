@@ -156,14 +156,17 @@ const (
 
 // Instance is the view of one instance (GET /v1/instances/{id}).
 type Instance struct {
-	ID          string    `json:"id"`
-	State       string    `json:"state"`
-	MemoryMB    int       `json:"memory_mb"`
-	Persistence string    `json:"persistence"`
-	Host        string    `json:"host"`
-	Port        int       `json:"port"`
-	PID         int       `json:"pid,omitempty"`
-	CreatedAt   time.Time `json:"created_at"`
+	ID          string `json:"id"`
+	State       string `json:"state"`
+	MemoryMB    int    `json:"memory_mb"`
+	Persistence string `json:"persistence"`
+	Host        string `json:"host"`
+	Port        int    `json:"port"`
+	PID         int    `json:"pid,omitempty"`
+	// UID is the uid and gid of the instance's own Redis user; 0 when it
+	// runs as the shared one.
+	UID       int       `json:"uid,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
 	// UptimeSeconds is how long the current process has run; 0 when none runs.
 	UptimeSeconds float64 `json:"uptime_seconds"`
 	// Restarts counts the restarts of the process since the instance was created.
@@ -264,6 +267,9 @@ type LogLines struct {
 // Status is the body of /healthz and /readyz when they pass.
 type Status struct {
 	Status string `json:"status"`
+	// Details are what /readyz adds: the isolation the agent cannot give
+	// on this host (no Landlock, no user per instance, ...).
+	Details []string `json:"details,omitempty"`
 }
 
 // RolloutRequest is the optional body of POST /v1/rollout.

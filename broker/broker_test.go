@@ -85,6 +85,7 @@ func startAgents(t *testing.T, budgets ...int) []*testAgent {
 		cfg.PortMax = cfg.PortMin + 9
 		cfg.DataDir = testenv.TraversableDir(t)
 		cfg.RedisServer = redisServer
+		cfg.Launcher = testenv.Launcher(t)
 		cfg.MemoryBudgetMB = mb
 		cfg.Logger = slog.New(slog.DiscardHandler)
 		a := &testAgent{name: "agent-" + strconv.Itoa(i)}

@@ -50,6 +50,7 @@ func Run(ctx context.Context, cfg Config) error {
 		MetricsAuth: cfg.MetricsAuth,
 		MaxUploads:  cfg.MaxUploads,
 		Ready:       svc.Ready,
+		Details:     svc.ReadyDetails,
 		Live:        beat.live,
 		Registerer:  reg,
 		Gatherer:    reg,

@@ -24,6 +24,7 @@ func validConfig() Config {
 	c.Agent.DataDir = "/tmp/x"
 	c.Agent.RedisServer = "/bin/sh"
 	c.Agent.RedisUser = "nobody"
+	c.Agent.Launcher = "/bin/sh"
 	return c
 }
 
@@ -208,6 +209,7 @@ func TestRun(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Agent.DataDir = testenv.TraversableDir(t)
 	cfg.Agent.RedisServer = testenv.RedisServer(t)
+	cfg.Agent.Launcher = testenv.Launcher(t)
 	cfg.Agent.PortMin = testenv.Ports(t, 2)
 	cfg.Agent.PortMax = cfg.Agent.PortMin + 1
 	cfg.Agent.Cgroups = "off"

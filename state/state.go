@@ -80,7 +80,11 @@ type Instance struct {
 	CreatedAt     time.Time          `json:"created_at"`
 	// PID and StartTime (clock ticks after boot, /proc/<pid>/stat field 22)
 	// identify the running process for adoption; 0 when none is known.
-	PID        int    `json:"pid,omitempty"`
+	PID int `json:"pid,omitempty"`
+	// UID is the uid and gid of the instance's own Redis user; 0 in a
+	// record of an instance that runs as the shared one (agents without
+	// instance users, or older ones), which gets its own at its next start.
+	UID        int    `json:"uid,omitempty"`
 	StartTime  uint64 `json:"start_time,omitempty"`
 	ConfigHash string `json:"config_hash,omitempty"`
 	Restarts   int    `json:"restarts"`

@@ -22,13 +22,24 @@ func (s *Supervisor) spawn() (*running, error) {
 	}
 	defer logf.Close()
 	cmd := exec.Command(s.Status().Binary, s.cfg.ConfPath)
+	if s.cfg.Command != nil {
+		if cmd, err = s.cfg.Command(s.Status().Binary, s.cfg.ConfPath); err != nil {
+			return nil, fmt.Errorf("prepare the start: %w", err)
+		}
+	}
+	var cred *syscall.Credential
+	if cmd.SysProcAttr != nil {
+		cred = cmd.SysProcAttr.Credential
+	}
 	cmd.Dir = s.cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A clean environment: nothing of the agent's (tokens included) leaks.
 	cmd.Env = s.cfg.Env
-	// Its own process group: a Ctrl-C or a signal to the agent's group
-	// must not reach Redis. No Pdeathsig: Redis outlives the agent.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: s.cfg.Credential}
+	// Its own session (and so process group): a Ctrl-C or a signal to the
+	// agent's group must not reach Redis, and Redis may not send the
+	// agent the SIGCONT Linux lets through within a session. No
+	// Pdeathsig: Redis outlives the agent.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: cred}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}

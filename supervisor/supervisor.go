@@ -58,8 +58,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os/exec"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -134,8 +134,12 @@ type Config struct {
 	// LogPath receives the process's stdout and stderr (Redis logs there
 	// until it has read its config, then to its own logfile).
 	LogPath string
-	// Credential, when set, is the user the process runs as.
-	Credential *syscall.Credential
+	// Command, when set, makes the command that runs Binary with ConfPath
+	// before each start: the launcher that confines it, and the user it
+	// runs as in SysProcAttr.Credential (the supervisor adds the rest of
+	// SysProcAttr). Its error fails the start like an exec that fails.
+	// Nil runs Binary ConfPath as the agent's own user.
+	Command func(binary, conf string) (*exec.Cmd, error)
 	// Env is the process's whole environment (the agent passes
 	// redis.Env). Nil is an empty one: nothing of the agent's own
 	// environment, its API token included, ever reaches the process.

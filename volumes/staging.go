@@ -37,19 +37,19 @@ func (l Layout) StagingDir(id string) string { return filepath.Join(l.Dir(id), "
 func (l Layout) StagedDataDir(id string) string { return filepath.Join(l.StagingDir(id), "data") }
 
 // CreateStaging makes an empty staging directory for id, removing what an
-// earlier, interrupted restore left there.
-func (l Layout) CreateStaging(id string) error {
+// earlier, interrupted restore left there; o is the instance's Redis user.
+func (l Layout) CreateStaging(id string, o Owner) error {
 	if err := l.RemoveStaging(id); err != nil {
 		return err
 	}
-	if err := mkdir(l.StagingDir(id), 0o700, l.Owner); err != nil {
+	if err := mkdir(l.StagingDir(id), 0o700, o); err != nil {
 		return err
 	}
-	if err := mkdir(l.StagedDataDir(id), 0o700, l.Owner); err != nil {
+	if err := mkdir(l.StagedDataDir(id), 0o700, o); err != nil {
 		return err
 	}
 	marker := filepath.Join(l.StagedDataDir(id), RestoreMarker)
-	return WriteFileAtomic(marker, nil, 0o600, l.Owner)
+	return WriteFileAtomic(marker, nil, 0o600, o)
 }
 
 // RemoveStaging removes the staging directory of id, if any.
@@ -159,7 +159,8 @@ func (l Layout) CreateUpload(id string) (*os.File, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
-	if err := mkdir(l.UploadDir(), 0o750, Owner{-1, l.Owner.GID}); err != nil {
+	// The agent's: each file is given to its instance's user for the check.
+	if err := mkdir(l.UploadDir(), 0o711, Unowned); err != nil {
 		return nil, err
 	}
 	f, err := os.CreateTemp(l.UploadDir(), id+".*.rdb")

@@ -15,7 +15,7 @@ import (
 func newInstance(t *testing.T, id string) Layout {
 	t.Helper()
 	l := newLayout(t)
-	if err := l.Create(id); err != nil {
+	if err := l.Create(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	return l
@@ -73,7 +73,7 @@ func TestCreateStaging(t *testing.T) {
 	if l.Staging(id) {
 		t.Fatal("Staging before CreateStaging")
 	}
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	if !l.Staging(id) {
@@ -103,7 +103,7 @@ func TestCreateStaging(t *testing.T) {
 	writeFile(t, filepath.Join(l.StagedDataDir(id), "dump.rdb"), "half a snapshot")
 	writeFile(t, filepath.Join(l.StagedDataDir(id), "appendonlydir", "appendonly.aof.1.base.rdb"), "x")
 	os.Remove(filepath.Join(l.StagedDataDir(id), RestoreMarker))
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatalf("CreateStaging over leftovers: %v", err)
 	}
 	if got := tree(t, l.StagingDir(id)); strings.Join(got, ",") != "data/,data/"+RestoreMarker+"=" {
@@ -117,8 +117,7 @@ func TestCreateStagingOwner(t *testing.T) {
 	}
 	const id = "inst-1"
 	l := newInstance(t, id)
-	l.Owner = Owner{UID: 4321, GID: 4322}
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Owner{UID: 4321, GID: 4322}); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{l.StagingDir(id), l.StagedDataDir(id), filepath.Join(l.StagedDataDir(id), RestoreMarker)} {
@@ -134,7 +133,7 @@ func TestCreateStagingOwner(t *testing.T) {
 
 func TestCreateStagingNeedsInstance(t *testing.T) {
 	l := newLayout(t)
-	if err := l.CreateStaging("nope"); err == nil {
+	if err := l.CreateStaging("nope", Unowned); err == nil {
 		t.Fatal("CreateStaging for an instance without a directory succeeded")
 	}
 	if exists(l.Dir("nope")) {
@@ -149,7 +148,7 @@ func TestRemoveStaging(t *testing.T) {
 	if err := l.RemoveStaging(id); err != nil {
 		t.Fatalf("RemoveStaging without a staging dir = %v, want nil", err)
 	}
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(l.StagedDataDir(id), "appendonlydir", "f"), "x")
@@ -172,7 +171,7 @@ func TestStagingRejectsInvalidIDs(t *testing.T) {
 	victim := filepath.Join(filepath.Dir(l.DataRoot), "victim")
 	writeFile(t, filepath.Join(victim, "restore", "data", "f"), "keep")
 	for _, id := range []string{"", "..", "../victim", "a/b", ".hidden"} {
-		if err := l.CreateStaging(id); !errors.Is(err, ErrInvalidID) {
+		if err := l.CreateStaging(id, Unowned); !errors.Is(err, ErrInvalidID) {
 			t.Errorf("CreateStaging(%q) = %v, want ErrInvalidID", id, err)
 		}
 		if err := l.RemoveStaging(id); !errors.Is(err, ErrInvalidID) {
@@ -218,7 +217,7 @@ func TestExchange(t *testing.T) {
 	l := newInstance(t, id)
 	writeFile(t, filepath.Join(l.DataDir(id), "dump.rdb"), "old")
 	writeFile(t, filepath.Join(l.DataDir(id), "appendonlydir", "appendonly.aof.manifest"), "old manifest")
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(l.StagedDataDir(id), "dump.rdb"), "new")
@@ -301,7 +300,7 @@ func TestFinishRestore(t *testing.T) {
 		t.Fatalf("FinishRestore without a restore = %v", err)
 	}
 	writeFile(t, filepath.Join(l.DataDir(id), "dump.rdb"), "old")
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(l.StagedDataDir(id), "dump.rdb"), "new")
@@ -333,7 +332,7 @@ func TestRestoredAfterInterruptedRestore(t *testing.T) {
 	if l.Restored(id) {
 		t.Fatal("Restored on a new instance")
 	}
-	if err := l.CreateStaging(id); err != nil {
+	if err := l.CreateStaging(id, Unowned); err != nil {
 		t.Fatal(err)
 	}
 	// Staged but not swapped: the live data is the old one.
@@ -344,7 +343,7 @@ func TestRestoredAfterInterruptedRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new Layout value (the agent restarted) sees the same.
-	l2 := Layout{DataRoot: l.DataRoot, LogRoot: l.LogRoot, Owner: l.Owner}
+	l2 := Layout{DataRoot: l.DataRoot, LogRoot: l.LogRoot}
 	if !l2.Restored(id) || !l2.Staging(id) {
 		t.Fatal("a restarted agent does not see the swapped restore")
 	}

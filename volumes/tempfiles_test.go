@@ -10,8 +10,8 @@ import (
 // Create of the instance (every start and rewrite of its files) removes
 // it, and nothing else.
 func TestCreateRemovesStaleTemporaryFiles(t *testing.T) {
-	l := Layout{DataRoot: t.TempDir(), LogRoot: t.TempDir(), Owner: Owner{-1, -1}}
-	if err := l.Create("i1"); err != nil {
+	l := Layout{DataRoot: t.TempDir(), LogRoot: t.TempDir()}
+	if err := l.Create("i1", Unowned); err != nil {
 		t.Fatal(err)
 	}
 	dir := l.Dir("i1")
@@ -35,7 +35,7 @@ func TestCreateRemovesStaleTemporaryFiles(t *testing.T) {
 	}
 	keep = append(keep, ".sub.tmp1", "data")
 
-	if err := l.Create("i1"); err != nil {
+	if err := l.Create("i1", Unowned); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range stale {

@@ -4,10 +4,16 @@
 // they become paths, writes files atomically and removes everything an
 // instance had.
 //
+//	<data-root>/                  0711: no one else lists the instances
+//	<data-root>/<id>/             0750, group the instance's Redis user
 //	<data-root>/<id>/redis.conf   0640, written by the agent
 //	<data-root>/<id>/users.acl    0640, ACL users, passwords as sha256 only
-//	<data-root>/<id>/data/        0700, owned by the Redis user
-//	<log-root>/<id>.log           redis-server log, owned by the Redis user
+//	<data-root>/<id>/data/        0700, owned by the instance's Redis user
+//	<log-root>/<id>.log           0640, redis-server log, owned by it
+//
+// The Redis user is the instance's own (a uid per instance) or, without
+// them, one shared user; every method that creates a file is told whose
+// it is.
 package volumes
 
 import (
@@ -43,13 +49,13 @@ type Owner struct {
 	UID, GID int
 }
 
+// Unowned leaves ownership as it is: the files are the agent's user's.
+var Unowned = Owner{UID: -1, GID: -1}
+
 // Layout knows where the files of each instance live.
 type Layout struct {
 	DataRoot string
 	LogRoot  string
-	// Owner of the data directory and log file; group owner of the config
-	// and ACL files so redis-server can read but not write them.
-	Owner Owner
 }
 
 // Dir is the instance directory.
@@ -67,31 +73,36 @@ func (l Layout) DataDir(id string) string { return filepath.Join(l.DataRoot, id,
 // LogPath is the instance's redis-server log file.
 func (l Layout) LogPath(id string) string { return filepath.Join(l.LogRoot, id+".log") }
 
-// Init creates the roots.
+// Init creates the roots, mode 0711: an instance's user passes through to
+// its own files and lists no one else's.
 func (l Layout) Init() error {
 	for _, d := range []string{l.DataRoot, l.LogRoot} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+		if err := os.MkdirAll(d, 0o711); err != nil {
 			return fmt.Errorf("create %s: %w", d, err)
+		}
+		if err := os.Chmod(d, 0o711); err != nil {
+			return fmt.Errorf("chmod %s: %w", d, err)
 		}
 	}
 	return nil
 }
 
 // Create makes the instance directory, its data directory and its log file
-// with the modes and owners of the package doc, and removes the temporary
-// files an atomic write a crash cut short left in the instance directory.
-// It is idempotent, so that reconcile can finish a half-done create.
-func (l Layout) Create(id string) error {
+// with the modes of the package doc for the Redis user o, and removes the
+// temporary files an atomic write a crash cut short left in the instance
+// directory. It is idempotent, so that reconcile can finish a half-done
+// create.
+func (l Layout) Create(id string, o Owner) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
-	if err := mkdir(l.Dir(id), 0o750, Owner{-1, l.Owner.GID}); err != nil {
+	if err := mkdir(l.Dir(id), 0o750, Owner{-1, o.GID}); err != nil {
 		return err
 	}
 	if err := removeStaleTemps(l.Dir(id)); err != nil {
 		return err
 	}
-	if err := mkdir(l.DataDir(id), 0o700, l.Owner); err != nil {
+	if err := mkdir(l.DataDir(id), 0o700, o); err != nil {
 		return err
 	}
 	f, err := os.OpenFile(l.LogPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
@@ -99,7 +110,43 @@ func (l Layout) Create(id string) error {
 		return fmt.Errorf("create log file: %w", err)
 	}
 	f.Close()
-	return chown(l.LogPath(id), l.Owner)
+	return chown(l.LogPath(id), o)
+}
+
+// Reown gives what the Redis user of id writes (the data directory and
+// all in it, a staging directory, the log) to o, and the group of what it
+// reads (the instance directory, its config and ACL file) to o's group: an
+// instance moves from a shared Redis user to its own. It does nothing when
+// the data directory is o's already.
+func (l Layout) Reown(id string, o Owner) error {
+	if o.UID < 0 {
+		return nil
+	}
+	if st, err := os.Lstat(l.DataDir(id)); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) == o.UID && int(sys.Gid) == o.GID {
+			return nil
+		}
+	}
+	for _, dir := range []string{l.DataDir(id), l.StagingDir(id)} {
+		err := filepath.WalkDir(dir, func(path string, _ fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			return chown(path, o)
+		})
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	if err := chown(l.LogPath(id), o); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for _, f := range []string{l.Dir(id), l.ConfPath(id), l.ACLPath(id)} {
+		if err := chown(f, Owner{-1, o.GID}); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 func mkdir(dir string, mode fs.FileMode, o Owner) error {
@@ -125,16 +172,18 @@ func chown(path string, o Owner) error {
 
 // WriteConfig atomically writes a file of the instance directory that
 // redis-server reads but must not write (redis.conf, users.acl): mode 0640,
-// group owner the Redis user's group. A file that already has this content
-// and mode is left alone (no write, no fsync): reconcile rewrites every
-// instance's files at start.
-func (l Layout) WriteConfig(path string, data []byte) error {
+// group owner the group of o, its Redis user. A file that already has this
+// content, mode and group is left alone (no write, no fsync): reconcile
+// rewrites every instance's files at start.
+func (l Layout) WriteConfig(path string, data []byte, o Owner) error {
 	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
 		if st, err := os.Stat(path); err == nil && st.Mode().Perm() == 0o640 {
-			return nil
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok && (o.GID < 0 || int(sys.Gid) == o.GID) {
+				return nil
+			}
 		}
 	}
-	return WriteFileAtomic(path, data, 0o640, Owner{-1, l.Owner.GID})
+	return WriteFileAtomic(path, data, 0o640, Owner{-1, o.GID})
 }
 
 // Remove deletes everything the instance had on disk. Removing what is

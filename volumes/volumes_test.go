@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -44,7 +45,7 @@ func FuzzValidateID(f *testing.F) {
 func newLayout(t *testing.T) Layout {
 	t.Helper()
 	root := t.TempDir()
-	l := Layout{DataRoot: filepath.Join(root, "data"), LogRoot: filepath.Join(root, "log"), Owner: Owner{-1, -1}}
+	l := Layout{DataRoot: filepath.Join(root, "data"), LogRoot: filepath.Join(root, "log")}
 	if err := l.Init(); err != nil {
 		t.Fatal(err)
 	}
@@ -62,11 +63,11 @@ func mode(t *testing.T, p string) os.FileMode {
 
 func TestCreateRemove(t *testing.T) {
 	l := newLayout(t)
-	if err := l.Create("inst-1"); err != nil {
+	if err := l.Create("inst-1", Unowned); err != nil {
 		t.Fatal(err)
 	}
 	// Idempotent: reconcile may call it again on a half-made instance.
-	if err := l.Create("inst-1"); err != nil {
+	if err := l.Create("inst-1", Unowned); err != nil {
 		t.Fatal(err)
 	}
 	if got := mode(t, l.DataDir("inst-1")); got != 0o700 {
@@ -78,7 +79,7 @@ func TestCreateRemove(t *testing.T) {
 	if got := mode(t, l.LogPath("inst-1")); got != 0o640 {
 		t.Errorf("log mode = %o, want 640", got)
 	}
-	if err := l.WriteConfig(l.ConfPath("inst-1"), []byte("port 1\n")); err != nil {
+	if err := l.WriteConfig(l.ConfPath("inst-1"), []byte("port 1\n"), Unowned); err != nil {
 		t.Fatal(err)
 	}
 	if got := mode(t, l.ConfPath("inst-1")); got != 0o640 {
@@ -105,7 +106,7 @@ func TestCreateRemove(t *testing.T) {
 func TestCreateRejectsBadID(t *testing.T) {
 	l := newLayout(t)
 	for _, id := range []string{"..", "../x", "a/b"} {
-		if err := l.Create(id); !errors.Is(err, ErrInvalidID) {
+		if err := l.Create(id, Unowned); !errors.Is(err, ErrInvalidID) {
 			t.Errorf("Create(%q) = %v, want ErrInvalidID", id, err)
 		}
 		if err := l.Remove(id); !errors.Is(err, ErrInvalidID) {
@@ -162,5 +163,60 @@ func TestTail(t *testing.T) {
 	os.WriteFile(p, nil, 0o600)
 	if lines, _ := Tail(p, 10); lines != nil {
 		t.Fatalf("Tail of an empty file = %q", lines)
+	}
+}
+
+// An instance that ran as a shared Redis user moves to its own: what it
+// writes becomes its user's, what it reads its group's, and a second
+// Reown finds nothing to do.
+func TestReown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	root := t.TempDir()
+	l := Layout{DataRoot: filepath.Join(root, "data"), LogRoot: filepath.Join(root, "log")}
+	if err := l.Init(); err != nil {
+		t.Fatal(err)
+	}
+	const id = "inst-1"
+	shared := Owner{UID: 4000, GID: 4000}
+	if err := l.Create(id, shared); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WriteConfig(l.ConfPath(id), []byte("port 1\n"), shared); err != nil {
+		t.Fatal(err)
+	}
+	aof := filepath.Join(l.DataDir(id), "appendonlydir", "appendonly.aof.1.incr.aof")
+	if err := os.MkdirAll(filepath.Dir(aof), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(aof, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	own := Owner{UID: 5001, GID: 5001}
+	for range 2 {
+		if err := l.Reown(id, own); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		path     string
+		uid, gid uint32
+	}{
+		{l.DataDir(id), 5001, 5001}, {filepath.Dir(aof), 5001, 5001}, {aof, 5001, 5001}, {l.LogPath(id), 5001, 5001},
+		{l.Dir(id), 0, 5001}, {l.ConfPath(id), 0, 5001},
+	} {
+		st, err := os.Lstat(c.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s := st.Sys().(*syscall.Stat_t); s.Uid != c.uid || s.Gid != c.gid {
+			t.Errorf("%s is %d:%d after Reown, want %d:%d", c.path, s.Uid, s.Gid, c.uid, c.gid)
+		}
+	}
+	for _, d := range []string{l.DataRoot, l.LogRoot} {
+		if st, _ := os.Stat(d); st.Mode().Perm() != 0o711 {
+			t.Errorf("%s has mode %04o, want 0711", d, st.Mode().Perm())
+		}
 	}
 }
