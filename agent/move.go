@@ -31,7 +31,9 @@ import (
 // source is fenced from the cutover on: its tenants' users are off and
 // their connections closed, so even when the pause ends (its timeout)
 // before Forward, a crash of the broker or of an agent in between cannot
-// leave two primaries taking writes.
+// leave two primaries taking writes. An agent that restarts with a move
+// cut over fences the adopted server again (resumeMoves): it may have
+// died between the record and the fence.
 
 // moveUser is the ACL user a move's replica logs in to the source as.
 const moveUser = "_move"
@@ -139,16 +141,97 @@ func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration)
 	if err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
-	if err := s.applyACL(ctx, rec); err != nil {
-		return 0, fmt.Errorf("cutover of %q: fence the tenants: %w", id, err)
-	}
-	for bid := range rec.Bindings {
-		if err := in.admin.KillUser(ctx, bid); err != nil {
-			return 0, fmt.Errorf("cutover of %q: %w", id, err)
-		}
+	if err := s.fence(ctx, in, rec); err != nil {
+		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
 	s.log.Info("move cut over: writes paused, tenants fenced", "instance", id, "offset", off, "pause", timeout)
 	return off, nil
+}
+
+// fence keeps the tenants of rec, a move's source cut over, off its
+// running server in: their users off, so they cannot log in again, then
+// every connection they have open closed. Users off alone would leave
+// those connections writing.
+func (s *Service) fence(ctx context.Context, in *instance, rec state.Instance) error {
+	if err := s.applyACL(ctx, rec); err != nil {
+		return fmt.Errorf("fence the tenants: %w", err)
+	}
+	for _, b := range rec.Bindings {
+		if err := in.admin.KillUser(ctx, b.Username); err != nil {
+			return fmt.Errorf("fence the tenants: %w", err)
+		}
+	}
+	return nil
+}
+
+// resumeMoves takes up, at agent start, the moves recs were cut over in:
+// the agent may have died between a cutover's record and its fence (or
+// in it), leaving the tenants' connections to the redis-server it now
+// adopts open and writing. Once that server is ready, each is fenced
+// again: its connections too, not only new logins. Reconcile calls it
+// once the supervisors run.
+func (s *Service) resumeMoves(recs []state.Instance) {
+	for _, rec := range recs {
+		if rec.Move == nil || rec.Move.State != state.MoveCutover {
+			continue
+		}
+		s.background(func(ctx context.Context) { s.refence(ctx, rec.ID) })
+	}
+}
+
+// refence fences the tenants of instance id off its server again, once it
+// is ready, if it is still a move's source cut over; it tries for a while
+// (a server that does not answer yet, an ACL change it refused).
+func (s *Service) refence(ctx context.Context, id string) {
+	log := s.log.With("instance", id)
+	for attempt := 1; ; attempt++ {
+		done, err := s.refenceOnce(ctx, id)
+		if done {
+			return
+		}
+		if attempt == refenceAttempts || ctx.Err() != nil {
+			log.Error("the tenants of a move's source cut over are not fenced again after the agent's restart; a cutover asked again, an abort or a forward ends it", "err", err)
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// refenceAttempts bounds refence's tries, a second apart.
+const refenceAttempts = 30
+
+// refenceOnce is one try of refence: done once id is fenced or no longer
+// needs to be.
+func (s *Service) refenceOnce(ctx context.Context, id string) (done bool, err error) {
+	in := s.runtime(id)
+	if in == nil {
+		return true, nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
+	err = in.sup.WaitReady(wctx)
+	cancel()
+	if err != nil && wctx.Err() == nil {
+		// Not running: the next process loads the ACL file, with the
+		// tenants' users off, and nobody is connected to it yet.
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("wait for the adopted server: %w", err)
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if err != nil || rec.Move == nil || rec.Move.State != state.MoveCutover {
+		return true, nil // gone, aborted or forwarded meanwhile
+	}
+	if err := s.fence(ctx, in, rec); err != nil {
+		return false, err
+	}
+	s.log.Info("a move's source was cut over when the agent started: tenants fenced again, their open connections closed", "instance", id)
+	return true, nil
 }
 
 // maxPause bounds a cutover's write pause.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
+	"github.com/redis-agent/redis-agent/state"
 )
 
 // move runs a replication move's steps as a broker does, from src to dst.
@@ -200,5 +201,69 @@ func TestForwardingSurvivesAgentRestart(t *testing.T) {
 	}
 	if err := client(t, creds.Port, "app", creds.Password).Set(ctx, "k", "v", 0).Err(); err != nil {
 		t.Fatalf("through the forwarder after the source's restart: %v", err)
+	}
+}
+
+// A source whose agent died between its cutover's record and the fence
+// (the crash point move.cutover), and is started again, adopts a
+// redis-server whose tenants are still connected: it fences them again,
+// the connections they had open included, until the move is aborted.
+func TestCutoverFenceAfterAgentRestart(t *testing.T) {
+	srcCfg := testConfig(t, 2)
+	src := startService(t, srcCfg)
+	dst := startService(t, testConfig(t, 2))
+	ctx := context.Background()
+	if _, _, err := src.Provision(ctx, "cf", Spec{Persistence: apitype.PersistenceNone}); err != nil {
+		t.Fatal(err)
+	}
+	creds, _, _ := src.Bind(ctx, "cf", "app", "")
+	open := client(t, creds.Port, "app", creds.Password) // one connection, kept
+	if err := open.Set(ctx, "before", "1", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := src.StartMove(ctx, "cf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := dst.Provision(ctx, "cf", Spec{Persistence: apitype.PersistenceNone, ReplicaOf: &p}); err != nil {
+		t.Fatal(err)
+	}
+	// What the crash at move.cutover leaves: the cutover recorded, the
+	// server neither paused nor fenced.
+	if _, err := src.store.Update("cf", func(r *state.Instance) error {
+		r.Move.State, r.Move.CutoverAt = state.MoveCutover, time.Now().UTC()
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, src, false)
+	if err := open.Set(ctx, "between", "1", 0).Err(); err != nil {
+		t.Fatalf("a write on the open connection with no agent (nothing fenced it yet): %v", err)
+	}
+	src2 := startService(t, srcCfg)
+	if got := mustGet(t, src2, "cf"); got.Move == nil || got.Move.State != state.MoveCutover {
+		t.Fatalf("the source after its agent's restart: %+v; want cut over", got)
+	}
+	testenv.Eventually(t, "the connection open before the restart to be fenced", 10*time.Second, func() bool {
+		time.Sleep(10 * time.Millisecond)
+		return open.Set(ctx, "after", "1", 0).Err() != nil
+	})
+	if err := client(t, creds.Port, "app", creds.Password).Ping(ctx).Err(); err == nil {
+		t.Fatal("a fenced tenant logs in after the source's restart")
+	}
+	// The fence stays: no write on the open connection gets through.
+	for range 5 {
+		if err := open.Set(ctx, "after", "1", 0).Err(); err == nil {
+			t.Fatal("a write on the tenant's connection after the fence")
+		}
+	}
+	if err := src2.AbortMove(ctx, "cf"); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Deprovision(ctx, "cf"); err != nil {
+		t.Fatal(err)
+	}
+	if err := open.Set(ctx, "aborted", "1", 0).Err(); err != nil {
+		t.Fatalf("a write after the abort: %v", err)
 	}
 }

@@ -78,6 +78,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		go in.sup.Run(s.ctx) // also on error: Close waits for every Run
 	}
 	s.mu.Unlock()
+	s.resumeMoves(recs)
 	if firstErr != nil {
 		return firstErr
 	}
