@@ -57,7 +57,7 @@ type Policy struct {
 var systemRead = []string{
 	"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
 	"/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/localtime", "/etc/malloc.conf",
-	"/usr/share/zoneinfo", "/usr/share/locale", "/etc/ssl/openssl.cnf",
+	"/usr/share/zoneinfo", "/usr/share/locale", "/etc/locale.alias", "/etc/ssl/openssl.cnf",
 	"/proc/sys/vm/overcommit_memory", "/proc/sys/net/core/somaxconn",
 	"/sys/kernel/mm/transparent_hugepage", "/sys/devices/system/cpu",
 	"/sys/devices/system/clocksource/clocksource0/current_clocksource",

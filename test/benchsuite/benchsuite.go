@@ -111,6 +111,8 @@ type suite struct {
 	agent  *agentProc
 	data   string
 	rows   []Row
+	// extra are flags added to the agent's (launcherCost's --confine off).
+	extra []string
 }
 
 func (s *suite) logf(format string, args ...any) {
@@ -190,6 +192,9 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	}
 	s.add(Row{Figure: "crash recovery (SIGKILL -> binding PING), p50", Value: ms(pct(rec, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 3x bare"})
 	s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
+	if err := s.launcherCost(cfg.Samples, cfg.Kills); err != nil {
+		return res, fmt.Errorf("launcher cost: %w", err)
+	}
 
 	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
 		return res, err
@@ -343,6 +348,7 @@ func (s *suite) startAgent() error {
 	if p := s.checkRDB(); p != "" {
 		args = append(args, "--redis-check-rdb", p)
 	}
+	args = append(args, s.extra...)
 	a.cmd = exec.Command(s.cfg.Agent, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
