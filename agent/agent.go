@@ -83,6 +83,8 @@ type Service struct {
 	dataOnTmpfs bool
 
 	roll *rollouts
+	// ca signs the instances' TLS certificates.
+	ca *certAuthority
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
 	// for them. bgMu orders their start against Close (see background).
@@ -127,6 +129,9 @@ type instance struct {
 	// aclPending is set while an ACL change could not be applied to the
 	// running server; the next health check tries again.
 	aclPending atomic.Bool
+	// policy is the record's maxmemory-policy (a string); a health check
+	// that sees another calls drift.
+	policy atomic.Value
 }
 
 // instanceStats is one health check's harvest: INFO and /proc figures of
@@ -208,6 +213,19 @@ func New(cfg Config) (*Service, error) {
 	}
 	store, err := state.Open(filepath.Join(cfg.DataDir, "state", "agent.db"), time.Second)
 	if err != nil {
+		return nil, err
+	}
+	if cfg.InstanceCACert != "" {
+		s.ca, err = loadCA(cfg.InstanceCACert, cfg.InstanceCAKey)
+	} else {
+		var made bool
+		s.ca, made, err = ownCA(filepath.Join(cfg.DataDir, "tls"))
+		if made {
+			log.Info("made the agent's own CA for the instances' TLS certificates; give every agent the same one (--instance-ca-cert, --instance-ca-key) for TLS clients to follow a move between agents", "cert", filepath.Join(cfg.DataDir, "tls", "ca.crt"))
+		}
+	}
+	if err != nil {
+		store.Close()
 		return nil, err
 	}
 	s.store = store
@@ -356,6 +374,10 @@ func (s *Service) conf(rec state.Instance) []byte {
 		Persistence: rec.Persistence,
 		MaxClients:  s.cfg.MaxClients,
 		ReplicaOf:   replicaOf(rec),
+
+		MaxmemoryPolicy:  policyOf(rec),
+		MaxmemoryClients: clientsOf(rec),
+		TLS:              s.tlsConf(rec),
 	})
 }
 
@@ -405,6 +427,11 @@ func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
 	conf := s.conf(rec)
 	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec), o); err != nil {
 		return "", err
+	}
+	if t := s.tlsConf(rec); t != nil {
+		if err := s.layout.WriteConfig(t.CAFile, s.ca.pem, o); err != nil {
+			return "", err
+		}
 	}
 	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf, o); err != nil {
 		return "", err

@@ -137,11 +137,16 @@ func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration)
 	// Recorded: the rest is done even if the caller hangs up (the record
 	// says fenced; so must the server).
 	ctx = context.WithoutCancel(ctx)
-	off, err := in.admin.PauseWrites(ctx, timeout)
-	if err != nil {
+	// The fence first: a tenant may run CLIENT UNPAUSE, and one that
+	// did after the pause would write past the offset the target is
+	// promoted at. Fenced, no tenant connection is left to; the pause
+	// then stops the writes the server makes itself (expiries,
+	// evictions), and the offset stays.
+	if err := s.fence(ctx, in, rec); err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
-	if err := s.fence(ctx, in, rec); err != nil {
+	off, err := in.admin.PauseWrites(ctx, timeout)
+	if err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
 	s.log.Info("move cut over: writes paused, tenants fenced", "instance", id, "offset", off, "pause", timeout)

@@ -26,6 +26,31 @@ var Persistences = []string{PersistenceAOF, PersistenceAOFAlways, PersistenceRDB
 // IsAOF reports whether mode keeps an append-only file.
 func IsAOF(mode string) bool { return mode == PersistenceAOF || mode == PersistenceAOFAlways }
 
+// MaxmemoryPolicies are the eviction policies (Redis's maxmemory-policy)
+// an instance may have, the default first: every one Redis 7 knows.
+var MaxmemoryPolicies = []string{
+	"noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
+	"volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+}
+
+// DefaultMaxmemoryPolicy is the eviction policy of an instance
+// provisioned without one: writes are refused once maxmemory is reached.
+const DefaultMaxmemoryPolicy = "noeviction"
+
+// DefaultMaxmemoryClients is the maxmemory_clients of an instance
+// provisioned without one: client buffers are not limited apart.
+const DefaultMaxmemoryClients = "0"
+
+// TLS modes of an instance.
+const (
+	TLSOff      = "off"      // plain TCP only (default)
+	TLSOptional = "optional" // plain port and TLS port
+	TLSRequired = "required" // TLS port only; the plain one is closed
+)
+
+// TLSModes lists the TLS modes, the default first.
+var TLSModes = []string{TLSOff, TLSOptional, TLSRequired}
+
 // Spec is what the broker asks for when it provisions an instance
 // (PUT /v1/instances/{id}).
 type Spec struct {
@@ -41,6 +66,29 @@ type Spec struct {
 	// ReplicaOf makes the new instance a replica of that primary: the
 	// target of a move, until POST .../promote.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// MaxmemoryPolicy is the eviction policy, one of MaxmemoryPolicies;
+	// "" means DefaultMaxmemoryPolicy.
+	MaxmemoryPolicy string `json:"maxmemory_policy,omitempty"`
+	// MaxmemoryClients bounds the memory of all client connections
+	// together (Redis's maxmemory-clients): "0" (none, the default), a
+	// percentage of maxmemory ("10%") or a size ("8mb"); beyond it the
+	// clients using the most are disconnected.
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	// TLS is one of TLSModes; "" means off.
+	TLS string `json:"tls,omitempty"`
+}
+
+// Settings are what a PATCH may change besides memory_mb and metadata,
+// each only when set.
+type Settings struct {
+	MaxmemoryPolicy  *string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients *string `json:"maxmemory_clients,omitempty"`
+	TLS              *string `json:"tls,omitempty"`
+}
+
+// Empty reports whether s changes nothing.
+func (s Settings) Empty() bool {
+	return s.MaxmemoryPolicy == nil && s.MaxmemoryClients == nil && s.TLS == nil
 }
 
 // Primary is where a move's target replicates from and how it logs in
@@ -100,9 +148,10 @@ type Forward struct {
 const MaxMetadataBytes = 8 << 10
 
 // Resize is the body of PATCH /v1/instances/{id}: a new maxmemory, new
-// metadata, or both.
+// settings, new metadata, or any of them together.
 type Resize struct {
-	MemoryMB *int            `json:"memory_mb,omitempty"`
+	MemoryMB *int `json:"memory_mb,omitempty"`
+	Settings
 	Metadata json.RawMessage `json:"metadata,omitempty"`
 }
 
@@ -161,8 +210,16 @@ type Instance struct {
 	MemoryMB    int    `json:"memory_mb"`
 	Persistence string `json:"persistence"`
 	Host        string `json:"host"`
-	Port        int    `json:"port"`
-	PID         int    `json:"pid,omitempty"`
+	// Port is the plain port; it does not listen while TLS is required.
+	Port int `json:"port"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings (Spec's), defaults filled in.
+	MaxmemoryPolicy  string `json:"maxmemory_policy"`
+	MaxmemoryClients string `json:"maxmemory_clients"`
+	TLS              string `json:"tls"`
+	// TLSPort is the TLS port while TLS is optional or required.
+	TLSPort int `json:"tls_port,omitempty"`
+	PID     int `json:"pid,omitempty"`
 	// UID is the uid and gid of the instance's own Redis user; 0 when it
 	// runs as the shared one.
 	UID       int       `json:"uid,omitempty"`
@@ -233,12 +290,21 @@ type OrphanList struct {
 
 // Credentials are what a binding hands to the application
 // (PUT /v1/instances/{id}/bindings/{bid}).
+//
+// Port and URI are what a client connects to: the plain port and a
+// redis:// URI, or, when the instance requires TLS, the TLS port and a
+// rediss:// URI. With TLS optional or required, TLSPort, TLSURI (always
+// rediss://) and CACert (the PEM certificate of the CA that signed the
+// instance's certificate, for the client to verify it) are set too.
 type Credentials struct {
 	Host     string `json:"host"`
 	Port     int    `json:"port"`
 	Username string `json:"username"`
 	Password string `json:"password"`
 	URI      string `json:"uri"`
+	TLSPort  int    `json:"tls_port,omitempty"`
+	TLSURI   string `json:"tls_uri,omitempty"`
+	CACert   string `json:"ca_cert,omitempty"`
 }
 
 // Capacity is what a broker needs to place the next instance on this VM

@@ -36,3 +36,25 @@ func TestWriteStatusLastExit(t *testing.T) {
 		})
 	}
 }
+
+// The EVICTION and TLS columns: the policy, and the TLS mode with its port.
+func TestWriteStatusSettings(t *testing.T) {
+	var b bytes.Buffer
+	insts := []apitype.Instance{
+		{ID: "plain", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, MaxmemoryPolicy: "noeviction", TLS: "off"},
+		{ID: "secure", State: apitype.StateRunning, Port: 16001, MemoryMB: 64, MaxmemoryPolicy: "allkeys-lru", TLS: "required", TLSPort: 16002},
+	}
+	if err := WriteStatus(&b, insts); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if f := strings.Fields(lines[0]); f[7] != "EVICTION" || f[8] != "TLS" {
+		t.Fatalf("header %q", lines[0])
+	}
+	if f := strings.Fields(lines[1]); f[7] != "noeviction" || f[8] != "-" {
+		t.Fatalf("plain line %q", lines[1])
+	}
+	if f := strings.Fields(lines[2]); f[7] != "allkeys-lru" || f[8] != "required:16002" {
+		t.Fatalf("TLS line %q", lines[2])
+	}
+}
