@@ -384,7 +384,7 @@ func (s *Service) conf(rec state.Instance) []byte {
 // replicaOf is the primary rec's server replicates from, if any.
 func replicaOf(rec state.Instance) *redis.Primary {
 	if p := rec.ReplicaOf; p != nil {
-		return &redis.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+		return &redis.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password, TLS: p.TLS}
 	}
 	return nil
 }
@@ -429,7 +429,7 @@ func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
 		return "", err
 	}
 	if t := s.tlsConf(rec); t != nil {
-		if err := s.layout.WriteConfig(t.CAFile, s.ca.pem, o); err != nil {
+		if err := s.layout.WriteConfig(t.CAFile, s.caBundle(rec), o); err != nil {
 			return "", err
 		}
 	}

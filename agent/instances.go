@@ -51,6 +51,9 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if p := spec.ReplicaOf; p != nil && (p.Host == "" || p.Port < 1 || p.Port > 65535 || p.User == "" || p.Password == "") {
 		return spec, fmt.Errorf("replica_of: %w: want host, port, user and password", ErrInvalid)
 	}
+	if p := spec.ReplicaOf; p != nil && p.TLS && (p.CACert == "" || spec.TLS == "" || spec.TLS == apitype.TLSOff) {
+		return spec, fmt.Errorf("replica_of: %w: a link over TLS wants the primary's ca_cert, and tls on for the replica", ErrInvalid)
+	}
 	var err error
 	if spec.MaxmemoryPolicy, err = normalizePolicy(spec.MaxmemoryPolicy); err != nil {
 		return spec, err
@@ -752,7 +755,7 @@ func primaryOf(p *apitype.Primary) *state.Primary {
 	if p == nil {
 		return nil
 	}
-	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password, TLS: p.TLS, CACert: p.CACert}
 }
 
 // SetDraining records the brokers' drain mark: nothing new is to be placed

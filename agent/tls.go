@@ -247,6 +247,17 @@ func (s *Service) tlsConf(rec state.Instance) *redis.TLS {
 	return &redis.TLS{Port: rec.TLSPort, CertFile: cert, KeyFile: key, CAFile: ca, Required: tlsOf(rec) == apitype.TLSRequired}
 }
 
+// caBundle is the CA file of rec's server: the agent's CA, and while it
+// replicates over TLS from a primary of another agent, that agent's CA
+// too, which the link verifies the primary against.
+func (s *Service) caBundle(rec state.Instance) []byte {
+	out := s.ca.pem
+	if p := rec.ReplicaOf; p != nil && p.TLS && p.CACert != "" && p.CACert != string(s.ca.pem) {
+		out = append(append(append([]byte(nil), out...), '\n'), p.CACert...)
+	}
+	return out
+}
+
 // clientTLS is how the agent's own connections to an instance over TLS
 // verify it: the certificate must be the CA's, for the advertise host.
 func (s *Service) clientTLS() *tls.Config {
@@ -311,7 +322,7 @@ func (s *Service) ensureCert(rec state.Instance) (state.Instance, error) {
 	for _, f := range []struct {
 		path string
 		data []byte
-	}{{caFile, s.ca.pem}, {keyFile, keyPEM}, {certFile, certPEM}} {
+	}{{caFile, s.caBundle(rec)}, {keyFile, keyPEM}, {certFile, certPEM}} {
 		if err := s.layout.WriteConfig(f.path, f.data, o); err != nil {
 			return rec, fmt.Errorf("write the TLS certificate: %w", err)
 		}

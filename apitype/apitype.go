@@ -99,6 +99,12 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS says Port is the source's TLS port: the replica links over TLS
+	// (the source has TLS on), verifying the source against CACert, the
+	// PEM certificate of the source agent's CA. The target then needs TLS
+	// on too.
+	TLS    bool   `json:"tls,omitempty"`
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // Replication is GET /v1/instances/{id}/replication.

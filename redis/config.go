@@ -91,6 +91,9 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS links over TLS (tls-replication), verifying the primary against
+	// the server's tls-ca-cert-file.
+	TLS bool `json:"tls,omitempty"`
 }
 
 // Render returns the redis.conf text for c. The output depends only on c,
@@ -151,6 +154,9 @@ func Render(c Conf) []byte {
 		line("masterauth %s", quote(p.Password))
 		line("replica-read-only yes")
 		line("replica-serve-stale-data yes")
+		if p.TLS {
+			line("tls-replication yes")
+		}
 	}
 	switch {
 	case apitype.IsAOF(c.Persistence):

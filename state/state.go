@@ -162,6 +162,9 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS: the link goes over TLS, the source verified against CACert.
+	TLS    bool   `json:"tls,omitempty"`
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.
