@@ -40,6 +40,7 @@ func run() error {
 	fs.IntVar(&cfg.BrokerSamples, "broker-samples", 50, "provisions and deletes through the broker, and as many directly")
 	fs.IntVar(&cfg.DrainInstances, "drain", 20, "AOF instances on the agent the broker drains")
 	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
+	fs.IntVar(&cfg.BenchRequests, "bench-requests", 200000, "redis-benchmark requests of each TLS figure")
 	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
 	flag.Parse()
@@ -48,6 +49,7 @@ func run() error {
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
 		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
 		cfg.BrokerSamples, cfg.DrainInstances, cfg.DrainMB = 5, 2, 2
+		cfg.BenchRequests = 20000
 	}
 	var err error
 	if cfg.RedisServer, err = exec.LookPath("redis-server"); err != nil {
