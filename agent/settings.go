@@ -235,8 +235,10 @@ func (s *Service) applySettings(ctx context.Context, in *instance, rec state.Ins
 	// connection, whichever port it came through, stays open.
 	err := in.admin.SetConfig(ctx, pairs...)
 	s.useTLS(in, rec)
-	if err != nil && !redis.Unreachable(err) {
-		return err
+	if err != nil && !redis.Unreachable(err) && s.tlsConf(rec) != nil {
+		// A server an older agent started has no tls directory in its
+		// Landlock policy: its next start has.
+		return fmt.Errorf("%w (a redis-server started before its tls directory existed cannot read its certificate: a restart, POST /v1/instances/%s/restart, applies it)", err, rec.ID)
 	}
 	return err
 }

@@ -442,3 +442,49 @@ func TestAgentCA(t *testing.T) {
 		t.Fatal("a CA certificate without its key was accepted")
 	}
 }
+
+// The operator gives the agent another CA: at its next start every TLS
+// certificate is issued anew from it and the running servers switch to
+// it live. The agent still reaches a server that requires TLS and
+// presents the old CA's certificate (it knows the key), so nothing is
+// restarted.
+func TestCAChangeRenewsLive(t *testing.T) {
+	cfg := testConfig(t, 2)
+	s := startService(t, cfg)
+	ctx := context.Background()
+	in, _, err := s.Provision(ctx, "c", Spec{Persistence: "aof", TLS: "required"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _, err := s.Bind(ctx, "c", "app", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s, false)
+	other := testConfig(t, 1) // an agent whose CA becomes this one's
+	o, err := New(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Close()
+	cfg.InstanceCACert, cfg.InstanceCAKey = other.DataDir+"/tls/ca.crt", other.DataDir+"/tls/ca.key"
+	s = startService(t, cfg)
+	after, err := s.Binding(ctx, "c", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.CACert == before.CACert {
+		t.Fatal("the credentials carry the old CA")
+	}
+	testenv.Eventually(t, "the server to present the new CA's certificate", 10*time.Second, func() bool {
+		c := tlsClient(t, after)
+		defer c.Close()
+		return c.Ping(ctx).Err() == nil
+	})
+	if got := mustGet(t, s, "c"); got.PID != in.PID || got.Restarts != 0 {
+		t.Fatalf("the CA change restarted the server: %+v", got)
+	}
+	if err := s.runtime("c").admin.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

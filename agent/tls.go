@@ -258,17 +258,72 @@ func (s *Service) caBundle(rec state.Instance) []byte {
 	return out
 }
 
-// clientTLS is how the agent's own connections to an instance over TLS
-// verify it: the certificate must be the CA's, for the advertise host.
-func (s *Service) clientTLS() *tls.Config {
-	return &tls.Config{RootCAs: s.ca.pool, ServerName: s.cfg.advertiseHost(), MinVersion: tls.VersionTLS12}
+// clientTLS is how the agent's own connections to instance id over TLS
+// verify it: a certificate of the CA for the advertise host, or one for a
+// key the agent made for this instance and still has in its tls
+// directory. The second lets the agent reach a server that still
+// presents a certificate of a CA the agent no longer has (the operator
+// gave it another) until it switches the server to the new one.
+func (s *Service) clientTLS(id string) *tls.Config {
+	host := s.cfg.advertiseHost()
+	dir := s.layout.TLSDir(id)
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Verified below, by VerifyConnection.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("the server sent no certificate")
+			}
+			leaf := cs.PeerCertificates[0]
+			inter := x509.NewCertPool()
+			for _, c := range cs.PeerCertificates[1:] {
+				inter.AddCert(c)
+			}
+			_, err := leaf.Verify(x509.VerifyOptions{Roots: s.ca.pool, Intermediates: inter, DNSName: host})
+			if err == nil {
+				return nil
+			}
+			if ownKey(dir, leaf) {
+				return nil
+			}
+			return err
+		},
+	}
+}
+
+// ownKey reports whether leaf's public key is that of a key in dir.
+func ownKey(dir string, leaf *x509.Certificate) bool {
+	pub, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok {
+		return false
+	}
+	keys, _ := filepath.Glob(filepath.Join(dir, "*.key"))
+	for _, f := range keys {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		block, _ := pem.Decode(b)
+		if block == nil {
+			continue
+		}
+		k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			continue
+		}
+		if signer, ok := k.(crypto.Signer); ok && pub.Equal(signer.Public()) {
+			return true
+		}
+	}
+	return false
 }
 
 // useTLS points the agent's connections to in at the port rec's server
 // has open: the TLS one when the plain one is closed.
 func (s *Service) useTLS(in *instance, rec state.Instance) {
 	if t := s.tlsConf(rec); t != nil && t.Required {
-		in.admin.UseTLS(t.Port, s.clientTLS())
+		in.admin.UseTLS(t.Port, s.clientTLS(rec.ID))
 	} else {
 		in.admin.UseTLS(0, nil)
 	}
