@@ -47,7 +47,7 @@ func tlsOf(rec state.Instance) string {
 
 // maxmemoryClientsRE is what maxmemory-clients takes: 0, a percentage of
 // maxmemory, or a size in bytes with an optional unit.
-var maxmemoryClientsRE = regexp.MustCompile(`^(0|[1-9][0-9]{0,2}%|[1-9][0-9]{0,14}(b|k|kb|m|mb|g|gb)?)$`)
+var maxmemoryClientsRE = regexp.MustCompile(apitype.MaxmemoryClientsPattern)
 
 // normalizePolicy returns an eviction policy as the record keeps it: ""
 // is the default; anything Redis 7 does not know is invalid.

@@ -41,6 +41,11 @@ const DefaultMaxmemoryPolicy = "noeviction"
 // provisioned without one: client buffers are not limited apart.
 const DefaultMaxmemoryClients = "0"
 
+// MaxmemoryClientsPattern is what a maxmemory_clients may be, in lower
+// case: 0, a percentage of maxmemory (at most 100%), or a size in bytes
+// with an optional unit (k, kb, m, mb, g, gb; b).
+const MaxmemoryClientsPattern = `^(0|[1-9][0-9]{0,2}%|[1-9][0-9]{0,14}(b|k|kb|m|mb|g|gb)?)$`
+
 // TLS modes of an instance.
 const (
 	TLSOff      = "off"      // plain TCP only (default)
