@@ -83,8 +83,10 @@ type Service struct {
 	dataOnTmpfs bool
 
 	roll *rollouts
-	// ca signs the instances' TLS certificates.
-	ca *certAuthority
+	// ca signs the instances' TLS certificates; certExpiry holds when each
+	// instance's expires (Unix seconds, by id), for the metric.
+	ca         *certAuthority
+	certExpiry sync.Map
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
 	// for them. bgMu orders their start against Close (see background).

@@ -495,6 +495,7 @@ func (s *Service) destroy(id string) error {
 		return err
 	}
 	s.metrics.forget(id)
+	s.certExpiry.Delete(id)
 	return nil
 }
 

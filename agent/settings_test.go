@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/redis-agent/redis-agent/apitype"
@@ -486,5 +488,38 @@ func TestCAChangeRenewsLive(t *testing.T) {
 	}
 	if err := s.runtime("c").admin.Ping(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The certificate's expiry is a metric (an alert's, should renewals
+// fail), and an instance with TLS counts two allocated ports.
+func TestCertExpiryMetric(t *testing.T) {
+	cfg := testConfig(t, 3)
+	reg := prometheus.NewPedanticRegistry()
+	cfg.Registerer = reg
+	s := startService(t, cfg)
+	ctx := context.Background()
+	if _, _, err := s.Provision(ctx, "x", Spec{Persistence: "none", TLS: "optional"}); err != nil {
+		t.Fatal(err)
+	}
+	exp, ok := gauge(t, reg, "redis_agent_instance_tls_cert_expiry_timestamp_seconds", "x")
+	if want := float64(time.Now().Add(90 * 24 * time.Hour).Unix()); !ok || exp < want-60 || exp > want+60 {
+		t.Fatalf("certificate expiry = %v (present %v), want about %v", exp, ok, want)
+	}
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "redis_agent_ports_allocated" && mf.GetMetric()[0].GetGauge().GetValue() != 2 {
+			t.Fatalf("ports allocated = %v, want 2", mf.GetMetric()[0].GetGauge().GetValue())
+		}
+	}
+	if _, err := s.Configure(ctx, "x", apitype.Settings{TLS: ptr("off")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := gauge(t, reg, "redis_agent_instance_tls_cert_expiry_timestamp_seconds", "x"); ok {
+		t.Fatal("an expiry without TLS")
+	}
+	problems, err := testutil.GatherAndLint(reg)
+	if err != nil || len(problems) != 0 {
+		t.Fatalf("promlint: %v %+v", err, problems)
 	}
 }

@@ -349,7 +349,11 @@ func (s *Service) certOK(rec state.Instance) bool {
 		return false
 	}
 	leaf, err := x509.ParseCertificate(pair.Certificate[0])
-	if err != nil || leaf.CheckSignatureFrom(s.ca.cert) != nil || leaf.VerifyHostname(s.cfg.advertiseHost()) != nil {
+	if err != nil {
+		return false
+	}
+	s.certExpiry.Store(rec.ID, leaf.NotAfter.Unix())
+	if leaf.CheckSignatureFrom(s.ca.cert) != nil || leaf.VerifyHostname(s.cfg.advertiseHost()) != nil {
 		return false
 	}
 	return time.Until(leaf.NotAfter) > s.certValidity()/3
@@ -386,6 +390,7 @@ func (s *Service) ensureCert(rec state.Instance) (state.Instance, error) {
 	if err != nil {
 		return rec, err
 	}
+	s.certOK(out) // its expiry, for the metric
 	s.log.Info("TLS certificate issued", "instance", rec.ID, "name", name, "host", s.cfg.advertiseHost(), "valid_for", s.certValidity(), "previous", rec.TLSCert)
 	return out, nil
 }
@@ -402,6 +407,8 @@ func (s *Service) removeStaleCerts(rec state.Instance) {
 	keep := []string{}
 	if s.tlsConf(rec) != nil {
 		keep = append(keep, "ca.crt", rec.TLSCert+".crt", rec.TLSCert+".key")
+	} else {
+		s.certExpiry.Delete(rec.ID)
 	}
 	for _, e := range ents {
 		if !slices.Contains(keep, e.Name()) {

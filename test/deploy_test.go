@@ -19,19 +19,24 @@ import (
 
 var metricRef = regexp.MustCompile(`\bredis_[a-z0-9_]+`)
 
-// exportedNames scrapes a running agent that has an instance which
-// crashed once (so every series exists) and returns the sample names.
+// exportedNames scrapes a running agent that has an instance (with TLS)
+// which crashed once (so every series exists) and returns the sample
+// names.
 func exportedNames(t *testing.T) map[string]bool {
 	t.Helper()
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
 	a := runAgent(t, agentOpts{dataDir: dataDir, extra: []string{"--health-interval", "20ms"}})
-	in := mustProvision(t, a, "dash")
+	// With TLS, for the certificate's expiry.
+	var in instance
+	if code := a.do("PUT", "/v1/instances/dash", `{"memory_mb":32,"persistence":"aof-always","tls":"optional"}`, &in); code != 201 {
+		t.Fatalf("provision dash = %d", code)
+	}
 	syscall.Kill(in.PID, syscall.SIGKILL)
 	names := map[string]bool{}
 	deadline := time.Now().Add(10 * time.Second)
-	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] {
+	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] || !names["redis_agent_instance_tls_cert_expiry_timestamp_seconds"] {
 		if time.Now().After(deadline) {
 			t.Fatalf("series never appeared; have %v", names)
 		}
