@@ -166,6 +166,11 @@ func token(file string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("token file: %w", err)
 	}
+	// Anyone on the host could read it, a tenant's process among them
+	// where confinement is off.
+	if st, err := os.Stat(file); err == nil && st.Mode().Perm()&0o004 != 0 {
+		return "", fmt.Errorf("token file %s is readable by every user (mode %04o): chmod o-r it (0600 is usual)", file, st.Mode().Perm())
+	}
 	t := strings.TrimSpace(string(b))
 	if t == "" {
 		return "", fmt.Errorf("token file %s is empty", file)

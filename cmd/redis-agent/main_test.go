@@ -27,6 +27,11 @@ func TestTokenIsTrimmed(t *testing.T) {
 	if _, err := parse([]string{"--token-file", file}, io.Discard); err == nil || !strings.Contains(err.Error(), "empty") {
 		t.Fatalf("blank token file: %v, want an error saying it is empty", err)
 	}
+	os.WriteFile(file, []byte("0123456789abcdef-file"), 0o600)
+	os.Chmod(file, 0o644)
+	if _, err := parse([]string{"--token-file", file}, io.Discard); err == nil || !strings.Contains(err.Error(), "readable by every user") {
+		t.Fatalf("world-readable token file: %v, want it refused", err)
+	}
 
 	t.Setenv("REDIS_AGENT_TOKEN", " \n\t")
 	st, err = parse([]string{"--listen", "0.0.0.0:7070"}, io.Discard)
