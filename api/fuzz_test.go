@@ -111,7 +111,9 @@ func (f *fakeService) Backup(_ context.Context, id string) (apitype.Backup, erro
 func (f *fakeService) Backups(_ context.Context, id string, _ bool) ([]apitype.Backup, error) {
 	return nil, f.errFor(id)
 }
-func (f *fakeService) LatestBackups(context.Context, string) ([]apitype.Backup, error) { return nil, nil }
+func (f *fakeService) LatestBackups(context.Context, string) ([]apitype.Backup, error) {
+	return nil, nil
+}
 func (f *fakeService) RestoreBackup(_ context.Context, id, key string) (agent.Instance, error) {
 	if key == "" {
 		return agent.Instance{}, agent.ErrInvalid

@@ -563,14 +563,14 @@ func IsNotFound(err error) bool {
 
 // Failure reasons, as the failures metric counts them.
 const (
-	ReasonUnreachable = "unreachable"  // no connection, or it broke
-	ReasonDenied      = "denied"       // the credentials are refused, or lack the right
-	ReasonFull        = "full"         // the server or the bucket has no room (quota)
-	ReasonNoBucket    = "no_bucket"    // the bucket does not exist
-	ReasonTimeout     = "timeout"      // it took too long
-	ReasonSnapshot    = "snapshot"     // the instance could not make an RDB (BGSAVE)
-	ReasonStorage     = "storage"      // any other error the server answered
-	ReasonOther       = "other"        // none of those
+	ReasonUnreachable = "unreachable" // no connection, or it broke
+	ReasonDenied      = "denied"      // the credentials are refused, or lack the right
+	ReasonFull        = "full"        // the server or the bucket has no room (quota)
+	ReasonNoBucket    = "no_bucket"   // the bucket does not exist
+	ReasonTimeout     = "timeout"     // it took too long
+	ReasonSnapshot    = "snapshot"    // the instance could not make an RDB (BGSAVE)
+	ReasonStorage     = "storage"     // any other error the server answered
+	ReasonOther       = "other"       // none of those
 )
 
 // Reasons lists the failure reasons.
