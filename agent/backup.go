@@ -397,6 +397,11 @@ func (s *Service) backup(ctx context.Context, id string) (bk apitype.Backup, err
 		return apitype.Backup{}, notFound(id, err)
 	}
 	version := s.roll.versionOf(rec)
+	if in := s.runtime(id); version == "" && in != nil {
+		if f, err := in.admin.Fields(ctx, "server"); err == nil {
+			version = f["redis_version"]
+		}
+	}
 	agent := s.cfg.Backup.AgentName
 	meta := backup.Meta{Instance: id, Time: start, SHA256: snap.SHA256, Size: snap.Size, RedisVersion: version,
 		Agent: agent, MemoryMB: rec.MemoryMB, Persistence: rec.Persistence}
