@@ -359,8 +359,8 @@ func (s *Service) backup(ctx context.Context, id string) (bk apitype.Backup, err
 		if err == nil {
 			return
 		}
-		if errors.Is(err, ErrNotFound) || (errors.Is(err, ErrConflict) && reason == "") {
-			return // gone or not running: nothing to back up, no failure
+		if errors.Is(err, ErrNotFound) {
+			return // deleted meanwhile: nothing to back up, no failure
 		}
 		if reason == "" {
 			reason = backup.Reason(err)
@@ -386,9 +386,9 @@ func (s *Service) backup(ctx context.Context, id string) (bk apitype.Backup, err
 	snap, err := s.Snapshot(ctx, id)
 	release()
 	if err != nil {
-		if !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrConflict) {
-			reason = backup.ReasonSnapshot
-		}
+		// Not running (crash-looping, starting) counts too: no backup is
+		// taken, and the retry waits its backoff rather than every tick.
+		reason = backup.ReasonSnapshot
 		return apitype.Backup{}, err
 	}
 	defer snap.File.Close()
