@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/backup"
 	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
 	"github.com/redis-agent/redis-agent/limits"
@@ -83,6 +84,11 @@ type Service struct {
 	dataOnTmpfs bool
 
 	roll *rollouts
+	// bk is the backup target and its schedule; nil without a target.
+	bk *backups
+	// transientMB is memory counted against the budget for as long as
+	// something runs beside the instances: BGSAVE forks, restore loaders.
+	transientMB atomic.Int64
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
 	// for them. bgMu orders their start against Close (see background).
@@ -147,6 +153,7 @@ func New(cfg Config) (*Service, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	cfg.Backup = cfg.Backup.withDefaults()
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -224,6 +231,17 @@ func New(cfg Config) (*Service, error) {
 	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
 		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
+	if cfg.Backup.Target.Enabled() {
+		t, err := backup.New(cfg.Backup.Target)
+		if err != nil {
+			store.Close()
+			return nil, err
+		}
+		s.metrics.backups = true
+		s.bk = &backups{target: t, sem: make(chan struct{}, cfg.Backup.Parallel), running: map[string]bool{}, failed: map[string]backupFailure{}}
+		log.Info("backups", "target", t.Where(), "schedule", cfg.Backup.Schedule, "keep", cfg.Backup.Keep, "keep_days", cfg.Backup.KeepDays,
+			"parallel", cfg.Backup.Parallel, "agent_name", cfg.Backup.AgentName)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }

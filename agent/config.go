@@ -88,6 +88,9 @@ type Config struct {
 	Logger *slog.Logger
 	// Registerer receives the agent's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// Backup is the backup target and the instances' default backup
+	// settings; without a target, no backups.
+	Backup BackupConfig
 }
 
 // DefaultConfig returns the defaults: ports 16000-16999, data under /var/lib/redis-agent as root or
@@ -253,6 +256,9 @@ func (c Config) Validate() error {
 		if _, _, err := ParseUIDRange(c.InstanceUIDs); err != nil {
 			bad("instance uids: %v, auto or off", err)
 		}
+	}
+	if err := c.Backup.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if os.Geteuid() == 0 && c.InstanceUIDs == "off" {
 		if c.RedisUser == "" {

@@ -110,9 +110,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		CreatedAt:     time.Now().UTC(),
 	}
 	rec, err = s.store.Create(rec, func(u state.Usage) (int, error) {
-		if free := s.cfg.MemoryBudgetMB - u.MemoryMB; spec.MemoryMB > free {
-			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free: %w",
-				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
+		if free := s.cfg.MemoryBudgetMB - u.MemoryMB - int(s.transientMB.Load()); spec.MemoryMB > free {
+			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' loaders now): %w",
+				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, s.transientMB.Load(), ErrCapacity)
 		}
 		port, err := s.alloc.Next(u.PortHeld)
 		if errors.Is(err, ports.ErrExhausted) {
@@ -569,7 +569,10 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
 		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
 		MemoryReservedMB: u.MemoryMB,
-		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB-int(s.transientMB.Load()), 0),
+	}
+	if s.bk != nil {
+		c.BackupAgent = s.cfg.Backup.AgentName
 	}
 	t, err := s.roll.target(ctx)
 	if err != nil {
@@ -601,6 +604,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		UID:         rec.UID,
 	}
 	inst.RedisVersion = s.roll.versionOf(rec)
+	inst.Backup = s.backupStatus(rec)
 	for bid := range rec.Bindings {
 		inst.Bindings = append(inst.Bindings, bid)
 	}

@@ -6,6 +6,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/backup"
+	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
@@ -18,6 +20,10 @@ type metrics struct {
 	opDuration      *prometheus.HistogramVec
 	reconcileSecs   prometheus.Gauge
 	reconcileCounts *prometheus.GaugeVec
+	backupFailures  *prometheus.CounterVec
+	// backups is set when the agent has a backup target: track creates
+	// the failure series then.
+	backups bool
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
@@ -39,9 +45,13 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 			Name: "redis_agent_reconcile_instances",
 			Help: "What the last reconcile did, by outcome (adopted, started, deleted).",
 		}, []string{"outcome"}),
+		backupFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "redis_agent_backup_failures_total",
+			Help: "Failed backups, by instance and reason (unreachable, denied, full, no_bucket, timeout, snapshot, storage, other).",
+		}, []string{"instance", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.restarts, m.opDuration, m.reconcileSecs, m.reconcileCounts, &collector{s: s})
+		reg.MustRegister(m.restarts, m.opDuration, m.reconcileSecs, m.reconcileCounts, m.backupFailures, &collector{s: s})
 	}
 	return m
 }
@@ -62,11 +72,17 @@ func (m *metrics) track(id string) {
 	for _, r := range restartReasons {
 		m.restarts.WithLabelValues(id, r)
 	}
+	if m.backups {
+		for _, r := range backup.Reasons {
+			m.backupFailures.WithLabelValues(id, r)
+		}
+	}
 }
 
 // forget drops the per-instance series of a deleted instance.
 func (m *metrics) forget(id string) {
 	m.restarts.DeletePartialMatch(prometheus.Labels{"instance": id})
+	m.backupFailures.DeletePartialMatch(prometheus.Labels{"instance": id})
 }
 
 var (
@@ -109,6 +125,11 @@ var (
 	descProcRSS        = instanceDesc("redis_agent_instance_resident_memory_bytes", "Resident memory of the instance's redis-server process (/proc).")
 	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
 	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
+	descBackupLastTime = instanceDesc("redis_agent_backup_last_success_timestamp_seconds", "Start time (Unix seconds) of the instance's last successful backup on this agent.")
+	descBackupLastSize = instanceDesc("redis_agent_backup_last_success_bytes", "Size of the instance's last successful backup.")
+	descBackupInterval = instanceDesc("redis_agent_backup_interval_seconds", "The period of the instance's backup schedule; absent when it has none (off).")
+	descBackupRunning  = prometheus.NewDesc("redis_agent_backups_running", "Backups in progress.", nil, nil)
+	descTransient      = prometheus.NewDesc("redis_agent_memory_transient_bytes", "Memory budget held for now by backups' BGSAVE forks and restores' loaders.", nil, nil)
 )
 
 // collector reads the agent's state at scrape time.
@@ -117,7 +138,8 @@ type collector struct{ s *Service }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
 		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
-		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates} {
+		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates,
+		descBackupLastTime, descBackupLastSize, descBackupInterval, descBackupRunning, descTransient} {
 		ch <- d
 	}
 }
@@ -196,4 +218,33 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(u.Instances))
 		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB)*(1<<20))
 	}
+	ch <- prometheus.MustNewConstMetric(descTransient, prometheus.GaugeValue, float64(s.transientMB.Load())*(1<<20))
+	if s.bk != nil {
+		s.collectBackups(ch, insts)
+	}
+}
+
+// collectBackups emits the backup figures of the supervised instances
+// from their records.
+func (s *Service) collectBackups(ch chan<- prometheus.Metric, insts map[string]*instance) {
+	recs, err := s.store.List()
+	if err != nil {
+		return
+	}
+	for _, rec := range recs {
+		if insts[rec.ID] == nil || rec.Phase != state.PhaseActive {
+			continue
+		}
+		if lb := rec.LastBackup; lb != nil {
+			ch <- prometheus.MustNewConstMetric(descBackupLastTime, prometheus.GaugeValue, float64(lb.Time.UnixNano())/1e9, rec.ID)
+			ch <- prometheus.MustNewConstMetric(descBackupLastSize, prometheus.GaugeValue, float64(lb.Size), rec.ID)
+		}
+		if p := s.policyOf(rec); !p.sched.Off {
+			ch <- prometheus.MustNewConstMetric(descBackupInterval, prometheus.GaugeValue, p.sched.Every.Seconds(), rec.ID)
+		}
+	}
+	s.bk.mu.Lock()
+	n := len(s.bk.running)
+	s.bk.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(descBackupRunning, prometheus.GaugeValue, float64(n))
 }

@@ -179,7 +179,11 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	}
 	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence),
 		Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
-	if err := s.loader.Load(ctx, job); err != nil {
+	// The loader holds a second copy of the data set while it runs.
+	release := s.reserveTransient(rec.MemoryMB)
+	err = s.loader.Load(ctx, job)
+	release()
+	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
 	crashAt(FaultRestoreStaged)

@@ -104,6 +104,87 @@ const MaxMetadataBytes = 8 << 10
 type Resize struct {
 	MemoryMB *int            `json:"memory_mb,omitempty"`
 	Metadata json.RawMessage `json:"metadata,omitempty"`
+	// Backup, when set, replaces the instance's backup settings (an empty
+	// object: the agent's defaults again). It applies at once.
+	Backup *BackupPolicy `json:"backup,omitempty"`
+}
+
+// BackupPolicy is an instance's backup settings; what is left out is the
+// agent's default (--backup-schedule, --backup-keep, --backup-keep-days).
+type BackupPolicy struct {
+	// Schedule is "off" (no scheduled backups; POST .../backups still
+	// takes one), an interval as a Go duration ("6h", at least 1s), or a
+	// daily window in UTC ("daily 02:00-04:00"). Instances are spread
+	// over the interval or the window by their id, each at the same point
+	// of it every time.
+	Schedule string `json:"schedule,omitempty"`
+	// Keep is how many backups to keep (0: no limit by count); KeepDays
+	// how many days (0: no limit by age). A backup beyond either goes,
+	// after a backup succeeded; the newest one always stays.
+	Keep     *int `json:"keep,omitempty"`
+	KeepDays *int `json:"keep_days,omitempty"`
+}
+
+// Backup is one backup in the bucket (POST and GET
+// /v1/instances/{id}/backups).
+type Backup struct {
+	// Key is the object's key: <prefix>/<instance id>/<time>.rdb. A restore
+	// names it (PUT /v1/instances/{id}/snapshot?from_backup=<key>).
+	Key      string    `json:"key"`
+	Instance string    `json:"instance"`
+	Time     time.Time `json:"time"`
+	Size     int64     `json:"size"`
+	// The rest is the object's metadata: filled in by POST, by GET with
+	// ?details=true and in GET /v1/backups.
+	SHA256       string `json:"sha256,omitempty"`
+	RedisVersion string `json:"redis_version,omitempty"`
+	// Agent names the agent that took it (--backup-agent-name).
+	Agent string `json:"agent,omitempty"`
+	// AgeSeconds is how old it was when listed: the data a restore of it
+	// loses.
+	AgeSeconds float64 `json:"age_seconds"`
+	// The manifest, in GET /v1/backups: what it takes to recreate the
+	// instance elsewhere.
+	MemoryMB    int             `json:"memory_mb,omitempty"`
+	Persistence string          `json:"persistence,omitempty"`
+	Metadata    json.RawMessage `json:"metadata,omitempty"`
+	Bindings    []BackupBinding `json:"bindings,omitempty"`
+}
+
+// BackupBinding is a binding as a backup's manifest keeps it.
+type BackupBinding struct {
+	ID       string `json:"id"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+}
+
+// BackupList is the body of GET /v1/instances/{id}/backups (oldest first)
+// and GET /v1/backups (each instance's latest).
+type BackupList struct {
+	Backups []Backup `json:"backups"`
+}
+
+// BackupStatus is an instance's backups as its view shows them.
+type BackupStatus struct {
+	// Schedule, Keep and KeepDays are in force (the instance's own, else
+	// the agent's).
+	Schedule string `json:"schedule"`
+	Keep     int    `json:"keep"`
+	KeepDays int    `json:"keep_days"`
+	// Last is the last successful backup this agent took.
+	Last *Backup `json:"last,omitempty"`
+	// LastError is why the last backup failed, when it did after Last.
+	LastError   string     `json:"last_error,omitempty"`
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	// NextAt is when the next scheduled one is due.
+	NextAt  *time.Time `json:"next_at,omitempty"`
+	Running bool       `json:"running,omitempty"`
+}
+
+// RestoreRequest is the JSON body a restore from a backup may have
+// (PUT /v1/instances/{id}/snapshot, Content-Type application/json).
+type RestoreRequest struct {
+	FromBackup string `json:"from_backup"`
 }
 
 // BindRequest is the optional body of PUT /v1/instances/{id}/bindings/{bid}.
@@ -193,6 +274,8 @@ type Instance struct {
 	Move *MoveStatus `json:"move,omitempty"`
 	// ReplicaOf is set on a move's target until it is promoted.
 	ReplicaOf string `json:"replica_of,omitempty"`
+	// Backup is the instance's backups, on an agent with a backup target.
+	Backup *BackupStatus `json:"backup,omitempty"`
 }
 
 // MoveStatus is the source's side of a move, in the instance's view.
@@ -256,6 +339,10 @@ type Capacity struct {
 	// Draining is the brokers' mark (PUT /v1/drain): nothing new is to be
 	// placed here. Kept by the agent so that every broker sees it.
 	Draining bool `json:"draining"`
+	// BackupAgent is the name this agent puts in its backups
+	// (--backup-agent-name), "" without a backup target: a broker finds a
+	// lost agent's instances in the bucket by it.
+	BackupAgent string `json:"backup_agent,omitempty"`
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.
@@ -332,6 +419,7 @@ const (
 	CodeUnsupportedMediaType = "UnsupportedMediaType" // 415
 	CodeInvalid              = "Invalid"              // 422
 	CodeInternal             = "Internal"             // 500
+	CodeBackupStorage        = "BackupStorage"        // 502: the backup bucket failed or refused
 	CodeNotReady             = "NotReady"             // 503: the instance, or the agent, is not ready
 	CodeNotAlive             = "NotAlive"             // 503: the agent's main loop stalls
 	CodeBusy                 = "Busy"                 // 503 with Retry-After

@@ -36,3 +36,30 @@ func TestWriteStatusLastExit(t *testing.T) {
 		})
 	}
 }
+
+// The LAST BACKUP column gives the last backup's age and size, and a
+// failure since.
+func TestWriteStatusLastBackup(t *testing.T) {
+	at := time.Now().Add(-90 * time.Second)
+	for _, tt := range []struct {
+		name string
+		b    *apitype.BackupStatus
+		want string
+	}{
+		{"no target", nil, "64MiB  -  "},
+		{"never", &apitype.BackupStatus{Schedule: "24h"}, "never"},
+		{"one", &apitype.BackupStatus{Last: &apitype.Backup{Time: at, Size: 3 << 20}}, "1m30s ago (3.0MiB)"},
+		{"failing", &apitype.BackupStatus{Last: &apitype.Backup{Time: at, Size: 3 << 20}, LastError: "unreachable: dial tcp"}, "1m30s ago (3.0MiB), failing: unreachable"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var b bytes.Buffer
+			in := apitype.Instance{ID: "i1", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, Backup: tt.b}
+			if err := WriteStatus(&b, []apitype.Instance{in}); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(b.String(), tt.want) {
+				t.Fatalf("status table:\n%s\nwant it to hold %q", b.String(), tt.want)
+			}
+		})
+	}
+}

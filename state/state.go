@@ -119,6 +119,18 @@ type Instance struct {
 	// ReplicaOf is set on a move's target until it is promoted: its
 	// redis-server replicates from there.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// Backup is the instance's own backup settings (nil: the agent's).
+	Backup *apitype.BackupPolicy `json:"backup,omitempty"`
+	// LastBackup is the last backup of it that succeeded here.
+	LastBackup *LastBackup `json:"last_backup,omitempty"`
+}
+
+// LastBackup is a successful backup of an instance.
+type LastBackup struct {
+	Key    string    `json:"key"`
+	Time   time.Time `json:"time"`
+	Size   int64     `json:"size"`
+	SHA256 string    `json:"sha256"`
 }
 
 // Move states on the source, in order.

@@ -31,6 +31,7 @@ func TestBenchSmoke(t *testing.T) {
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
 		SnapshotMB: 2, RolloutInstances: 2,
 		BrokerSamples: 3, DrainInstances: 2, DrainMB: 1,
+		VersityGW: testenv.VersityGW(t),
 	}
 	// The suite's ports from PortMin: the agent's Density, one left out,
 	// then one per bare redis-server worker (Concurrency of them).
@@ -48,7 +49,8 @@ func TestBenchSmoke(t *testing.T) {
 		"provision through the broker (OSB PUT -> 201), p50", "provision through the broker (OSB PUT -> 201), p99",
 		"deprovision through the broker", "broker start, 5 instances on 3 agents", "  of which exec -> /readyz 200",
 		"drain of an agent with 2 AOF instances of 1 MiB, total", "  unavailability per instance (drain status), median",
-		"  ref: snapshot out (GET) of one 1 MiB instance", "  ref: its restore in"}
+		"  ref: snapshot out (GET) of one 1 MiB instance", "  ref: its restore in",
+		"backup to a local S3 server", "backup throughput", "  tenant GET latency p99 during its backup", "restore from that backup"}
 	for _, w := range want {
 		found := false
 		for _, r := range res.Rows {

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/agent"
+	"github.com/redis-agent/redis-agent/backup"
 	"github.com/redis-agent/redis-agent/server"
 )
 
@@ -133,6 +135,20 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
 	fs.IntVar(&cfg.MaxUploads, "max-uploads", envInt("MAX_UPLOADS", cfg.MaxUploads), "most restores (snapshot uploads) in progress at once; one more is answered 503 with Retry-After (env REDIS_AGENT_MAX_UPLOADS)")
+	b := &cfg.Agent.Backup
+	fs.StringVar(&b.Target.Endpoint, "backup-endpoint", env("BACKUP_ENDPOINT", ""), "S3-compatible endpoint of the backup bucket: host[:port] (HTTPS) or an http(s):// URL; with --backup-bucket, turns scheduled backups on (env REDIS_AGENT_BACKUP_ENDPOINT)")
+	fs.StringVar(&b.Target.Bucket, "backup-bucket", env("BACKUP_BUCKET", ""), "the backup bucket, which must exist (env REDIS_AGENT_BACKUP_BUCKET)")
+	fs.StringVar(&b.Target.Region, "backup-region", env("BACKUP_REGION", ""), "the bucket's region; default: ask the server (env REDIS_AGENT_BACKUP_REGION)")
+	fs.StringVar(&b.Target.Prefix, "backup-prefix", env("BACKUP_PREFIX", "redis-agent"), "key prefix of every backup: <prefix>/<instance id>/<time>.rdb; agents that are to restore each other's instances share it (env REDIS_AGENT_BACKUP_PREFIX)")
+	fs.BoolVar(&b.Target.PathStyle, "backup-path-style", env("BACKUP_PATH_STYLE", "") == "true", "address the bucket as endpoint/bucket (MinIO, Ceph, most gateways) rather than bucket.endpoint (env REDIS_AGENT_BACKUP_PATH_STYLE=true)")
+	fs.StringVar(&b.Target.CAFile, "backup-ca", env("BACKUP_CA", ""), "PEM CA bundle that verifies the endpoint's certificate instead of the system's (env REDIS_AGENT_BACKUP_CA)")
+	credsFile := fs.String("backup-credentials-file", env("BACKUP_CREDENTIALS_FILE", ""), "file of AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines; default those variables from the environment (env REDIS_AGENT_BACKUP_CREDENTIALS_FILE)")
+	fs.StringVar(&b.AgentName, "backup-agent-name", env("BACKUP_AGENT_NAME", ""), "this agent's name in its backups' metadata, by which a broker finds a lost agent's instances; default the host name (env REDIS_AGENT_BACKUP_AGENT_NAME)")
+	fs.StringVar(&b.Schedule, "backup-schedule", env("BACKUP_SCHEDULE", agent.DefaultBackupSchedule), "default schedule of instances' backups: off, an interval (6h), or a daily window in UTC (\"daily 02:00-04:00\"); instances are spread over it (env REDIS_AGENT_BACKUP_SCHEDULE)")
+	fs.IntVar(&b.Keep, "backup-keep", envInt("BACKUP_KEEP", 7), "default number of backups kept per instance; 0 for no limit by count (env REDIS_AGENT_BACKUP_KEEP)")
+	fs.IntVar(&b.KeepDays, "backup-keep-days", envInt("BACKUP_KEEP_DAYS", 0), "default days backups are kept; 0 for no limit by age (env REDIS_AGENT_BACKUP_KEEP_DAYS)")
+	fs.IntVar(&b.Parallel, "backup-parallel", envInt("BACKUP_PARALLEL", 2), "most backups (BGSAVE forks and uploads) in progress at once (env REDIS_AGENT_BACKUP_PARALLEL)")
+	fs.DurationVar(&b.Timeout, "backup-timeout", envDuration("BACKUP_TIMEOUT", time.Hour), "bound of one backup, BGSAVE and upload (env REDIS_AGENT_BACKUP_TIMEOUT)")
 	pprofListen := fs.String("pprof-listen", env("PPROF_LISTEN", ""), "serve net/http/pprof on this loopback address, for profiling (env REDIS_AGENT_PPROF_LISTEN)")
 	logLevel := fs.String("log-level", env("LOG_LEVEL", "info"), "debug, info, warn or error (env REDIS_AGENT_LOG_LEVEL)")
 	logFormat := fs.String("log-format", env("LOG_FORMAT", "auto"), "text, json, or auto: text on a terminal, else json (env REDIS_AGENT_LOG_FORMAT)")
@@ -151,6 +167,18 @@ func parse(args []string, out io.Writer) (settings, error) {
 	var err error
 	if cfg.Token, err = token(*tokenFile); err != nil {
 		return settings{}, err
+	}
+	if b.Target.Enabled() {
+		if *credsFile != "" {
+			if b.Target.AccessKey, b.Target.SecretKey, err = backup.ReadCredentials(*credsFile); err != nil {
+				return settings{}, err
+			}
+		} else {
+			b.Target.AccessKey, b.Target.SecretKey = os.Getenv("AWS_ACCESS_KEY_ID"), os.Getenv("AWS_SECRET_ACCESS_KEY")
+		}
+		if b.Parallel < 1 {
+			return settings{}, fmt.Errorf("--backup-parallel %d: want at least 1", b.Parallel)
+		}
 	}
 	return settings{cfg: cfg, pprofListen: *pprofListen, logLevel: *logLevel, logFormat: *logFormat}, nil
 }

@@ -69,6 +69,9 @@ type Config struct {
 	// moves besides it.
 	SnapshotMB       int
 	RolloutInstances int
+	// VersityGW is the Versity S3 gateway binary the backup figures run
+	// against; "" leaves them out.
+	VersityGW string
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -113,6 +116,11 @@ type suite struct {
 	rows   []Row
 	// extra are flags added to the agent's (launcherCost's --confine off).
 	extra []string
+	// s3 is the backup target, when Config.VersityGW is set.
+	s3 *s3Server
+	// snapOut is the snapshot GET of this run, the backup's reference.
+	snapOut time.Duration
+	snapMiB float64
 }
 
 func (s *suite) logf(format string, args ...any) {
@@ -149,6 +157,12 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 		res.Took = time.Since(res.Started)
 	}()
 	res.Machine = machine(cfg.RedisServer)
+	if cfg.VersityGW != "" {
+		if s.s3, err = startS3(cfg.VersityGW, filepath.Join(cfg.Dir, "s3")); err != nil {
+			return res, fmt.Errorf("S3 server: %w", err)
+		}
+		defer s.s3.stop()
+	}
 
 	bare, err := s.bareStart(cfg.Samples, 1)
 	if err != nil {
@@ -198,6 +212,11 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 
 	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
 		return res, err
+	}
+	if s.s3 != nil {
+		if err := s.backupScenario(ctx, "snap-src", s.snapMiB, s.snapOut); err != nil {
+			return res, fmt.Errorf("backup: %w", err)
+		}
 	}
 	if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
 		return res, err
@@ -350,6 +369,10 @@ func (s *suite) startAgent() error {
 	}
 	args = append(args, s.extra...)
 	a.cmd = exec.Command(s.cfg.Agent, args...)
+	if s.s3 != nil {
+		a.cmd.Args = append(a.cmd.Args, s.s3.agentFlags()...)
+		a.cmd.Env = append(os.Environ(), s.s3.agentEnv()...)
+	}
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		return err
