@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
 	"github.com/redis-agent/redis-agent/limits"
@@ -81,6 +82,10 @@ type Service struct {
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
+	// dev is the data root's block device, which IO limits are set on;
+	// ioNote says why they are not enforced ("" when they are).
+	dev    limits.Device
+	ioNote string
 
 	roll *rollouts
 	// wg counts the Service's goroutines other than the supervisors' (a
@@ -99,6 +104,7 @@ type cgroups interface {
 	Differs(id string, want limits.Limits) (bool, error)
 	Remove(id string) error
 	RemoveRootIfEmpty()
+	IOSupported() (bool, string)
 }
 
 var (
@@ -118,6 +124,8 @@ type instance struct {
 	// server at another calls drift (a resize a crash cut short, on a
 	// process adopted since).
 	memoryMB atomic.Int64
+	// io is the record's IO setting, for the cgroup limits' drift check.
+	io atomic.Pointer[apitype.IOSetting]
 	drift    func()
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
@@ -220,6 +228,10 @@ func New(cfg Config) (*Service, error) {
 			s.cg = m
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
+	}
+	s.initIO()
+	if s.ioNote != "" {
+		s.notes = append(s.notes, s.ioNote)
 	}
 	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),

@@ -84,6 +84,13 @@ type Config struct {
 	CPUShares uint64
 	CPUQuota  float64
 	Pids      int64
+	// IOReadBPS, IOWriteBPS (bytes a second), IOReadIOPS and IOWriteIOPS
+	// (operations a second) are every instance's default IO limits on the
+	// data directory's block device, 0 none; IOWeight its default share
+	// of that device under contention (1-1000, BFQ only), 0 the kernel's.
+	// An instance's own setting replaces each one it sets.
+	IOReadBPS, IOWriteBPS, IOReadIOPS, IOWriteIOPS int64
+	IOWeight                                       int64
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the agent's metrics; nil means none.
@@ -232,6 +239,14 @@ func (c Config) Validate() error {
 	}
 	if c.CPUQuota < 0 || c.Pids < 0 {
 		bad("cpu quota and pids limit must not be negative")
+	}
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"read_bps", c.IOReadBPS}, {"write_bps", c.IOWriteBPS}, {"read_iops", c.IOReadIOPS}, {"write_iops", c.IOWriteIOPS}, {"weight", c.IOWeight}} {
+		if err := checkIO(f.name, f.v); err != nil {
+			bad("default %v", err)
+		}
 	}
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")

@@ -117,7 +117,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 			t.Fatal(err)
 		}
 		in.memoryMB.Store(48)
-		if err := s.cg.Apply("r", inst.PID, s.limitsFor(64, "none")); err != nil {
+		if err := s.cg.Apply("r", inst.PID, s.limitsFor(64, "none", nil)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -135,7 +135,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 	if _, err := s.store.Update("r", func(r *state.Instance) error { r.MemoryMB = 64; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.cg.Apply("r", inst.PID, s.limitsFor(48, "none")); err != nil {
+	if err := s.cg.Apply("r", inst.PID, s.limitsFor(48, "none", nil)); err != nil {
 		t.Fatal(err)
 	}
 	shutdown(t, s, false)

@@ -51,6 +51,11 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if p := spec.ReplicaOf; p != nil && (p.Host == "" || p.Port < 1 || p.Port > 65535 || p.User == "" || p.Password == "") {
 		return spec, fmt.Errorf("replica_of: %w: want host, port, user and password", ErrInvalid)
 	}
+	io, err := normalizeIO(spec.IO)
+	if err != nil {
+		return spec, err
+	}
+	spec.IO = io
 	md, err := normalizeMetadata(spec.Metadata)
 	spec.Metadata = md
 	return spec, err
@@ -105,6 +110,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		Persistence:   spec.Persistence,
 		Metadata:      spec.Metadata,
 		ReplicaOf:     primaryOf(spec.ReplicaOf),
+		IO:            spec.IO,
 		AdminPassword: redis.NewPassword(),
 		Phase:         state.PhaseProvisioning,
 		CreatedAt:     time.Now().UTC(),
@@ -131,6 +137,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		if !bytes.Equal(rec.Metadata, spec.Metadata) {
 			return Instance{}, false, fmt.Errorf("instance %q exists with other metadata: %w", id, ErrConflict)
+		}
+		if !sameIO(rec.IO, spec.IO) {
+			return Instance{}, false, fmt.Errorf("instance %q exists with other io limits: %w", id, ErrConflict)
 		}
 		if rec.Phase == state.PhaseDeleting {
 			return Instance{}, false, fmt.Errorf("instance %q is being deleted: %w", id, ErrConflict)
@@ -211,10 +220,11 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
 	in.limitsDrift = func() bool {
-		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
+		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence, in.io.Load()))
 		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
+	in.io.Store(rec.IO)
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
 		ConfPath:     s.layout.ConfPath(id),
@@ -329,14 +339,15 @@ func (s *Service) recordExe(id string, pid int) {
 }
 
 // limitsFor are the cgroup limits of an instance of memoryMB maxmemory
-// with persistence. With the data directory on tmpfs, the instance's files
-// are memory charged to its cgroup, so the limit has room for them too.
-func (s *Service) limitsFor(memoryMB int, persistence string) limits.Limits {
+// with persistence and IO setting io. With the data directory on tmpfs,
+// the instance's files are memory charged to its cgroup, so the limit has
+// room for them too.
+func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSetting) limits.Limits {
 	mem := limits.MemoryFor(memoryMB)
 	if s.dataOnTmpfs {
 		mem += tmpfsFilesBytes(memoryMB, persistence)
 	}
-	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids}
+	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
 }
 
 // tmpfsFilesBytes is the most an instance's files take on tmpfs: for the
@@ -364,7 +375,7 @@ func (s *Service) confine(id string, pid int) {
 	if err != nil {
 		return
 	}
-	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
+	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {
 		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
 	}
 }
@@ -625,6 +636,7 @@ func (s *Service) view(rec state.Instance) Instance {
 	if p := rec.ReplicaOf; p != nil {
 		inst.ReplicaOf = net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
 	}
+	inst.IO = s.ioView(rec.IO)
 	if m := rec.Move; m != nil {
 		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, CutoverAt: m.CutoverAt, ForwardTo: m.ForwardTo}
 		if m.State == state.MoveForwarding {

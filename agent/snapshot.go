@@ -177,7 +177,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 		}
 	}
-	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence),
+	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO),
 		Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
 	if err := s.loader.Load(ctx, job); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)

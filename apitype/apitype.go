@@ -41,6 +41,54 @@ type Spec struct {
 	// ReplicaOf makes the new instance a replica of that primary: the
 	// target of a move, until POST .../promote.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// IO is the instance's own IO limits, over the agent's defaults. Part
+	// of what makes two provisions identical.
+	IO *IOSetting `json:"io,omitempty"`
+}
+
+// IOSetting is an instance's own IO limits (Spec.IO, Resize.IO) on the
+// block device of the agent's data directory: each field that is set
+// replaces the agent's default (--io-read-bps, ...), and 0 is no limit.
+// A limit is at least MinIOBPS bytes or MinIOPS operations a second.
+type IOSetting struct {
+	// ReadBPS and WriteBPS are bytes a second.
+	ReadBPS  *int64 `json:"read_bps,omitempty"`
+	WriteBPS *int64 `json:"write_bps,omitempty"`
+	// ReadIOPS and WriteIOPS are operations a second.
+	ReadIOPS  *int64 `json:"read_iops,omitempty"`
+	WriteIOPS *int64 `json:"write_iops,omitempty"`
+	// Weight is the instance's share of the device under contention,
+	// 1-1000 (everyone's default is 100); only the BFQ scheduler uses it.
+	Weight *int64 `json:"weight,omitempty"`
+}
+
+// Bounds of an IO limit: below these an instance could not even load its
+// data in the ready timeout.
+const (
+	MinIOBPS    = 1 << 20
+	MinIOPS     = 10
+	MaxIOWeight = 1000
+)
+
+// IOLimits are the IO limits that apply to an instance (Instance.IO).
+type IOLimits struct {
+	// Device is the block device they are set on ("254:0", the whole
+	// disk of the data directory's partition); empty when there is none
+	// (tmpfs, NFS), and then Note says why and nothing is throttled.
+	Device string `json:"device,omitempty"`
+	// ReadBPS, WriteBPS (bytes a second), ReadIOPS and WriteIOPS
+	// (operations a second); 0 is no limit.
+	ReadBPS   int64 `json:"read_bps"`
+	WriteBPS  int64 `json:"write_bps"`
+	ReadIOPS  int64 `json:"read_iops"`
+	WriteIOPS int64 `json:"write_iops"`
+	// Weight is 0 when left at the default.
+	Weight int64 `json:"weight,omitempty"`
+	// Setting is the instance's own setting; what it does not set is the
+	// agent's default.
+	Setting *IOSetting `json:"setting,omitempty"`
+	// Note says why the limits are not enforced, or what they cover.
+	Note string `json:"note,omitempty"`
 }
 
 // Primary is where a move's target replicates from and how it logs in
@@ -100,9 +148,11 @@ type Forward struct {
 const MaxMetadataBytes = 8 << 10
 
 // Resize is the body of PATCH /v1/instances/{id}: a new maxmemory, new
-// metadata, or both.
+// IO limits, new metadata, or any of them together. IO replaces the
+// instance's whole IO setting ({} is the agent's defaults again).
 type Resize struct {
 	MemoryMB *int            `json:"memory_mb,omitempty"`
+	IO       *IOSetting      `json:"io,omitempty"`
 	Metadata json.RawMessage `json:"metadata,omitempty"`
 }
 
@@ -193,6 +243,8 @@ type Instance struct {
 	Move *MoveStatus `json:"move,omitempty"`
 	// ReplicaOf is set on a move's target until it is promoted.
 	ReplicaOf string `json:"replica_of,omitempty"`
+	// IO is the IO limits that apply to it.
+	IO *IOLimits `json:"io,omitempty"`
 }
 
 // MoveStatus is the source's side of a move, in the instance's view.

@@ -119,6 +119,9 @@ type Instance struct {
 	// ReplicaOf is set on a move's target until it is promoted: its
 	// redis-server replicates from there.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// IO is the instance's own IO limits (over the agent's defaults);
+	// nil when it has none.
+	IO *apitype.IOSetting `json:"io,omitempty"`
 }
 
 // Move states on the source, in order.
