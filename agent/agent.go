@@ -86,6 +86,14 @@ type Service struct {
 	// ioNote says why they are not enforced ("" when they are).
 	dev    limits.Device
 	ioNote string
+	// disk holds the last measure of every instance's files; admitMu
+	// orders the admissions against the disk budget; logOnDataFS is set
+	// when the logs are on the data file system (and count against it).
+	disk        diskState
+	admitMu     sync.Mutex
+	logOnDataFS bool
+	// statfs is unix.Statfs (nil), or a test's file system.
+	statfs func(path string, st *unix.Statfs_t) error
 
 	roll *rollouts
 	// wg counts the Service's goroutines other than the supervisors' (a
@@ -125,8 +133,8 @@ type instance struct {
 	// process adopted since).
 	memoryMB atomic.Int64
 	// io is the record's IO setting, for the cgroup limits' drift check.
-	io atomic.Pointer[apitype.IOSetting]
-	drift    func()
+	io    atomic.Pointer[apitype.IOSetting]
+	drift func()
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
@@ -229,6 +237,7 @@ func New(cfg Config) (*Service, error) {
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
+	s.logOnDataFS = sameFS(s.layout.DataRoot, s.layout.LogRoot)
 	s.initIO()
 	if s.ioNote != "" {
 		s.notes = append(s.notes, s.ioNote)

@@ -91,6 +91,17 @@ type Config struct {
 	// An instance's own setting replaces each one it sets.
 	IOReadBPS, IOWriteBPS, IOReadIOPS, IOWriteIOPS int64
 	IOWeight                                       int64
+	// DiskInterval is how often every instance's files are measured (and
+	// their logs rotated).
+	DiskInterval time.Duration
+	// DiskHeadroomMB is disk of the data file system that the budget
+	// keeps free of reservations (for the state file, snapshots and
+	// restores in flight, the system).
+	DiskHeadroomMB int64
+	// LogMaxBytes is the size past which an instance's log is rotated (0:
+	// never), LogKeep how many rotated logs are kept.
+	LogMaxBytes int64
+	LogKeep     int
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the agent's metrics; nil means none.
@@ -117,6 +128,10 @@ func DefaultConfig() Config {
 		Launcher:        defaultLauncher(),
 		CPUShares:       1024,
 		Pids:            128,
+		DiskInterval:    30 * time.Second,
+		DiskHeadroomMB:  1024,
+		LogMaxBytes:     2 << 20,
+		LogKeep:         3,
 	}
 	if os.Geteuid() == 0 {
 		c.DataDir = DefaultDataDir
@@ -247,6 +262,18 @@ func (c Config) Validate() error {
 		if err := checkIO(f.name, f.v); err != nil {
 			bad("default %v", err)
 		}
+	}
+	if c.DiskInterval <= 0 {
+		bad("disk interval %v: want a positive duration", c.DiskInterval)
+	}
+	if c.DiskHeadroomMB < 0 {
+		bad("disk headroom %d MB: want 0 or more", c.DiskHeadroomMB)
+	}
+	if c.LogMaxBytes < 0 || (c.LogMaxBytes > 0 && c.LogMaxBytes < 64<<10) {
+		bad("log max size %d: want 0 (never rotate) or at least 64 KiB", c.LogMaxBytes)
+	}
+	if c.LogKeep < 0 || c.LogKeep > 100 {
+		bad("log keep %d: want 0 to 100 rotated logs", c.LogKeep)
 	}
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")

@@ -115,6 +115,16 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		Phase:         state.PhaseProvisioning,
 		CreatedAt:     time.Now().UTC(),
 	}
+	// The disk budget first (an instance that exists already is not
+	// admitted again: an identical provision is a 200 however full the
+	// disk), under admitMu until the record holds the reservation.
+	s.admitMu.Lock()
+	if _, gerr := s.store.Get(id); errors.Is(gerr, state.ErrNotFound) {
+		if err := s.admitDisk(s.reservation(spec.MemoryMB, spec.Persistence), fmt.Sprintf("an instance of %d MiB with persistence %s", spec.MemoryMB, spec.Persistence)); err != nil {
+			s.admitMu.Unlock()
+			return Instance{}, false, err
+		}
+	}
 	rec, err = s.store.Create(rec, func(u state.Usage) (int, error) {
 		if free := s.cfg.MemoryBudgetMB - u.MemoryMB; spec.MemoryMB > free {
 			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free: %w",
@@ -126,6 +136,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		return port, err
 	})
+	s.admitMu.Unlock()
 	if err == nil {
 		crashAt(FaultProvisionRecorded)
 	}
@@ -203,6 +214,7 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		return fail(err)
 	}
 	log.Info("provisioned", "port", rec.Port, "memory_mb", rec.MemoryMB, "persistence", rec.Persistence)
+	s.measure(rec)
 	return s.view(rec), nil
 }
 
@@ -345,24 +357,9 @@ func (s *Service) recordExe(id string, pid int) {
 func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSetting) limits.Limits {
 	mem := limits.MemoryFor(memoryMB)
 	if s.dataOnTmpfs {
-		mem += tmpfsFilesBytes(memoryMB, persistence)
+		mem += filesBytes(memoryMB, persistence)
 	}
 	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
-}
-
-// tmpfsFilesBytes is the most an instance's files take on tmpfs: for the
-// aof modes the AOF grows to twice its base before Redis rewrites it (or to
-// auto-aof-rewrite-min-size, 64 MiB), plus the rewrite's new base; for rdb
-// a dump and the one a BGSAVE writes beside it.
-func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
-	mb := int64(memoryMB) << 20
-	switch {
-	case apitype.IsAOF(persistence):
-		return 3*mb + 64<<20
-	case persistence == apitype.PersistenceRDB:
-		return 2 * mb
-	}
-	return 0
 }
 
 // confine puts the process of id into the instance's cgroup. A failure is
@@ -467,6 +464,7 @@ func (s *Service) destroy(id string) error {
 		return err
 	}
 	s.metrics.forget(id)
+	s.disk.forget(id)
 	return nil
 }
 
@@ -574,13 +572,26 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 	if err != nil {
 		return Capacity{}, err
 	}
+	recs, err := s.store.List()
+	if err != nil {
+		return Capacity{}, err
+	}
+	b, err := s.diskBudget(recs)
+	if err != nil {
+		return Capacity{}, err
+	}
 	c := Capacity{
-		Draining:         draining,
-		Instances:        u.Instances,
-		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
-		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
-		MemoryReservedMB: u.MemoryMB,
-		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+		Draining:           draining,
+		Instances:          u.Instances,
+		PortsTotal:         s.cfg.PortMax - s.cfg.PortMin + 1,
+		MemoryTotalMB:      s.cfg.MemoryBudgetMB,
+		MemoryReservedMB:   u.MemoryMB,
+		MemoryFreeMB:       max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+		DiskTotalBytes:     b.total,
+		DiskFreeBytes:      b.free,
+		DiskReservedBytes:  b.reserved,
+		DiskUsedBytes:      b.used,
+		DiskAvailableBytes: b.available,
 	}
 	t, err := s.roll.target(ctx)
 	if err != nil {
@@ -637,6 +648,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		inst.ReplicaOf = net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
 	}
 	inst.IO = s.ioView(rec.IO)
+	inst.Disk = s.diskView(rec)
 	if m := rec.Move; m != nil {
 		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, CutoverAt: m.CutoverAt, ForwardTo: m.ForwardTo}
 		if m.State == state.MoveForwarding {

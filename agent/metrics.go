@@ -82,6 +82,14 @@ var (
 		"Memory budget the agent hands out as maxmemory.", nil, nil)
 	descMemoryReserved = prometheus.NewDesc("redis_agent_memory_reserved_bytes",
 		"Memory budget reserved by instances.", nil, nil)
+	descDiskFree = prometheus.NewDesc("redis_agent_disk_free_bytes",
+		"Free bytes an unprivileged user may write on the data directory's file system.", nil, nil)
+	descDiskTotal = prometheus.NewDesc("redis_agent_disk_total_bytes",
+		"Size of the data directory's file system.", nil, nil)
+	descDiskReservedAll = prometheus.NewDesc("redis_agent_disk_reserved_bytes",
+		"Disk the instances' reservations add up to (each one's files' worst case for its maxmemory and persistence, and its logs).", nil, nil)
+	descDiskAvailable = prometheus.NewDesc("redis_agent_disk_available_bytes",
+		"Free disk less what the instances may still grow into and the headroom: the largest reservation a new instance can get.", nil, nil)
 )
 
 // Per-instance figures, named and meant as oliver006/redis_exporter's so
@@ -109,6 +117,9 @@ var (
 	descProcRSS        = instanceDesc("redis_agent_instance_resident_memory_bytes", "Resident memory of the instance's redis-server process (/proc).")
 	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
 	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
+	descDisk           = instanceDesc("redis_agent_instance_disk_bytes", "Disk the instance's files take (allocated bytes, as du counts them), by kind: data (its directory: RDB, AOF, config) and log (its log and the rotated ones); measured every --disk-interval.", "kind")
+	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "The instance's reservation of the disk budget: its files' worst case for its maxmemory and persistence, and its logs' bound when they are on the data file system.")
+	descDiskQuota      = instanceDesc("redis_agent_instance_disk_quota_bytes", "The project quota on the instance's data directory, where the file system enforces one.")
 )
 
 // collector reads the agent's state at scrape time.
@@ -117,7 +128,8 @@ type collector struct{ s *Service }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
 		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
-		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates} {
+		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates,
+		descDisk, descDiskReserved, descDiskQuota, descDiskFree, descDiskTotal, descDiskReservedAll, descDiskAvailable} {
 		ch <- d
 	}
 }
@@ -195,5 +207,27 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if u, err := s.store.Usage(); err == nil {
 		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(u.Instances))
 		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB)*(1<<20))
+	}
+	c.collectDisk(ch)
+}
+
+// collectDisk emits the disk figures: every instance's from its last
+// measure (no file is walked, no record read at a scrape), and the data
+// file system's budget over them (one statfs).
+func (c *collector) collectDisk(ch chan<- prometheus.Metric) {
+	s := c.s
+	usage := s.disk.all()
+	shares := make([]diskUsage, 0, len(usage))
+	for id, u := range usage {
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.data), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.log), id, "log")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(u.reserved), id)
+		shares = append(shares, u)
+	}
+	if b, err := s.budgetOf(shares); err == nil {
+		ch <- prometheus.MustNewConstMetric(descDiskTotal, prometheus.GaugeValue, float64(b.total))
+		ch <- prometheus.MustNewConstMetric(descDiskFree, prometheus.GaugeValue, float64(b.free))
+		ch <- prometheus.MustNewConstMetric(descDiskReservedAll, prometheus.GaugeValue, float64(b.reserved))
+		ch <- prometheus.MustNewConstMetric(descDiskAvailable, prometheus.GaugeValue, float64(b.available))
 	}
 }

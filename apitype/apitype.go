@@ -245,6 +245,30 @@ type Instance struct {
 	ReplicaOf string `json:"replica_of,omitempty"`
 	// IO is the IO limits that apply to it.
 	IO *IOLimits `json:"io,omitempty"`
+	// Disk is what its files take and may take.
+	Disk *DiskUsage `json:"disk,omitempty"`
+}
+
+// DiskUsage is what an instance's files take on disk (allocated bytes, as
+// du counts them), measured in the background every --disk-interval, and
+// what they may take.
+type DiskUsage struct {
+	// DataBytes is its directory: data (RDB, AOF), config, a restore's
+	// staging. LogBytes is its log and the rotated ones.
+	DataBytes int64 `json:"data_bytes"`
+	LogBytes  int64 `json:"log_bytes"`
+	// ReservedBytes is its share of the disk budget: its files' worst
+	// case for its maxmemory and persistence (3 x maxmemory + 64 MiB for
+	// the aof modes, 2 x for rdb), 1 MiB for its directory, and its logs'
+	// bound when they are on the data file system.
+	ReservedBytes int64 `json:"reserved_bytes"`
+	// QuotaBytes is the project quota on its data directory, where the
+	// file system enforces one: writes beyond it fail (ENOSPC) for it
+	// alone. 0 when there is none.
+	QuotaBytes int64 `json:"quota_bytes,omitempty"`
+	// MeasuredAt is when DataBytes and LogBytes were measured; absent
+	// before the first measure.
+	MeasuredAt time.Time `json:"measured_at,omitzero"`
 }
 
 // MoveStatus is the source's side of a move, in the instance's view.
@@ -308,6 +332,19 @@ type Capacity struct {
 	// Draining is the brokers' mark (PUT /v1/drain): nothing new is to be
 	// placed here. Kept by the agent so that every broker sees it.
 	Draining bool `json:"draining"`
+	// The data directory's file system: its size, and what an
+	// unprivileged user may still write there.
+	DiskTotalBytes int64 `json:"disk_total_bytes"`
+	DiskFreeBytes  int64 `json:"disk_free_bytes"`
+	// DiskReservedBytes sums the instances' reservations
+	// (DiskUsage.ReservedBytes), DiskUsedBytes what their files take now.
+	DiskReservedBytes int64 `json:"disk_reserved_bytes"`
+	DiskUsedBytes     int64 `json:"disk_used_bytes"`
+	// DiskAvailableBytes is the free space less what the instances may
+	// still grow into (each reservation beyond its use) and the agent's
+	// headroom: the largest reservation a new instance (or a resize) can
+	// get; beyond it a provision is a 507.
+	DiskAvailableBytes int64 `json:"disk_available_bytes"`
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.

@@ -333,10 +333,11 @@ func (c *Client) Ready(ctx context.Context) error {
 }
 
 // WriteStatus writes one line per instance: id, state, port, pid, uptime,
-// restarts, memory used of max, and the last exit when there was one.
+// restarts, memory used of max, disk its files take (data and logs) of its
+// reservation, and the last exit when there was one.
 func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tLAST EXIT")
+	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tDISK\tLAST EXIT")
 	for _, in := range insts {
 		pid, uptime := "-", "-"
 		if in.PID != 0 {
@@ -359,7 +360,29 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 			}
 			last = fmt.Sprintf("%s (%s) %s ago", why, how, time.Since(e.Time).Round(time.Second))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, last)
+		disk := "-"
+		if d := in.Disk; d != nil {
+			used := "-"
+			if !d.MeasuredAt.IsZero() {
+				used = Bytes(d.DataBytes + d.LogBytes)
+			}
+			disk = used + "/" + Bytes(d.ReservedBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, disk, last)
 	}
 	return tw.Flush()
+}
+
+// Bytes writes n bytes in binary units: "512B", "1.5MiB", "3.0GiB".
+func Bytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	v, i := float64(n)/unit, 0
+	for v >= unit && i < 4 {
+		v /= unit
+		i++
+	}
+	return fmt.Sprintf("%.1f%ciB", v, "KMGTP"[i])
 }

@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -72,6 +73,27 @@ func (l Layout) DataDir(id string) string { return filepath.Join(l.DataRoot, id,
 
 // LogPath is the instance's redis-server log file.
 func (l Layout) LogPath(id string) string { return filepath.Join(l.LogRoot, id+".log") }
+
+// LogFiles are the instance's log and its rotated logs (<id>.log.1, the
+// newest, to <id>.log.N) that exist.
+func (l Layout) LogFiles(id string) []string {
+	var out []string
+	if _, err := os.Lstat(l.LogPath(id)); err == nil {
+		out = append(out, l.LogPath(id))
+	}
+	for n := 1; ; n++ {
+		p := l.RotatedLogPath(id, n)
+		if _, err := os.Lstat(p); err != nil {
+			return out
+		}
+		out = append(out, p)
+	}
+}
+
+// RotatedLogPath is the n-th rotated log of the instance (1 the newest).
+func (l Layout) RotatedLogPath(id string, n int) string {
+	return l.LogPath(id) + "." + strconv.Itoa(n)
+}
 
 // Init creates the roots, mode 0711: an instance's user passes through to
 // its own files and lists no one else's.
@@ -199,9 +221,9 @@ func (l Layout) Remove(id string) error {
 			return fmt.Errorf("remove %s: %w", l.Dir(id), err)
 		}
 	}
-	if _, err := os.Lstat(l.LogPath(id)); err == nil {
-		if err := os.Remove(l.LogPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove %s: %w", l.LogPath(id), err)
+	for _, f := range l.LogFiles(id) {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", f, err)
 		}
 	}
 	return nil
