@@ -269,8 +269,8 @@ func (c Config) Validate() error {
 	if c.DiskHeadroomMB < 0 {
 		bad("disk headroom %d MB: want 0 or more", c.DiskHeadroomMB)
 	}
-	if c.LogMaxBytes < 0 || (c.LogMaxBytes > 0 && c.LogMaxBytes < 64<<10) {
-		bad("log max size %d: want 0 (never rotate) or at least 64 KiB", c.LogMaxBytes)
+	if c.LogMaxBytes < 0 || (c.LogMaxBytes > 0 && c.LogMaxBytes < 4<<10) {
+		bad("log max size %d: want 0 (never rotate) or at least 4 KiB", c.LogMaxBytes)
 	}
 	if c.LogKeep < 0 || c.LogKeep > 100 {
 		bad("log keep %d: want 0 to 100 rotated logs", c.LogKeep)

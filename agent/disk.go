@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -206,12 +207,36 @@ func (s *Service) diskRound() {
 	live := make(map[string]bool, len(recs))
 	for _, rec := range recs {
 		live[rec.ID] = true
+		s.rotateLog(rec.ID)
 		s.measure(rec)
 	}
 	for id := range s.disk.all() {
 		if !live[id] {
 			s.disk.forget(id)
 		}
+	}
+}
+
+// rotateLog rotates the log of id once it is past LogMaxBytes (a stat,
+// and the id's lock only then, so that a delete does not race it).
+func (s *Service) rotateLog(id string) {
+	if s.cfg.LogMaxBytes <= 0 {
+		return
+	}
+	if st, err := os.Stat(s.layout.LogPath(id)); err != nil || st.Size() <= s.cfg.LogMaxBytes {
+		return
+	}
+	unlock := s.locks.lock(id)
+	defer unlock()
+	rec, err := s.store.Get(id)
+	if err != nil || rec.Phase == state.PhaseDeleting {
+		return
+	}
+	rotated, err := s.layout.RotateLog(id, s.cfg.LogMaxBytes, s.cfg.LogKeep, s.ownerOf(rec))
+	if err != nil {
+		s.log.Warn("rotate an instance's log", "instance", id, "err", err)
+	} else if rotated {
+		s.log.Info("rotated an instance's log", "instance", id, "max_bytes", s.cfg.LogMaxBytes, "kept", s.cfg.LogKeep)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -185,4 +186,68 @@ func TestDiskBudget(t *testing.T) {
 	if _, _, err := s.Provision(ctx, "b3", Spec{MemoryMB: 64, Persistence: "aof"}); err != nil {
 		t.Fatalf("after a delete: %v", err)
 	}
+}
+
+// An instance's log past --log-max-size is rotated by the disk round, and
+// the confined redis-server keeps logging to it afterwards: the log is
+// truncated in place, not renamed away from the one file Landlock lets
+// it write.
+func TestLogRotation(t *testing.T) {
+	cfg := testConfig(t, 1)
+	cfg.LogMaxBytes, cfg.LogKeep = 4096, 2
+	s := startService(t, cfg)
+	ctx := context.Background()
+	if _, _, err := s.Provision(ctx, "lg", Spec{MemoryMB: 16, Persistence: "rdb"}); err != nil {
+		t.Fatal(err)
+	}
+	// Each BGSAVE logs a few lines.
+	grow := func(past int64) {
+		t.Helper()
+		for s.statLogSize("lg") <= past {
+			sn, err := s.Snapshot(ctx, "lg")
+			if err != nil {
+				t.Fatal(err)
+			}
+			sn.File.Close()
+		}
+	}
+	for round := 1; round <= 3; round++ {
+		grow(cfg.LogMaxBytes)
+		s.diskRound()
+		if n := s.statLogSize("lg"); n != 0 {
+			t.Fatalf("round %d: the log has %d bytes after its rotation", round, n)
+		}
+	}
+	files := s.layout.LogFiles("lg")
+	if len(files) != 3 {
+		t.Fatalf("log files %q, want the log and 2 rotated", files)
+	}
+	old, _ := s.Log(ctx, "lg", 1)
+	if len(old) != 0 {
+		t.Fatalf("the live log after rotation holds %q", old)
+	}
+	// Redis writes to the same file after it.
+	grow(0)
+	lines, err := s.Log(ctx, "lg", 20)
+	if err != nil || !strings.Contains(strings.Join(lines, "\n"), "Background saving") {
+		t.Fatalf("the log after rotation: %q, %v", lines, err)
+	}
+	s.diskRound()
+	if inst := mustGet(t, s, "lg"); inst.Disk.LogBytes < 8192 {
+		t.Fatalf("log bytes %d: the rotated logs are not counted", inst.Disk.LogBytes)
+	}
+	if err := s.Deprovision(ctx, "lg"); err != nil {
+		t.Fatal(err)
+	}
+	if files := s.layout.LogFiles("lg"); len(files) != 0 {
+		t.Fatalf("log files left after the delete: %q", files)
+	}
+}
+
+func (s *Service) statLogSize(id string) int64 {
+	st, err := os.Stat(s.layout.LogPath(id))
+	if err != nil {
+		return -1
+	}
+	return st.Size()
 }
