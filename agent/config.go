@@ -98,6 +98,10 @@ type Config struct {
 	// keeps free of reservations (for the state file, snapshots and
 	// restores in flight, the system).
 	DiskHeadroomMB int64
+	// DiskBudget is "on" (a provision or resize whose disk reservation
+	// does not fit is refused) or "off" (the disk is overcommitted: the
+	// figures are reported, nothing is refused for them).
+	DiskBudget string
 	// LogMaxBytes is the size past which an instance's log is rotated (0:
 	// never), LogKeep how many rotated logs are kept.
 	LogMaxBytes int64
@@ -130,6 +134,7 @@ func DefaultConfig() Config {
 		Pids:            128,
 		DiskInterval:    30 * time.Second,
 		DiskHeadroomMB:  1024,
+		DiskBudget:      "on",
 		LogMaxBytes:     2 << 20,
 		LogKeep:         3,
 	}
@@ -265,6 +270,9 @@ func (c Config) Validate() error {
 	}
 	if c.DiskInterval <= 0 {
 		bad("disk interval %v: want a positive duration", c.DiskInterval)
+	}
+	if c.DiskBudget != "on" && c.DiskBudget != "off" {
+		bad("disk budget %q: want on or off", c.DiskBudget)
 	}
 	if c.DiskHeadroomMB < 0 {
 		bad("disk headroom %d MB: want 0 or more", c.DiskHeadroomMB)

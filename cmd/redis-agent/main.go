@@ -185,6 +185,7 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.Int64Var(&cfg.Agent.IOWriteIOPS, "io-write-iops", int64(envInt("IO_WRITE_IOPS", int(cfg.Agent.IOWriteIOPS))), "default write operations a second of each instance on the data directory's disk; 0 for none (env REDIS_AGENT_IO_WRITE_IOPS)")
 	fs.Int64Var(&cfg.Agent.IOWeight, "io-weight", int64(envInt("IO_WEIGHT", int(cfg.Agent.IOWeight))), "default share of the data directory's disk under contention, 1-1000 (100 for all is even); only the BFQ scheduler uses it; 0 for the kernel's (env REDIS_AGENT_IO_WEIGHT)")
 	fs.DurationVar(&cfg.Agent.DiskInterval, "disk-interval", envDuration("DISK_INTERVAL", cfg.Agent.DiskInterval), "measure every instance's files (and rotate its log) this often (env REDIS_AGENT_DISK_INTERVAL)")
+	fs.StringVar(&cfg.Agent.DiskBudget, "disk-budget", env("DISK_BUDGET", cfg.Agent.DiskBudget), "on: refuse (507) a provision or resize whose disk reservation does not fit the data file system; off: overcommit the disk, only report it (env REDIS_AGENT_DISK_BUDGET)")
 	fs.Int64Var(&cfg.Agent.DiskHeadroomMB, "disk-headroom-mb", int64(envInt("DISK_HEADROOM_MB", int(cfg.Agent.DiskHeadroomMB))), "disk of the data file system the budget keeps free of reservations, MiB (env REDIS_AGENT_DISK_HEADROOM_MB)")
 	ioSize(&cfg.Agent.LogMaxBytes, "log-max-size", "LOG_MAX_SIZE", "rotate an instance's redis-server log past this size (2M, 16M); 0 never")
 	fs.IntVar(&cfg.Agent.LogKeep, "log-keep", envInt("LOG_KEEP", cfg.Agent.LogKeep), "rotated logs kept per instance (env REDIS_AGENT_LOG_KEEP)")
