@@ -92,6 +92,10 @@ type Service struct {
 	disk        diskState
 	admitMu     sync.Mutex
 	logOnDataFS bool
+	// quota sets the instances' project quotas where the data file
+	// system enforces them (nil elsewhere, and quotaNote says why).
+	quota     *limits.Quotas
+	quotaNote string
 	// statfs is unix.Statfs (nil), or a test's file system.
 	statfs func(path string, st *unix.Statfs_t) error
 
@@ -241,6 +245,10 @@ func New(cfg Config) (*Service, error) {
 	s.initIO()
 	if s.ioNote != "" {
 		s.notes = append(s.notes, s.ioNote)
+	}
+	s.initQuotas()
+	if s.quotaNote != "" {
+		s.notes = append(s.notes, s.quotaNote)
 	}
 	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),

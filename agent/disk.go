@@ -29,8 +29,10 @@ type diskUsage struct {
 	// bytes, as du counts them.
 	data, log int64
 	at        time.Time
-	// reserved is the instance's reservation when it was measured.
-	reserved int64
+	// reserved is the instance's reservation when it was measured (what
+	// the budget counts), reservedData its data part; quota its project
+	// quota's limit (0: none).
+	reserved, reservedData, quota int64
 }
 
 // used is what u counts against the data file system.
@@ -101,11 +103,17 @@ func filesBytes(memoryMB int, persistence string) int64 {
 // directories, the config and the ACL file (a few blocks), rounded up.
 const dirOverhead = 1 << 20
 
+// dataReservation is what an instance's directory may take: its files'
+// worst case and the directory's own.
+func dataReservation(memoryMB int, persistence string) int64 {
+	return filesBytes(memoryMB, persistence) + dirOverhead
+}
+
 // reservation is the disk an instance of memoryMB and persistence may
-// take on the data file system: its files' worst case, and its logs'
-// bound when they are on the same file system.
+// take on the data file system: its directory's, and its logs' bound
+// when they are on the same file system.
 func (s *Service) reservation(memoryMB int, persistence string) int64 {
-	r := filesBytes(memoryMB, persistence) + dirOverhead
+	r := dataReservation(memoryMB, persistence)
 	if s.logOnDataFS {
 		r += s.logBound()
 	}
@@ -170,10 +178,19 @@ func du(path string) (int64, error) {
 // measure finds what the files of rec's instance take now.
 func (s *Service) measure(rec state.Instance) diskUsage {
 	id := rec.ID
-	u := diskUsage{at: time.Now(), reserved: s.reservation(rec.MemoryMB, rec.Persistence)}
+	u := diskUsage{at: time.Now(), reserved: s.reservation(rec.MemoryMB, rec.Persistence), reservedData: dataReservation(rec.MemoryMB, rec.Persistence)}
 	var err error
-	if u.data, err = du(s.layout.Dir(id)); err != nil {
-		s.log.Debug("measure an instance's directory", "instance", id, "err", err)
+	// A project quota counts the directory's blocks already: one call,
+	// no walk.
+	if p := project(rec); s.quota != nil && p != 0 {
+		if used, limit, err := s.quota.Usage(p); err == nil && limit > 0 {
+			u.data, u.quota = used, limit
+		}
+	}
+	if u.quota == 0 {
+		if u.data, err = du(s.layout.Dir(id)); err != nil {
+			s.log.Debug("measure an instance's directory", "instance", id, "err", err)
+		}
 	}
 	for _, f := range s.layout.LogFiles(id) {
 		n, _ := du(f)
@@ -244,7 +261,7 @@ func (s *Service) rotateLog(id string) {
 func (s *Service) diskView(rec state.Instance) *apitype.DiskUsage {
 	v := &apitype.DiskUsage{ReservedBytes: s.reservation(rec.MemoryMB, rec.Persistence)}
 	if u, ok := s.disk.get(rec.ID); ok {
-		v.DataBytes, v.LogBytes, v.MeasuredAt = u.data, u.log, u.at.UTC()
+		v.DataBytes, v.LogBytes, v.QuotaBytes, v.MeasuredAt = u.data, u.log, u.quota, u.at.UTC()
 	}
 	return v
 }

@@ -261,6 +261,9 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	s.metrics.track(id)
 	n, _ := s.cg.OOMKills(id)
 	in.oomKills.Store(n)
+	// Its directory's quota (an adopted instance's is set again: a resize
+	// an agent crash cut short).
+	s.applyQuota(rec)
 	// An adopted process keeps its cgroup, unless it is not in it or the
 	// cgroup's limits are not the record's (a resize an agent crash cut
 	// short, changed --cpu-shares or --pids-limit).
@@ -436,6 +439,7 @@ func (s *Service) runtime(id string) *instance {
 // its record. Each step tolerates what an earlier, interrupted destroy
 // already did.
 func (s *Service) destroy(id string) error {
+	rec, recErr := s.store.Get(id)
 	s.stopForwarding(id)
 	if in := s.runtime(id); in != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout+10*time.Second)
@@ -458,6 +462,9 @@ func (s *Service) destroy(id string) error {
 	}
 	if err := s.layout.Remove(id); err != nil {
 		return err
+	}
+	if recErr == nil {
+		s.clearQuota(rec)
 	}
 	crashAt(FaultDeleteRemoved)
 	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {

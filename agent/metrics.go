@@ -118,7 +118,7 @@ var (
 	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
 	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
 	descDisk           = instanceDesc("redis_agent_instance_disk_bytes", "Disk the instance's files take (allocated bytes, as du counts them), by kind: data (its directory: RDB, AOF, config) and log (its log and the rotated ones); measured every --disk-interval.", "kind")
-	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "The instance's reservation of the disk budget: its files' worst case for its maxmemory and persistence, and its logs' bound when they are on the data file system.")
+	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "What the instance's files may take, by kind: data (its directory: the worst case of its files for its maxmemory and persistence) and log (--log-max-size x (--log-keep + 1)); the disk budget counts the log part when the logs are on the data file system.", "kind")
 	descDiskQuota      = instanceDesc("redis_agent_instance_disk_quota_bytes", "The project quota on the instance's data directory, where the file system enforces one.")
 )
 
@@ -221,7 +221,11 @@ func (c *collector) collectDisk(ch chan<- prometheus.Metric) {
 	for id, u := range usage {
 		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.data), id, "data")
 		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.log), id, "log")
-		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(u.reserved), id)
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(u.reservedData), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(s.logBound()), id, "log")
+		if u.quota > 0 {
+			ch <- prometheus.MustNewConstMetric(descDiskQuota, prometheus.GaugeValue, float64(u.quota), id)
+		}
 		shares = append(shares, u)
 	}
 	if b, err := s.budgetOf(shares); err == nil {

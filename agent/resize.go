@@ -102,6 +102,7 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 			return Instance{}, fmt.Errorf("resize %q: %w (recorded; a retry or the next start applies it)", id, err)
 		}
 	}
+	s.applyQuota(rec)
 	s.measure(rec)
 	s.log.Info("resized", "instance", id, "from_mb", old, "to_mb", memoryMB)
 	return s.view(rec), nil

@@ -166,6 +166,9 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			}
 		}
 	}()
+	if err := s.quotaFile(rec, upload); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: the instance's disk quota has no room for the snapshot: %w", id, err)
+	}
 	if err := os.Rename(upload, filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}

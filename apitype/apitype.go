@@ -357,7 +357,8 @@ type LogLines struct {
 type Status struct {
 	Status string `json:"status"`
 	// Details are what /readyz adds: the isolation the agent cannot give
-	// on this host (no Landlock, no user per instance, ...).
+	// on this host (no Landlock, no user per instance, no IO limits, no
+	// disk quotas, ...).
 	Details []string `json:"details,omitempty"`
 }
 

@@ -61,7 +61,7 @@ func (r resolver) deviceOf(dir string, depth int) (Device, error) {
 	}
 	// An anonymous device (overlay, btrfs, NFS, FUSE): what the mount
 	// table says is beneath it.
-	m, err := r.mount(maj, min)
+	m, err := r.mount(dir, maj, min)
 	if err != nil {
 		return Device{}, err
 	}
@@ -179,22 +179,35 @@ func (m mountEntry) hasOption(name string) bool {
 	return false
 }
 
-// mount returns the mountinfo entry of the file system maj:min (the last
-// one, the one mounted over the others).
-func (r resolver) mount(maj, min uint32) (mountEntry, error) {
+// mount returns the mountinfo entry of the file system maj:min that
+// holds dir: of its mounts (bind mounts show one file system at several
+// places), the one whose mount point is the longest prefix of dir, else
+// the last.
+func (r resolver) mount(dir string, maj, min uint32) (mountEntry, error) {
+	if p, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = p
+	}
 	f, err := os.Open(r.mountinfo)
 	if err != nil {
 		return mountEntry{}, err
 	}
 	defer f.Close()
 	want := fmt.Sprintf("%d:%d", maj, min)
-	var found *mountEntry
+	var found, under *mountEntry
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		if m, ok := parseMountinfo(sc.Text()); ok && m.dev == want {
-			found = &m
+		m, ok := parseMountinfo(sc.Text())
+		if !ok || m.dev != want {
+			continue
 		}
+		found = &m
+		if within(dir, m.mountpoint) && (under == nil || len(m.mountpoint) >= len(under.mountpoint)) {
+			under = &m
+		}
+	}
+	if under != nil {
+		found = under
 	}
 	if err := sc.Err(); err != nil {
 		return mountEntry{}, err
@@ -203,6 +216,11 @@ func (r resolver) mount(maj, min uint32) (mountEntry, error) {
 		return mountEntry{}, fmt.Errorf("file system %s is not in %s", want, r.mountinfo)
 	}
 	return *found, nil
+}
+
+// within reports whether path is dir or under it.
+func within(path, dir string) bool {
+	return dir == "/" || path == dir || strings.HasPrefix(path, dir+"/")
 }
 
 // parseMountinfo reads one line of /proc/<pid>/mountinfo:

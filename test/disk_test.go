@@ -80,7 +80,7 @@ func TestDiskUsage(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{`redis_agent_instance_disk_bytes{instance="du",kind="data"} `, `redis_agent_instance_disk_bytes{instance="du",kind="log"} `,
-		`redis_agent_instance_disk_reserved_bytes{instance="du"} 1.77209344e+08`, "redis_agent_disk_free_bytes ", "redis_agent_disk_available_bytes "} {
+		`redis_agent_instance_disk_reserved_bytes{instance="du",kind="data"} 1.68820736e+08`, `redis_agent_instance_disk_reserved_bytes{instance="du",kind="log"} 8.388608e+06`, "redis_agent_disk_free_bytes ", "redis_agent_disk_available_bytes "} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
