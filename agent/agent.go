@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/backup"
 	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
@@ -82,6 +83,22 @@ type Service struct {
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
+	// dev is the data root's block device, which IO limits are set on;
+	// ioNote says why they are not enforced ("" when they are).
+	dev    limits.Device
+	ioNote string
+	// disk holds the last measure of every instance's files; admitMu
+	// orders the admissions against the disk budget; logOnDataFS is set
+	// when the logs are on the data file system (and count against it).
+	disk        diskState
+	admitMu     sync.Mutex
+	logOnDataFS bool
+	// quota sets the instances' project quotas where the data file
+	// system enforces them (nil elsewhere, and quotaNote says why).
+	quota     *limits.Quotas
+	quotaNote string
+	// statfs is unix.Statfs (nil), or a test's file system.
+	statfs func(path string, st *unix.Statfs_t) error
 
 	roll *rollouts
 	// bk is the backup target and its schedule; nil without a target.
@@ -105,6 +122,7 @@ type cgroups interface {
 	Differs(id string, want limits.Limits) (bool, error)
 	Remove(id string) error
 	RemoveRootIfEmpty()
+	IOSupported() (bool, string)
 }
 
 var (
@@ -124,7 +142,9 @@ type instance struct {
 	// server at another calls drift (a resize a crash cut short, on a
 	// process adopted since).
 	memoryMB atomic.Int64
-	drift    func()
+	// io is the record's IO setting, for the cgroup limits' drift check.
+	io    atomic.Pointer[apitype.IOSetting]
+	drift func()
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
@@ -227,6 +247,15 @@ func New(cfg Config) (*Service, error) {
 			s.cg = m
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
+	}
+	s.logOnDataFS = sameFS(s.layout.DataRoot, s.layout.LogRoot)
+	s.initIO()
+	if s.ioNote != "" {
+		s.notes = append(s.notes, s.ioNote)
+	}
+	s.initQuotas()
+	if s.quotaNote != "" {
+		s.notes = append(s.notes, s.quotaNote)
 	}
 	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),

@@ -98,6 +98,14 @@ var (
 		"Memory budget the agent hands out as maxmemory.", nil, nil)
 	descMemoryReserved = prometheus.NewDesc("redis_agent_memory_reserved_bytes",
 		"Memory budget reserved by instances.", nil, nil)
+	descDiskFree = prometheus.NewDesc("redis_agent_disk_free_bytes",
+		"Free bytes an unprivileged user may write on the data directory's file system.", nil, nil)
+	descDiskTotal = prometheus.NewDesc("redis_agent_disk_total_bytes",
+		"Size of the data directory's file system.", nil, nil)
+	descDiskReservedAll = prometheus.NewDesc("redis_agent_disk_reserved_bytes",
+		"Disk the instances' reservations add up to (each one's files' worst case for its maxmemory and persistence, and its logs).", nil, nil)
+	descDiskAvailable = prometheus.NewDesc("redis_agent_disk_available_bytes",
+		"Free disk less what the instances may still grow into and the headroom: the largest reservation a new instance can get.", nil, nil)
 )
 
 // Per-instance figures, named and meant as oliver006/redis_exporter's so
@@ -130,6 +138,9 @@ var (
 	descBackupInterval = instanceDesc("redis_agent_backup_interval_seconds", "The period of the instance's backup schedule; absent when it has none (off).")
 	descBackupRunning  = prometheus.NewDesc("redis_agent_backups_running", "Backups in progress.", nil, nil)
 	descTransient      = prometheus.NewDesc("redis_agent_memory_transient_bytes", "Memory budget held for now by backups' BGSAVE forks and restores' loaders.", nil, nil)
+	descDisk           = instanceDesc("redis_agent_instance_disk_bytes", "Disk the instance's files take (allocated bytes, as du counts them), by kind: data (its directory: RDB, AOF, config) and log (its log and the rotated ones); measured every --disk-interval.", "kind")
+	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "What the instance's files may take, by kind: data (its directory: the worst case of its files for its maxmemory and persistence) and log (--log-max-size x (--log-keep + 1)); the disk budget counts the log part when the logs are on the data file system.", "kind")
+	descDiskQuota      = instanceDesc("redis_agent_instance_disk_quota_bytes", "The project quota on the instance's data directory, where the file system enforces one.")
 )
 
 // collector reads the agent's state at scrape time.
@@ -139,7 +150,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
 		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
 		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates,
-		descBackupLastTime, descBackupLastSize, descBackupInterval, descBackupRunning, descTransient} {
+		descBackupLastTime, descBackupLastSize, descBackupInterval, descBackupRunning, descTransient,
+		descDisk, descDiskReserved, descDiskQuota, descDiskFree, descDiskTotal, descDiskReservedAll, descDiskAvailable} {
 		ch <- d
 	}
 }
@@ -222,6 +234,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if s.bk != nil {
 		s.collectBackups(ch, insts)
 	}
+	c.collectDisk(ch)
 }
 
 // collectBackups emits the backup figures of the supervised instances
@@ -247,4 +260,29 @@ func (s *Service) collectBackups(ch chan<- prometheus.Metric, insts map[string]*
 	n := len(s.bk.running)
 	s.bk.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(descBackupRunning, prometheus.GaugeValue, float64(n))
+}
+
+// collectDisk emits the disk figures: every instance's from its last
+// measure (no file is walked, no record read at a scrape), and the data
+// file system's budget over them (one statfs).
+func (c *collector) collectDisk(ch chan<- prometheus.Metric) {
+	s := c.s
+	usage := s.disk.all()
+	shares := make([]diskUsage, 0, len(usage))
+	for id, u := range usage {
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.data), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.log), id, "log")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(u.reservedData), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(s.logBound()), id, "log")
+		if u.quota > 0 {
+			ch <- prometheus.MustNewConstMetric(descDiskQuota, prometheus.GaugeValue, float64(u.quota), id)
+		}
+		shares = append(shares, u)
+	}
+	if b, err := s.budgetOf(shares); err == nil {
+		ch <- prometheus.MustNewConstMetric(descDiskTotal, prometheus.GaugeValue, float64(b.total))
+		ch <- prometheus.MustNewConstMetric(descDiskFree, prometheus.GaugeValue, float64(b.free))
+		ch <- prometheus.MustNewConstMetric(descDiskReservedAll, prometheus.GaugeValue, float64(b.reserved))
+		ch <- prometheus.MustNewConstMetric(descDiskAvailable, prometheus.GaugeValue, float64(b.available))
+	}
 }

@@ -65,6 +65,13 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 		}
 	}
 	old := rec.MemoryMB
+	// A bigger reservation must fit the disk budget, under admitMu until
+	// the record holds it.
+	s.admitMu.Lock()
+	if err := s.admitDisk(s.reservation(memoryMB, rec.Persistence)-s.reservation(old, rec.Persistence), fmt.Sprintf("growing to %d MiB", memoryMB)); err != nil {
+		s.admitMu.Unlock()
+		return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+	}
 	// The record first: it is the intent. A crash after it leaves a config
 	// that reconcile rewrites, and a live maxmemory (and cgroup limit) the
 	// first health check after the process is adopted finds and sets.
@@ -76,6 +83,7 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 		r.MemoryMB = memoryMB
 		return nil
 	})
+	s.admitMu.Unlock()
 	if err != nil {
 		return Instance{}, notFound(id, err)
 	}
@@ -94,6 +102,8 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 			return Instance{}, fmt.Errorf("resize %q: %w (recorded; a retry or the next start applies it)", id, err)
 		}
 	}
+	s.applyQuota(rec)
+	s.measure(rec)
 	s.log.Info("resized", "instance", id, "from_mb", old, "to_mb", memoryMB)
 	return s.view(rec), nil
 }

@@ -39,6 +39,7 @@ type Service interface {
 	Log(ctx context.Context, id string, lines int) ([]string, error)
 	Resize(ctx context.Context, id string, memoryMB int) (apitype.Instance, error)
 	SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error)
+	SetIO(ctx context.Context, id string, io apitype.IOSetting) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
 	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)

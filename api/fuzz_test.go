@@ -65,6 +65,9 @@ func (f *fakeService) Binding(_ context.Context, id, _ string) (agent.Credential
 func (f *fakeService) SetMetadata(_ context.Context, id string, _ json.RawMessage) (agent.Instance, error) {
 	return agent.Instance{ID: id}, f.errFor(id)
 }
+func (f *fakeService) SetIO(_ context.Context, id string, _ apitype.IOSetting) (agent.Instance, error) {
+	return agent.Instance{ID: id}, f.errFor(id)
+}
 func (f *fakeService) Restart(_ context.Context, id string) error { return f.errFor(id) }
 func (f *fakeService) Capacity(context.Context) (agent.Capacity, error) {
 	return agent.Capacity{}, nil

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/gorilla/mux"
+	"github.com/redis-agent/redis-agent/agent"
 	"github.com/redis-agent/redis-agent/apitype"
 )
 
@@ -176,17 +177,30 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.MemoryMB == nil && req.Metadata == nil && req.Backup == nil {
-		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid, "memory_mb, metadata or backup is required: they are the fields that can change")
+	if req.MemoryMB == nil && req.IO == nil && req.Metadata == nil && req.Backup == nil {
+		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid, "memory_mb, io, metadata or backup is required: they are the fields that can change")
 		return
+	}
+	if req.IO != nil {
+		// Checked before anything changes.
+		if err := agent.CheckIO(*req.IO); err != nil {
+			s.fail(w, r, err)
+			return
+		}
 	}
 	id := mux.Vars(r)["id"]
 	var inst apitype.Instance
 	var err error
-	// The resize first: one refused (507, 409) changes nothing, metadata
-	// included.
+	// The resize first: one refused (507, 409) changes nothing, IO limits
+	// and metadata included.
 	if req.MemoryMB != nil {
 		if inst, err = s.svc.Resize(r.Context(), id, *req.MemoryMB); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if req.IO != nil {
+		if inst, err = s.svc.SetIO(r.Context(), id, *req.IO); err != nil {
 			s.fail(w, r, err)
 			return
 		}

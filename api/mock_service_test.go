@@ -401,6 +401,21 @@ func (mr *MockServiceMockRecorder) SetDraining(ctx, on any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetDraining", reflect.TypeOf((*MockService)(nil).SetDraining), ctx, on)
 }
 
+// SetIO mocks base method.
+func (m *MockService) SetIO(ctx context.Context, id string, arg2 apitype.IOSetting) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SetIO", ctx, id, arg2)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SetIO indicates an expected call of SetIO.
+func (mr *MockServiceMockRecorder) SetIO(ctx, id, arg2 any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetIO", reflect.TypeOf((*MockService)(nil).SetIO), ctx, id, arg2)
+}
+
 // SetMetadata mocks base method.
 func (m *MockService) SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error) {
 	m.ctrl.T.Helper()

@@ -41,6 +41,54 @@ type Spec struct {
 	// ReplicaOf makes the new instance a replica of that primary: the
 	// target of a move, until POST .../promote.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// IO is the instance's own IO limits, over the agent's defaults. Part
+	// of what makes two provisions identical.
+	IO *IOSetting `json:"io,omitempty"`
+}
+
+// IOSetting is an instance's own IO limits (Spec.IO, Resize.IO) on the
+// block device of the agent's data directory: each field that is set
+// replaces the agent's default (--io-read-bps, ...), and 0 is no limit.
+// A limit is at least MinIOBPS bytes or MinIOPS operations a second.
+type IOSetting struct {
+	// ReadBPS and WriteBPS are bytes a second.
+	ReadBPS  *int64 `json:"read_bps,omitempty"`
+	WriteBPS *int64 `json:"write_bps,omitempty"`
+	// ReadIOPS and WriteIOPS are operations a second.
+	ReadIOPS  *int64 `json:"read_iops,omitempty"`
+	WriteIOPS *int64 `json:"write_iops,omitempty"`
+	// Weight is the instance's share of the device under contention,
+	// 1-1000 (everyone's default is 100); only the BFQ scheduler uses it.
+	Weight *int64 `json:"weight,omitempty"`
+}
+
+// Bounds of an IO limit: below these an instance could not even load its
+// data in the ready timeout.
+const (
+	MinIOBPS    = 1 << 20
+	MinIOPS     = 10
+	MaxIOWeight = 1000
+)
+
+// IOLimits are the IO limits that apply to an instance (Instance.IO).
+type IOLimits struct {
+	// Device is the block device they are set on ("254:0", the whole
+	// disk of the data directory's partition); empty when there is none
+	// (tmpfs, NFS), and then Note says why and nothing is throttled.
+	Device string `json:"device,omitempty"`
+	// ReadBPS, WriteBPS (bytes a second), ReadIOPS and WriteIOPS
+	// (operations a second); 0 is no limit.
+	ReadBPS   int64 `json:"read_bps"`
+	WriteBPS  int64 `json:"write_bps"`
+	ReadIOPS  int64 `json:"read_iops"`
+	WriteIOPS int64 `json:"write_iops"`
+	// Weight is 0 when left at the default.
+	Weight int64 `json:"weight,omitempty"`
+	// Setting is the instance's own setting; what it does not set is the
+	// agent's default.
+	Setting *IOSetting `json:"setting,omitempty"`
+	// Note says why the limits are not enforced, or what they cover.
+	Note string `json:"note,omitempty"`
 }
 
 // Primary is where a move's target replicates from and how it logs in
@@ -100,9 +148,11 @@ type Forward struct {
 const MaxMetadataBytes = 8 << 10
 
 // Resize is the body of PATCH /v1/instances/{id}: a new maxmemory, new
-// metadata, or both.
+// IO limits, new metadata, or any of them together. IO replaces the
+// instance's whole IO setting ({} is the agent's defaults again).
 type Resize struct {
 	MemoryMB *int            `json:"memory_mb,omitempty"`
+	IO       *IOSetting      `json:"io,omitempty"`
 	Metadata json.RawMessage `json:"metadata,omitempty"`
 	// Backup, when set, replaces the instance's backup settings (an empty
 	// object: the agent's defaults again). It applies at once.
@@ -276,6 +326,32 @@ type Instance struct {
 	ReplicaOf string `json:"replica_of,omitempty"`
 	// Backup is the instance's backups, on an agent with a backup target.
 	Backup *BackupStatus `json:"backup,omitempty"`
+	// IO is the IO limits that apply to it.
+	IO *IOLimits `json:"io,omitempty"`
+	// Disk is what its files take and may take.
+	Disk *DiskUsage `json:"disk,omitempty"`
+}
+
+// DiskUsage is what an instance's files take on disk (allocated bytes, as
+// du counts them), measured in the background every --disk-interval, and
+// what they may take.
+type DiskUsage struct {
+	// DataBytes is its directory: data (RDB, AOF), config, a restore's
+	// staging. LogBytes is its log and the rotated ones.
+	DataBytes int64 `json:"data_bytes"`
+	LogBytes  int64 `json:"log_bytes"`
+	// ReservedBytes is its share of the disk budget: its files' worst
+	// case for its maxmemory and persistence (3 x maxmemory + 64 MiB for
+	// the aof modes, 2 x for rdb), 1 MiB for its directory, and its logs'
+	// bound when they are on the data file system.
+	ReservedBytes int64 `json:"reserved_bytes"`
+	// QuotaBytes is the project quota on its data directory, where the
+	// file system enforces one: writes beyond it fail (ENOSPC) for it
+	// alone. 0 when there is none.
+	QuotaBytes int64 `json:"quota_bytes,omitempty"`
+	// MeasuredAt is when DataBytes and LogBytes were measured; absent
+	// before the first measure.
+	MeasuredAt time.Time `json:"measured_at,omitzero"`
 }
 
 // MoveStatus is the source's side of a move, in the instance's view.
@@ -343,6 +419,19 @@ type Capacity struct {
 	// (--backup-agent-name), "" without a backup target: a broker finds a
 	// lost agent's instances in the bucket by it.
 	BackupAgent string `json:"backup_agent,omitempty"`
+	// The data directory's file system: its size, and what an
+	// unprivileged user may still write there.
+	DiskTotalBytes int64 `json:"disk_total_bytes"`
+	DiskFreeBytes  int64 `json:"disk_free_bytes"`
+	// DiskReservedBytes sums the instances' reservations
+	// (DiskUsage.ReservedBytes), DiskUsedBytes what their files take now.
+	DiskReservedBytes int64 `json:"disk_reserved_bytes"`
+	DiskUsedBytes     int64 `json:"disk_used_bytes"`
+	// DiskAvailableBytes is the free space less what the instances may
+	// still grow into (each reservation beyond its use) and the agent's
+	// headroom: the largest reservation a new instance (or a resize) can
+	// get; beyond it a provision is a 507.
+	DiskAvailableBytes int64 `json:"disk_available_bytes"`
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.
@@ -355,7 +444,8 @@ type LogLines struct {
 type Status struct {
 	Status string `json:"status"`
 	// Details are what /readyz adds: the isolation the agent cannot give
-	// on this host (no Landlock, no user per instance, ...).
+	// on this host (no Landlock, no user per instance, no IO limits, no
+	// disk quotas, ...).
 	Details []string `json:"details,omitempty"`
 }
 

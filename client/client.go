@@ -400,10 +400,11 @@ func (c *Client) Ready(ctx context.Context) error {
 }
 
 // WriteStatus writes one line per instance: id, state, port, pid, uptime,
-// restarts, memory used of max, and the last exit when there was one.
+// restarts, memory used of max, disk its files take (data and logs) of its
+// reservation, and the last exit when there was one.
 func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tLAST BACKUP\tLAST EXIT")
+	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tDISK\tLAST BACKUP\tLAST EXIT")
 	for _, in := range insts {
 		pid, uptime := "-", "-"
 		if in.PID != 0 {
@@ -426,7 +427,15 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 			}
 			last = fmt.Sprintf("%s (%s) %s ago", why, how, time.Since(e.Time).Round(time.Second))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, lastBackup(in.Backup), last)
+		disk := "-"
+		if d := in.Disk; d != nil {
+			used := "-"
+			if !d.MeasuredAt.IsZero() {
+				used = Bytes(d.DataBytes + d.LogBytes)
+			}
+			disk = used + "/" + Bytes(d.ReservedBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, disk, lastBackup(in.Backup), last)
 	}
 	return tw.Flush()
 }
@@ -450,4 +459,18 @@ func lastBackup(b *apitype.BackupStatus) string {
 		out += ", running"
 	}
 	return out
+}
+
+// Bytes writes n bytes in binary units: "512B", "1.5MiB", "3.0GiB".
+func Bytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	v, i := float64(n)/unit, 0
+	for v >= unit && i < 4 {
+		v /= unit
+		i++
+	}
+	return fmt.Sprintf("%.1f%ciB", v, "KMGTP"[i])
 }

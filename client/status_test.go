@@ -63,3 +63,30 @@ func TestWriteStatusLastBackup(t *testing.T) {
 		})
 	}
 }
+
+// The DISK column: what the files take (data and logs) of the
+// instance's reservation; "-" before the first measure.
+func TestWriteStatusDisk(t *testing.T) {
+	for _, tt := range []struct {
+		disk *apitype.DiskUsage
+		want string
+	}{
+		{nil, "64MiB  -  "},
+		{&apitype.DiskUsage{ReservedBytes: 265 << 20}, "-/265.0MiB"},
+		{&apitype.DiskUsage{DataBytes: 3 << 20, LogBytes: 1 << 19, ReservedBytes: 3 << 30, MeasuredAt: time.Now()}, "3.5MiB/3.0GiB"},
+	} {
+		var b bytes.Buffer
+		in := apitype.Instance{ID: "i1", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, Disk: tt.disk}
+		if err := WriteStatus(&b, []apitype.Instance{in}); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(b.String(), tt.want) {
+			t.Errorf("status table:\n%s\nwant it to hold %q", b.String(), tt.want)
+		}
+	}
+	for n, want := range map[int64]string{0: "0B", 1023: "1023B", 1024: "1.0KiB", 1536 << 20: "1.5GiB"} {
+		if got := Bytes(n); got != want {
+			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}

@@ -123,6 +123,9 @@ type Instance struct {
 	Backup *apitype.BackupPolicy `json:"backup,omitempty"`
 	// LastBackup is the last backup of it that succeeded here.
 	LastBackup *LastBackup `json:"last_backup,omitempty"`
+	// IO is the instance's own IO limits (over the agent's defaults);
+	// nil when it has none.
+	IO *apitype.IOSetting `json:"io,omitempty"`
 }
 
 // LastBackup is a successful backup of an instance.

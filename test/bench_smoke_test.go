@@ -29,7 +29,7 @@ func TestBenchSmoke(t *testing.T) {
 		Agent: agentBin, Broker: smokeBroker, RedisServer: redisServer, Dir: testenv.TraversableDir(t),
 		Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
-		SnapshotMB: 2, RolloutInstances: 2,
+		SnapshotMB: 2, RolloutInstances: 2, IOMB: 2, IODuration: 300 * time.Millisecond,
 		BrokerSamples: 3, DrainInstances: 2, DrainMB: 1,
 		VersityGW: testenv.VersityGW(t),
 	}

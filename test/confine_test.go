@@ -270,6 +270,9 @@ func hostileAttack(t *testing.T, extra ...string) (map[string]string, targets, i
 		t.Fatal(err)
 	}
 	dataDir := testenv.TraversableDir(t)
+	// The agent leaves its redis-servers (here the hostile tenant and its
+	// victim) running when it stops: they go with the test.
+	killRedisUnder(t, dataDir)
 	// A directory anyone may write (as /tmp usually is): only the
 	// confinement keeps the tenant out.
 	shared := testenv.TraversableDir(t)

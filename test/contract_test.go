@@ -76,6 +76,13 @@ func TestOpenAPIContract(t *testing.T) {
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
 		{"PATCH", "/v1/instances/c1", `{}`, 422},
 		{"PATCH", "/v1/instances/none", `{"memory_mb":48}`, 404},
+		// IO limits: set live, back to the defaults, refused when too low.
+		{"PATCH", "/v1/instances/c1", `{"io":{"write_bps":10485760,"read_iops":500,"weight":200}}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"io":{}}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"io":{"write_bps":1}}`, 422},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"persistence":"none","io":{"read_bps":2097152}}`, 201},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"persistence":"none","io":{"read_bps":4194304}}`, 409},
+		{"DELETE", "/v1/instances/c5", "", 200},
 		{"GET", "/v1/instances/none/snapshot", "", 404},
 		{"POST", "/v1/instances/c1/backups", "", 201},
 		{"POST", "/v1/instances/none/backups", "", 404},

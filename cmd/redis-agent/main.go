@@ -86,6 +86,53 @@ func (e *envs) duration(name string, def time.Duration) time.Duration {
 	return d
 }
 
+func (e *envs) size(name string, def int64) int64 {
+	v, ok := os.LookupEnv("REDIS_AGENT_" + name)
+	if !ok {
+		return def
+	}
+	n, err := parseSize(v)
+	if err != nil {
+		e.errs = append(e.errs, fmt.Errorf("REDIS_AGENT_%s=%q: %v", name, v, err))
+		return def
+	}
+	return n
+}
+
+// parseSize reads a number of bytes: digits, optionally followed by K, M,
+// G or T (powers of 1024; "Ki", "KiB" and "KB" mean the same).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	num := strings.TrimRight(t, "KMGTiBkmgtb")
+	unit := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(t[len(num):], "B"), "b"))
+	unit = strings.TrimSuffix(unit, "I")
+	shift := map[string]uint{"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+	sh, ok := shift[unit]
+	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
+	if !ok || err != nil || n < 0 || n > (1<<62)>>sh {
+		return 0, fmt.Errorf("want a size in bytes like 1048576, 64M or 1G")
+	}
+	return n << sh, nil
+}
+
+// sizeValue is a flag of a size (parseSize).
+type sizeValue struct{ p *int64 }
+
+func (v sizeValue) String() string {
+	if v.p == nil {
+		return "0"
+	}
+	return strconv.FormatInt(*v.p, 10)
+}
+
+func (v sizeValue) Set(s string) error {
+	n, err := parseSize(s)
+	if err == nil {
+		*v.p = n
+	}
+	return err
+}
+
 // settings is what the command line and the environment ask for.
 type settings struct {
 	cfg                              server.Config
@@ -130,6 +177,20 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.Uint64Var(&cfg.Agent.CPUShares, "cpu-shares", uint64(envInt("CPU_SHARES", int(cfg.Agent.CPUShares))), "relative CPU weight of each instance (env REDIS_AGENT_CPU_SHARES)")
 	fs.Float64Var(&cfg.Agent.CPUQuota, "cpu-quota", ev.float("CPU_QUOTA", cfg.Agent.CPUQuota), "hard CPU cap per instance in cores, 0 for none (env REDIS_AGENT_CPU_QUOTA)")
 	fs.Int64Var(&cfg.Agent.Pids, "pids-limit", int64(envInt("PIDS_LIMIT", int(cfg.Agent.Pids))), "most processes and threads per instance (env REDIS_AGENT_PIDS_LIMIT)")
+	ioSize := func(p *int64, name, env, what string) {
+		*p = ev.size(env, *p)
+		fs.Var(sizeValue{p}, name, what+" (env REDIS_AGENT_"+env+")")
+	}
+	ioSize(&cfg.Agent.IOReadBPS, "io-read-bps", "IO_READ_BPS", "default read limit of each instance on the data directory's disk, bytes a second (64M, 1G); 0 for none")
+	ioSize(&cfg.Agent.IOWriteBPS, "io-write-bps", "IO_WRITE_BPS", "default write limit of each instance on the data directory's disk, bytes a second; 0 for none")
+	fs.Int64Var(&cfg.Agent.IOReadIOPS, "io-read-iops", int64(envInt("IO_READ_IOPS", int(cfg.Agent.IOReadIOPS))), "default read operations a second of each instance on the data directory's disk; 0 for none (env REDIS_AGENT_IO_READ_IOPS)")
+	fs.Int64Var(&cfg.Agent.IOWriteIOPS, "io-write-iops", int64(envInt("IO_WRITE_IOPS", int(cfg.Agent.IOWriteIOPS))), "default write operations a second of each instance on the data directory's disk; 0 for none (env REDIS_AGENT_IO_WRITE_IOPS)")
+	fs.Int64Var(&cfg.Agent.IOWeight, "io-weight", int64(envInt("IO_WEIGHT", int(cfg.Agent.IOWeight))), "default share of the data directory's disk under contention, 1-1000 (100 for all is even); only the BFQ scheduler uses it; 0 for the kernel's (env REDIS_AGENT_IO_WEIGHT)")
+	fs.DurationVar(&cfg.Agent.DiskInterval, "disk-interval", envDuration("DISK_INTERVAL", cfg.Agent.DiskInterval), "measure every instance's files (and rotate its log) this often (env REDIS_AGENT_DISK_INTERVAL)")
+	fs.StringVar(&cfg.Agent.DiskBudget, "disk-budget", env("DISK_BUDGET", cfg.Agent.DiskBudget), "on: refuse (507) a provision or resize whose disk reservation does not fit the data file system; off: overcommit the disk, only report it (env REDIS_AGENT_DISK_BUDGET)")
+	fs.Int64Var(&cfg.Agent.DiskHeadroomMB, "disk-headroom-mb", int64(envInt("DISK_HEADROOM_MB", int(cfg.Agent.DiskHeadroomMB))), "disk of the data file system the budget keeps free of reservations, MiB (env REDIS_AGENT_DISK_HEADROOM_MB)")
+	ioSize(&cfg.Agent.LogMaxBytes, "log-max-size", "LOG_MAX_SIZE", "rotate an instance's redis-server log past this size (2M, 16M); 0 never")
+	fs.IntVar(&cfg.Agent.LogKeep, "log-keep", envInt("LOG_KEEP", cfg.Agent.LogKeep), "rotated logs kept per instance (env REDIS_AGENT_LOG_KEEP)")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", env("TLS_CERT", ""), "PEM certificate: serve the API over HTTPS (env REDIS_AGENT_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")

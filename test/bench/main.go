@@ -39,6 +39,9 @@ func run() error {
 	fs.IntVar(&cfg.APIClients, "api-clients", 32, "concurrent GET clients")
 	fs.IntVar(&cfg.SnapshotMB, "snapshot-mb", 100, "dataset of the snapshot and restore scenario, MiB")
 	fs.IntVar(&cfg.RolloutInstances, "rollout", 10, "small instances of the rolling upgrade scenario")
+	fs.IntVar(&cfg.IOMB, "io-mb", 64, "data set of the IO scenario's noisy tenant, MiB")
+	fs.IntVar(&cfg.IOLimitMBs, "io-limit-mbs", 20, "the IO scenario's write limit of the noisy tenant, MiB/s")
+	fs.DurationVar(&cfg.IODuration, "io-duration", 5*time.Second, "the IO scenario's quiet neighbour measured this long on each side of each round; 0 leaves it out")
 	fs.IntVar(&cfg.BrokerSamples, "broker-samples", 50, "provisions and deletes through the broker, and as many directly")
 	fs.IntVar(&cfg.DrainInstances, "drain", 20, "AOF instances on the agent the broker drains")
 	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
@@ -50,6 +53,7 @@ func run() error {
 		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
 		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
+		cfg.IOMB, cfg.IODuration = 4, time.Second
 		cfg.BrokerSamples, cfg.DrainInstances, cfg.DrainMB = 5, 2, 2
 	}
 	var err error

@@ -72,6 +72,13 @@ type Config struct {
 	// VersityGW is the Versity S3 gateway binary the backup figures run
 	// against; "" leaves them out.
 	VersityGW string
+	// IOMB is the noisy tenant's data set of the IO scenario, IODuration
+	// how long the quiet neighbour is measured on each side; 0 leaves the
+	// scenario out.
+	IOMB       int
+	IODuration time.Duration
+	// IOLimitMBs is the noisy tenant's write limit in MiB/s; 0 is 20.
+	IOLimitMBs int
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -218,6 +225,9 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 			return res, fmt.Errorf("backup: %w", err)
 		}
 	}
+	if err := s.ioNeighbours(ctx, cfg.IOMB, cfg.IOLimitMBs, cfg.IODuration); err != nil {
+		return res, fmt.Errorf("IO neighbours: %w", err)
+	}
 	if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
 		return res, err
 	}
@@ -362,7 +372,7 @@ func (s *suite) startAgent() error {
 	a := &agentProc{base: "http://" + listen, exited: make(chan struct{}), log: &bytes.Buffer{}}
 	args := []string{"--listen", listen, "--data-dir", s.data, "--redis-server", s.bin(),
 		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
-		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 1024), "--log-level", "warn", "--log-format", "json",
+		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 2*s.cfg.IOMB + 1024), "--log-level", "warn", "--log-format", "json",
 		"--restart-stable-after", "200ms"}
 	if p := s.checkRDB(); p != "" {
 		args = append(args, "--redis-check-rdb", p)
@@ -773,6 +783,7 @@ func (r Result) Markdown(command string) string {
 		r.Started.UTC().Format("2006-01-02 15:04 MST"), command, r.Took.Round(time.Second), r.Machine)
 	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
 	b.WriteString("Snapshot and restore: an AOF instance filled with 1 KiB random values, its snapshot downloaded (GET, sha256 checked) and restored into a second instance (PUT, until 200 with the instance ready on the data); their references are a bare redis-server SAVE of the same data and a bare redis-server start that loads the same RDB. Rolling upgrade: the agent's redis-server is a symlink, pointed at a copy of the binary before `POST /v1/rollout`; each instance is PINGed by its binding user on a fresh connection every 2 ms, and its unavailability is the longest gap between two answers (so ~3 ms is the floor).\n\n")
+	b.WriteString("IO neighbours: a quiet `aof-always` instance (each SET fsynced before its answer) SETs small keys on one connection, alone and then next to a noisy AOF tenant whose data set (1 KiB random values) the agent snapshots in a loop (`GET .../snapshot`: a BGSAVE, the IO of an AOF rewrite) while a writer overwrites its keys (its AOF grows, and is rewritten when it doubles), in two rounds that alternate the noisy tenant without an IO limit and with `PATCH {\"io\":{\"write_bps\":...}}`; the noisy tenant's snapshots a second show what the limit costs it. Left out where the agent limits no IO (not root, no IO controller).\n\n")
 	b.WriteString(r.brokerNote())
 	b.WriteString(r.Table())
 	return b.String()
