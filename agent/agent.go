@@ -26,6 +26,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/backup"
 	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
 	"github.com/redis-agent/redis-agent/limits"
@@ -81,12 +83,33 @@ type Service struct {
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool
+	// dev is the data root's block device, which IO limits are set on;
+	// ioNote says why they are not enforced ("" when they are).
+	dev    limits.Device
+	ioNote string
+	// disk holds the last measure of every instance's files; admitMu
+	// orders the admissions against the disk budget; logOnDataFS is set
+	// when the logs are on the data file system (and count against it).
+	disk        diskState
+	admitMu     sync.Mutex
+	logOnDataFS bool
+	// quota sets the instances' project quotas where the data file
+	// system enforces them (nil elsewhere, and quotaNote says why).
+	quota     *limits.Quotas
+	quotaNote string
+	// statfs is unix.Statfs (nil), or a test's file system.
+	statfs func(path string, st *unix.Statfs_t) error
 
 	roll *rollouts
 	// ca signs the instances' TLS certificates; certExpiry holds when each
 	// instance's expires (Unix seconds, by id), for the metric.
 	ca         *certAuthority
 	certExpiry sync.Map
+	// bk is the backup target and its schedule; nil without a target.
+	bk *backups
+	// transientMB is memory counted against the budget for as long as
+	// something runs beside the instances: BGSAVE forks, restore loaders.
+	transientMB atomic.Int64
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
 	// for them. bgMu orders their start against Close (see background).
@@ -103,6 +126,7 @@ type cgroups interface {
 	Differs(id string, want limits.Limits) (bool, error)
 	Remove(id string) error
 	RemoveRootIfEmpty()
+	IOSupported() (bool, string)
 }
 
 var (
@@ -122,7 +146,9 @@ type instance struct {
 	// server at another calls drift (a resize a crash cut short, on a
 	// process adopted since).
 	memoryMB atomic.Int64
-	drift    func()
+	// io is the record's IO setting, for the cgroup limits' drift check.
+	io    atomic.Pointer[apitype.IOSetting]
+	drift func()
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
@@ -154,6 +180,7 @@ func New(cfg Config) (*Service, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	cfg.Backup = cfg.Backup.withDefaults()
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -241,9 +268,29 @@ func New(cfg Config) (*Service, error) {
 			log.Info("a cgroup per instance", "mode", m.Mode(), "root", m.Root, "cpu_shares", cfg.CPUShares, "cpu_quota", cfg.CPUQuota, "pids", cfg.Pids)
 		}
 	}
+	s.logOnDataFS = sameFS(s.layout.DataRoot, s.layout.LogRoot)
+	s.initIO()
+	if s.ioNote != "" {
+		s.notes = append(s.notes, s.ioNote)
+	}
+	s.initQuotas()
+	if s.quotaNote != "" {
+		s.notes = append(s.notes, s.quotaNote)
+	}
 	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
 		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
+	if cfg.Backup.Target.Enabled() {
+		t, err := backup.New(cfg.Backup.Target)
+		if err != nil {
+			store.Close()
+			return nil, err
+		}
+		s.metrics.backups = true
+		s.bk = &backups{target: t, sem: make(chan struct{}, cfg.Backup.Parallel), running: map[string]bool{}, failed: map[string]backupFailure{}}
+		log.Info("backups", "target", t.Where(), "schedule", cfg.Backup.Schedule, "keep", cfg.Backup.Keep, "keep_days", cfg.Backup.KeepDays,
+			"parallel", cfg.Backup.Parallel, "agent_name", cfg.Backup.AgentName)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }

@@ -94,10 +94,35 @@ type Config struct {
 	// often the agent looks. Zero means 90 days, and an hour (or a tenth
 	// of the validity when that is shorter).
 	CertValidity, CertCheck time.Duration
+	// IOReadBPS, IOWriteBPS (bytes a second), IOReadIOPS and IOWriteIOPS
+	// (operations a second) are every instance's default IO limits on the
+	// data directory's block device, 0 none; IOWeight its default share
+	// of that device under contention (1-1000, BFQ only), 0 the kernel's.
+	// An instance's own setting replaces each one it sets.
+	IOReadBPS, IOWriteBPS, IOReadIOPS, IOWriteIOPS int64
+	IOWeight                                       int64
+	// DiskInterval is how often every instance's files are measured (and
+	// their logs rotated).
+	DiskInterval time.Duration
+	// DiskHeadroomMB is disk of the data file system that the budget
+	// keeps free of reservations (for the state file, snapshots and
+	// restores in flight, the system).
+	DiskHeadroomMB int64
+	// DiskBudget is "on" (a provision or resize whose disk reservation
+	// does not fit is refused) or "off" (the disk is overcommitted: the
+	// figures are reported, nothing is refused for them).
+	DiskBudget string
+	// LogMaxBytes is the size past which an instance's log is rotated (0:
+	// never), LogKeep how many rotated logs are kept.
+	LogMaxBytes int64
+	LogKeep     int
 	// Logger receives the agent's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Registerer receives the agent's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// Backup is the backup target and the instances' default backup
+	// settings; without a target, no backups.
+	Backup BackupConfig
 }
 
 // DefaultConfig returns the defaults: ports 16000-16999, data under /var/lib/redis-agent as root or
@@ -120,6 +145,11 @@ func DefaultConfig() Config {
 		Launcher:        defaultLauncher(),
 		CPUShares:       1024,
 		Pids:            128,
+		DiskInterval:    30 * time.Second,
+		DiskHeadroomMB:  1024,
+		DiskBudget:      "on",
+		LogMaxBytes:     2 << 20,
+		LogKeep:         3,
 	}
 	if os.Geteuid() == 0 {
 		c.DataDir = DefaultDataDir
@@ -243,6 +273,29 @@ func (c Config) Validate() error {
 	if c.CPUQuota < 0 || c.Pids < 0 {
 		bad("cpu quota and pids limit must not be negative")
 	}
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"read_bps", c.IOReadBPS}, {"write_bps", c.IOWriteBPS}, {"read_iops", c.IOReadIOPS}, {"write_iops", c.IOWriteIOPS}, {"weight", c.IOWeight}} {
+		if err := checkIO(f.name, f.v); err != nil {
+			bad("default %v", err)
+		}
+	}
+	if c.DiskInterval <= 0 {
+		bad("disk interval %v: want a positive duration", c.DiskInterval)
+	}
+	if c.DiskBudget != "on" && c.DiskBudget != "off" {
+		bad("disk budget %q: want on or off", c.DiskBudget)
+	}
+	if c.DiskHeadroomMB < 0 {
+		bad("disk headroom %d MB: want 0 or more", c.DiskHeadroomMB)
+	}
+	if c.LogMaxBytes < 0 || (c.LogMaxBytes > 0 && c.LogMaxBytes < 4<<10) {
+		bad("log max size %d: want 0 (never rotate) or at least 4 KiB", c.LogMaxBytes)
+	}
+	if c.LogKeep < 0 || c.LogKeep > 100 {
+		bad("log keep %d: want 0 to 100 rotated logs", c.LogKeep)
+	}
 	if c.Health.Interval <= 0 || c.Health.Timeout <= 0 || c.Health.Failures < 1 {
 		bad("health check: interval and timeout must be positive and failures >= 1")
 	}
@@ -269,6 +322,9 @@ func (c Config) Validate() error {
 		if _, _, err := ParseUIDRange(c.InstanceUIDs); err != nil {
 			bad("instance uids: %v, auto or off", err)
 		}
+	}
+	if err := c.Backup.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if os.Geteuid() == 0 && c.InstanceUIDs == "off" {
 		if c.RedisUser == "" {

@@ -176,6 +176,8 @@ func (s *Service) startCommand(id string) func(binary, conf string) (*exec.Cmd, 
 		if err := s.layout.Reown(id, s.ownerOf(rec)); err != nil {
 			return nil, err
 		}
+		// A new user is a new quota project.
+		s.applyQuota(rec)
 		p := s.policy(confine.Policy{
 			Exec: []string{binary},
 			// The tls directory, not its files: a renewal adds new

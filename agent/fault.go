@@ -16,6 +16,7 @@ const (
 	FaultUnbindRecorded    = "unbind.recorded"    // binding gone from the record, still in Redis
 	FaultRestoreStaged     = "restore.staged"     // new data staged and checked, old data live
 	FaultRestoreSwapped    = "restore.swapped"    // data directories swapped, no process running
+	FaultBackupUploaded    = "backup.uploaded"    // a backup's RDB in the bucket, its manifest and record not yet
 )
 
 // Fault-injection points of a replication move (MoveFaultPoints).

@@ -134,6 +134,9 @@ func mountTmpfs(t *testing.T, size string) string {
 func TestDiskFullGivesClearErrorAndNoHalfState(t *testing.T) {
 	cfg := testConfig(t, 4)
 	cfg.DataDir = mountTmpfs(t, "2m")
+	// The disk fills behind the budget's back (it would refuse an
+	// instance of this size on 2 MiB at once).
+	cfg.DiskBudget = "off"
 	s := startService(t, cfg)
 	ctx := context.Background()
 	if _, _, err := s.Provision(ctx, "first", Spec{Persistence: "aof"}); err != nil {
@@ -173,6 +176,7 @@ func TestDiskFullGivesClearErrorAndNoHalfState(t *testing.T) {
 func TestReadOnlyDiskGivesClearErrorAndNoHalfState(t *testing.T) {
 	cfg := testConfig(t, 4)
 	cfg.DataDir = mountTmpfs(t, "4m")
+	cfg.DiskBudget = "off"
 	s := startService(t, cfg)
 	ctx := context.Background()
 	if _, _, err := s.Provision(ctx, "first", Spec{Persistence: "none"}); err != nil {

@@ -117,7 +117,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 			t.Fatal(err)
 		}
 		in.memoryMB.Store(48)
-		if err := s.cg.Apply("r", inst.PID, s.limitsFor(64, "none")); err != nil {
+		if err := s.cg.Apply("r", inst.PID, s.limitsFor(64, "none", nil)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -135,7 +135,7 @@ func TestInterruptedResizeFixesCgroupLimit(t *testing.T) {
 	if _, err := s.store.Update("r", func(r *state.Instance) error { r.MemoryMB = 64; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.cg.Apply("r", inst.PID, s.limitsFor(48, "none")); err != nil {
+	if err := s.cg.Apply("r", inst.PID, s.limitsFor(48, "none", nil)); err != nil {
 		t.Fatal(err)
 	}
 	shutdown(t, s, false)
@@ -257,6 +257,7 @@ func TestCloseWaitsForBackgroundWork(t *testing.T) {
 func TestTmpfsDataDirFilesFitTheCgroup(t *testing.T) {
 	cfg := testConfig(t, 2)
 	cfg.DataDir = mountTmpfs(t, "400m")
+	cfg.DiskHeadroomMB = 0 // the instance's 217 MiB reservation fits in 400
 	s := startService(t, cfg)
 	requireCgroups(t, s)
 	if !s.dataOnTmpfs {

@@ -64,6 +64,11 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if spec.TLS, err = normalizeTLS(spec.TLS); err != nil {
 		return spec, err
 	}
+	io, err := normalizeIO(spec.IO)
+	if err != nil {
+		return spec, err
+	}
+	spec.IO = io
 	md, err := normalizeMetadata(spec.Metadata)
 	spec.Metadata = md
 	return spec, err
@@ -113,23 +118,34 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 	defer unlock()
 
 	rec := state.Instance{
-		ID:          id,
-		MemoryMB:    spec.MemoryMB,
-		Persistence: spec.Persistence,
-		Metadata:    spec.Metadata,
-		ReplicaOf:   primaryOf(spec.ReplicaOf),
+		ID:            id,
+		MemoryMB:      spec.MemoryMB,
+		Persistence:   spec.Persistence,
+		Metadata:      spec.Metadata,
+		ReplicaOf:     primaryOf(spec.ReplicaOf),
+		IO:            spec.IO,
+		AdminPassword: redis.NewPassword(),
+		Phase:         state.PhaseProvisioning,
+		CreatedAt:     time.Now().UTC(),
 
 		MaxmemoryPolicy:  spec.MaxmemoryPolicy,
 		MaxmemoryClients: spec.MaxmemoryClients,
 		TLS:              spec.TLS,
-		AdminPassword:    redis.NewPassword(),
-		Phase:            state.PhaseProvisioning,
-		CreatedAt:        time.Now().UTC(),
+	}
+	// The disk budget first (an instance that exists already is not
+	// admitted again: an identical provision is a 200 however full the
+	// disk), under admitMu until the record holds the reservation.
+	s.admitMu.Lock()
+	if _, gerr := s.store.Get(id); errors.Is(gerr, state.ErrNotFound) {
+		if err := s.admitDisk(s.reservation(spec.MemoryMB, spec.Persistence), fmt.Sprintf("an instance of %d MiB with persistence %s", spec.MemoryMB, spec.Persistence)); err != nil {
+			s.admitMu.Unlock()
+			return Instance{}, false, err
+		}
 	}
 	rec, err = s.store.CreatePorts(rec, func(u state.Usage) (int, int, error) {
-		if free := s.cfg.MemoryBudgetMB - u.MemoryMB; spec.MemoryMB > free {
-			return 0, 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free: %w",
-				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
+		if free := s.cfg.MemoryBudgetMB - u.MemoryMB - int(s.transientMB.Load()); spec.MemoryMB > free {
+			return 0, 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' loaders now): %w",
+				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, s.transientMB.Load(), ErrCapacity)
 		}
 		port, err := s.alloc.Next(u.PortHeld)
 		if errors.Is(err, ports.ErrExhausted) {
@@ -145,6 +161,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		return port, tlsPort, err
 	})
+	s.admitMu.Unlock()
 	if err == nil {
 		crashAt(FaultProvisionRecorded)
 	}
@@ -160,6 +177,9 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		if !bytes.Equal(rec.Metadata, spec.Metadata) {
 			return Instance{}, false, fmt.Errorf("instance %q exists with other metadata: %w", id, ErrConflict)
+		}
+		if !sameIO(rec.IO, spec.IO) {
+			return Instance{}, false, fmt.Errorf("instance %q exists with other io limits: %w", id, ErrConflict)
 		}
 		if rec.Phase == state.PhaseDeleting {
 			return Instance{}, false, fmt.Errorf("instance %q is being deleted: %w", id, ErrConflict)
@@ -226,6 +246,7 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		return fail(err)
 	}
 	log.Info("provisioned", "port", rec.Port, "memory_mb", rec.MemoryMB, "persistence", rec.Persistence)
+	s.measure(rec)
 	return s.view(rec), nil
 }
 
@@ -243,12 +264,13 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
 	in.limitsDrift = func() bool {
-		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence))
+		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence, in.io.Load()))
 		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
 	in.policy.Store(policyOf(rec))
 	s.useTLS(in, rec)
+	in.io.Store(rec.IO)
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
 		ConfPath:     s.layout.ConfPath(id),
@@ -273,6 +295,9 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	s.metrics.track(id)
 	n, _ := s.cg.OOMKills(id)
 	in.oomKills.Store(n)
+	// Its directory's quota (an adopted instance's is set again: a resize
+	// an agent crash cut short).
+	s.applyQuota(rec)
 	// An adopted process keeps its cgroup, unless it is not in it or the
 	// cgroup's limits are not the record's (a resize an agent crash cut
 	// short, changed --cpu-shares or --pids-limit).
@@ -363,29 +388,15 @@ func (s *Service) recordExe(id string, pid int) {
 }
 
 // limitsFor are the cgroup limits of an instance of memoryMB maxmemory
-// with persistence. With the data directory on tmpfs, the instance's files
-// are memory charged to its cgroup, so the limit has room for them too.
-func (s *Service) limitsFor(memoryMB int, persistence string) limits.Limits {
+// with persistence and IO setting io. With the data directory on tmpfs,
+// the instance's files are memory charged to its cgroup, so the limit has
+// room for them too.
+func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSetting) limits.Limits {
 	mem := limits.MemoryFor(memoryMB)
 	if s.dataOnTmpfs {
-		mem += tmpfsFilesBytes(memoryMB, persistence)
+		mem += filesBytes(memoryMB, persistence)
 	}
-	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids}
-}
-
-// tmpfsFilesBytes is the most an instance's files take on tmpfs: for the
-// aof modes the AOF grows to twice its base before Redis rewrites it (or to
-// auto-aof-rewrite-min-size, 64 MiB), plus the rewrite's new base; for rdb
-// a dump and the one a BGSAVE writes beside it.
-func tmpfsFilesBytes(memoryMB int, persistence string) int64 {
-	mb := int64(memoryMB) << 20
-	switch {
-	case apitype.IsAOF(persistence):
-		return 3*mb + 64<<20
-	case persistence == apitype.PersistenceRDB:
-		return 2 * mb
-	}
-	return 0
+	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
 }
 
 // confine puts the process of id into the instance's cgroup. A failure is
@@ -398,7 +409,7 @@ func (s *Service) confine(id string, pid int) {
 	if err != nil {
 		return
 	}
-	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence)); err != nil {
+	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {
 		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
 	}
 }
@@ -467,6 +478,7 @@ func (s *Service) runtime(id string) *instance {
 // its record. Each step tolerates what an earlier, interrupted destroy
 // already did.
 func (s *Service) destroy(id string) error {
+	rec, recErr := s.store.Get(id)
 	s.stopForwarding(id)
 	if in := s.runtime(id); in != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.StopTimeout+10*time.Second)
@@ -490,12 +502,16 @@ func (s *Service) destroy(id string) error {
 	if err := s.layout.Remove(id); err != nil {
 		return err
 	}
+	if recErr == nil {
+		s.clearQuota(rec)
+	}
 	crashAt(FaultDeleteRemoved)
 	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {
 		return err
 	}
 	s.metrics.forget(id)
 	s.certExpiry.Delete(id)
+	s.disk.forget(id)
 	return nil
 }
 
@@ -603,13 +619,29 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 	if err != nil {
 		return Capacity{}, err
 	}
+	recs, err := s.store.List()
+	if err != nil {
+		return Capacity{}, err
+	}
+	b, err := s.diskBudget(recs)
+	if err != nil {
+		return Capacity{}, err
+	}
 	c := Capacity{
-		Draining:         draining,
-		Instances:        u.Instances,
-		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
-		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
-		MemoryReservedMB: u.MemoryMB,
-		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+		Draining:           draining,
+		Instances:          u.Instances,
+		PortsTotal:         s.cfg.PortMax - s.cfg.PortMin + 1,
+		MemoryTotalMB:      s.cfg.MemoryBudgetMB,
+		MemoryReservedMB:   u.MemoryMB,
+		MemoryFreeMB:       max(s.cfg.MemoryBudgetMB-u.MemoryMB-int(s.transientMB.Load()), 0),
+		DiskTotalBytes:     b.total,
+		DiskFreeBytes:      b.free,
+		DiskReservedBytes:  b.reserved,
+		DiskUsedBytes:      b.used,
+		DiskAvailableBytes: b.available,
+	}
+	if s.bk != nil {
+		c.BackupAgent = s.cfg.Backup.AgentName
 	}
 	t, err := s.roll.target(ctx)
 	if err != nil {
@@ -646,6 +678,7 @@ func (s *Service) view(rec state.Instance) Instance {
 		UID:              rec.UID,
 	}
 	inst.RedisVersion = s.roll.versionOf(rec)
+	inst.Backup = s.backupStatus(rec)
 	for bid := range rec.Bindings {
 		inst.Bindings = append(inst.Bindings, bid)
 	}
@@ -670,6 +703,8 @@ func (s *Service) view(rec state.Instance) Instance {
 	if p := rec.ReplicaOf; p != nil {
 		inst.ReplicaOf = net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
 	}
+	inst.IO = s.ioView(rec.IO)
+	inst.Disk = s.diskView(rec)
 	if m := rec.Move; m != nil {
 		inst.Move = &apitype.MoveStatus{State: m.State, StartedAt: m.StartedAt, CutoverAt: m.CutoverAt, ForwardTo: m.ForwardTo}
 		if m.State == state.MoveForwarding {

@@ -47,7 +47,7 @@ func TestRestoreLoaderContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	// As the instance's own user, when it has one.
-	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: apitype.PersistenceRDB, Limits: s.limitsFor(24, apitype.PersistenceRDB),
+	want := loadJob{ID: "dst", Binary: s.cfg.RedisServer, MemoryMB: 24, Persistence: apitype.PersistenceRDB, Limits: s.limitsFor(24, apitype.PersistenceRDB, nil),
 		Owner: s.ownerOf(rec)}
 	if s.uidsOn() && (rec.UID == 0 || want.Owner.UID != rec.UID) {
 		t.Fatalf("record %+v has no uid of its own", rec)

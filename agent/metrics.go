@@ -6,6 +6,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/redis-agent/redis-agent/apitype"
+	"github.com/redis-agent/redis-agent/backup"
+	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
@@ -18,6 +20,10 @@ type metrics struct {
 	opDuration      *prometheus.HistogramVec
 	reconcileSecs   prometheus.Gauge
 	reconcileCounts *prometheus.GaugeVec
+	backupFailures  *prometheus.CounterVec
+	// backups is set when the agent has a backup target: track creates
+	// the failure series then.
+	backups bool
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
@@ -39,9 +45,13 @@ func newMetrics(reg prometheus.Registerer, s *Service) *metrics {
 			Name: "redis_agent_reconcile_instances",
 			Help: "What the last reconcile did, by outcome (adopted, started, deleted).",
 		}, []string{"outcome"}),
+		backupFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "redis_agent_backup_failures_total",
+			Help: "Failed backups, by instance and reason (unreachable, denied, full, no_bucket, timeout, snapshot, storage, other).",
+		}, []string{"instance", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.restarts, m.opDuration, m.reconcileSecs, m.reconcileCounts, &collector{s: s})
+		reg.MustRegister(m.restarts, m.opDuration, m.reconcileSecs, m.reconcileCounts, m.backupFailures, &collector{s: s})
 	}
 	return m
 }
@@ -62,11 +72,17 @@ func (m *metrics) track(id string) {
 	for _, r := range restartReasons {
 		m.restarts.WithLabelValues(id, r)
 	}
+	if m.backups {
+		for _, r := range backup.Reasons {
+			m.backupFailures.WithLabelValues(id, r)
+		}
+	}
 }
 
 // forget drops the per-instance series of a deleted instance.
 func (m *metrics) forget(id string) {
 	m.restarts.DeletePartialMatch(prometheus.Labels{"instance": id})
+	m.backupFailures.DeletePartialMatch(prometheus.Labels{"instance": id})
 }
 
 var (
@@ -82,6 +98,14 @@ var (
 		"Memory budget the agent hands out as maxmemory.", nil, nil)
 	descMemoryReserved = prometheus.NewDesc("redis_agent_memory_reserved_bytes",
 		"Memory budget reserved by instances.", nil, nil)
+	descDiskFree = prometheus.NewDesc("redis_agent_disk_free_bytes",
+		"Free bytes an unprivileged user may write on the data directory's file system.", nil, nil)
+	descDiskTotal = prometheus.NewDesc("redis_agent_disk_total_bytes",
+		"Size of the data directory's file system.", nil, nil)
+	descDiskReservedAll = prometheus.NewDesc("redis_agent_disk_reserved_bytes",
+		"Disk the instances' reservations add up to (each one's files' worst case for its maxmemory and persistence, and its logs).", nil, nil)
+	descDiskAvailable = prometheus.NewDesc("redis_agent_disk_available_bytes",
+		"Free disk less what the instances may still grow into and the headroom: the largest reservation a new instance can get.", nil, nil)
 )
 
 // Per-instance figures, named and meant as oliver006/redis_exporter's so
@@ -110,6 +134,14 @@ var (
 	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
 	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
 	descCertExpiry     = instanceDesc("redis_agent_instance_tls_cert_expiry_timestamp_seconds", "When the instance's TLS certificate expires (Unix time); it is renewed live once a third of its validity is left.")
+	descBackupLastTime = instanceDesc("redis_agent_backup_last_success_timestamp_seconds", "Start time (Unix seconds) of the instance's last successful backup on this agent.")
+	descBackupLastSize = instanceDesc("redis_agent_backup_last_success_bytes", "Size of the instance's last successful backup.")
+	descBackupInterval = instanceDesc("redis_agent_backup_interval_seconds", "The period of the instance's backup schedule; absent when it has none (off).")
+	descBackupRunning  = prometheus.NewDesc("redis_agent_backups_running", "Backups in progress.", nil, nil)
+	descTransient      = prometheus.NewDesc("redis_agent_memory_transient_bytes", "Memory budget held for now by backups' BGSAVE forks and restores' loaders.", nil, nil)
+	descDisk           = instanceDesc("redis_agent_instance_disk_bytes", "Disk the instance's files take (allocated bytes, as du counts them), by kind: data (its directory: RDB, AOF, config) and log (its log and the rotated ones); measured every --disk-interval.", "kind")
+	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "What the instance's files may take, by kind: data (its directory: the worst case of its files for its maxmemory and persistence) and log (--log-max-size x (--log-keep + 1)); the disk budget counts the log part when the logs are on the data file system.", "kind")
+	descDiskQuota      = instanceDesc("redis_agent_instance_disk_quota_bytes", "The project quota on the instance's data directory, where the file system enforces one.")
 )
 
 // collector reads the agent's state at scrape time.
@@ -118,7 +150,9 @@ type collector struct{ s *Service }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
 		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
-		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates, descCertExpiry} {
+		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates, descCertExpiry,
+		descBackupLastTime, descBackupLastSize, descBackupInterval, descBackupRunning, descTransient,
+		descDisk, descDiskReserved, descDiskQuota, descDiskFree, descDiskTotal, descDiskReservedAll, descDiskAvailable} {
 		ch <- d
 	}
 }
@@ -205,5 +239,60 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(held))
 		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB)*(1<<20))
+	}
+	ch <- prometheus.MustNewConstMetric(descTransient, prometheus.GaugeValue, float64(s.transientMB.Load())*(1<<20))
+	if s.bk != nil {
+		s.collectBackups(ch, insts)
+	}
+	c.collectDisk(ch)
+}
+
+// collectBackups emits the backup figures of the supervised instances
+// from their records.
+func (s *Service) collectBackups(ch chan<- prometheus.Metric, insts map[string]*instance) {
+	recs, err := s.store.List()
+	if err != nil {
+		return
+	}
+	for _, rec := range recs {
+		if insts[rec.ID] == nil || rec.Phase != state.PhaseActive {
+			continue
+		}
+		if lb := rec.LastBackup; lb != nil {
+			ch <- prometheus.MustNewConstMetric(descBackupLastTime, prometheus.GaugeValue, float64(lb.Time.UnixNano())/1e9, rec.ID)
+			ch <- prometheus.MustNewConstMetric(descBackupLastSize, prometheus.GaugeValue, float64(lb.Size), rec.ID)
+		}
+		if p := s.policyOf(rec); !p.sched.Off {
+			ch <- prometheus.MustNewConstMetric(descBackupInterval, prometheus.GaugeValue, p.sched.Every.Seconds(), rec.ID)
+		}
+	}
+	s.bk.mu.Lock()
+	n := len(s.bk.running)
+	s.bk.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(descBackupRunning, prometheus.GaugeValue, float64(n))
+}
+
+// collectDisk emits the disk figures: every instance's from its last
+// measure (no file is walked, no record read at a scrape), and the data
+// file system's budget over them (one statfs).
+func (c *collector) collectDisk(ch chan<- prometheus.Metric) {
+	s := c.s
+	usage := s.disk.all()
+	shares := make([]diskUsage, 0, len(usage))
+	for id, u := range usage {
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.data), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(u.log), id, "log")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(u.reservedData), id, "data")
+		ch <- prometheus.MustNewConstMetric(descDiskReserved, prometheus.GaugeValue, float64(s.logBound()), id, "log")
+		if u.quota > 0 {
+			ch <- prometheus.MustNewConstMetric(descDiskQuota, prometheus.GaugeValue, float64(u.quota), id)
+		}
+		shares = append(shares, u)
+	}
+	if b, err := s.budgetOf(shares); err == nil {
+		ch <- prometheus.MustNewConstMetric(descDiskTotal, prometheus.GaugeValue, float64(b.total))
+		ch <- prometheus.MustNewConstMetric(descDiskFree, prometheus.GaugeValue, float64(b.free))
+		ch <- prometheus.MustNewConstMetric(descDiskReservedAll, prometheus.GaugeValue, float64(b.reserved))
+		ch <- prometheus.MustNewConstMetric(descDiskAvailable, prometheus.GaugeValue, float64(b.available))
 	}
 }

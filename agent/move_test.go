@@ -259,7 +259,7 @@ func TestForwardingSurvivesAgentRestart(t *testing.T) {
 // (the crash point move.cutover), and is started again, adopts a
 // redis-server whose tenants are still connected: it fences them again,
 // the connections they had open included, until the move is aborted.
-func TestCutoverFenceAfterAgentRestart(t *testing.T) {
+func TestMoveCutoverFenceAfterAgentRestart(t *testing.T) {
 	srcCfg := testConfig(t, 2)
 	src := startService(t, srcCfg)
 	dst := startService(t, testConfig(t, 2))

@@ -94,6 +94,11 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		s.metrics.reconcileCounts.WithLabelValues(string(o)).Set(float64(done[o]))
 	}
 	s.reconciled.Store(true)
+	if s.bk != nil {
+		s.background(s.scheduleBackups)
+	}
+	// Every instance's files, measured now and every DiskInterval.
+	s.background(s.diskLoop)
 	s.log.Info("reconciled", "instances", len(recs), "adopted", done[outcomeAdopted], "started", done[outcomeStarted],
 		"deletions_finished", done[outcomeDeleted], "orphans", len(*s.orphans.Load()), "took", time.Since(t0).Round(time.Millisecond))
 	return nil

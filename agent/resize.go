@@ -65,17 +65,25 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 		}
 	}
 	old := rec.MemoryMB
+	// A bigger reservation must fit the disk budget, under admitMu until
+	// the record holds it.
+	s.admitMu.Lock()
+	if err := s.admitDisk(s.reservation(memoryMB, rec.Persistence)-s.reservation(old, rec.Persistence), fmt.Sprintf("growing to %d MiB", memoryMB)); err != nil {
+		s.admitMu.Unlock()
+		return Instance{}, fmt.Errorf("resize %q: %w", id, err)
+	}
 	// The record first: it is the intent. A crash after it leaves a config
 	// that reconcile rewrites, and a live maxmemory (and cgroup limit) the
 	// first health check after the process is adopted finds and sets.
 	rec, err = s.store.Admit(id, func(r *state.Instance, u state.Usage) error {
-		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB); memoryMB > free {
+		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB) - int(s.transientMB.Load()); memoryMB > free {
 			return fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free for this instance: %w",
 				memoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
 		}
 		r.MemoryMB = memoryMB
 		return nil
 	})
+	s.admitMu.Unlock()
 	if err != nil {
 		return Instance{}, notFound(id, err)
 	}
@@ -94,6 +102,8 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 			return Instance{}, fmt.Errorf("resize %q: %w (recorded; a retry or the next start applies it)", id, err)
 		}
 	}
+	s.applyQuota(rec)
+	s.measure(rec)
 	s.log.Info("resized", "instance", id, "from_mb", old, "to_mb", memoryMB)
 	return s.view(rec), nil
 }

@@ -166,6 +166,9 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			}
 		}
 	}()
+	if err := s.quotaFile(rec, upload); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: the instance's disk quota has no room for the snapshot: %w", id, err)
+	}
 	if err := os.Rename(upload, filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}
@@ -177,9 +180,13 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 		}
 	}
-	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence),
+	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO),
 		Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
-	if err := s.loader.Load(ctx, job); err != nil {
+	// The loader holds a second copy of the data set while it runs.
+	release := s.reserveTransient(rec.MemoryMB)
+	err = s.loader.Load(ctx, job)
+	release()
+	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
 	crashAt(FaultRestoreStaged)

@@ -24,6 +24,9 @@ var (
 	// (it exited, or did not answer in time); the supervisor keeps
 	// restarting it, and the instance's log_tail says why.
 	ErrNotReady = errors.New("not ready")
+	// ErrStorage: the backup target (the bucket) failed or refused: not
+	// reachable, credentials denied, full. The instance is untouched.
+	ErrStorage = errors.New("backup storage failed")
 )
 
 // The types of the API live in apitype, which crosses the wire; the

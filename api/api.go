@@ -41,6 +41,7 @@ type Service interface {
 	SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error)
 	Configure(ctx context.Context, id string, set apitype.Settings) (apitype.Instance, error)
 	CA(ctx context.Context) ([]byte, error)
+	SetIO(ctx context.Context, id string, io apitype.IOSetting) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
 	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)
@@ -52,6 +53,11 @@ type Service interface {
 	Forward(ctx context.Context, id, host string, port int, ttl time.Duration) error
 	Promote(ctx context.Context, id string, offset int64, timeout time.Duration) error
 	RolloutStatus(ctx context.Context) (apitype.Rollout, error)
+	Backup(ctx context.Context, id string) (apitype.Backup, error)
+	Backups(ctx context.Context, id string, details bool) ([]apitype.Backup, error)
+	LatestBackups(ctx context.Context, agent string) ([]apitype.Backup, error)
+	RestoreBackup(ctx context.Context, id, key string) (apitype.Instance, error)
+	SetBackupPolicy(ctx context.Context, id string, p apitype.BackupPolicy) (apitype.Instance, error)
 }
 
 var _ Service = (*agent.Service)(nil)
@@ -167,6 +173,9 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodPatch, "/instances/{id}", s.patchInstance)
 	v1(http.MethodGet, "/instances/{id}/snapshot", s.getSnapshot)
 	v1(http.MethodPut, "/instances/{id}/snapshot", s.putSnapshot)
+	v1(http.MethodPost, "/instances/{id}/backups", s.postBackup)
+	v1(http.MethodGet, "/instances/{id}/backups", s.listBackups)
+	v1(http.MethodGet, "/backups", s.latestBackups)
 	v1(http.MethodGet, "/rollout", s.getRollout)
 	v1(http.MethodPost, "/rollout", s.postRollout)
 	v1(http.MethodPut, "/instances/{id}/bindings/{bid}", s.putBinding)

@@ -138,6 +138,16 @@ func TestSuccessStatuses(t *testing.T) {
 		{"resize", "PATCH", "/v1/instances/i1", `{"memory_mb":128}`, func(m *MockService) {
 			m.EXPECT().Resize(gomock.Any(), "i1", 128).Return(agent.Instance{ID: "i1", MemoryMB: 128}, nil)
 		}, 200, `"memory_mb":128`},
+		{"set io limits", "PATCH", "/v1/instances/i1", `{"io":{"write_bps":10485760,"read_iops":0}}`, func(m *MockService) {
+			w, r := int64(10<<20), int64(0)
+			m.EXPECT().SetIO(gomock.Any(), "i1", apitype.IOSetting{WriteBPS: &w, ReadIOPS: &r}).Return(agent.Instance{ID: "i1", IO: &apitype.IOLimits{WriteBPS: w}}, nil)
+		}, 200, `"write_bps":10485760`},
+		{"resize and io limits", "PATCH", "/v1/instances/i1", `{"memory_mb":128,"io":{}}`, func(m *MockService) {
+			gomock.InOrder(
+				m.EXPECT().Resize(gomock.Any(), "i1", 128).Return(agent.Instance{ID: "i1", MemoryMB: 128}, nil),
+				m.EXPECT().SetIO(gomock.Any(), "i1", apitype.IOSetting{}).Return(agent.Instance{ID: "i1", MemoryMB: 128}, nil),
+			)
+		}, 200, `"memory_mb":128`},
 		{"rollout status", "GET", "/v1/rollout", ``, func(m *MockService) {
 			m.EXPECT().RolloutStatus(gomock.Any()).Return(agent.Rollout{State: agent.RolloutDone, Moved: 2}, nil)
 		}, 200, `"state":"done"`},
@@ -280,8 +290,13 @@ func TestBadInputNeverReachesService(t *testing.T) {
 		{"wrong method", "POST", "/v1/instances/i1", ``, nil, 405, "MethodNotAllowed"},
 		{"resize without memory_mb", "PATCH", "/v1/instances/i1", `{}`, nil, 422, "Invalid"},
 		{"resize with unknown field", "PATCH", "/v1/instances/i1", `{"memory_mb":1,"persistence":"rdb"}`, nil, 400, "BadRequest"},
+		// An invalid IO setting is refused before the resize beside it.
+		{"io limit below 1 MiB/s", "PATCH", "/v1/instances/i1", `{"memory_mb":128,"io":{"write_bps":1000}}`, nil, 422, "Invalid"},
+		{"io with unknown field", "PATCH", "/v1/instances/i1", `{"io":{"write_mbps":1}}`, nil, 400, "BadRequest"},
 		{"resize as text", "PATCH", "/v1/instances/i1", `{"memory_mb":1}`, []string{"Content-Type", "text/plain"}, 415, "UnsupportedMediaType"},
-		{"restore as JSON", "PUT", "/v1/instances/i1/snapshot", `{}`, []string{"Content-Type", "application/json"}, 415, "UnsupportedMediaType"},
+		{"restore as text", "PUT", "/v1/instances/i1/snapshot", `x`, []string{"Content-Type", "text/plain"}, 415, "UnsupportedMediaType"},
+		{"restore from JSON without a backup", "PUT", "/v1/instances/i1/snapshot", `{}`, []string{"Content-Type", "application/json"}, 422, "Invalid"},
+		{"restore from JSON with unknown fields", "PUT", "/v1/instances/i1/snapshot", `{"from":"x"}`, []string{"Content-Type", "application/json"}, 400, "BadRequest"},
 		{"rollout with a body", "POST", "/v1/rollout", `{"binary":"/tmp/x"}`, nil, 400, "BadRequest"},
 		{"unknown route", "GET", "/v2/whatever", ``, nil, 404, "NotFound"},
 		{"unknown sub-route", "GET", "/v1/instances/i1/bindings", ``, nil, 404, "NotFound"},

@@ -47,6 +47,8 @@ func status(method string, err error) (int, string) {
 		return http.StatusServiceUnavailable, apitype.CodeNotReady
 	case errors.Is(err, errBusy):
 		return http.StatusServiceUnavailable, apitype.CodeBusy
+	case errors.Is(err, agent.ErrStorage):
+		return http.StatusBadGateway, apitype.CodeBackupStorage
 	}
 	return http.StatusInternalServerError, apitype.CodeInternal
 }

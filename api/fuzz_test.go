@@ -38,6 +38,8 @@ func (f *fakeService) errFor(id string) error {
 		return agent.ErrInvalid
 	case strings.HasPrefix(id, "cap"):
 		return agent.ErrCapacity
+	case strings.HasPrefix(id, "st"):
+		return agent.ErrStorage
 	case strings.HasPrefix(id, "boom"):
 		f.internal.Store(true)
 		return errors.New("internal")
@@ -61,6 +63,9 @@ func (f *fakeService) Binding(_ context.Context, id, _ string) (agent.Credential
 	return agent.Credentials{}, f.errFor(id)
 }
 func (f *fakeService) SetMetadata(_ context.Context, id string, _ json.RawMessage) (agent.Instance, error) {
+	return agent.Instance{ID: id}, f.errFor(id)
+}
+func (f *fakeService) SetIO(_ context.Context, id string, _ apitype.IOSetting) (agent.Instance, error) {
 	return agent.Instance{ID: id}, f.errFor(id)
 }
 func (f *fakeService) Restart(_ context.Context, id string) error { return f.errFor(id) }
@@ -112,6 +117,24 @@ func (f *fakeService) StartRollout(context.Context, []string) (agent.Rollout, er
 func (f *fakeService) RolloutStatus(context.Context) (agent.Rollout, error) {
 	return agent.Rollout{State: agent.RolloutIdle}, nil
 }
+func (f *fakeService) Backup(_ context.Context, id string) (apitype.Backup, error) {
+	return apitype.Backup{Instance: id}, f.errFor(id)
+}
+func (f *fakeService) Backups(_ context.Context, id string, _ bool) ([]apitype.Backup, error) {
+	return nil, f.errFor(id)
+}
+func (f *fakeService) LatestBackups(context.Context, string) ([]apitype.Backup, error) {
+	return nil, nil
+}
+func (f *fakeService) RestoreBackup(_ context.Context, id, key string) (agent.Instance, error) {
+	if key == "" {
+		return agent.Instance{}, agent.ErrInvalid
+	}
+	return agent.Instance{ID: id}, f.errFor(id)
+}
+func (f *fakeService) SetBackupPolicy(_ context.Context, id string, _ apitype.BackupPolicy) (agent.Instance, error) {
+	return agent.Instance{ID: id}, f.errFor(id)
+}
 
 // FuzzHandler throws arbitrary requests at the handler. Seeds beyond these
 // live in testdata/fuzz/FuzzHandler. Whatever the request, the handler must
@@ -150,7 +173,7 @@ func FuzzHandler(f *testing.F) {
 		svc := &fakeService{}
 		w := httptest.NewRecorder()
 		New(Options{Service: svc}).ServeHTTP(w, req)
-		if w.Code >= 500 && w.Code != http.StatusInsufficientStorage && !svc.internal.Load() {
+		if w.Code >= 500 && w.Code != http.StatusInsufficientStorage && w.Code != http.StatusBadGateway && !svc.internal.Load() {
 			t.Fatalf("%s %s (%q, %q) = %d %s", method, path, ctype, body, w.Code, w.Body.String())
 		}
 		if w.Code >= 400 {

@@ -188,10 +188,17 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.MemoryMB == nil && req.Settings.Empty() && req.Metadata == nil {
+	if req.MemoryMB == nil && req.IO == nil && req.Settings.Empty() && req.Metadata == nil && req.Backup == nil {
 		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid,
-			"memory_mb, maxmemory_policy, maxmemory_clients, tls or metadata is required: they are the fields that can change")
+			"memory_mb, io, maxmemory_policy, maxmemory_clients, tls, metadata or backup is required: they are the fields that can change")
 		return
+	}
+	if req.IO != nil {
+		// Checked before anything changes.
+		if err := agent.CheckIO(*req.IO); err != nil {
+			s.fail(w, r, err)
+			return
+		}
 	}
 	id := mux.Vars(r)["id"]
 	// Every setting is checked before anything changes.
@@ -201,10 +208,17 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	}
 	var inst apitype.Instance
 	var err error
-	// The resize first: one refused (507, 409) changes nothing, settings
+	// The resize first: one refused (507, 409) changes nothing, IO limits,
+	// settings
 	// and metadata included.
 	if req.MemoryMB != nil {
 		if inst, err = s.svc.Resize(r.Context(), id, *req.MemoryMB); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if req.IO != nil {
+		if inst, err = s.svc.SetIO(r.Context(), id, *req.IO); err != nil {
 			s.fail(w, r, err)
 			return
 		}
@@ -217,6 +231,12 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.Metadata != nil {
 		if inst, err = s.svc.SetMetadata(r.Context(), id, req.Metadata); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if req.Backup != nil {
+		if inst, err = s.svc.SetBackupPolicy(r.Context(), id, *req.Backup); err != nil {
 			s.fail(w, r, err)
 			return
 		}
@@ -253,9 +273,24 @@ func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
+	from := r.URL.Query().Get("from_backup")
 	if ct := r.Header.Get("Content-Type"); ct != "" {
-		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/octet-stream" {
-			writeError(w, http.StatusUnsupportedMediaType, apitype.CodeUnsupportedMediaType, "a snapshot is sent as application/octet-stream")
+		mt, _, err := mime.ParseMediaType(ct)
+		switch {
+		case err == nil && mt == "application/json" && from == "":
+			var req apitype.RestoreRequest
+			if !decode(w, r, &req) {
+				return
+			}
+			if req.FromBackup == "" {
+				writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid, "from_backup is required: the key of the backup to restore")
+				return
+			}
+			from = req.FromBackup
+		case err == nil && mt == "application/octet-stream" && from == "":
+		case from != "":
+		default:
+			writeError(w, http.StatusUnsupportedMediaType, apitype.CodeUnsupportedMediaType, "a snapshot is sent as application/octet-stream; a restore from a backup names it in application/json or ?from_backup")
 			return
 		}
 	}
@@ -275,7 +310,13 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 	// restart on the new data: the server's write timeout (for JSON
 	// answers) would drop it, and the broker would restore again.
 	rc.SetWriteDeadline(time.Now().Add(restoreAnswer))
-	inst, err := s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, r.ContentLength, want)
+	var inst apitype.Instance
+	var err error
+	if from != "" {
+		inst, err = s.svc.RestoreBackup(r.Context(), mux.Vars(r)["id"], from)
+	} else {
+		inst, err = s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, r.ContentLength, want)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -303,4 +344,41 @@ func (s *server) postRollout(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusAccepted, st)
+}
+
+func (s *server) postBackup(w http.ResponseWriter, r *http.Request) {
+	// The answer comes once the RDB is in the bucket.
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(snapshotTransfer))
+	b, err := s.svc.Backup(r.Context(), mux.Vars(r)["id"])
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, b)
+}
+
+func (s *server) listBackups(w http.ResponseWriter, r *http.Request) {
+	details := r.URL.Query().Get("details") == "true"
+	list, err := s.svc.Backups(r.Context(), mux.Vars(r)["id"], details)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if list == nil {
+		list = []apitype.Backup{}
+	}
+	writeJSON(w, http.StatusOK, apitype.BackupList{Backups: list})
+}
+
+func (s *server) latestBackups(w http.ResponseWriter, r *http.Request) {
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(10 * time.Minute))
+	list, err := s.svc.LatestBackups(r.Context(), r.URL.Query().Get("agent"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if list == nil {
+		list = []apitype.Backup{}
+	}
+	writeJSON(w, http.StatusOK, apitype.BackupList{Backups: list})
 }

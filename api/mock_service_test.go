@@ -59,6 +59,36 @@ func (mr *MockServiceMockRecorder) AbortMove(ctx, id any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "AbortMove", reflect.TypeOf((*MockService)(nil).AbortMove), ctx, id)
 }
 
+// Backup mocks base method.
+func (m *MockService) Backup(ctx context.Context, id string) (apitype.Backup, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Backup", ctx, id)
+	ret0, _ := ret[0].(apitype.Backup)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Backup indicates an expected call of Backup.
+func (mr *MockServiceMockRecorder) Backup(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Backup", reflect.TypeOf((*MockService)(nil).Backup), ctx, id)
+}
+
+// Backups mocks base method.
+func (m *MockService) Backups(ctx context.Context, id string, details bool) ([]apitype.Backup, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Backups", ctx, id, details)
+	ret0, _ := ret[0].([]apitype.Backup)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Backups indicates an expected call of Backups.
+func (mr *MockServiceMockRecorder) Backups(ctx, id, details any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Backups", reflect.TypeOf((*MockService)(nil).Backups), ctx, id, details)
+}
+
 // Bind mocks base method.
 func (m *MockService) Bind(ctx context.Context, id, bindingID, password string) (apitype.Credentials, bool, error) {
 	m.ctrl.T.Helper()
@@ -191,6 +221,21 @@ func (m *MockService) Get(ctx context.Context, id string) (apitype.Instance, err
 func (mr *MockServiceMockRecorder) Get(ctx, id any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Get", reflect.TypeOf((*MockService)(nil).Get), ctx, id)
+}
+
+// LatestBackups mocks base method.
+func (m *MockService) LatestBackups(ctx context.Context, arg1 string) ([]apitype.Backup, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "LatestBackups", ctx, arg1)
+	ret0, _ := ret[0].([]apitype.Backup)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// LatestBackups indicates an expected call of LatestBackups.
+func (mr *MockServiceMockRecorder) LatestBackups(ctx, arg1 any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "LatestBackups", reflect.TypeOf((*MockService)(nil).LatestBackups), ctx, arg1)
 }
 
 // List mocks base method.
@@ -327,6 +372,21 @@ func (mr *MockServiceMockRecorder) Restore(ctx, id, rdb, size, sha256 any) *gomo
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Restore", reflect.TypeOf((*MockService)(nil).Restore), ctx, id, rdb, size, sha256)
 }
 
+// RestoreBackup mocks base method.
+func (m *MockService) RestoreBackup(ctx context.Context, id, key string) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "RestoreBackup", ctx, id, key)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// RestoreBackup indicates an expected call of RestoreBackup.
+func (mr *MockServiceMockRecorder) RestoreBackup(ctx, id, key any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "RestoreBackup", reflect.TypeOf((*MockService)(nil).RestoreBackup), ctx, id, key)
+}
+
 // RolloutStatus mocks base method.
 func (m *MockService) RolloutStatus(ctx context.Context) (apitype.Rollout, error) {
 	m.ctrl.T.Helper()
@@ -342,6 +402,21 @@ func (mr *MockServiceMockRecorder) RolloutStatus(ctx any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "RolloutStatus", reflect.TypeOf((*MockService)(nil).RolloutStatus), ctx)
 }
 
+// SetBackupPolicy mocks base method.
+func (m *MockService) SetBackupPolicy(ctx context.Context, id string, p apitype.BackupPolicy) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SetBackupPolicy", ctx, id, p)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SetBackupPolicy indicates an expected call of SetBackupPolicy.
+func (mr *MockServiceMockRecorder) SetBackupPolicy(ctx, id, p any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetBackupPolicy", reflect.TypeOf((*MockService)(nil).SetBackupPolicy), ctx, id, p)
+}
+
 // SetDraining mocks base method.
 func (m *MockService) SetDraining(ctx context.Context, on bool) error {
 	m.ctrl.T.Helper()
@@ -354,6 +429,21 @@ func (m *MockService) SetDraining(ctx context.Context, on bool) error {
 func (mr *MockServiceMockRecorder) SetDraining(ctx, on any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetDraining", reflect.TypeOf((*MockService)(nil).SetDraining), ctx, on)
+}
+
+// SetIO mocks base method.
+func (m *MockService) SetIO(ctx context.Context, id string, arg2 apitype.IOSetting) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SetIO", ctx, id, arg2)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SetIO indicates an expected call of SetIO.
+func (mr *MockServiceMockRecorder) SetIO(ctx, id, arg2 any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SetIO", reflect.TypeOf((*MockService)(nil).SetIO), ctx, id, arg2)
 }
 
 // SetMetadata mocks base method.

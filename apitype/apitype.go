@@ -81,6 +81,9 @@ type Spec struct {
 	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
 	// TLS is one of TLSModes; "" means off.
 	TLS string `json:"tls,omitempty"`
+	// IO is the instance's own IO limits, over the agent's defaults. Part
+	// of what makes two provisions identical.
+	IO *IOSetting `json:"io,omitempty"`
 }
 
 // Settings are what a PATCH may change besides memory_mb and metadata,
@@ -94,6 +97,51 @@ type Settings struct {
 // Empty reports whether s changes nothing.
 func (s Settings) Empty() bool {
 	return s.MaxmemoryPolicy == nil && s.MaxmemoryClients == nil && s.TLS == nil
+}
+
+// IOSetting is an instance's own IO limits (Spec.IO, Resize.IO) on the
+// block device of the agent's data directory: each field that is set
+// replaces the agent's default (--io-read-bps, ...), and 0 is no limit.
+// A limit is at least MinIOBPS bytes or MinIOPS operations a second.
+type IOSetting struct {
+	// ReadBPS and WriteBPS are bytes a second.
+	ReadBPS  *int64 `json:"read_bps,omitempty"`
+	WriteBPS *int64 `json:"write_bps,omitempty"`
+	// ReadIOPS and WriteIOPS are operations a second.
+	ReadIOPS  *int64 `json:"read_iops,omitempty"`
+	WriteIOPS *int64 `json:"write_iops,omitempty"`
+	// Weight is the instance's share of the device under contention,
+	// 1-1000 (everyone's default is 100); only the BFQ scheduler uses it.
+	Weight *int64 `json:"weight,omitempty"`
+}
+
+// Bounds of an IO limit: below these an instance could not even load its
+// data in the ready timeout.
+const (
+	MinIOBPS    = 1 << 20
+	MinIOPS     = 10
+	MaxIOWeight = 1000
+)
+
+// IOLimits are the IO limits that apply to an instance (Instance.IO).
+type IOLimits struct {
+	// Device is the block device they are set on ("254:0", the whole
+	// disk of the data directory's partition); empty when there is none
+	// (tmpfs, NFS), and then Note says why and nothing is throttled.
+	Device string `json:"device,omitempty"`
+	// ReadBPS, WriteBPS (bytes a second), ReadIOPS and WriteIOPS
+	// (operations a second); 0 is no limit.
+	ReadBPS   int64 `json:"read_bps"`
+	WriteBPS  int64 `json:"write_bps"`
+	ReadIOPS  int64 `json:"read_iops"`
+	WriteIOPS int64 `json:"write_iops"`
+	// Weight is 0 when left at the default.
+	Weight int64 `json:"weight,omitempty"`
+	// Setting is the instance's own setting; what it does not set is the
+	// agent's default.
+	Setting *IOSetting `json:"setting,omitempty"`
+	// Note says why the limits are not enforced, or what they cover.
+	Note string `json:"note,omitempty"`
 }
 
 // Primary is where a move's target replicates from and how it logs in
@@ -159,11 +207,99 @@ type Forward struct {
 const MaxMetadataBytes = 8 << 10
 
 // Resize is the body of PATCH /v1/instances/{id}: a new maxmemory, new
-// settings, new metadata, or any of them together.
+// settings, IO limits, new metadata, or any of them together. IO replaces
+// the instance's whole IO setting ({} is the agent's defaults again).
 type Resize struct {
-	MemoryMB *int `json:"memory_mb,omitempty"`
+	MemoryMB *int       `json:"memory_mb,omitempty"`
+	IO       *IOSetting `json:"io,omitempty"`
 	Settings
 	Metadata json.RawMessage `json:"metadata,omitempty"`
+	// Backup, when set, replaces the instance's backup settings (an empty
+	// object: the agent's defaults again). It applies at once.
+	Backup *BackupPolicy `json:"backup,omitempty"`
+}
+
+// BackupPolicy is an instance's backup settings; what is left out is the
+// agent's default (--backup-schedule, --backup-keep, --backup-keep-days).
+type BackupPolicy struct {
+	// Schedule is "off" (no scheduled backups; POST .../backups still
+	// takes one), an interval as a Go duration ("6h", at least 1s), or a
+	// daily window in UTC ("daily 02:00-04:00"). Instances are spread
+	// over the interval or the window by their id, each at the same point
+	// of it every time.
+	Schedule string `json:"schedule,omitempty"`
+	// Keep is how many backups to keep (0: no limit by count); KeepDays
+	// how many days (0: no limit by age). A backup beyond either goes,
+	// after a backup succeeded; the newest one always stays.
+	Keep     *int `json:"keep,omitempty"`
+	KeepDays *int `json:"keep_days,omitempty"`
+}
+
+// Backup is one backup in the bucket (POST and GET
+// /v1/instances/{id}/backups).
+type Backup struct {
+	// Key is the object's key: <prefix>/<instance id>/<time>.rdb. A restore
+	// names it (PUT /v1/instances/{id}/snapshot?from_backup=<key>).
+	Key      string    `json:"key"`
+	Instance string    `json:"instance"`
+	Time     time.Time `json:"time"`
+	Size     int64     `json:"size"`
+	// The rest is the object's metadata: filled in by POST, by GET with
+	// ?details=true and in GET /v1/backups.
+	SHA256       string `json:"sha256,omitempty"`
+	RedisVersion string `json:"redis_version,omitempty"`
+	// Agent names the agent that took it (--backup-agent-name).
+	Agent string `json:"agent,omitempty"`
+	// AgeSeconds is how old it was when listed: the data a restore of it
+	// loses.
+	AgeSeconds float64 `json:"age_seconds"`
+	// The manifest, in GET /v1/backups: what it takes to recreate the
+	// instance elsewhere.
+	MemoryMB    int             `json:"memory_mb,omitempty"`
+	Persistence string          `json:"persistence,omitempty"`
+	Metadata    json.RawMessage `json:"metadata,omitempty"`
+	Bindings    []BackupBinding `json:"bindings,omitempty"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings (Spec's), in the manifest.
+	MaxmemoryPolicy  string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	TLS              string `json:"tls,omitempty"`
+}
+
+// BackupBinding is a binding as a backup's manifest keeps it.
+type BackupBinding struct {
+	ID       string `json:"id"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+}
+
+// BackupList is the body of GET /v1/instances/{id}/backups (oldest first)
+// and GET /v1/backups (each instance's latest).
+type BackupList struct {
+	Backups []Backup `json:"backups"`
+}
+
+// BackupStatus is an instance's backups as its view shows them.
+type BackupStatus struct {
+	// Schedule, Keep and KeepDays are in force (the instance's own, else
+	// the agent's).
+	Schedule string `json:"schedule"`
+	Keep     int    `json:"keep"`
+	KeepDays int    `json:"keep_days"`
+	// Last is the last successful backup this agent took.
+	Last *Backup `json:"last,omitempty"`
+	// LastError is why the last backup failed, when it did after Last.
+	LastError   string     `json:"last_error,omitempty"`
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	// NextAt is when the next scheduled one is due.
+	NextAt  *time.Time `json:"next_at,omitempty"`
+	Running bool       `json:"running,omitempty"`
+}
+
+// RestoreRequest is the JSON body a restore from a backup may have
+// (PUT /v1/instances/{id}/snapshot, Content-Type application/json).
+type RestoreRequest struct {
+	FromBackup string `json:"from_backup"`
 }
 
 // BindRequest is the optional body of PUT /v1/instances/{id}/bindings/{bid}.
@@ -261,6 +397,34 @@ type Instance struct {
 	Move *MoveStatus `json:"move,omitempty"`
 	// ReplicaOf is set on a move's target until it is promoted.
 	ReplicaOf string `json:"replica_of,omitempty"`
+	// Backup is the instance's backups, on an agent with a backup target.
+	Backup *BackupStatus `json:"backup,omitempty"`
+	// IO is the IO limits that apply to it.
+	IO *IOLimits `json:"io,omitempty"`
+	// Disk is what its files take and may take.
+	Disk *DiskUsage `json:"disk,omitempty"`
+}
+
+// DiskUsage is what an instance's files take on disk (allocated bytes, as
+// du counts them), measured in the background every --disk-interval, and
+// what they may take.
+type DiskUsage struct {
+	// DataBytes is its directory: data (RDB, AOF), config, a restore's
+	// staging. LogBytes is its log and the rotated ones.
+	DataBytes int64 `json:"data_bytes"`
+	LogBytes  int64 `json:"log_bytes"`
+	// ReservedBytes is its share of the disk budget: its files' worst
+	// case for its maxmemory and persistence (3 x maxmemory + 64 MiB for
+	// the aof modes, 2 x for rdb), 1 MiB for its directory, and its logs'
+	// bound when they are on the data file system.
+	ReservedBytes int64 `json:"reserved_bytes"`
+	// QuotaBytes is the project quota on its data directory, where the
+	// file system enforces one: writes beyond it fail (ENOSPC) for it
+	// alone. 0 when there is none.
+	QuotaBytes int64 `json:"quota_bytes,omitempty"`
+	// MeasuredAt is when DataBytes and LogBytes were measured; absent
+	// before the first measure.
+	MeasuredAt time.Time `json:"measured_at,omitzero"`
 }
 
 // MoveStatus is the source's side of a move, in the instance's view.
@@ -333,6 +497,23 @@ type Capacity struct {
 	// Draining is the brokers' mark (PUT /v1/drain): nothing new is to be
 	// placed here. Kept by the agent so that every broker sees it.
 	Draining bool `json:"draining"`
+	// BackupAgent is the name this agent puts in its backups
+	// (--backup-agent-name), "" without a backup target: a broker finds a
+	// lost agent's instances in the bucket by it.
+	BackupAgent string `json:"backup_agent,omitempty"`
+	// The data directory's file system: its size, and what an
+	// unprivileged user may still write there.
+	DiskTotalBytes int64 `json:"disk_total_bytes"`
+	DiskFreeBytes  int64 `json:"disk_free_bytes"`
+	// DiskReservedBytes sums the instances' reservations
+	// (DiskUsage.ReservedBytes), DiskUsedBytes what their files take now.
+	DiskReservedBytes int64 `json:"disk_reserved_bytes"`
+	DiskUsedBytes     int64 `json:"disk_used_bytes"`
+	// DiskAvailableBytes is the free space less what the instances may
+	// still grow into (each reservation beyond its use) and the agent's
+	// headroom: the largest reservation a new instance (or a resize) can
+	// get; beyond it a provision is a 507.
+	DiskAvailableBytes int64 `json:"disk_available_bytes"`
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.
@@ -345,7 +526,8 @@ type LogLines struct {
 type Status struct {
 	Status string `json:"status"`
 	// Details are what /readyz adds: the isolation the agent cannot give
-	// on this host (no Landlock, no user per instance, ...).
+	// on this host (no Landlock, no user per instance, no IO limits, no
+	// disk quotas, ...).
 	Details []string `json:"details,omitempty"`
 }
 
@@ -409,6 +591,7 @@ const (
 	CodeUnsupportedMediaType = "UnsupportedMediaType" // 415
 	CodeInvalid              = "Invalid"              // 422
 	CodeInternal             = "Internal"             // 500
+	CodeBackupStorage        = "BackupStorage"        // 502: the backup bucket failed or refused
 	CodeNotReady             = "NotReady"             // 503: the instance, or the agent, is not ready
 	CodeNotAlive             = "NotAlive"             // 503: the agent's main loop stalls
 	CodeBusy                 = "Busy"                 // 503 with Retry-After

@@ -191,7 +191,7 @@ func (b *Broker) runDrain(ctx context.Context, a *agentState) {
 			return
 		}
 		t0 := time.Now()
-		spec := apitype.Spec{MemoryMB: in.MemoryMB, Persistence: in.Persistence, Metadata: in.Metadata}
+		spec := apitype.Spec{MemoryMB: in.MemoryMB, Persistence: in.Persistence, Metadata: in.Metadata, IO: ioSetting(in)}
 		target, unavailable, err := b.move(ctx, in.ID, a, spec)
 		unlock()
 		if err != nil {

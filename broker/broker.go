@@ -86,9 +86,10 @@ type Broker struct {
 	catalog Catalog
 	metrics *metrics
 
-	ops    *operations
-	locks  idLocks
-	drains drains
+	ops        *operations
+	locks      idLocks
+	drains     drains
+	recoveries recoveries
 
 	// wg counts background work (moves, drains) Close waits for.
 	wg     sync.WaitGroup
@@ -209,6 +210,8 @@ func (b *Broker) Handler() http.Handler {
 	admin("POST /admin/agents/{name}/drain", b.startDrain)
 	admin("GET /admin/agents/{name}/drain", b.drainStatus)
 	admin("DELETE /admin/agents/{name}/drain", b.stopDrain)
+	admin("POST /admin/agents/{name}/recover", b.startRecover)
+	admin("GET /admin/agents/{name}/recover", b.recoverStatus)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})

@@ -684,6 +684,10 @@ func TestOpenAPIContract(t *testing.T) {
 	testenv.Eventually(t, "the drain", 30*time.Second, func() bool { return admin("GET", "/admin/agents/agent-0/drain").body["state"] != DrainRunning })
 	admin("DELETE", "/admin/agents/agent-0/drain")
 	admin("GET", "/admin/agents/none/drain")
+	admin("GET", "/admin/agents/agent-0/recover") // 404: none yet
+	if a := admin("POST", "/admin/agents/agent-0/recover"); a.code != 409 {
+		t.Errorf("recover of an agent that answers = %d, want 409", a.code)
+	}
 	tb.send("GET", "/healthz", "", nil, "", "")
 	tb.send("GET", "/readyz", "", nil, "", "")
 	tb.send("GET", "/metrics", "", nil, "", "")

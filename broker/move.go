@@ -315,3 +315,12 @@ func (b *Broker) copyData(ctx context.Context, iid string, src, dst *agentState)
 	}
 	return nil
 }
+
+// ioSetting is the instance's own IO limits, which a move keeps: the
+// broker sets none itself, an operator does on the agent.
+func ioSetting(in apitype.Instance) *apitype.IOSetting {
+	if in.IO == nil {
+		return nil
+	}
+	return in.IO.Setting
+}

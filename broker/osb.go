@@ -860,6 +860,8 @@ func (b *Broker) planUpdate(w http.ResponseWriter, r *http.Request, iid string, 
 		newMeta.Context = req.Context
 	}
 	u.want.Metadata = newMeta.raw()
+	// An operator's IO limits of the instance go with it.
+	u.want.IO = ioSetting(l.inst)
 	// In place when the persistence stays and the agent has room.
 	_, _, _, capa, _, _ := l.agent.snapshot()
 	if fresh, err := l.agent.c.Capacity(r.Context()); err == nil {

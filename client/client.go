@@ -207,6 +207,73 @@ func (c *Client) Restore(ctx context.Context, id string, rdb io.Reader, size int
 	return out, nil
 }
 
+// RestoreBackup replaces instance id's data with the backup at key in
+// the agent's bucket.
+func (c *Client) RestoreBackup(ctx context.Context, id, key string) (apitype.Instance, error) {
+	b, _ := json.Marshal(apitype.RestoreRequest{FromBackup: key})
+	return c.transferJSON(ctx, http.MethodPut, instancePath(id)+"/snapshot", b)
+}
+
+// Backup takes a backup of instance id now and returns it once it is in
+// the bucket.
+func (c *Client) Backup(ctx context.Context, id string) (apitype.Backup, error) {
+	resp, err := c.raw(ctx, http.MethodPost, instancePath(id)+"/backups", nil, "", nil, -1)
+	if err != nil {
+		return apitype.Backup{}, err
+	}
+	defer resp.Body.Close()
+	var out apitype.Backup
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
+		return out, fmt.Errorf("backup %s: decode the answer: %w", id, err)
+	}
+	return out, nil
+}
+
+// Backups lists what the bucket holds of instance id, oldest first.
+func (c *Client) Backups(ctx context.Context, id string, details bool) ([]apitype.Backup, error) {
+	path := instancePath(id) + "/backups"
+	if details {
+		path += "?details=true"
+	}
+	var out apitype.BackupList
+	_, err := c.do(ctx, http.MethodGet, path, nil, &out)
+	return out.Backups, err
+}
+
+// LatestBackups is each instance's latest backup in the agent's bucket,
+// with its manifest; agent, when set, keeps those that agent took.
+func (c *Client) LatestBackups(ctx context.Context, agent string) ([]apitype.Backup, error) {
+	path := "/v1/backups"
+	if agent != "" {
+		path += "?agent=" + url.QueryEscape(agent)
+	}
+	resp, err := c.raw(ctx, http.MethodGet, path, nil, "", nil, -1)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out apitype.BackupList
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&out); err != nil {
+		return nil, fmt.Errorf("list backups: decode the answer: %w", err)
+	}
+	return out.Backups, nil
+}
+
+// transferJSON sends a JSON body on the transfers client (no overall
+// timeout) and decodes an Instance.
+func (c *Client) transferJSON(ctx context.Context, method, path string, body []byte) (apitype.Instance, error) {
+	resp, err := c.raw(ctx, method, path, bytes.NewReader(body), "application/json", nil, int64(len(body)))
+	if err != nil {
+		return apitype.Instance{}, err
+	}
+	defer resp.Body.Close()
+	var out apitype.Instance
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
+		return out, fmt.Errorf("%s %s: decode the answer: %w", method, path, err)
+	}
+	return out, nil
+}
+
 // raw sends a request with body as it is and returns a 2xx response for
 // the caller to read and close; any other answer is an *Error. size, when
 // not negative, is the body's length.
@@ -351,10 +418,11 @@ func (c *Client) Ready(ctx context.Context) error {
 }
 
 // WriteStatus writes one line per instance: id, state, port, pid, uptime,
-// restarts, memory used of max, and the last exit when there was one.
+// restarts, memory used of max, disk its files take (data and logs) of its
+// reservation, and the last exit when there was one.
 func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tEVICTION\tTLS\tLAST EXIT")
+	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tDISK\tLAST BACKUP\tEVICTION\tTLS\tLAST EXIT")
 	for _, in := range insts {
 		pid, uptime := "-", "-"
 		if in.PID != 0 {
@@ -377,6 +445,14 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 			}
 			last = fmt.Sprintf("%s (%s) %s ago", why, how, time.Since(e.Time).Round(time.Second))
 		}
+		disk := "-"
+		if d := in.Disk; d != nil {
+			used := "-"
+			if !d.MeasuredAt.IsZero() {
+				used = Bytes(d.DataBytes + d.LogBytes)
+			}
+			disk = used + "/" + Bytes(d.ReservedBytes)
+		}
 		eviction := in.MaxmemoryPolicy
 		if eviction == "" {
 			eviction = "-"
@@ -386,7 +462,42 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 		if in.TLS != "" && in.TLS != apitype.TLSOff {
 			tlsCell = fmt.Sprintf("%s:%d", in.TLS, in.TLSPort)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, eviction, tlsCell, last)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, disk, lastBackup(in.Backup), eviction, tlsCell, last)
 	}
 	return tw.Flush()
+}
+
+// lastBackup is the LAST BACKUP column: the last successful backup's age
+// and size, and the failure since when there was one; "-" on an agent
+// without a backup target.
+func lastBackup(b *apitype.BackupStatus) string {
+	if b == nil {
+		return "-"
+	}
+	out := "never"
+	if l := b.Last; l != nil {
+		out = fmt.Sprintf("%s ago (%.1fMiB)", time.Since(l.Time).Round(time.Second), float64(l.Size)/(1<<20))
+	}
+	if b.LastError != "" {
+		reason, _, _ := strings.Cut(b.LastError, ":")
+		out += ", failing: " + reason
+	}
+	if b.Running {
+		out += ", running"
+	}
+	return out
+}
+
+// Bytes writes n bytes in binary units: "512B", "1.5MiB", "3.0GiB".
+func Bytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	v, i := float64(n)/unit, 0
+	for v >= unit && i < 4 {
+		v /= unit
+		i++
+	}
+	return fmt.Sprintf("%.1f%ciB", v, "KMGTP"[i])
 }

@@ -2,6 +2,7 @@ package client
 
 import (
 	"bytes"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -48,13 +49,63 @@ func TestWriteStatusSettings(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
-	if f := strings.Fields(lines[0]); f[7] != "EVICTION" || f[8] != "TLS" {
-		t.Fatalf("header %q", lines[0])
+	for i, re := range []string{`LAST BACKUP\s+EVICTION\s+TLS\s+LAST EXIT`, `\s-\s+noeviction\s+-\s+-$`, `\s-\s+allkeys-lru\s+required:16002\s+-$`} {
+		if !regexp.MustCompile(re).MatchString(lines[i]) {
+			t.Fatalf("status line %d %q does not match %s", i, lines[i], re)
+		}
 	}
-	if f := strings.Fields(lines[1]); f[7] != "noeviction" || f[8] != "-" {
-		t.Fatalf("plain line %q", lines[1])
+}
+
+// The LAST BACKUP column gives the last backup's age and size, and a
+// failure since.
+func TestWriteStatusLastBackup(t *testing.T) {
+	at := time.Now().Add(-90 * time.Second)
+	for _, tt := range []struct {
+		name string
+		b    *apitype.BackupStatus
+		want string
+	}{
+		{"no target", nil, "64MiB  -  "},
+		{"never", &apitype.BackupStatus{Schedule: "24h"}, "never"},
+		{"one", &apitype.BackupStatus{Last: &apitype.Backup{Time: at, Size: 3 << 20}}, "1m30s ago (3.0MiB)"},
+		{"failing", &apitype.BackupStatus{Last: &apitype.Backup{Time: at, Size: 3 << 20}, LastError: "unreachable: dial tcp"}, "1m30s ago (3.0MiB), failing: unreachable"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var b bytes.Buffer
+			in := apitype.Instance{ID: "i1", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, Backup: tt.b}
+			if err := WriteStatus(&b, []apitype.Instance{in}); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(b.String(), tt.want) {
+				t.Fatalf("status table:\n%s\nwant it to hold %q", b.String(), tt.want)
+			}
+		})
 	}
-	if f := strings.Fields(lines[2]); f[7] != "allkeys-lru" || f[8] != "required:16002" {
-		t.Fatalf("TLS line %q", lines[2])
+}
+
+// The DISK column: what the files take (data and logs) of the
+// instance's reservation; "-" before the first measure.
+func TestWriteStatusDisk(t *testing.T) {
+	for _, tt := range []struct {
+		disk *apitype.DiskUsage
+		want string
+	}{
+		{nil, "64MiB  -  "},
+		{&apitype.DiskUsage{ReservedBytes: 265 << 20}, "-/265.0MiB"},
+		{&apitype.DiskUsage{DataBytes: 3 << 20, LogBytes: 1 << 19, ReservedBytes: 3 << 30, MeasuredAt: time.Now()}, "3.5MiB/3.0GiB"},
+	} {
+		var b bytes.Buffer
+		in := apitype.Instance{ID: "i1", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, Disk: tt.disk}
+		if err := WriteStatus(&b, []apitype.Instance{in}); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(b.String(), tt.want) {
+			t.Errorf("status table:\n%s\nwant it to hold %q", b.String(), tt.want)
+		}
+	}
+	for n, want := range map[int64]string{0: "0B", 1023: "1023B", 1024: "1.0KiB", 1536 << 20: "1.5GiB"} {
+		if got := Bytes(n); got != want {
+			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
+		}
 	}
 }

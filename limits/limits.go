@@ -1,7 +1,9 @@
 // Package limits puts each instance's redis-server in a cgroup of its own
 // with memory, CPU and pids limits, on cgroup v2 (unified) and v1 (legacy)
 // hosts alike, through github.com/containerd/cgroups/v3, and reads the
-// cgroup's OOM-kill count so a restart can be told apart as "oom".
+// cgroup's OOM-kill count so a restart can be told apart as "oom". IO
+// limits on the data directory's block device (io.go, device.go) are
+// written to the IO controller's files directly, where the host has one.
 //
 // Cgroups live under <mountpoint>/<Root>/<id> (v2) or
 // <mountpoint>/<controller>/<Root>/<id> (v1). None has Manager's methods
@@ -39,6 +41,9 @@ type Limits struct {
 	// Pids caps the processes and threads (redis-server's threads and its
 	// BGSAVE child); 0 means none.
 	Pids int64
+	// IO throttles its reads and writes on the data directory's device;
+	// applied only where IOSupported.
+	IO IO
 }
 
 // MemoryFor returns the memory limit the agent gives an instance of
@@ -80,6 +85,13 @@ type Manager struct {
 	// Root is the parent cgroup of every instance's, e.g. "redis-agent".
 	Root string
 	mode cgroups.CGMode
+	// fs is the cgroup file system's mount point; "" is /sys/fs/cgroup
+	// (tests set another for file layouts).
+	fs string
+	// ioOK is set when the IO controller can be used; ioNote says why
+	// not otherwise.
+	ioOK   bool
+	ioNote string
 }
 
 // New detects the host's cgroup mode and checks that the agent may create
@@ -105,6 +117,7 @@ func New(root string) (*Manager, error) {
 	default:
 		return nil, fmt.Errorf("%w: no cgroup file system mounted", ErrUnsupported)
 	}
+	m.probeIO()
 	return m, nil
 }
 
@@ -137,7 +150,15 @@ func (m *Manager) Apply(id string, pid int, l Limits) error {
 		if err := mg.Update(cgroup2.ToResources(l.spec())); err != nil {
 			return fmt.Errorf("cgroup %s: %w", m.group(id), err)
 		}
-		return mg.AddProc(uint64(pid))
+		if err := mg.AddProc(uint64(pid)); err != nil {
+			return err
+		}
+		if m.ioOK {
+			if err := m.applyIO(id, pid, l.IO); err != nil {
+				return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+			}
+		}
+		return nil
 	}
 	cg, err := cgroup1.New(cgroup1.StaticPath(m.group(id)), l.spec(), cgroup1.WithHierarchy(v1Hierarchy))
 	if err != nil {
@@ -146,7 +167,15 @@ func (m *Manager) Apply(id string, pid int, l Limits) error {
 	if err := cg.Update(l.spec()); err != nil {
 		return fmt.Errorf("cgroup %s: %w", m.group(id), err)
 	}
-	return cg.Add(cgroup1.Process{Pid: pid})
+	if err := cg.Add(cgroup1.Process{Pid: pid}); err != nil {
+		return err
+	}
+	if m.ioOK {
+		if err := m.applyIO(id, pid, l.IO); err != nil {
+			return fmt.Errorf("cgroup %s: %w", m.group(id), err)
+		}
+	}
+	return nil
 }
 
 // OOMKills returns how many processes the kernel's OOM killer has killed
@@ -171,14 +200,18 @@ func (m *Manager) OOMKills(id string) (uint64, error) {
 }
 
 // Contains reports whether pid is in id's cgroup (its memory controller's
-// on v1), from /proc/<pid>/cgroup.
+// on v1, and its blkio one where IO is limited), from /proc/<pid>/cgroup.
 func (m *Manager) Contains(id string, pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
 	if err != nil {
 		return false
 	}
 	want := m.group(id)
-	for _, line := range strings.Split(string(b), "\n") {
+	lines := strings.Split(string(b), "\n")
+	if m.ioOK && m.mode != cgroups.Unified && !m.ioContains(lines, id) {
+		return false
+	}
+	for _, line := range lines {
 		// "0::/path" (v2) or "N:memory:/path" (v1)
 		parts := strings.SplitN(line, ":", 3)
 		if len(parts) != 3 || parts[2] != want {
@@ -216,6 +249,11 @@ func (m *Manager) remove(id string) error {
 		}
 		return nil
 	}
+	if m.ioOK {
+		if err := os.Remove(m.ioDir(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove cgroup %s: %w", m.ioDir(id), err)
+		}
+	}
 	cg, err := cgroup1.Load(cgroup1.StaticPath(m.group(id)), cgroup1.WithHierarchy(v1Hierarchy))
 	if err != nil {
 		return nil
@@ -230,9 +268,14 @@ func (m *Manager) remove(id string) error {
 // at all), reading each controller's files: a resize an agent crash cut
 // short can leave the memory limit behind the record, and a changed
 // --cpu-shares or --pids-limit applies to running instances only through
-// this check. It reads four small files.
+// this check. It reads four small files, and as many more as IO limits
+// are set (four on v1, one on v2) where IO is limited.
 func (m *Manager) Differs(id string, want Limits) (bool, error) {
 	files, expect := m.limitFiles(id, want)
+	if m.ioOK {
+		f, e := m.ioFiles(id, want.IO)
+		files, expect = append(files, f...), append(expect, e...)
+	}
 	for i, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -265,7 +308,7 @@ func (m *Manager) limitFiles(id string, want Limits) (files, expect []string) {
 		return strconv.FormatInt(n, 10)
 	}
 	if m.mode == cgroups.Unified {
-		dir := path.Join("/sys/fs/cgroup", g)
+		dir := path.Join(m.fsRoot(), g)
 		weight := "100" // the kernel's default
 		if want.CPUShares > 0 {
 			weight = strconv.FormatUint(cgroup2.ConvertCPUSharesToCgroupV2Value(want.CPUShares), 10)
@@ -282,10 +325,10 @@ func (m *Manager) limitFiles(id string, want Limits) (files, expect []string) {
 	// v1 has no "no memory limit" text that is stable across kernels; an
 	// instance always has one.
 	return []string{
-			path.Join("/sys/fs/cgroup/memory", g, "memory.limit_in_bytes"),
-			path.Join("/sys/fs/cgroup/cpu", g, "cpu.shares"),
-			path.Join("/sys/fs/cgroup/cpu", g, "cpu.cfs_quota_us"),
-			path.Join("/sys/fs/cgroup/pids", g, "pids.max"),
+			path.Join(m.fsRoot(), "memory", g, "memory.limit_in_bytes"),
+			path.Join(m.fsRoot(), "cpu", g, "cpu.shares"),
+			path.Join(m.fsRoot(), "cpu", g, "cpu.cfs_quota_us"),
+			path.Join(m.fsRoot(), "pids", g, "pids.max"),
 		},
 		[]string{num(want.MemoryBytes, "9223372036854771712"), shares,
 			quota("-1", func(q int64) string { return strconv.FormatInt(q, 10) }),
@@ -300,7 +343,7 @@ func (m *Manager) RemoveRootIfEmpty() {
 		os.Remove(path.Join("/sys/fs/cgroup", m.Root))
 		return
 	}
-	for _, c := range []string{"memory", "cpu", "pids"} {
+	for _, c := range []string{"memory", "cpu", "pids", "blkio"} {
 		os.Remove(path.Join("/sys/fs/cgroup", c, m.Root))
 	}
 }
@@ -328,3 +371,6 @@ func (None) Remove(id string) error { return nil }
 
 // RemoveRootIfEmpty has no root to remove.
 func (None) RemoveRootIfEmpty() {}
+
+// IOSupported is false: without cgroups there is no IO controller.
+func (None) IOSupported() (bool, string) { return false, "instances run without cgroups" }

@@ -50,6 +50,7 @@ func TestApplyOnThisHost(t *testing.T) {
 		os.Remove("/sys/fs/cgroup/memory" + m.Root)
 		os.Remove("/sys/fs/cgroup/cpu" + m.Root)
 		os.Remove("/sys/fs/cgroup/pids" + m.Root)
+		os.Remove("/sys/fs/cgroup/blkio" + m.Root)
 		os.Remove("/sys/fs/cgroup" + m.Root)
 	}()
 	if err := m.Apply("x", cmd.Process.Pid, Limits{MemoryBytes: 64 << 20, CPUShares: 256, Pids: 32}); err != nil {

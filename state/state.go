@@ -132,6 +132,21 @@ type Instance struct {
 	// files under a new name, so the running server's CONFIG SET of them
 	// is a change, which Redis applies.
 	TLSCert string `json:"tls_cert,omitempty"`
+	// Backup is the instance's own backup settings (nil: the agent's).
+	Backup *apitype.BackupPolicy `json:"backup,omitempty"`
+	// LastBackup is the last backup of it that succeeded here.
+	LastBackup *LastBackup `json:"last_backup,omitempty"`
+	// IO is the instance's own IO limits (over the agent's defaults);
+	// nil when it has none.
+	IO *apitype.IOSetting `json:"io,omitempty"`
+}
+
+// LastBackup is a successful backup of an instance.
+type LastBackup struct {
+	Key    string    `json:"key"`
+	Time   time.Time `json:"time"`
+	Size   int64     `json:"size"`
+	SHA256 string    `json:"sha256"`
 }
 
 // Move states on the source, in order.

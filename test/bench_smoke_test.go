@@ -29,8 +29,9 @@ func TestBenchSmoke(t *testing.T) {
 		Agent: agentBin, Broker: smokeBroker, RedisServer: redisServer, Dir: testenv.TraversableDir(t),
 		Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
-		SnapshotMB: 2, RolloutInstances: 2,
+		SnapshotMB: 2, RolloutInstances: 2, IOMB: 2, IODuration: 300 * time.Millisecond,
 		BrokerSamples: 3, DrainInstances: 2, DrainMB: 1, BenchRequests: 2000,
+		VersityGW: testenv.VersityGW(t),
 	}
 	// The suite's ports from PortMin: the agent's Density, one left out,
 	// then one per bare redis-server worker (Concurrency of them).
@@ -51,7 +52,8 @@ func TestBenchSmoke(t *testing.T) {
 		"provision through the broker (OSB PUT -> 201), p50", "provision through the broker (OSB PUT -> 201), p99",
 		"deprovision through the broker", "broker start, 5 instances on 3 agents", "  of which exec -> /readyz 200",
 		"drain of an agent with 2 AOF instances of 1 MiB, total", "  unavailability per instance (drain status), median",
-		"  ref: snapshot out (GET) of one 1 MiB instance", "  ref: its restore in"}
+		"  ref: snapshot out (GET) of one 1 MiB instance", "  ref: its restore in",
+		"backup to a local S3 server", "backup throughput", "  tenant GET latency p99 during its backup", "restore from that backup"}
 	for _, w := range want {
 		found := false
 		for _, r := range res.Rows {

@@ -2,11 +2,13 @@ package test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -18,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -267,6 +270,9 @@ func hostileAttack(t *testing.T, extra ...string) (map[string]string, targets, i
 		t.Fatal(err)
 	}
 	dataDir := testenv.TraversableDir(t)
+	// The agent leaves its redis-servers (here the hostile tenant and its
+	// victim) running when it stops: they go with the test.
+	killRedisUnder(t, dataDir)
 	// A directory anyone may write (as /tmp usually is): only the
 	// confinement keeps the tenant out.
 	shared := testenv.TraversableDir(t)
@@ -340,4 +346,60 @@ func hostileAttack(t *testing.T, extra ...string) (map[string]string, targets, i
 		t.Fatalf("victim after the attack: %d %+v", code, got)
 	}
 	return report, tg, attacker
+}
+
+// statusField is a field of /proc/<pid>/status, "" when missing.
+func statusField(pid int, name string) string {
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, name+":"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+// An agent run as an ordinary user has no users per instance to give
+// (the documented fallback): its redis-servers run as it, still through
+// the launcher (no_new_privs and seccomp are in their status), and
+// /readyz says what is missing.
+func TestUnprivilegedAgentStillConfines(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run the agent as another user")
+	}
+	testenv.RedisServer(t)
+	dataDir := testenv.TraversableDir(t)
+	if err := os.Chown(dataDir, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	killRedisUnder(t, dataDir)
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}
+	a := launchAgent(t, agentOpts{dataDir: dataDir, cred: nobody, extra: []string{"--cgroups", "off"}, env: []string{"HOME=" + dataDir}})
+	var ready apitype.Status
+	testenv.Eventually(t, "the unprivileged agent ready", 20*time.Second, func() bool {
+		resp, err := http.Get(a.base + "/readyz")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&ready) == nil
+	})
+	if !strings.Contains(strings.Join(ready.Details, "; "), "no user per instance (the agent is not root)") {
+		t.Errorf("/readyz details = %q; want it to say there is no user per instance", ready.Details)
+	}
+	in := mustProvision(t, a, "plain")
+	if uid := statusField(in.PID, "Uid"); !strings.HasPrefix(uid, "65534\t") {
+		t.Errorf("redis-server runs as uid %q, want the agent's (65534)", uid)
+	}
+	if nnp, sc := statusField(in.PID, "NoNewPrivs"), statusField(in.PID, "Seccomp"); nnp != "1" || sc != "2" {
+		t.Errorf("redis-server: NoNewPrivs %q, Seccomp %q; want 1 and 2 (filter): it did not start through the launcher", nnp, sc)
+	}
+	c := mustBind(t, a, "plain", "app")
+	r := redisClient(t, c)
+	if err := r.Set(context.Background(), "k", "v", 0).Err(); err != nil {
+		t.Fatalf("SET on the unprivileged agent's instance: %v", err)
+	}
+	if code := a.do("DELETE", "/v1/instances/plain", "", nil); code != 200 {
+		t.Fatalf("DELETE = %d", code)
+	}
 }

@@ -15,7 +15,8 @@ func TestOpenAPIContract(t *testing.T) {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 4, extra: []string{"--health-interval", "20ms"}})
+	flags, env := backupOpts(testenv.StartS3(t), "contract-vm")
+	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 4, env: env, extra: append([]string{"--health-interval", "20ms"}, flags...)})
 	contract := testenv.NewContract(t, "../api/openapi.yaml", a.base)
 	saved := http.DefaultClient.Transport
 	http.DefaultClient.Transport = contract
@@ -90,7 +91,26 @@ func TestOpenAPIContract(t *testing.T) {
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
 		{"PATCH", "/v1/instances/c1", `{}`, 422},
 		{"PATCH", "/v1/instances/none", `{"memory_mb":48}`, 404},
+		// IO limits: set live, back to the defaults, refused when too low.
+		{"PATCH", "/v1/instances/c1", `{"io":{"write_bps":10485760,"read_iops":500,"weight":200}}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"io":{}}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"io":{"write_bps":1}}`, 422},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"persistence":"none","io":{"read_bps":2097152}}`, 201},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"persistence":"none","io":{"read_bps":4194304}}`, 409},
+		{"DELETE", "/v1/instances/c5", "", 200},
 		{"GET", "/v1/instances/none/snapshot", "", 404},
+		{"POST", "/v1/instances/c1/backups", "", 201},
+		{"POST", "/v1/instances/none/backups", "", 404},
+		{"GET", "/v1/instances/c1/backups", "", 200},
+		{"GET", "/v1/instances/c1/backups?details=true", "", 200},
+		{"GET", "/v1/instances/..x/backups", "", 422},
+		{"GET", "/v1/backups", "", 200},
+		{"GET", "/v1/backups?agent=contract-vm", "", 200},
+		{"PATCH", "/v1/instances/c1", `{"backup":{"schedule":"6h","keep":3}}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"backup":{"schedule":"sometimes"}}`, 422},
+		{"PATCH", "/v1/instances/c1", `{"backup":{}}`, 200},
+		{"PUT", "/v1/instances/c1/snapshot?from_backup=fleet/c1/20200101T000000.000Z.rdb", "", 404},
+		{"PUT", "/v1/instances/c1/snapshot", `{"from_backup":"elsewhere/c1/x.rdb"}`, 422},
 		{"GET", "/v1/rollout", "", 200},
 		{"POST", "/v1/rollout", "", 202},
 		{"DELETE", "/v1/instances/c1/bindings/app", "", 200},

@@ -196,7 +196,7 @@ func killRedisUnder(t *testing.T, dir string) {
 		time.Sleep(20 * time.Millisecond)
 		root := agent.Config{DataDir: dir}.CgroupParent()
 		entries, _ := os.ReadDir(filepath.Join(dir, "instances"))
-		for _, c := range []string{"memory", "cpu", "pids", ""} {
+		for _, c := range []string{"memory", "cpu", "pids", "blkio", ""} {
 			for _, e := range entries {
 				os.Remove(filepath.Join("/sys/fs/cgroup", c, root, e.Name()))
 			}

@@ -27,7 +27,9 @@ func exportedNames(t *testing.T) map[string]bool {
 	testenv.RedisServer(t)
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
-	a := runAgent(t, agentOpts{dataDir: dataDir, extra: []string{"--health-interval", "20ms"}})
+	// A backup target, and a backup taken: the backup series exist.
+	flags, env := backupOpts(testenv.StartS3(t), "dash-vm", "--backup-schedule", "24h")
+	a := runAgent(t, agentOpts{dataDir: dataDir, env: env, extra: append([]string{"--health-interval", "20ms"}, flags...)})
 	// With TLS, for the certificate's expiry.
 	var in instance
 	if code := a.do("PUT", "/v1/instances/dash", `{"memory_mb":32,"persistence":"aof-always","tls":"optional"}`, &in); code != 201 {
@@ -36,7 +38,16 @@ func exportedNames(t *testing.T) map[string]bool {
 	syscall.Kill(in.PID, syscall.SIGKILL)
 	names := map[string]bool{}
 	deadline := time.Now().Add(10 * time.Second)
-	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] || !names["redis_agent_instance_tls_cert_expiry_timestamp_seconds"] {
+	backedUp := false
+	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] || !names["redis_agent_backup_last_success_bytes"] ||
+		!names["redis_agent_instance_tls_cert_expiry_timestamp_seconds"] {
+		if !backedUp && names["redis_up"] {
+			var inst instance
+			if a.do("GET", "/v1/instances/dash", "", &inst); inst.State == "running" {
+				a.backupNow("dash")
+				backedUp = true
+			}
+		}
 		if time.Now().After(deadline) {
 			t.Fatalf("series never appeared; have %v", names)
 		}

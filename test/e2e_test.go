@@ -103,6 +103,8 @@ type agentOpts struct {
 	portMin int
 	ports   int
 	extra   []string
+	// cred, when set, is the user the agent runs as.
+	cred *syscall.Credential
 }
 
 // startAgent runs the binary with its own data dir and port range. Extra
@@ -133,6 +135,9 @@ func launchAgent(t *testing.T, o agentOpts) *agentProc {
 	a := &agentProc{t: t, base: "http://" + listen, dataDir: o.dataDir, args: args, log: &lockedBuffer{}, exited: make(chan struct{})}
 	a.cmd = exec.Command(o.bin, args...)
 	a.cmd.Env = append(os.Environ(), o.env...)
+	if o.cred != nil {
+		a.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: o.cred}
+	}
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -26,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -78,6 +79,101 @@ func (l Layout) TLSDir(id string) string { return filepath.Join(l.DataRoot, id, 
 
 // LogPath is the instance's redis-server log file.
 func (l Layout) LogPath(id string) string { return filepath.Join(l.LogRoot, id+".log") }
+
+// LogFiles are the instance's log and its rotated logs (<id>.log.1, the
+// newest, to <id>.log.N) that exist.
+func (l Layout) LogFiles(id string) []string {
+	var out []string
+	if _, err := os.Lstat(l.LogPath(id)); err == nil {
+		out = append(out, l.LogPath(id))
+	}
+	for n := 1; ; n++ {
+		p := l.RotatedLogPath(id, n)
+		if _, err := os.Lstat(p); err != nil {
+			return out
+		}
+		out = append(out, p)
+	}
+}
+
+// RotatedLogPath is the n-th rotated log of the instance (1 the newest).
+func (l Layout) RotatedLogPath(id string, n int) string {
+	return l.LogPath(id) + "." + strconv.Itoa(n)
+}
+
+// RotateLog moves the log of id aside once it is larger than maxBytes and
+// reports whether it did: <id>.log.1 gets its content (the rotated ones
+// before it become .2, .3, ..., and those beyond keep go) and the log is
+// truncated in place. In place, not renamed: redis-server opens its log
+// by path for every line, but a confined one may write that file (that
+// inode) only, not create another in the log directory, so a log renamed
+// away would leave it with none. A line written between the copy and
+// the truncation, microseconds, is lost. The rotated logs are o's, mode
+// 0640, like the log.
+func (l Layout) RotateLog(id string, maxBytes int64, keep int, o Owner) (bool, error) {
+	if err := ValidateID(id); err != nil {
+		return false, err
+	}
+	live := l.LogPath(id)
+	st, err := os.Stat(live)
+	if err != nil || st.Size() <= maxBytes {
+		return false, nil
+	}
+	// The oldest go: those beyond keep, then the one shifted past it.
+	for n := keep + 1; ; n++ {
+		if err := os.Remove(l.RotatedLogPath(id, n)); err != nil {
+			break
+		}
+	}
+	for n := keep - 1; n >= 1; n-- {
+		if err := os.Rename(l.RotatedLogPath(id, n), l.RotatedLogPath(id, n+1)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("rotate %s: %w", live, err)
+		}
+	}
+	if keep > 0 {
+		if err := copyLog(live, l.RotatedLogPath(id, 1), o); err != nil {
+			return false, err
+		}
+	}
+	if err := os.Truncate(live, 0); err != nil {
+		return false, fmt.Errorf("rotate %s: %w", live, err)
+	}
+	return true, nil
+}
+
+// copyLog copies the log src to dst, through a temporary file renamed
+// into place.
+func copyLog(src, dst string, o Owner) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("rotate %s: %w", src, err)
+	}
+	defer in.Close()
+	tmp := dst + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return fmt.Errorf("rotate %s: %w", src, err)
+	}
+	defer func() {
+		if err != nil {
+			out.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if _, err = io.Copy(out, in); err != nil {
+		return fmt.Errorf("rotate %s: %w", src, err)
+	}
+	if err = out.Chmod(0o640); err != nil {
+		return err
+	}
+	if err = chown(tmp, o); err != nil {
+		return err
+	}
+	if err = out.Close(); err != nil {
+		return fmt.Errorf("rotate %s: %w", src, err)
+	}
+	return os.Rename(tmp, dst)
+}
 
 // Init creates the roots, mode 0711: an instance's user passes through to
 // its own files and lists no one else's.
@@ -217,9 +313,9 @@ func (l Layout) Remove(id string) error {
 			return fmt.Errorf("remove %s: %w", l.Dir(id), err)
 		}
 	}
-	if _, err := os.Lstat(l.LogPath(id)); err == nil {
-		if err := os.Remove(l.LogPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove %s: %w", l.LogPath(id), err)
+	for _, f := range l.LogFiles(id) {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", f, err)
 		}
 	}
 	return nil

@@ -220,3 +220,68 @@ func TestReown(t *testing.T) {
 		}
 	}
 }
+
+// A log past its bound is copied to .1 and truncated in place (the same
+// inode: a confined redis-server may write only that one); the rotated
+// ones shift, and no more than keep are kept.
+func TestRotateLog(t *testing.T) {
+	l := Layout{DataRoot: t.TempDir(), LogRoot: t.TempDir()}
+	live := l.LogPath("r")
+	write := func(s string) {
+		f, err := os.OpenFile(live, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(s)
+		f.Close()
+	}
+	var ino uint64
+	write("small\n")
+	if st, err := os.Stat(live); err == nil {
+		ino = st.Sys().(*syscall.Stat_t).Ino
+	}
+	if r, err := l.RotateLog("r", 100, 2, Unowned); r || err != nil {
+		t.Fatalf("a log under its bound rotated: %v, %v", r, err)
+	}
+	for i, gen := range []string{"one", "two", "three", "four"} {
+		write(strings.Repeat(gen+"\n", 40))
+		if r, err := l.RotateLog("r", 100, 2, Unowned); !r || err != nil {
+			t.Fatalf("rotation %d: %v, %v", i, r, err)
+		}
+	}
+	st, err := os.Stat(live)
+	if err != nil || st.Size() != 0 || st.Sys().(*syscall.Stat_t).Ino != ino {
+		t.Fatalf("the live log after rotations: %v, %v; want the same file, empty", st, err)
+	}
+	b1, _ := os.ReadFile(l.RotatedLogPath("r", 1))
+	b2, _ := os.ReadFile(l.RotatedLogPath("r", 2))
+	if !strings.HasPrefix(string(b1), "four\n") || !strings.HasPrefix(string(b2), "three\n") {
+		t.Fatalf(".1 = %.10q, .2 = %.10q", b1, b2)
+	}
+	if _, err := os.Stat(l.RotatedLogPath("r", 3)); err == nil {
+		t.Fatal("a third rotated log is kept with keep 2")
+	}
+	if st, _ := os.Stat(l.RotatedLogPath("r", 1)); st.Mode().Perm() != 0o640 {
+		t.Fatalf("rotated log mode %v", st.Mode())
+	}
+	if got := l.LogFiles("r"); len(got) != 3 {
+		t.Fatalf("LogFiles = %q", got)
+	}
+	// keep 0: the content goes.
+	write(strings.Repeat("x", 200))
+	if r, err := l.RotateLog("r", 100, 0, Unowned); !r || err != nil {
+		t.Fatalf("keep 0: %v, %v", r, err)
+	}
+	if got := l.LogFiles("r"); len(got) != 1 {
+		t.Fatalf("LogFiles with keep 0 = %q", got)
+	}
+	// Remove takes the rotated logs too.
+	write(strings.Repeat("y", 200))
+	l.RotateLog("r", 100, 2, Unowned)
+	if err := l.Remove("r"); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.LogFiles("r"); len(got) != 0 {
+		t.Fatalf("after Remove: %q", got)
+	}
+}

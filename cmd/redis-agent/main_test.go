@@ -27,6 +27,11 @@ func TestTokenIsTrimmed(t *testing.T) {
 	if _, err := parse([]string{"--token-file", file}, io.Discard); err == nil || !strings.Contains(err.Error(), "empty") {
 		t.Fatalf("blank token file: %v, want an error saying it is empty", err)
 	}
+	os.WriteFile(file, []byte("0123456789abcdef-file"), 0o600)
+	os.Chmod(file, 0o644)
+	if _, err := parse([]string{"--token-file", file}, io.Discard); err == nil || !strings.Contains(err.Error(), "readable by every user") {
+		t.Fatalf("world-readable token file: %v, want it refused", err)
+	}
 
 	t.Setenv("REDIS_AGENT_TOKEN", " \n\t")
 	st, err = parse([]string{"--listen", "0.0.0.0:7070"}, io.Discard)
@@ -116,5 +121,32 @@ func TestMaxUploads(t *testing.T) {
 	}
 	if _, err := parse([]string{"--max-uploads", "0"}, io.Discard); err == nil || !strings.Contains(err.Error(), "--max-uploads") {
 		t.Fatalf("--max-uploads 0: %v, want an error", err)
+	}
+}
+
+// IO limits come from flags and the environment, sizes with units.
+func TestIOFlags(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1048576": 1 << 20, "64M": 64 << 20, "64MiB": 64 << 20, "1G": 1 << 30, "2k": 2 << 10, "10MB": 10 << 20} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "M", "-1", "1X", "1.5G", "99999999999T"} {
+		if _, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) parsed", in)
+		}
+	}
+	t.Setenv("REDIS_AGENT_IO_WRITE_BPS", "32M")
+	t.Setenv("REDIS_AGENT_IO_READ_IOPS", "500")
+	st, err := parse([]string{"--io-read-bps", "1G", "--io-weight", "200"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := st.cfg.Agent; a.IOWriteBPS != 32<<20 || a.IOReadBPS != 1<<30 || a.IOReadIOPS != 500 || a.IOWeight != 200 || a.IOWriteIOPS != 0 {
+		t.Fatalf("IO limits = %d %d %d %d %d", a.IOReadBPS, a.IOWriteBPS, a.IOReadIOPS, a.IOWriteIOPS, a.IOWeight)
+	}
+	t.Setenv("REDIS_AGENT_IO_WRITE_BPS", "fast")
+	if _, err := parse(nil, io.Discard); err == nil || !strings.Contains(err.Error(), "REDIS_AGENT_IO_WRITE_BPS") {
+		t.Fatalf("REDIS_AGENT_IO_WRITE_BPS=fast: %v", err)
 	}
 }

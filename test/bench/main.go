@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/redis-agent/redis-agent/test/benchsuite"
@@ -37,10 +39,14 @@ func run() error {
 	fs.IntVar(&cfg.APIClients, "api-clients", 32, "concurrent GET clients")
 	fs.IntVar(&cfg.SnapshotMB, "snapshot-mb", 100, "dataset of the snapshot and restore scenario, MiB")
 	fs.IntVar(&cfg.RolloutInstances, "rollout", 10, "small instances of the rolling upgrade scenario")
+	fs.IntVar(&cfg.IOMB, "io-mb", 64, "data set of the IO scenario's noisy tenant, MiB")
+	fs.IntVar(&cfg.IOLimitMBs, "io-limit-mbs", 20, "the IO scenario's write limit of the noisy tenant, MiB/s")
+	fs.DurationVar(&cfg.IODuration, "io-duration", 5*time.Second, "the IO scenario's quiet neighbour measured this long on each side of each round; 0 leaves it out")
 	fs.IntVar(&cfg.BrokerSamples, "broker-samples", 50, "provisions and deletes through the broker, and as many directly")
 	fs.IntVar(&cfg.DrainInstances, "drain", 20, "AOF instances on the agent the broker drains")
 	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
 	fs.IntVar(&cfg.BenchRequests, "bench-requests", 200000, "redis-benchmark requests of each TLS figure")
+	fs.StringVar(&cfg.VersityGW, "versitygw", versityGW(), "the Versity S3 gateway the backup figures run against; empty to leave them out ("+`go install github.com/versity/versitygw/cmd/versitygw@v1.8.0`+")")
 	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
 	flag.Parse()
@@ -48,6 +54,7 @@ func run() error {
 		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
 		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
+		cfg.IOMB, cfg.IODuration = 4, time.Second
 		cfg.BrokerSamples, cfg.DrainInstances, cfg.DrainMB = 5, 2, 2
 		cfg.BenchRequests = 20000
 	}
@@ -77,4 +84,18 @@ func run() error {
 		fmt.Fprintln(os.Stderr, "wrote", *out)
 	}
 	return nil
+}
+
+// versityGW is versitygw from PATH, else from go install's directory.
+func versityGW() string {
+	if p, err := exec.LookPath("versitygw"); err == nil {
+		return p
+	}
+	if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil {
+		p := filepath.Join(strings.TrimSpace(string(out)), "bin", "versitygw")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return ""
 }

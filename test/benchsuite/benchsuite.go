@@ -72,6 +72,16 @@ type Config struct {
 	// BenchRequests is redis-benchmark's -n in the TLS scenario (0 is
 	// 200000); its handshake figure runs for APIDuration.
 	BenchRequests int
+	// VersityGW is the Versity S3 gateway binary the backup figures run
+	// against; "" leaves them out.
+	VersityGW string
+	// IOMB is the noisy tenant's data set of the IO scenario, IODuration
+	// how long the quiet neighbour is measured on each side; 0 leaves the
+	// scenario out.
+	IOMB       int
+	IODuration time.Duration
+	// IOLimitMBs is the noisy tenant's write limit in MiB/s; 0 is 20.
+	IOLimitMBs int
 	// Log receives progress lines.
 	Log io.Writer
 }
@@ -116,6 +126,11 @@ type suite struct {
 	rows   []Row
 	// extra are flags added to the agent's (launcherCost's --confine off).
 	extra []string
+	// s3 is the backup target, when Config.VersityGW is set.
+	s3 *s3Server
+	// snapOut is the snapshot GET of this run, the backup's reference.
+	snapOut time.Duration
+	snapMiB float64
 }
 
 func (s *suite) logf(format string, args ...any) {
@@ -152,6 +167,12 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 		res.Took = time.Since(res.Started)
 	}()
 	res.Machine = machine(cfg.RedisServer)
+	if cfg.VersityGW != "" {
+		if s.s3, err = startS3(cfg.VersityGW, filepath.Join(cfg.Dir, "s3")); err != nil {
+			return res, fmt.Errorf("S3 server: %w", err)
+		}
+		defer s.s3.stop()
+	}
 
 	bare, err := s.bareStart(cfg.Samples, 1)
 	if err != nil {
@@ -208,6 +229,14 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 
 	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
 		return res, err
+	}
+	if s.s3 != nil {
+		if err := s.backupScenario(ctx, "snap-src", s.snapMiB, s.snapOut); err != nil {
+			return res, fmt.Errorf("backup: %w", err)
+		}
+	}
+	if err := s.ioNeighbours(ctx, cfg.IOMB, cfg.IOLimitMBs, cfg.IODuration); err != nil {
+		return res, fmt.Errorf("IO neighbours: %w", err)
 	}
 	if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
 		return res, err
@@ -353,13 +382,17 @@ func (s *suite) startAgent() error {
 	a := &agentProc{base: "http://" + listen, exited: make(chan struct{}), log: &bytes.Buffer{}}
 	args := []string{"--listen", listen, "--data-dir", s.data, "--redis-server", s.bin(),
 		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
-		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 1024), "--log-level", "warn", "--log-format", "json",
+		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 2*s.cfg.IOMB + 1024), "--log-level", "warn", "--log-format", "json",
 		"--restart-stable-after", "200ms"}
 	if p := s.checkRDB(); p != "" {
 		args = append(args, "--redis-check-rdb", p)
 	}
 	args = append(args, s.extra...)
 	a.cmd = exec.Command(s.cfg.Agent, args...)
+	if s.s3 != nil {
+		a.cmd.Args = append(a.cmd.Args, s.s3.agentFlags()...)
+		a.cmd.Env = append(os.Environ(), s.s3.agentEnv()...)
+	}
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		return err
@@ -761,6 +794,7 @@ func (r Result) Markdown(command string) string {
 	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
 	b.WriteString("Snapshot and restore: an AOF instance filled with 1 KiB random values, its snapshot downloaded (GET, sha256 checked) and restored into a second instance (PUT, until 200 with the instance ready on the data); their references are a bare redis-server SAVE of the same data and a bare redis-server start that loads the same RDB. Rolling upgrade: the agent's redis-server is a symlink, pointed at a copy of the binary before `POST /v1/rollout`; each instance is PINGed by its binding user on a fresh connection every 2 ms, and its unavailability is the longest gap between two answers (so ~3 ms is the floor).\n\n")
 	b.WriteString("TLS: `redis-benchmark -t set,get -P 16 -c 50 -d 64` on an instance with `\"tls\":\"optional\"` as its binding user, on its plain port and on its TLS port (`--tls --cacert` with the binding's `ca_cert`), each next to a bare redis-server with the same two listeners (an ECDSA P-256 certificate of a CA of its own, `tls-auth-clients no`) in the same run; handshakes are full TLS handshakes (no session resumption), each on a new connection verified against the CA, from 4 dialers a core.\n\n")
+	b.WriteString("IO neighbours: a quiet `aof-always` instance (each SET fsynced before its answer) SETs small keys on one connection, alone and then next to a noisy AOF tenant whose data set (1 KiB random values) the agent snapshots in a loop (`GET .../snapshot`: a BGSAVE, the IO of an AOF rewrite) while a writer overwrites its keys (its AOF grows, and is rewritten when it doubles), in two rounds that alternate the noisy tenant without an IO limit and with `PATCH {\"io\":{\"write_bps\":...}}`; the noisy tenant's snapshots a second show what the limit costs it. Left out where the agent limits no IO (not root, no IO controller).\n\n")
 	b.WriteString(r.brokerNote())
 	b.WriteString(r.Table())
 	return b.String()

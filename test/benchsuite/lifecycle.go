@@ -156,6 +156,7 @@ func (s *suite) snapshotRestore(ctx context.Context, mb int) error {
 		return fmt.Errorf("bare reference: %w", err)
 	}
 	mib := float64(size) / (1 << 20)
+	s.snapOut, s.snapMiB = out, mib
 	s.add(Row{Figure: fmt.Sprintf("snapshot out (GET), %.0f MiB RDB", mib), Value: ms(out), Unit: "ms", Reference: ms(save), Aim: "bare: SAVE"})
 	s.add(Row{Figure: "snapshot out throughput", Value: mib / out.Seconds(), Unit: "MiB/s"})
 	s.add(Row{Figure: fmt.Sprintf("restore in (PUT -> 200 ready), %.0f MiB RDB", mib), Value: ms(in), Unit: "ms", Reference: ms(load), Aim: "bare: start loading it"})
