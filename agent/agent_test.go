@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -26,18 +25,12 @@ import (
 	"github.com/redis-agent/redis-agent/supervisor"
 )
 
-// nextPorts hands each test its own port range, so tests running in
-// parallel (and other packages' tests, which use other bases) never race
-// for a port.
-var nextPorts atomic.Int32
-
-const portBase = 21000
-
 func testConfig(t testing.TB, ports int) Config {
 	t.Helper()
 	cfg := DefaultConfig()
-	n := int(nextPorts.Add(int32(ports)))
-	cfg.PortMin = portBase + n - ports
+	// A range no other test holds, in this process or another (other
+	// packages, a second checkout's run), and free of listeners.
+	cfg.PortMin = testenv.Ports(t, ports)
 	cfg.PortMax = cfg.PortMin + ports - 1
 	cfg.DataDir = testenv.TraversableDir(t)
 	cfg.RedisServer = testenv.RedisServer(t)

@@ -48,7 +48,7 @@ func BenchmarkProvision(b *testing.B) {
 func BenchmarkBareRedisStart(b *testing.B) {
 	bin := testenv.RedisServer(b)
 	dir := testenv.TraversableDir(b)
-	port := portBase + 990
+	port := testenv.Ports(b, 1)
 	conf := filepath.Join(dir, "redis.conf")
 	if err := os.WriteFile(conf, fmt.Appendf(nil, "port %d\nbind 127.0.0.1\ndir %s\nsave \"\"\nappendonly no\n", port, dir), 0o644); err != nil {
 		b.Fatal(err)
