@@ -101,6 +101,10 @@ type Service struct {
 	statfs func(path string, st *unix.Statfs_t) error
 
 	roll *rollouts
+	// ca signs the instances' TLS certificates; certExpiry holds when each
+	// instance's expires (Unix seconds, by id), for the metric.
+	ca         *certAuthority
+	certExpiry sync.Map
 	// bk is the backup target and its schedule; nil without a target.
 	bk *backups
 	// transientMB is memory counted against the budget for as long as
@@ -153,6 +157,9 @@ type instance struct {
 	// aclPending is set while an ACL change could not be applied to the
 	// running server; the next health check tries again.
 	aclPending atomic.Bool
+	// policy is the record's maxmemory-policy (a string); a health check
+	// that sees another calls drift.
+	policy atomic.Value
 }
 
 // instanceStats is one health check's harvest: INFO and /proc figures of
@@ -235,6 +242,19 @@ func New(cfg Config) (*Service, error) {
 	}
 	store, err := state.Open(filepath.Join(cfg.DataDir, "state", "agent.db"), time.Second)
 	if err != nil {
+		return nil, err
+	}
+	if cfg.InstanceCACert != "" {
+		s.ca, err = loadCA(cfg.InstanceCACert, cfg.InstanceCAKey)
+	} else {
+		var made bool
+		s.ca, made, err = ownCA(filepath.Join(cfg.DataDir, "tls"))
+		if made {
+			log.Info("made the agent's own CA for the instances' TLS certificates; give every agent the same one (--instance-ca-cert, --instance-ca-key) for TLS clients to follow a move between agents", "cert", filepath.Join(cfg.DataDir, "tls", "ca.crt"))
+		}
+	}
+	if err != nil {
+		store.Close()
 		return nil, err
 	}
 	s.store = store
@@ -403,13 +423,17 @@ func (s *Service) conf(rec state.Instance) []byte {
 		Persistence: rec.Persistence,
 		MaxClients:  s.cfg.MaxClients,
 		ReplicaOf:   replicaOf(rec),
+
+		MaxmemoryPolicy:  policyOf(rec),
+		MaxmemoryClients: clientsOf(rec),
+		TLS:              s.tlsConf(rec),
 	})
 }
 
 // replicaOf is the primary rec's server replicates from, if any.
 func replicaOf(rec state.Instance) *redis.Primary {
 	if p := rec.ReplicaOf; p != nil {
-		return &redis.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+		return &redis.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password, TLS: p.TLS}
 	}
 	return nil
 }
@@ -452,6 +476,11 @@ func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
 	conf := s.conf(rec)
 	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec), o); err != nil {
 		return "", err
+	}
+	if t := s.tlsConf(rec); t != nil {
+		if err := s.layout.WriteConfig(t.CAFile, s.caBundle(rec), o); err != nil {
+			return "", err
+		}
 	}
 	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf, o); err != nil {
 		return "", err

@@ -411,7 +411,8 @@ func (s *Service) backup(ctx context.Context, id string) (bk apitype.Backup, err
 	}
 	crashAt(FaultBackupUploaded)
 	man := backup.Manifest{Instance: id, Time: start, Agent: agent, SHA256: snap.SHA256, Size: snap.Size, RedisVersion: version,
-		MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Metadata: rec.Metadata}
+		MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Metadata: rec.Metadata,
+		MaxmemoryPolicy: policyOf(rec), MaxmemoryClients: clientsOf(rec), TLS: tlsOf(rec)}
 	for _, bid := range sortedKeys(rec.Bindings) {
 		b := rec.Bindings[bid]
 		man.Bindings = append(man.Bindings, backup.Binding{ID: b.ID, Username: b.Username, Password: b.Password})
@@ -531,7 +532,8 @@ func (s *Service) LatestBackups(ctx context.Context, agent string) ([]apitype.Ba
 				break
 			}
 			b := apitype.Backup{Key: o.Key, Instance: id, Time: o.Time, Size: o.Size, SHA256: m.SHA256, RedisVersion: m.RedisVersion,
-				Agent: m.Agent, AgeSeconds: time.Since(o.Time).Seconds(), MemoryMB: m.MemoryMB, Persistence: m.Persistence, Metadata: m.Metadata}
+				Agent: m.Agent, AgeSeconds: time.Since(o.Time).Seconds(), MemoryMB: m.MemoryMB, Persistence: m.Persistence, Metadata: m.Metadata,
+				MaxmemoryPolicy: m.MaxmemoryPolicy, MaxmemoryClients: m.MaxmemoryClients, TLS: m.TLS}
 			for _, bd := range m.Bindings {
 				b.Bindings = append(b.Bindings, apitype.BackupBinding{ID: bd.ID, Username: bd.Username, Password: bd.Password})
 			}

@@ -212,12 +212,21 @@ func (s *Service) syncUsers(ctx context.Context, in *instance, rec state.Instanc
 	return nil
 }
 
+// credentials are what binding b of rec hands to the application: the
+// plain port and a redis:// URI; with TLS also the TLS port, a rediss://
+// URI and the CA; with TLS required, the TLS ones are the port and URI.
 func (s *Service) credentials(rec state.Instance, b state.Binding) Credentials {
 	host := s.cfg.advertiseHost()
-	u := url.URL{
-		Scheme: "redis",
-		User:   url.UserPassword(b.Username, b.Password),
-		Host:   net.JoinHostPort(host, strconv.Itoa(rec.Port)),
+	uri := func(scheme string, port int) string {
+		u := url.URL{Scheme: scheme, User: url.UserPassword(b.Username, b.Password), Host: net.JoinHostPort(host, strconv.Itoa(port))}
+		return u.String()
 	}
-	return Credentials{Host: host, Port: rec.Port, Username: b.Username, Password: b.Password, URI: u.String()}
+	c := Credentials{Host: host, Port: rec.Port, Username: b.Username, Password: b.Password, URI: uri("redis", rec.Port)}
+	if t := s.tlsConf(rec); t != nil {
+		c.TLSPort, c.TLSURI, c.CACert = t.Port, uri("rediss", t.Port), string(s.ca.pem)
+		if t.Required {
+			c.Port, c.URI = t.Port, c.TLSURI
+		}
+	}
+	return c
 }

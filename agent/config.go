@@ -84,6 +84,16 @@ type Config struct {
 	CPUShares uint64
 	CPUQuota  float64
 	Pids      int64
+	// InstanceCACert and InstanceCAKey are the PEM certificate and key of
+	// the CA that signs the instances' TLS certificates. Empty means the
+	// agent's own CA, made in the data directory at its first start and
+	// kept.
+	InstanceCACert, InstanceCAKey string
+	// CertValidity is how long an instance's certificate is valid; it is
+	// renewed once less than a third of that is left. CertCheck is how
+	// often the agent looks. Zero means 90 days, and an hour (or a tenth
+	// of the validity when that is shorter).
+	CertValidity, CertCheck time.Duration
 	// IOReadBPS, IOWriteBPS (bytes a second), IOReadIOPS and IOWriteIOPS
 	// (operations a second) are every instance's default IO limits on the
 	// data directory's block device, 0 none; IOWeight its default share
@@ -301,6 +311,12 @@ func (c Config) Validate() error {
 		}
 	default:
 		bad("confine %q: want on or off", c.Confine)
+	}
+	if (c.InstanceCACert == "") != (c.InstanceCAKey == "") {
+		bad("instance CA: give both its certificate and its key, or neither (the agent then makes its own)")
+	}
+	if c.CertValidity < 0 || c.CertCheck < 0 {
+		bad("certificate validity and check interval must not be negative")
 	}
 	if c.InstanceUIDs != "auto" && c.InstanceUIDs != "off" {
 		if _, _, err := ParseUIDRange(c.InstanceUIDs); err != nil {

@@ -51,6 +51,19 @@ func (s *Service) normalize(spec Spec) (Spec, error) {
 	if p := spec.ReplicaOf; p != nil && (p.Host == "" || p.Port < 1 || p.Port > 65535 || p.User == "" || p.Password == "") {
 		return spec, fmt.Errorf("replica_of: %w: want host, port, user and password", ErrInvalid)
 	}
+	if p := spec.ReplicaOf; p != nil && p.TLS && (p.CACert == "" || spec.TLS == "" || spec.TLS == apitype.TLSOff) {
+		return spec, fmt.Errorf("replica_of: %w: a link over TLS wants the primary's ca_cert, and tls on for the replica", ErrInvalid)
+	}
+	var err error
+	if spec.MaxmemoryPolicy, err = normalizePolicy(spec.MaxmemoryPolicy); err != nil {
+		return spec, err
+	}
+	if spec.MaxmemoryClients, err = normalizeClients(spec.MaxmemoryClients); err != nil {
+		return spec, err
+	}
+	if spec.TLS, err = normalizeTLS(spec.TLS); err != nil {
+		return spec, err
+	}
 	io, err := normalizeIO(spec.IO)
 	if err != nil {
 		return spec, err
@@ -114,6 +127,10 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		AdminPassword: redis.NewPassword(),
 		Phase:         state.PhaseProvisioning,
 		CreatedAt:     time.Now().UTC(),
+
+		MaxmemoryPolicy:  spec.MaxmemoryPolicy,
+		MaxmemoryClients: spec.MaxmemoryClients,
+		TLS:              spec.TLS,
 	}
 	// The disk budget first (an instance that exists already is not
 	// admitted again: an identical provision is a 200 however full the
@@ -125,16 +142,24 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 			return Instance{}, false, err
 		}
 	}
-	rec, err = s.store.Create(rec, func(u state.Usage) (int, error) {
+	rec, err = s.store.CreatePorts(rec, func(u state.Usage) (int, int, error) {
 		if free := s.cfg.MemoryBudgetMB - u.MemoryMB - int(s.transientMB.Load()); spec.MemoryMB > free {
-			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' loaders now): %w",
+			return 0, 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' loaders now): %w",
 				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, s.transientMB.Load(), ErrCapacity)
 		}
 		port, err := s.alloc.Next(u.PortHeld)
 		if errors.Is(err, ports.ErrExhausted) {
-			return 0, fmt.Errorf("%w: every port of %d-%d is taken", ErrCapacity, s.cfg.PortMin, s.cfg.PortMax)
+			return 0, 0, fmt.Errorf("%w: every port of %d-%d is taken", ErrCapacity, s.cfg.PortMin, s.cfg.PortMax)
 		}
-		return port, err
+		if err != nil || spec.TLS == apitype.TLSOff {
+			return port, 0, err
+		}
+		// TLS: a second port from the same range.
+		tlsPort, err := s.alloc.Next(func(p int) bool { return p == port || u.PortHeld(p) })
+		if errors.Is(err, ports.ErrExhausted) {
+			return 0, 0, fmt.Errorf("%w: TLS takes a second port, and every other port of %d-%d is taken", ErrCapacity, s.cfg.PortMin, s.cfg.PortMax)
+		}
+		return port, tlsPort, err
 	})
 	s.admitMu.Unlock()
 	if err == nil {
@@ -145,6 +170,10 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		if rec.MemoryMB != spec.MemoryMB || rec.Persistence != spec.Persistence {
 			return Instance{}, false, fmt.Errorf("instance %q exists with memory_mb %d and persistence %s: %w",
 				id, rec.MemoryMB, rec.Persistence, ErrConflict)
+		}
+		if policyOf(rec) != spec.MaxmemoryPolicy || clientsOf(rec) != spec.MaxmemoryClients || tlsOf(rec) != spec.TLS {
+			return Instance{}, false, fmt.Errorf("instance %q exists with maxmemory_policy %s, maxmemory_clients %s and tls %s: %w",
+				id, policyOf(rec), clientsOf(rec), tlsOf(rec), ErrConflict)
 		}
 		if !bytes.Equal(rec.Metadata, spec.Metadata) {
 			return Instance{}, false, fmt.Errorf("instance %q exists with other metadata: %w", id, ErrConflict)
@@ -193,6 +222,9 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		if rec, err = s.ensureUID(rec.ID); err != nil {
 			return fail(err)
 		}
+		if rec, err = s.ensureCert(rec); err != nil {
+			return fail(err)
+		}
 		confHash, err := s.writeFiles(rec)
 		if err != nil {
 			return fail(err)
@@ -236,6 +268,8 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
+	in.policy.Store(policyOf(rec))
+	s.useTLS(in, rec)
 	in.io.Store(rec.IO)
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
@@ -411,6 +445,11 @@ func (s *Service) syncLive(ctx context.Context, id string) {
 	if in == nil {
 		return
 	}
+	if in.sup.Status().State == supervisor.Running {
+		if err := s.syncSettings(ctx, in, rec); err != nil && ctx.Err() == nil {
+			s.log.Warn("sync the eviction, client memory and TLS settings; tried again at the next start or change", "instance", id, "err", err)
+		}
+	}
 	// Whether the live maxmemory differs is known from a health check; a
 	// Ready before the first one (a start or an adoption) leaves it to
 	// that check, which comes back here when it does. Setting it blindly
@@ -471,6 +510,7 @@ func (s *Service) destroy(id string) error {
 		return err
 	}
 	s.metrics.forget(id)
+	s.certExpiry.Delete(id)
 	s.disk.forget(id)
 	return nil
 }
@@ -626,11 +666,16 @@ func (s *Service) view(rec state.Instance) Instance {
 		Host:        s.cfg.advertiseHost(),
 		Port:        rec.Port,
 		CreatedAt:   rec.CreatedAt,
-		Restarts:    rec.Restarts,
-		Bindings:    []string{},
-		Binary:      rec.Binary,
-		Metadata:    rec.Metadata,
-		UID:         rec.UID,
+
+		MaxmemoryPolicy:  policyOf(rec),
+		MaxmemoryClients: clientsOf(rec),
+		TLS:              tlsOf(rec),
+		TLSPort:          rec.TLSPort,
+		Restarts:         rec.Restarts,
+		Bindings:         []string{},
+		Binary:           rec.Binary,
+		Metadata:         rec.Metadata,
+		UID:              rec.UID,
 	}
 	inst.RedisVersion = s.roll.versionOf(rec)
 	inst.Backup = s.backupStatus(rec)
@@ -702,6 +747,9 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
 		drifted = true
 	}
+	if want, _ := in.policy.Load().(string); err == nil && want != "" && info.MaxmemoryPolicy != "" && info.MaxmemoryPolicy != want {
+		drifted = true
+	}
 	if drifted && in.drift != nil {
 		in.drift()
 	}
@@ -743,7 +791,7 @@ func primaryOf(p *apitype.Primary) *state.Primary {
 	if p == nil {
 		return nil
 	}
-	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password}
+	return &state.Primary{Host: p.Host, Port: p.Port, User: p.User, Password: p.Password, TLS: p.TLS, CACert: p.CACert}
 }
 
 // SetDraining records the brokers' drain mark: nothing new is to be placed

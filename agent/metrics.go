@@ -133,6 +133,7 @@ var (
 	descProcRSS        = instanceDesc("redis_agent_instance_resident_memory_bytes", "Resident memory of the instance's redis-server process (/proc).")
 	descProcCPU        = instanceDesc("redis_agent_instance_cpu_seconds_total", "User and system CPU time of the instance's current redis-server process (/proc).")
 	descInstanceStates = instanceDesc("redis_agent_instance_state", "1 for the state the instance is in.", "state")
+	descCertExpiry     = instanceDesc("redis_agent_instance_tls_cert_expiry_timestamp_seconds", "When the instance's TLS certificate expires (Unix time); it is renewed live once a third of its validity is left.")
 	descBackupLastTime = instanceDesc("redis_agent_backup_last_success_timestamp_seconds", "Start time (Unix seconds) of the instance's last successful backup on this agent.")
 	descBackupLastSize = instanceDesc("redis_agent_backup_last_success_bytes", "Size of the instance's last successful backup.")
 	descBackupInterval = instanceDesc("redis_agent_backup_interval_seconds", "The period of the instance's backup schedule; absent when it has none (off).")
@@ -149,7 +150,7 @@ type collector struct{ s *Service }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInstances, descOrphans, descPortsTotal, descPortsAllocated, descMemoryTotal, descMemoryReserved,
 		descUp, descUptime, descMemUsed, descMemMax, descClients, descBlocked, descCommands, descHits, descMisses,
-		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates,
+		descEvicted, descExpired, descDBKeys, descBgsaveOK, descAOFWriteOK, descProcRSS, descProcCPU, descInstanceStates, descCertExpiry,
 		descBackupLastTime, descBackupLastSize, descBackupInterval, descBackupRunning, descTransient,
 		descDisk, descDiskReserved, descDiskQuota, descDiskFree, descDiskTotal, descDiskReservedAll, descDiskAvailable} {
 		ch <- d
@@ -215,6 +216,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for id, in := range insts {
 		counts[in.sup.Status().State.String()]++
 		collectInstance(ch, id, in)
+		if t, ok := s.certExpiry.Load(id); ok {
+			ch <- prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue, float64(t.(int64)), id)
+		}
 	}
 	for st, n := range counts {
 		ch <- prometheus.MustNewConstMetric(descInstances, prometheus.GaugeValue, n, st)
@@ -227,7 +231,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descPortsTotal, prometheus.GaugeValue, float64(s.cfg.PortMax-s.cfg.PortMin+1))
 	ch <- prometheus.MustNewConstMetric(descMemoryTotal, prometheus.GaugeValue, float64(s.cfg.MemoryBudgetMB)*(1<<20))
 	if u, err := s.store.Usage(); err == nil {
-		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(u.Instances))
+		held := 0 // an instance with TLS holds two
+		for p := s.cfg.PortMin; p <= s.cfg.PortMax; p++ {
+			if u.PortHeld(p) {
+				held++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(held))
 		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB)*(1<<20))
 	}
 	ch <- prometheus.MustNewConstMetric(descTransient, prometheus.GaugeValue, float64(s.transientMB.Load())*(1<<20))

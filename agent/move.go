@@ -69,7 +69,13 @@ func (s *Service) StartMove(ctx context.Context, id string) (apitype.Primary, er
 		return apitype.Primary{}, fmt.Errorf("move %q: %w", id, err)
 	}
 	s.log.Info("move started: a replica may sync", "instance", id)
-	return apitype.Primary{Host: s.cfg.advertiseHost(), Port: rec.Port, User: rec.Move.User, Password: rec.Move.Password}, nil
+	p := apitype.Primary{Host: s.cfg.advertiseHost(), Port: rec.Port, User: rec.Move.User, Password: rec.Move.Password}
+	if t := s.tlsConf(rec); t != nil {
+		// A tenant that has TLS has its data cross the network in it,
+		// to the target too (whose port is its only one when required).
+		p.Port, p.TLS, p.CACert = t.Port, true, string(s.ca.pem)
+	}
+	return p, nil
 }
 
 // Replication reports instance id's role and replication offset.
@@ -106,8 +112,8 @@ func (s *Service) running(id string) (*instance, state.Instance, error) {
 }
 
 // Cutover is the source's last step before the target is promoted: it
-// pauses writes for at most timeout, fences the tenants off (their users
-// off, their connections closed) and returns its replication offset, which
+// fences the tenants off (their users off, their connections closed),
+// pauses writes for at most timeout and returns its replication offset, which
 // no longer moves. Recorded first: an agent that restarts keeps the
 // tenants fenced until AbortMove or Forward.
 func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration) (int64, error) {
@@ -137,11 +143,16 @@ func (s *Service) Cutover(ctx context.Context, id string, timeout time.Duration)
 	// Recorded: the rest is done even if the caller hangs up (the record
 	// says fenced; so must the server).
 	ctx = context.WithoutCancel(ctx)
-	off, err := in.admin.PauseWrites(ctx, timeout)
-	if err != nil {
+	// The fence first: a tenant may run CLIENT UNPAUSE, and one that
+	// did after the pause would write past the offset the target is
+	// promoted at. Fenced, no tenant connection is left to; the pause
+	// then stops the writes the server makes itself (expiries,
+	// evictions), and the offset stays.
+	if err := s.fence(ctx, in, rec); err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
-	if err := s.fence(ctx, in, rec); err != nil {
+	off, err := in.admin.PauseWrites(ctx, timeout)
+	if err != nil {
 		return 0, fmt.Errorf("cutover of %q: %w", id, err)
 	}
 	s.log.Info("move cut over: writes paused, tenants fenced", "instance", id, "offset", off, "pause", timeout)

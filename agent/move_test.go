@@ -25,7 +25,9 @@ func moveSteps(t *testing.T, src, dst *Service, id string) {
 		t.Fatal(err)
 	}
 	in := mustGet(t, src, id)
-	if _, _, err := dst.Provision(ctx, id, Spec{MemoryMB: in.MemoryMB, Persistence: in.Persistence, ReplicaOf: &p}); err != nil {
+	spec := Spec{MemoryMB: in.MemoryMB, Persistence: in.Persistence, ReplicaOf: &p,
+		MaxmemoryPolicy: in.MaxmemoryPolicy, MaxmemoryClients: in.MaxmemoryClients, TLS: in.TLS}
+	if _, _, err := dst.Provision(ctx, id, spec); err != nil {
 		t.Fatalf("provision the replica: %v", err)
 	}
 	for _, bid := range in.Bindings {
@@ -136,6 +138,55 @@ func TestReplicationMoveKeepsAcknowledgedWrites(t *testing.T) {
 	}
 	if err := old.Ping(ctx).Err(); err == nil {
 		t.Fatal("the forwarder outlived the deletion")
+	}
+}
+
+// A move of an instance that requires TLS, between agents with CAs of
+// their own: the replica links to the source's TLS port (its only one),
+// verifying it against the source's CA; the target has the instance's
+// settings and hands out credentials of its own CA.
+func TestReplicationMoveOverTLS(t *testing.T) {
+	src := startService(t, testConfig(t, 2))
+	dst := startService(t, testConfig(t, 2))
+	ctx := context.Background()
+	if _, _, err := src.Provision(ctx, "mt", Spec{Persistence: apitype.PersistenceAOF, TLS: "required", MaxmemoryPolicy: "allkeys-lfu", MaxmemoryClients: "5%"}); err != nil {
+		t.Fatal(err)
+	}
+	creds, _, err := src.Bind(ctx, "mt", "app", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := tlsClient(t, creds)
+	for i := range 100 {
+		c.Set(ctx, "k"+strconv.Itoa(i), i, 0)
+	}
+	p, _ := src.StartMove(ctx, "mt")
+	if !p.TLS || p.Port != creds.TLSPort || p.CACert == "" {
+		t.Fatalf("StartMove of a TLS instance = %+v; want its TLS port and CA", p)
+	}
+	srcCA, _ := src.CA(ctx)
+	dstCA, _ := dst.CA(ctx)
+	if string(srcCA) == string(dstCA) {
+		t.Fatal("the two agents share a CA; the test wants two")
+	}
+	moveSteps(t, src, dst, "mt")
+	got := mustGet(t, dst, "mt")
+	if got.TLS != "required" || got.MaxmemoryPolicy != "allkeys-lfu" || got.MaxmemoryClients != "5%" || got.ReplicaOf != "" {
+		t.Fatalf("the target: %+v", got)
+	}
+	moved, err := dst.Binding(ctx, "mt", "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if moved.CACert != string(dstCA) || moved.Password != creds.Password {
+		t.Fatal("the target's credentials are not of its own CA, with the binding's password")
+	}
+	mc := tlsClient(t, moved)
+	if n, err := mc.DBSize(ctx).Result(); err != nil || n != 100 {
+		t.Fatalf("the target has %d keys, %v; want 100", n, err)
+	}
+	if err := mc.Set(ctx, "after", "1", 0).Err(); err != nil {
+		t.Fatalf("a write on the promoted target: %v", err)
 	}
 }
 

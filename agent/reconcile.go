@@ -82,6 +82,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	if firstErr != nil {
 		return firstErr
 	}
+	s.background(s.renewCerts)
 	for _, rec := range recs {
 		if rec.Phase == state.PhaseProvisioning {
 			s.background(func(ctx context.Context) { s.finishInterrupted(ctx, rec.ID) })
@@ -146,6 +147,11 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 	}
 	s.finishRestore(rec, m)
 	adopt := s.findProcess(rec, m)
+	if r, err := s.ensureCert(rec); err != nil {
+		log.Error("cannot issue the instance's TLS certificate; it runs without TLS until it can", "err", err)
+	} else {
+		rec = r
+	}
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
 		// Keep the record; report. The operator fixes the disk, the next
@@ -271,7 +277,15 @@ type machine struct {
 func (s *Service) findProcess(rec state.Instance, m *machine) *supervisor.Process {
 	conf := s.layout.ConfPath(rec.ID)
 	verify := func(p supervisor.Process) error {
-		return supervisor.VerifyServer(p, conf, []string{rec.Exe, rec.Binary, s.cfg.RedisServer}, rec.Port, m.listeners)
+		binaries := []string{rec.Exe, rec.Binary, s.cfg.RedisServer}
+		err := supervisor.VerifyServer(p, conf, binaries, rec.Port, m.listeners)
+		if err != nil && rec.TLSPort != 0 {
+			// TLS required closes the plain port.
+			if supervisor.VerifyServer(p, conf, binaries, rec.TLSPort, m.listeners) == nil {
+				return nil
+			}
+		}
+		return err
 	}
 	if rec.PID != 0 {
 		p := supervisor.Process{PID: rec.PID, StartTime: rec.StartTime}

@@ -39,6 +39,8 @@ type Service interface {
 	Log(ctx context.Context, id string, lines int) ([]string, error)
 	Resize(ctx context.Context, id string, memoryMB int) (apitype.Instance, error)
 	SetMetadata(ctx context.Context, id string, metadata json.RawMessage) (apitype.Instance, error)
+	Configure(ctx context.Context, id string, set apitype.Settings) (apitype.Instance, error)
+	CA(ctx context.Context) ([]byte, error)
 	SetIO(ctx context.Context, id string, io apitype.IOSetting) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
@@ -191,6 +193,7 @@ func (s *server) router(o Options) *mux.Router {
 	v1(http.MethodPut, "/drain", s.setDrain(true))
 	v1(http.MethodDelete, "/drain", s.setDrain(false))
 	v1(http.MethodGet, "/orphans", s.orphans)
+	v1(http.MethodGet, "/ca", s.getCA)
 	return r
 }
 

@@ -86,6 +86,15 @@ func (f *fakeService) Resize(_ context.Context, id string, mb int) (agent.Instan
 	}
 	return agent.Instance{ID: id, MemoryMB: mb}, f.errFor(id)
 }
+func (f *fakeService) Configure(_ context.Context, id string, set apitype.Settings) (agent.Instance, error) {
+	if err := agent.CheckSettings(set); err != nil {
+		return agent.Instance{}, err
+	}
+	return agent.Instance{ID: id}, f.errFor(id)
+}
+func (f *fakeService) CA(context.Context) ([]byte, error) {
+	return []byte("-----BEGIN CERTIFICATE-----\n"), nil
+}
 func (f *fakeService) Snapshot(_ context.Context, id string) (*agent.Snapshot, error) {
 	if err := f.errFor(id); err != nil {
 		return nil, err

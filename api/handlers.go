@@ -165,6 +165,17 @@ func (s *server) orphans(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, apitype.OrphanList{Orphans: list})
 }
 
+func (s *server) getCA(w http.ResponseWriter, r *http.Request) {
+	ca, err := s.svc.CA(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	w.WriteHeader(http.StatusOK)
+	w.Write(ca)
+}
+
 func createdOrOK(created bool) int {
 	if created {
 		return http.StatusCreated
@@ -177,8 +188,9 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.MemoryMB == nil && req.IO == nil && req.Metadata == nil && req.Backup == nil {
-		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid, "memory_mb, io, metadata or backup is required: they are the fields that can change")
+	if req.MemoryMB == nil && req.IO == nil && req.Settings.Empty() && req.Metadata == nil && req.Backup == nil {
+		writeError(w, http.StatusUnprocessableEntity, apitype.CodeInvalid,
+			"memory_mb, io, maxmemory_policy, maxmemory_clients, tls, metadata or backup is required: they are the fields that can change")
 		return
 	}
 	if req.IO != nil {
@@ -189,9 +201,15 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	id := mux.Vars(r)["id"]
+	// Every setting is checked before anything changes.
+	if err := agent.CheckSettings(req.Settings); err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	var inst apitype.Instance
 	var err error
-	// The resize first: one refused (507, 409) changes nothing, IO limits
+	// The resize first: one refused (507, 409) changes nothing, IO limits,
+	// settings
 	// and metadata included.
 	if req.MemoryMB != nil {
 		if inst, err = s.svc.Resize(r.Context(), id, *req.MemoryMB); err != nil {
@@ -201,6 +219,12 @@ func (s *server) patchInstance(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.IO != nil {
 		if inst, err = s.svc.SetIO(r.Context(), id, *req.IO); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
+	if !req.Settings.Empty() {
+		if inst, err = s.svc.Configure(r.Context(), id, req.Settings); err != nil {
 			s.fail(w, r, err)
 			return
 		}

@@ -120,6 +120,21 @@ func (mr *MockServiceMockRecorder) Binding(ctx, id, bindingID any) *gomock.Call 
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Binding", reflect.TypeOf((*MockService)(nil).Binding), ctx, id, bindingID)
 }
 
+// CA mocks base method.
+func (m *MockService) CA(ctx context.Context) ([]byte, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "CA", ctx)
+	ret0, _ := ret[0].([]byte)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// CA indicates an expected call of CA.
+func (mr *MockServiceMockRecorder) CA(ctx any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "CA", reflect.TypeOf((*MockService)(nil).CA), ctx)
+}
+
 // Capacity mocks base method.
 func (m *MockService) Capacity(ctx context.Context) (apitype.Capacity, error) {
 	m.ctrl.T.Helper()
@@ -133,6 +148,21 @@ func (m *MockService) Capacity(ctx context.Context) (apitype.Capacity, error) {
 func (mr *MockServiceMockRecorder) Capacity(ctx any) *gomock.Call {
 	mr.mock.ctrl.T.Helper()
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Capacity", reflect.TypeOf((*MockService)(nil).Capacity), ctx)
+}
+
+// Configure mocks base method.
+func (m *MockService) Configure(ctx context.Context, id string, set apitype.Settings) (apitype.Instance, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "Configure", ctx, id, set)
+	ret0, _ := ret[0].(apitype.Instance)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// Configure indicates an expected call of Configure.
+func (mr *MockServiceMockRecorder) Configure(ctx, id, set any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Configure", reflect.TypeOf((*MockService)(nil).Configure), ctx, id, set)
 }
 
 // Cutover mocks base method.

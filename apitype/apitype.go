@@ -26,6 +26,36 @@ var Persistences = []string{PersistenceAOF, PersistenceAOFAlways, PersistenceRDB
 // IsAOF reports whether mode keeps an append-only file.
 func IsAOF(mode string) bool { return mode == PersistenceAOF || mode == PersistenceAOFAlways }
 
+// MaxmemoryPolicies are the eviction policies (Redis's maxmemory-policy)
+// an instance may have, the default first: every one Redis 7 knows.
+var MaxmemoryPolicies = []string{
+	"noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
+	"volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+}
+
+// DefaultMaxmemoryPolicy is the eviction policy of an instance
+// provisioned without one: writes are refused once maxmemory is reached.
+const DefaultMaxmemoryPolicy = "noeviction"
+
+// DefaultMaxmemoryClients is the maxmemory_clients of an instance
+// provisioned without one: client buffers are not limited apart.
+const DefaultMaxmemoryClients = "0"
+
+// MaxmemoryClientsPattern is what a maxmemory_clients may be, in lower
+// case: 0, a percentage of maxmemory (at most 100%), or a size in bytes
+// with an optional unit (k, kb, m, mb, g, gb; b).
+const MaxmemoryClientsPattern = `^(0|[1-9][0-9]{0,2}%|[1-9][0-9]{0,14}(b|k|kb|m|mb|g|gb)?)$`
+
+// TLS modes of an instance.
+const (
+	TLSOff      = "off"      // plain TCP only (default)
+	TLSOptional = "optional" // plain port and TLS port
+	TLSRequired = "required" // TLS port only; the plain one is closed
+)
+
+// TLSModes lists the TLS modes, the default first.
+var TLSModes = []string{TLSOff, TLSOptional, TLSRequired}
+
 // Spec is what the broker asks for when it provisions an instance
 // (PUT /v1/instances/{id}).
 type Spec struct {
@@ -41,9 +71,32 @@ type Spec struct {
 	// ReplicaOf makes the new instance a replica of that primary: the
 	// target of a move, until POST .../promote.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// MaxmemoryPolicy is the eviction policy, one of MaxmemoryPolicies;
+	// "" means DefaultMaxmemoryPolicy.
+	MaxmemoryPolicy string `json:"maxmemory_policy,omitempty"`
+	// MaxmemoryClients bounds the memory of all client connections
+	// together (Redis's maxmemory-clients): "0" (none, the default), a
+	// percentage of maxmemory ("10%") or a size ("8mb"); beyond it the
+	// clients using the most are disconnected.
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	// TLS is one of TLSModes; "" means off.
+	TLS string `json:"tls,omitempty"`
 	// IO is the instance's own IO limits, over the agent's defaults. Part
 	// of what makes two provisions identical.
 	IO *IOSetting `json:"io,omitempty"`
+}
+
+// Settings are what a PATCH may change besides memory_mb and metadata,
+// each only when set.
+type Settings struct {
+	MaxmemoryPolicy  *string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients *string `json:"maxmemory_clients,omitempty"`
+	TLS              *string `json:"tls,omitempty"`
+}
+
+// Empty reports whether s changes nothing.
+func (s Settings) Empty() bool {
+	return s.MaxmemoryPolicy == nil && s.MaxmemoryClients == nil && s.TLS == nil
 }
 
 // IOSetting is an instance's own IO limits (Spec.IO, Resize.IO) on the
@@ -99,6 +152,12 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS says Port is the source's TLS port: the replica links over TLS
+	// (the source has TLS on), verifying the source against CACert, the
+	// PEM certificate of the source agent's CA. The target then needs TLS
+	// on too.
+	TLS    bool   `json:"tls,omitempty"`
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // Replication is GET /v1/instances/{id}/replication.
@@ -148,11 +207,12 @@ type Forward struct {
 const MaxMetadataBytes = 8 << 10
 
 // Resize is the body of PATCH /v1/instances/{id}: a new maxmemory, new
-// IO limits, new metadata, or any of them together. IO replaces the
-// instance's whole IO setting ({} is the agent's defaults again).
+// settings, IO limits, new metadata, or any of them together. IO replaces
+// the instance's whole IO setting ({} is the agent's defaults again).
 type Resize struct {
-	MemoryMB *int            `json:"memory_mb,omitempty"`
-	IO       *IOSetting      `json:"io,omitempty"`
+	MemoryMB *int       `json:"memory_mb,omitempty"`
+	IO       *IOSetting `json:"io,omitempty"`
+	Settings
 	Metadata json.RawMessage `json:"metadata,omitempty"`
 	// Backup, when set, replaces the instance's backup settings (an empty
 	// object: the agent's defaults again). It applies at once.
@@ -199,6 +259,11 @@ type Backup struct {
 	Persistence string          `json:"persistence,omitempty"`
 	Metadata    json.RawMessage `json:"metadata,omitempty"`
 	Bindings    []BackupBinding `json:"bindings,omitempty"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings (Spec's), in the manifest.
+	MaxmemoryPolicy  string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	TLS              string `json:"tls,omitempty"`
 }
 
 // BackupBinding is a binding as a backup's manifest keeps it.
@@ -292,8 +357,16 @@ type Instance struct {
 	MemoryMB    int    `json:"memory_mb"`
 	Persistence string `json:"persistence"`
 	Host        string `json:"host"`
-	Port        int    `json:"port"`
-	PID         int    `json:"pid,omitempty"`
+	// Port is the plain port; it does not listen while TLS is required.
+	Port int `json:"port"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings (Spec's), defaults filled in.
+	MaxmemoryPolicy  string `json:"maxmemory_policy"`
+	MaxmemoryClients string `json:"maxmemory_clients"`
+	TLS              string `json:"tls"`
+	// TLSPort is the TLS port while TLS is optional or required.
+	TLSPort int `json:"tls_port,omitempty"`
+	PID     int `json:"pid,omitempty"`
 	// UID is the uid and gid of the instance's own Redis user; 0 when it
 	// runs as the shared one.
 	UID       int       `json:"uid,omitempty"`
@@ -392,12 +465,21 @@ type OrphanList struct {
 
 // Credentials are what a binding hands to the application
 // (PUT /v1/instances/{id}/bindings/{bid}).
+//
+// Port and URI are what a client connects to: the plain port and a
+// redis:// URI, or, when the instance requires TLS, the TLS port and a
+// rediss:// URI. With TLS optional or required, TLSPort, TLSURI (always
+// rediss://) and CACert (the PEM certificate of the CA that signed the
+// instance's certificate, for the client to verify it) are set too.
 type Credentials struct {
 	Host     string `json:"host"`
 	Port     int    `json:"port"`
 	Username string `json:"username"`
 	Password string `json:"password"`
 	URI      string `json:"uri"`
+	TLSPort  int    `json:"tls_port,omitempty"`
+	TLSURI   string `json:"tls_uri,omitempty"`
+	CACert   string `json:"ca_cert,omitempty"`
 }
 
 // Capacity is what a broker needs to place the next instance on this VM

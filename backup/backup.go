@@ -386,6 +386,11 @@ type Manifest struct {
 	Persistence  string          `json:"persistence"`
 	Metadata     json.RawMessage `json:"metadata,omitempty"`
 	Bindings     []Binding       `json:"bindings,omitempty"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings; a manifest written before them has none (the defaults).
+	MaxmemoryPolicy  string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	TLS              string `json:"tls,omitempty"`
 }
 
 // Binding is one binding of a Manifest.

@@ -779,3 +779,47 @@ func TestMaintenanceUpgrade(t *testing.T) {
 		t.Fatalf("up1 after the upgrade: %+v", in)
 	}
 }
+
+// A tenant chooses its eviction policy, clients' memory bound and TLS by
+// parameters, at provision and by an update, which the agent applies in
+// place; the catalog publishes them, and the credentials carry TLS.
+func TestTenantSettingsParameters(t *testing.T) {
+	agents := startAgents(t, 1000)
+	tb := startBroker(t, agentConfigs(agents), nil)
+	cat := tb.osb("GET", "/v2/catalog", "")
+	if !strings.Contains(fmt.Sprint(cat.body), "maxmemory_policy") || !strings.Contains(fmt.Sprint(cat.body), "tls") {
+		t.Fatalf("the catalog's parameter schemas lack the settings: %v", cat.body)
+	}
+	body := strings.Replace(provisionBody, `}}`, `},"parameters":{"maxmemory_policy":"allkeys-lru","tls":"optional"}}`, 1)
+	if a := tb.osb("PUT", "/v2/service_instances/s1", body); a.code != 201 {
+		t.Fatalf("provision = %d %v", a.code, a.body)
+	}
+	ctx := context.Background()
+	in, _ := agents[0].svc.Get(ctx, "s1")
+	if in.MaxmemoryPolicy != "allkeys-lru" || in.TLS != "optional" || in.MaxmemoryClients != "0" {
+		t.Fatalf("instance %+v", in)
+	}
+	if a := tb.osb("PUT", "/v2/service_instances/s1", body); a.code != 200 {
+		t.Fatalf("the same provision again = %d", a.code)
+	}
+	creds := credsOf(t, tb.osb("PUT", "/v2/service_instances/s1/service_bindings/b1", `{"service_id":"svc","plan_id":"p64"}`))
+	if creds.TLSPort == 0 || !strings.HasPrefix(creds.TLSURI, "rediss://") || creds.CACert == "" {
+		t.Fatalf("credentials %+v", creds)
+	}
+	upd := `{"service_id":"svc","parameters":{"maxmemory_policy":"volatile-lru","maxmemory_clients":"10%","tls":"required"}}`
+	if a := tb.osb("PATCH", "/v2/service_instances/s1", upd); a.code != 200 {
+		t.Fatalf("update = %d %v", a.code, a.body)
+	}
+	got, _ := agents[0].svc.Get(ctx, "s1")
+	if got.MaxmemoryPolicy != "volatile-lru" || got.MaxmemoryClients != "10%" || got.TLS != "required" || got.PID != in.PID {
+		t.Fatalf("after the update %+v; want the new settings, same process", got)
+	}
+	if c := credsOf(t, tb.osb("GET", "/v2/service_instances/s1/service_bindings/b1", "")); c.URI != c.TLSURI {
+		t.Fatalf("credentials with tls required: %+v", c)
+	}
+	for _, bad := range []string{`{"tls":"on"}`, `{"maxmemory_policy":"lru"}`, `{"maxmemory_clients":"200%"}`, `{"maxmemory_clients":"lots"}`, `{"tls":1}`} {
+		if a := tb.osb("PATCH", "/v2/service_instances/s1", `{"service_id":"svc","parameters":`+bad+`}`); a.code != 400 {
+			t.Errorf("update with %s = %d, want 400", bad, a.code)
+		}
+	}
+}

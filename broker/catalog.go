@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"gopkg.in/yaml.v3"
@@ -144,7 +146,14 @@ func (c Catalog) find(serviceID, planID string) (*Service, *Plan) {
 // it: an object whose only property is persistence, one of the plan's
 // choices.
 func (p *Plan) parametersSchema() map[string]any {
-	props := map[string]any{}
+	props := map[string]any{
+		"maxmemory_policy": map[string]any{"type": "string", "enum": apitype.MaxmemoryPolicies,
+			"description": "What the instance does when its memory is full: noeviction (the default) refuses writes; allkeys-lru and the others evict keys, as a cache."},
+		"maxmemory_clients": map[string]any{"type": "string", "pattern": apitype.MaxmemoryClientsPattern,
+			"description": "The most memory all client connections together may take: 0 (no bound, the default), a percentage of the plan's memory (10%) or a size (8mb); beyond it the clients using the most are disconnected."},
+		"tls": map[string]any{"type": "string", "enum": apitype.TLSModes,
+			"description": "off (the default), optional (a TLS port next to the plain one) or required (TLS only); the credentials then carry tls_port, tls_uri and ca_cert."},
+	}
 	if len(p.PersistenceChoice) > 0 {
 		choices := append([]string{p.Persistence}, p.PersistenceChoice...)
 		slices.Sort(choices)
@@ -163,8 +172,14 @@ func (p *Plan) parametersSchema() map[string]any {
 // Parameters are a provision's or update's parameters, as the schema
 // allows them.
 type Parameters struct {
-	Persistence string `json:"persistence,omitempty"`
+	Persistence      string `json:"persistence,omitempty"`
+	MaxmemoryPolicy  string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	TLS              string `json:"tls,omitempty"`
 }
+
+// maxmemoryClients checks a maxmemory_clients parameter.
+var maxmemoryClients = regexp.MustCompile(apitype.MaxmemoryClientsPattern)
 
 // checkParameters validates raw (absent, null or a JSON object) against
 // the plan's schema and returns them.
@@ -184,14 +199,38 @@ func (p *Plan) checkParameters(raw json.RawMessage) (Parameters, error) {
 	}
 	sort.Strings(names)
 	for _, k := range names {
-		if k != "persistence" || len(p.PersistenceChoice) == 0 {
+		var v string
+		if err := json.Unmarshal(fields[k], &v); err != nil {
+			return out, fmt.Errorf("parameter %s must be a string", k)
+		}
+		switch k {
+		case "persistence":
+			if len(p.PersistenceChoice) == 0 {
+				return out, fmt.Errorf("parameter %q is not one plan %s takes (see its schema in the catalog)", k, p.Name)
+			}
+			if v != p.Persistence && !slices.Contains(p.PersistenceChoice, v) {
+				return out, fmt.Errorf("parameter persistence %q: plan %s allows %s", v, p.Name, strings.Join(append([]string{p.Persistence}, p.PersistenceChoice...), ", "))
+			}
+			out.Persistence = v
+		case "maxmemory_policy":
+			if !slices.Contains(apitype.MaxmemoryPolicies, v) {
+				return out, fmt.Errorf("parameter maxmemory_policy %q: want one of %s", v, strings.Join(apitype.MaxmemoryPolicies, ", "))
+			}
+			out.MaxmemoryPolicy = v
+		case "maxmemory_clients":
+			v = strings.ToLower(v)
+			pct, isPct := strings.CutSuffix(v, "%")
+			if n, _ := strconv.Atoi(pct); !maxmemoryClients.MatchString(v) || isPct && n > 100 {
+				return out, fmt.Errorf("parameter maxmemory_clients %q: want 0, a percentage of the memory up to 100%% (10%%) or a size (8mb)", v)
+			}
+			out.MaxmemoryClients = v
+		case "tls":
+			if !slices.Contains(apitype.TLSModes, v) {
+				return out, fmt.Errorf("parameter tls %q: want one of %s", v, strings.Join(apitype.TLSModes, ", "))
+			}
+			out.TLS = v
+		default:
 			return out, fmt.Errorf("parameter %q is not one plan %s takes (see its schema in the catalog)", k, p.Name)
-		}
-		if err := json.Unmarshal(fields[k], &out.Persistence); err != nil {
-			return out, errors.New("parameter persistence must be a string")
-		}
-		if out.Persistence != p.Persistence && !slices.Contains(p.PersistenceChoice, out.Persistence) {
-			return out, fmt.Errorf("parameter persistence %q: plan %s allows %s", out.Persistence, p.Name, strings.Join(append([]string{p.Persistence}, p.PersistenceChoice...), ", "))
 		}
 	}
 	return out, nil
@@ -199,9 +238,21 @@ func (p *Plan) checkParameters(raw json.RawMessage) (Parameters, error) {
 
 // spec is the agent instance a plan and its parameters stand for.
 func (p *Plan) spec(params Parameters) apitype.Spec {
-	s := apitype.Spec{MemoryMB: p.MemoryMB, Persistence: p.Persistence}
+	s := apitype.Spec{MemoryMB: p.MemoryMB, Persistence: p.Persistence,
+		MaxmemoryPolicy: params.MaxmemoryPolicy, MaxmemoryClients: params.MaxmemoryClients, TLS: params.TLS}
 	if params.Persistence != "" {
 		s.Persistence = params.Persistence
+	}
+	// The agent's defaults, spelled out: what the instance has when the
+	// parameters leave them out.
+	if s.MaxmemoryPolicy == "" {
+		s.MaxmemoryPolicy = apitype.DefaultMaxmemoryPolicy
+	}
+	if s.MaxmemoryClients == "" {
+		s.MaxmemoryClients = apitype.DefaultMaxmemoryClients
+	}
+	if s.TLS == "" {
+		s.TLS = apitype.TLSOff
 	}
 	return s
 }

@@ -35,6 +35,17 @@ func (b *Broker) move(ctx context.Context, iid string, src *agentState, want api
 	if err != nil {
 		return "", 0, fmt.Errorf("read the instance on %s: %w", src.cfg.Name, err)
 	}
+	// The instance's own settings go with it: a plan says its memory and
+	// persistence, not these.
+	if want.MaxmemoryPolicy == "" {
+		want.MaxmemoryPolicy = cur.MaxmemoryPolicy
+	}
+	if want.MaxmemoryClients == "" {
+		want.MaxmemoryClients = cur.MaxmemoryClients
+	}
+	if want.TLS == "" {
+		want.TLS = cur.TLS
+	}
 	if !b.cfg.SnapshotMoves && want.Persistence == cur.Persistence {
 		unavailable, err := b.replicate(ctx, iid, src, dst, cur, want)
 		if err == nil {

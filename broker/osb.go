@@ -902,6 +902,16 @@ func (b *Broker) resizeInPlace(w http.ResponseWriter, r *http.Request, u updateJ
 	if u.want.MemoryMB != u.l.inst.MemoryMB {
 		patch.MemoryMB = &u.want.MemoryMB
 	}
+	// The settings the parameters change, live on the agent.
+	if w := u.want.MaxmemoryPolicy; w != "" && w != u.l.inst.MaxmemoryPolicy {
+		patch.MaxmemoryPolicy = &w
+	}
+	if w := u.want.MaxmemoryClients; w != "" && w != u.l.inst.MaxmemoryClients {
+		patch.MaxmemoryClients = &w
+	}
+	if w := u.want.TLS; w != "" && w != u.l.inst.TLS {
+		patch.TLS = &w
+	}
 	t0 := time.Now()
 	inst, err := u.l.agent.c.Update(r.Context(), u.iid, patch)
 	if isAgentAnswer(err) && !client.IsStatus(err, http.StatusNotFound) {

@@ -290,7 +290,8 @@ func (b *Broker) recoverOne(ctx context.Context, lost *agentState, bk apitype.Ba
 			return f.agent.cfg.Name, fmt.Errorf("agent %s holds instance %s already: left as it is", f.agent.cfg.Name, bk.Instance)
 		}
 	}
-	spec := apitype.Spec{MemoryMB: bk.MemoryMB, Persistence: bk.Persistence, Metadata: bk.Metadata}
+	spec := apitype.Spec{MemoryMB: bk.MemoryMB, Persistence: bk.Persistence, Metadata: bk.Metadata,
+		MaxmemoryPolicy: bk.MaxmemoryPolicy, MaxmemoryClients: bk.MaxmemoryClients, TLS: bk.TLS}
 	chosen, rejected, ok := b.fleet.place(ctx, spec.MemoryMB, b.cfg.Strategy, lost.cfg.Name)
 	if !ok {
 		b.metrics.placementFailures.Inc()

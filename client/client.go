@@ -137,7 +137,8 @@ func (c *Client) Resize(ctx context.Context, id string, memoryMB int) (apitype.I
 	return out, err
 }
 
-// Update resizes instance id, replaces its metadata, or both.
+// Update resizes instance id, changes its settings, replaces its
+// metadata, or several at once.
 func (c *Client) Update(ctx context.Context, id string, u apitype.Resize) (apitype.Instance, error) {
 	var out apitype.Instance
 	_, err := c.do(ctx, http.MethodPatch, instancePath(id), u, &out)
@@ -168,6 +169,23 @@ func (c *Client) Snapshot(ctx context.Context, id string) (body io.ReadCloser, s
 		return nil, "", err
 	}
 	return resp.Body, resp.Header.Get(apitype.SnapshotSHA256Header), nil
+}
+
+// CA returns the PEM certificate of the CA that signs the agent's
+// instances' TLS certificates (GET /v1/ca).
+func (c *Client) CA(ctx context.Context) ([]byte, error) {
+	resp, err := c.raw(ctx, http.MethodGet, "/v1/ca", nil, "", nil, -1)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+}
+
+// Configure changes instance id's settings (eviction policy, clients'
+// memory bound, TLS), live.
+func (c *Client) Configure(ctx context.Context, id string, set apitype.Settings) (apitype.Instance, error) {
+	return c.Update(ctx, id, apitype.Resize{Settings: set})
 }
 
 // Restore replaces instance id's data with the RDB read from rdb (size
@@ -404,7 +422,7 @@ func (c *Client) Ready(ctx context.Context) error {
 // reservation, and the last exit when there was one.
 func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tDISK\tLAST BACKUP\tLAST EXIT")
+	fmt.Fprintln(tw, "ID\tSTATE\tPORT\tPID\tUPTIME\tRESTARTS\tMEMORY\tDISK\tLAST BACKUP\tEVICTION\tTLS\tLAST EXIT")
 	for _, in := range insts {
 		pid, uptime := "-", "-"
 		if in.PID != 0 {
@@ -435,7 +453,16 @@ func WriteStatus(w io.Writer, insts []apitype.Instance) error {
 			}
 			disk = used + "/" + Bytes(d.ReservedBytes)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, disk, lastBackup(in.Backup), last)
+		eviction := in.MaxmemoryPolicy
+		if eviction == "" {
+			eviction = "-"
+		}
+		// off, or the mode and the TLS port: "required:16001".
+		tlsCell := "-"
+		if in.TLS != "" && in.TLS != apitype.TLSOff {
+			tlsCell = fmt.Sprintf("%s:%d", in.TLS, in.TLSPort)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", in.ID, in.State, in.Port, pid, uptime, in.Restarts, mem, disk, lastBackup(in.Backup), eviction, tlsCell, last)
 	}
 	return tw.Flush()
 }

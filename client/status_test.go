@@ -2,6 +2,7 @@ package client
 
 import (
 	"bytes"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -34,6 +35,24 @@ func TestWriteStatusLastExit(t *testing.T) {
 				t.Fatalf("status table:\n%s\nwant it to hold %q", b.String(), tt.want)
 			}
 		})
+	}
+}
+
+// The EVICTION and TLS columns: the policy, and the TLS mode with its port.
+func TestWriteStatusSettings(t *testing.T) {
+	var b bytes.Buffer
+	insts := []apitype.Instance{
+		{ID: "plain", State: apitype.StateRunning, Port: 16000, MemoryMB: 64, MaxmemoryPolicy: "noeviction", TLS: "off"},
+		{ID: "secure", State: apitype.StateRunning, Port: 16001, MemoryMB: 64, MaxmemoryPolicy: "allkeys-lru", TLS: "required", TLSPort: 16002},
+	}
+	if err := WriteStatus(&b, insts); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	for i, re := range []string{`LAST BACKUP\s+EVICTION\s+TLS\s+LAST EXIT`, `\s-\s+noeviction\s+-\s+-$`, `\s-\s+allkeys-lru\s+required:16002\s+-$`} {
+		if !regexp.MustCompile(re).MatchString(lines[i]) {
+			t.Fatalf("status line %d %q does not match %s", i, lines[i], re)
+		}
 	}
 }
 

@@ -1,14 +1,18 @@
 package redis
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Admin talks to one redis-server as the agent's admin user over the
@@ -18,9 +22,20 @@ import (
 // commands take turns on the connection.
 type Admin struct {
 	addr, user, secret string
+	host               string
+	// tls, when set, is where and how the control connection is dialled
+	// instead of addr: the instance requires TLS, its plain port is
+	// closed.
+	tls atomic.Pointer[tlsTarget]
 
 	sem  chan struct{} // held while a command uses ctrl
 	ctrl *ctrlConn     // the kept connection; nil until dialled
+}
+
+// tlsTarget is a TLS port to dial and the client config to dial it with.
+type tlsTarget struct {
+	addr string
+	conf *tls.Config
 }
 
 // NewAdmin returns an Admin for the server at host:port. It does not connect
@@ -28,10 +43,131 @@ type Admin struct {
 func NewAdmin(host string, port int, password string) *Admin {
 	return &Admin{
 		addr:   net.JoinHostPort(host, strconv.Itoa(port)),
+		host:   host,
 		user:   AdminUser,
 		secret: password,
 		sem:    make(chan struct{}, 1),
 	}
+}
+
+// UseTLS makes the next connections go to the TLS port tlsPort with conf
+// (which verifies the server's certificate); a nil conf goes back to the
+// plain port. The kept connection, whichever port it came through, is
+// kept: a port closing leaves the connections it accepted open.
+func (a *Admin) UseTLS(tlsPort int, conf *tls.Config) {
+	if conf == nil {
+		a.tls.Store(nil)
+		return
+	}
+	a.tls.Store(&tlsTarget{addr: net.JoinHostPort(a.host, strconv.Itoa(tlsPort)), conf: conf})
+}
+
+// dial opens a new connection to the server: over TLS when the server
+// requires it, on the unix socket of a loader, else plain TCP.
+func (a *Admin) dial(ctx context.Context) (net.Conn, error) {
+	if t := a.tls.Load(); t != nil {
+		d := tls.Dialer{Config: t.conf}
+		return d.DialContext(ctx, "tcp", t.addr)
+	}
+	network := "tcp"
+	if strings.HasPrefix(a.addr, "/") {
+		network = "unix"
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, a.addr)
+}
+
+// Responsive reports whether the server's event loop runs, on a
+// connection of its own, whatever its clients have done to it: it sends
+// a command no server knows, which Redis answers with an error before it
+// looks at authentication or a pause. A server that a client's CLIENT
+// PAUSE holds (every command of every client waits, AUTH and the
+// agent's included, for as long as the client asked) answers it at
+// once; a hung one does not. nil means it answered.
+func (a *Admin) Responsive(ctx context.Context) error {
+	c, err := a.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	if _, err := c.Write(command(probeCommand)); err != nil {
+		return err
+	}
+	_, err = readReply(bufio.NewReader(c))
+	if isServerError(err) {
+		return nil
+	}
+	if err == nil {
+		return errors.New("probe: a reply that is not an error")
+	}
+	return err
+}
+
+// heldError is a command that got no answer in time from a server whose
+// event loop does answer (Responsive): a client's CLIENT PAUSE holds
+// every command until the pause ends. Alive, not hung.
+type heldError struct{ err error }
+
+func (e heldError) Error() string {
+	return "no answer in time, yet the server answers a new connection at once (a client's CLIENT PAUSE holds its commands): " + e.err.Error()
+}
+func (e heldError) Unwrap() error { return e.err }
+func (heldError) Alive() bool     { return true }
+
+// Held reports a server that a pause holds.
+func (heldError) Held() bool { return true }
+
+// orHeld returns err, or a heldError for it when it is a timeout of a
+// server that Responsive finds answering.
+func (a *Admin) orHeld(err error) error {
+	var ne net.Error
+	if err == nil || !(errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if a.Responsive(ctx) == nil {
+		return heldError{err}
+	}
+	return err
+}
+
+// probeCommand is the command of Responsive: no Redis has it.
+const probeCommand = "REDIS-AGENT-PROBE"
+
+// SetConfig changes settings of the running server (CONFIG SET with
+// name-value pairs, applied together or not at all).
+func (a *Admin) SetConfig(ctx context.Context, pairs ...string) error {
+	if _, err := a.Do(ctx, append([]string{"CONFIG", "SET"}, pairs...)...); err != nil {
+		return fmt.Errorf("CONFIG SET %s: %w", configNames(pairs), err)
+	}
+	return nil
+}
+
+// configNames are the names of CONFIG SET pairs, for an error.
+func configNames(pairs []string) string {
+	var names []string
+	for i := 0; i < len(pairs); i += 2 {
+		names = append(names, pairs[i])
+	}
+	return strings.Join(names, " ")
+}
+
+// ConfigGet returns the values of settings of the running server, by
+// name (CONFIG GET with several names).
+func (a *Admin) ConfigGet(ctx context.Context, names ...string) (map[string]string, error) {
+	r, err := a.Do(ctx, append([]string{"CONFIG", "GET"}, names...)...)
+	if err != nil {
+		return nil, fmt.Errorf("CONFIG GET %s: %w", strings.Join(names, " "), err)
+	}
+	out := make(map[string]string, len(r.Array)/2)
+	for i := 0; i+1 < len(r.Array); i += 2 {
+		out[r.Array[i].Str] = r.Array[i+1].Str
+	}
+	return out, nil
 }
 
 // NewSocketAdmin returns an Admin for a server listening on the unix socket
@@ -66,7 +202,7 @@ func (a *Admin) Connected() bool {
 func (a *Admin) Ping(ctx context.Context) error {
 	r, err := a.Do(ctx, "PING")
 	if err != nil {
-		return err
+		return a.orHeld(err)
 	}
 	if r.Str != "PONG" {
 		return fmt.Errorf("PING: unexpected reply %q", r.Str)

@@ -43,6 +43,46 @@ type Conf struct {
 	// ReplicaOf, when set, makes the server a replica of that primary (the
 	// target of a move, until it is promoted).
 	ReplicaOf *Primary
+	// MaxmemoryPolicy is maxmemory-policy; "" is noeviction.
+	MaxmemoryPolicy string
+	// MaxmemoryClients is maxmemory-clients ("10%", "8mb"); "" or "0" is
+	// none.
+	MaxmemoryClients string
+	// TLS, when set, opens a TLS port next to (or, Required, instead of)
+	// the plain one.
+	TLS *TLS
+}
+
+// TLS is an instance's TLS listener.
+type TLS struct {
+	Port int
+	// CertFile and KeyFile are the server's certificate and key, CAFile
+	// the CA that signed it (Redis wants one; clients are not asked for
+	// certificates).
+	CertFile, KeyFile, CAFile string
+	// Required closes the plain port.
+	Required bool
+}
+
+// tlsProtocols are the TLS versions an instance speaks.
+const tlsProtocols = "TLSv1.2 TLSv1.3"
+
+// TLSSettings are the CONFIG SET pairs that make a running server's TLS
+// what t says (nil: off), its plain port included: port is the plain
+// port the server has while TLS is not required.
+func TLSSettings(t *TLS, port int) []string {
+	if t == nil {
+		return []string{"port", strconv.Itoa(port), "tls-port", "0"}
+	}
+	plain := port
+	if t.Required {
+		plain = 0
+	}
+	return []string{
+		"tls-cert-file", t.CertFile, "tls-key-file", t.KeyFile, "tls-ca-cert-file", t.CAFile,
+		"tls-auth-clients", "no", "tls-protocols", tlsProtocols,
+		"tls-port", strconv.Itoa(t.Port), "port", strconv.Itoa(plain),
+	}
 }
 
 // Primary is where a replica replicates from, and how it logs in there.
@@ -51,6 +91,9 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS links over TLS (tls-replication), verifying the primary against
+	// the server's tls-ca-cert-file.
+	TLS bool `json:"tls,omitempty"`
 }
 
 // Render returns the redis.conf text for c. The output depends only on c,
@@ -60,7 +103,21 @@ func Render(c Conf) []byte {
 	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
 	line("# Written by redis-agent. Do not edit: the agent rewrites it.")
 	line("bind %s", c.Bind)
-	line("port %d", c.Port)
+	if t := c.TLS; t != nil && t.Required {
+		line("port 0")
+	} else {
+		line("port %d", c.Port)
+	}
+	if t := c.TLS; t != nil {
+		line("tls-port %d", t.Port)
+		line("tls-cert-file %s", quote(t.CertFile))
+		line("tls-key-file %s", quote(t.KeyFile))
+		line("tls-ca-cert-file %s", quote(t.CAFile))
+		// Tenants log in with their password: no client certificates.
+		line("tls-auth-clients no")
+		line("tls-protocols %s", quote(tlsProtocols))
+		line("tls-prefer-server-ciphers yes")
+	}
 	line("protected-mode yes")
 	line("daemonize no")
 	line("supervised no")
@@ -76,7 +133,14 @@ func Render(c Conf) []byte {
 	line("enable-debug-command no")
 	line("enable-module-command no")
 	line("maxmemory %dmb", c.MemoryMB)
-	line("maxmemory-policy noeviction")
+	policy := c.MaxmemoryPolicy
+	if policy == "" {
+		policy = apitype.DefaultMaxmemoryPolicy
+	}
+	line("maxmemory-policy %s", policy)
+	if mc := c.MaxmemoryClients; mc != "" && mc != "0" {
+		line("maxmemory-clients %s", mc)
+	}
 	if c.MaxClients > 0 {
 		line("maxclients %d", c.MaxClients)
 	}
@@ -90,6 +154,9 @@ func Render(c Conf) []byte {
 		line("masterauth %s", quote(p.Password))
 		line("replica-read-only yes")
 		line("replica-serve-stale-data yes")
+		if p.TLS {
+			line("tls-replication yes")
+		}
 	}
 	switch {
 	case apitype.IsAOF(c.Persistence):
@@ -151,9 +218,25 @@ func (u User) rules() string {
 	return TenantRules
 }
 
-// TenantRules are the ACL rules of a binding's user: every data command on
-// every key and channel, nothing that administers the server.
-const TenantRules = "~* &* +@all -@admin -migrate"
+// TenantRules are the ACL rules of a binding's user: what a managed Redis
+// (ElastiCache) gives its users. Every data command on every key and
+// channel; of the administrative ones (@admin), what looks at or acts on
+// the tenant's own connections and server without reaching the host:
+// every CLIENT subcommand (LIST, KILL, NO-EVICT, PAUSE, UNPAUSE, ...),
+// SLOWLOG, LATENCY, MONITOR, ROLE, LASTSAVE, MEMORY, INFO; of ACL only
+// WHOAMI. Refused, by name so that no category change lets them in:
+// CONFIG, DEBUG, MODULE, SHUTDOWN, SAVE, BGSAVE, BGREWRITEAOF, REPLICAOF,
+// SLAVEOF, SYNC, PSYNC, REPLCONF, MIGRATE, FAILOVER, and the rest of
+// @admin (ACL SETUSER, CLUSTER, PFDEBUG, ...). Every name is one Redis 7.0
+// knows: an unknown one would fail the ACL file's load.
+const TenantRules = "~* &* +@all -@admin " + TenantAllowed + " -acl +acl|whoami " + TenantRefused
+
+// TenantAllowed are the @admin commands a tenant may run.
+const TenantAllowed = "+client +slowlog +latency +monitor +role +lastsave +memory +info"
+
+// TenantRefused are the commands a tenant may not run, named.
+const TenantRefused = "-config -debug -module -shutdown -save -bgsave -bgrewriteaof " +
+	"-replicaof -slaveof -sync -psync -replconf -migrate -failover"
 
 // RenderACL returns the ACL file for users. The default user is always
 // switched off; users are sorted by name so the output is stable.

@@ -166,18 +166,15 @@ func (a *Admin) roundTrip(ctx context.Context, cmds [][]string) (rs []Reply, err
 	var req []byte
 	login := cc == nil && a.user != ""
 	if cc == nil {
-		network := "tcp"
-		if strings.HasPrefix(a.addr, "/") {
-			network = "unix"
-		}
-		var d net.Dialer
-		c, err := d.DialContext(ctx, network, a.addr)
+		c, err := a.dial(ctx)
 		if err != nil {
 			return nil, err
 		}
 		cc = &ctrlConn{c: c, r: bufio.NewReaderSize(c, 1024)}
 		if login {
-			req = command("AUTH", a.user, a.secret)
+			// The agent's connection is never the one disconnected
+			// when the clients' memory passes maxmemory-clients.
+			req = append(command("AUTH", a.user, a.secret), command("CLIENT", "NO-EVICT", "on")...)
 		}
 	}
 	a.ctrl = nil
@@ -211,6 +208,11 @@ func (a *Admin) roundTrip(ctx context.Context, cmds [][]string) (rs []Reply, err
 		// A refused login (a full server) answers here, then closes.
 		if _, err := readReply(cc.r); err != nil {
 			return nil, fmt.Errorf("AUTH: %w", err)
+		}
+		// A server without CLIENT NO-EVICT (before 7.0) refuses it: the
+		// connection is still logged in.
+		if _, err := readReply(cc.r); err != nil && !isServerError(err) {
+			return nil, fmt.Errorf("CLIENT NO-EVICT: %w", err)
 		}
 	}
 	var first error

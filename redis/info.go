@@ -28,6 +28,8 @@ type Info struct {
 	AOFLastWriteOK  bool
 	// Loading is set while the server loads its data set.
 	Loading bool
+	// MaxmemoryPolicy is the server's eviction policy.
+	MaxmemoryPolicy string
 }
 
 // infoArgs asks for the sections the agent exports, not the default set
@@ -40,7 +42,7 @@ var infoArgs = []string{"INFO", "server", "clients", "memory", "persistence", "s
 func (a *Admin) Info(ctx context.Context) (Info, error) {
 	r, err := a.Do(ctx, infoArgs...)
 	if err != nil {
-		return Info{}, err
+		return Info{}, a.orHeld(err)
 	}
 	return ParseInfo(r.Str)
 }
@@ -59,6 +61,8 @@ func ParseInfo(text string) (Info, error) {
 			in.UsedMemory = num()
 		case "maxmemory":
 			in.MaxMemory = num()
+		case "maxmemory_policy":
+			in.MaxmemoryPolicy = v
 		case "connected_clients":
 			in.ConnectedClients = num()
 		case "blocked_clients":

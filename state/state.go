@@ -119,6 +119,19 @@ type Instance struct {
 	// ReplicaOf is set on a move's target until it is promoted: its
 	// redis-server replicates from there.
 	ReplicaOf *Primary `json:"replica_of,omitempty"`
+	// MaxmemoryPolicy, MaxmemoryClients and TLS are the instance's
+	// settings; "" (in a record from before them) is the default.
+	MaxmemoryPolicy  string `json:"maxmemory_policy,omitempty"`
+	MaxmemoryClients string `json:"maxmemory_clients,omitempty"`
+	TLS              string `json:"tls,omitempty"`
+	// TLSPort is the instance's second port, its TLS one, held in the
+	// ports index like Port while TLS is not off; 0 when it is.
+	TLSPort int `json:"tls_port,omitempty"`
+	// TLSCert names the instance's server certificate and key in its tls
+	// directory (<TLSCert>.crt, <TLSCert>.key): a renewal writes new
+	// files under a new name, so the running server's CONFIG SET of them
+	// is a change, which Redis applies.
+	TLSCert string `json:"tls_cert,omitempty"`
 	// Backup is the instance's own backup settings (nil: the agent's).
 	Backup *apitype.BackupPolicy `json:"backup,omitempty"`
 	// LastBackup is the last backup of it that succeeded here.
@@ -164,6 +177,9 @@ type Primary struct {
 	Port     int    `json:"port"`
 	User     string `json:"user"`
 	Password string `json:"password"`
+	// TLS: the link goes over TLS, the source verified against CACert.
+	TLS    bool   `json:"tls,omitempty"`
+	CACert string `json:"ca_cert,omitempty"`
 }
 
 // SchemaVersion is the version this code writes.
@@ -351,6 +367,15 @@ func (s *Store) Usage() (Usage, error) {
 // error, which aborts the transaction). If id exists, Create returns the
 // existing record and ErrExists and writes nothing.
 func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (Instance, error) {
+	return s.CreatePorts(inst, func(u Usage) (int, int, error) {
+		p, err := admit(u)
+		return p, 0, err
+	})
+}
+
+// CreatePorts is Create for a record that may hold a second port (its TLS
+// port; 0 for none), allocated in the same transaction.
+func (s *Store) CreatePorts(inst Instance, admit func(Usage) (port, tlsPort int, err error)) (Instance, error) {
 	var existing Instance
 	err := s.write(func(tx *bolt.Tx) error {
 		if e, err := get(tx, inst.ID); err == nil {
@@ -363,16 +388,26 @@ func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (
 		if err != nil {
 			return err
 		}
-		port, err := admit(u)
+		port, tlsPort, err := admit(u)
 		if err != nil {
 			return err
 		}
-		if u.PortHeld(port) {
-			return fmt.Errorf("port %d is already held by a record", port)
+		for _, p := range []int{port, tlsPort} {
+			if p != 0 && u.PortHeld(p) {
+				return fmt.Errorf("port %d is already held by a record", p)
+			}
 		}
-		inst.Port = port
+		if port == tlsPort {
+			return fmt.Errorf("port %d asked for twice", port)
+		}
+		inst.Port, inst.TLSPort = port, tlsPort
 		if err := tx.Bucket(bucketPorts).Put(portKey(port), []byte(inst.ID)); err != nil {
 			return err
+		}
+		if tlsPort != 0 {
+			if err := tx.Bucket(bucketPorts).Put(portKey(tlsPort), []byte(inst.ID)); err != nil {
+				return err
+			}
 		}
 		if err := tx.Bucket(bucketReserved).Put([]byte(inst.ID), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
 			return err
@@ -390,7 +425,9 @@ func (s *Store) Create(inst Instance, admit func(Usage) (port int, err error)) (
 
 // Update applies fn to the record of id and writes the result, unless fn
 // returns an error or leaves the record unchanged. The id and port of a
-// record never change.
+// record never change; its TLS port may (it is freed, or one that no
+// other record holds is taken), with the ports index in the same
+// transaction.
 func (s *Store) Update(id string, fn func(*Instance) error) (Instance, error) {
 	return s.update(id, false, func(inst *Instance, _ Usage) error { return fn(inst) })
 }
@@ -437,11 +474,28 @@ func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) erro
 		}
 		var old struct {
 			Port     int `json:"port"`
+			TLSPort  int `json:"tls_port"`
 			MemoryMB int `json:"memory_mb"`
 		}
 		_ = json.Unmarshal(before, &old)
 		if old.Port != inst.Port {
 			return fmt.Errorf("instance %q: update may not change the port", id)
+		}
+		if old.TLSPort != inst.TLSPort {
+			ports := tx.Bucket(bucketPorts)
+			if p := inst.TLSPort; p != 0 {
+				if owner := ports.Get(portKey(p)); owner != nil || p == inst.Port {
+					return fmt.Errorf("instance %q: port %d is already held by a record", id, p)
+				}
+				if err := ports.Put(portKey(p), []byte(id)); err != nil {
+					return err
+				}
+			}
+			if p := old.TLSPort; p != 0 && string(ports.Get(portKey(p))) == id {
+				if err := ports.Delete(portKey(p)); err != nil {
+					return err
+				}
+			}
 		}
 		if old.MemoryMB != inst.MemoryMB {
 			if err := tx.Bucket(bucketReserved).Put([]byte(id), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
@@ -459,7 +513,7 @@ func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) erro
 // errUnchanged ends an update that changed nothing without a commit.
 var errUnchanged = errors.New("unchanged")
 
-// Delete removes the record of id and frees its port. Deleting an absent
+// Delete removes the record of id and frees its ports. Deleting an absent
 // record returns ErrNotFound.
 func (s *Store) Delete(id string) error {
 	return s.write(func(tx *bolt.Tx) error {
@@ -468,9 +522,11 @@ func (s *Store) Delete(id string) error {
 			return err
 		}
 		ports := tx.Bucket(bucketPorts)
-		if owner := ports.Get(portKey(inst.Port)); string(owner) == id {
-			if err := ports.Delete(portKey(inst.Port)); err != nil {
-				return err
+		for _, p := range []int{inst.Port, inst.TLSPort} {
+			if owner := ports.Get(portKey(p)); p != 0 && string(owner) == id {
+				if err := ports.Delete(portKey(p)); err != nil {
+					return err
+				}
 			}
 		}
 		if err := tx.Bucket(bucketReserved).Delete([]byte(id)); err != nil {

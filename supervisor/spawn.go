@@ -82,7 +82,7 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 	go func() {
 		wait := time.Millisecond
 		deadline := from.Add(s.cfg.ReadyTimeout)
-		saturated := false
+		saturated, held := false, false
 		for {
 			pctx, pcancel := context.WithTimeout(ctx, time.Second)
 			err := s.cfg.Admin.Ping(pctx)
@@ -97,13 +97,18 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 				r.ready <- nil
 				return
 			}
-			if isLoading(err) || isSaturated(err) {
-				// Alive: loading its data, or every client slot taken
-				// (an adopted process under a connection flood). Not
+			if isLoading(err) || isSaturated(err) || isHeld(err) {
+				// Alive: loading its data, every client slot taken (an
+				// adopted process under a connection flood), or held by
+				// a client's CLIENT PAUSE (an adopted process too). Not
 				// ready, not to be killed for it.
 				if isSaturated(err) && !saturated {
 					saturated = true
 					s.log.Warn("redis-server refuses new connections (max number of clients reached); waiting", "pid", r.p.PID)
+				}
+				if isHeld(err) && !held {
+					held = true
+					s.log.Warn("redis-server answers new connections but holds every command (a client's CLIENT PAUSE); waiting", "pid", r.p.PID)
 				}
 				deadline = time.Now().Add(s.cfg.ReadyTimeout)
 			} else if time.Now().After(deadline) {
@@ -142,6 +147,14 @@ func isSaturated(err error) bool {
 	var sat interface{ Saturated() bool }
 	var closed interface{ Closed() bool }
 	return errors.As(err, &sat) && sat.Saturated() || errors.As(err, &closed) && closed.Closed()
+}
+
+// isHeld reports whether a Ping error says the server answers new
+// connections but not commands: a client's CLIENT PAUSE holds them until
+// it ends.
+func isHeld(err error) bool {
+	var h interface{ Held() bool }
+	return errors.As(err, &h) && h.Held()
 }
 
 // isBusy reports whether a Ping error says the server is alive but busy

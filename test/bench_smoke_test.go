@@ -30,7 +30,7 @@ func TestBenchSmoke(t *testing.T) {
 		Samples: 3, Concurrency: 2, Kills: 3, Density: 5,
 		Idle: 200 * time.Millisecond, APIDuration: 200 * time.Millisecond, APIClients: 2,
 		SnapshotMB: 2, RolloutInstances: 2, IOMB: 2, IODuration: 300 * time.Millisecond,
-		BrokerSamples: 3, DrainInstances: 2, DrainMB: 1,
+		BrokerSamples: 3, DrainInstances: 2, DrainMB: 1, BenchRequests: 2000,
 		VersityGW: testenv.VersityGW(t),
 	}
 	// The suite's ports from PortMin: the agent's Density, one left out,
@@ -45,6 +45,9 @@ func TestBenchSmoke(t *testing.T) {
 		"snapshot out (GET)", "snapshot out throughput", "restore in (PUT", "restore in throughput",
 		"rolling upgrade of 3 instances", "  unavailability per 1 MiB AOF instance, p50", "  unavailability per 1 MiB AOF instance, max",
 		"  unavailability of the 2 MiB instance", "  longest, as the agent measured it",
+		"redis-benchmark SET, pipeline 16, 50 clients, tenant instance, plain", "redis-benchmark SET, pipeline 16, 50 clients, tenant instance, TLS",
+		"redis-benchmark GET, pipeline 16, 50 clients, tenant instance, plain", "redis-benchmark GET, pipeline 16, 50 clients, tenant instance, TLS",
+		"  SET over TLS next to plain", "  GET over TLS next to plain", "full TLS handshakes per second",
 		"instances provisioned", "agent RSS", "agent idle CPU", "GET /v1/instances", "/metrics scrape", "agent restart", "redis-servers restarted",
 		"provision through the broker (OSB PUT -> 201), p50", "provision through the broker (OSB PUT -> 201), p99",
 		"deprovision through the broker", "broker start, 5 instances on 3 agents", "  of which exec -> /readyz 200",

@@ -16,7 +16,7 @@ func TestOpenAPIContract(t *testing.T) {
 	dataDir := testenv.TraversableDir(t)
 	killRedisUnder(t, dataDir)
 	flags, env := backupOpts(testenv.StartS3(t), "contract-vm")
-	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 2, env: env, extra: append([]string{"--health-interval", "20ms"}, flags...)})
+	a := runAgent(t, agentOpts{dataDir: dataDir, ports: 4, env: env, extra: append([]string{"--health-interval", "20ms"}, flags...)})
 	contract := testenv.NewContract(t, "../api/openapi.yaml", a.base)
 	saved := http.DefaultClient.Transport
 	http.DefaultClient.Transport = contract
@@ -73,6 +73,21 @@ func TestOpenAPIContract(t *testing.T) {
 		{"DELETE", "/v1/drain", "", 200},
 		{"GET", "/v1/orphans", "", 200},
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":48}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"maxmemory_policy":"allkeys-lru","maxmemory_clients":"10%"}`, 200},
+		{"PATCH", "/v1/instances/c1", `{"maxmemory_policy":"lru"}`, 422},
+		{"PATCH", "/v1/instances/c1", `{"maxmemory_clients":"101%"}`, 422},
+		{"PATCH", "/v1/instances/c1", `{"memory_mb":40,"tls":"sometimes"}`, 422}, // nothing changes, the resize neither
+		{"PATCH", "/v1/instances/c1", `{"tls":"optional"}`, 200},
+		{"GET", "/v1/instances/c1/bindings/app", "", 200}, // with tls_port, tls_uri, ca_cert
+		{"PATCH", "/v1/instances/c1", `{"tls":"required"}`, 200},
+		{"GET", "/v1/instances/c1", "", 200},
+		{"PATCH", "/v1/instances/c1", `{"tls":"off"}`, 200},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"tls":"required","maxmemory_policy":"volatile-ttl","maxmemory_clients":"4mb"}`, 201},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"tls":"required","maxmemory_policy":"volatile-ttl","maxmemory_clients":"4mb"}`, 200},
+		{"PUT", "/v1/instances/c5", `{"memory_mb":16,"tls":"optional","maxmemory_policy":"volatile-ttl","maxmemory_clients":"4mb"}`, 409},
+		{"PUT", "/v1/instances/c6", `{"maxmemory_policy":"lru"}`, 422},
+		{"DELETE", "/v1/instances/c5", "", 200},
+		{"GET", "/v1/ca", "", 200},
 		{"PATCH", "/v1/instances/c1", `{"memory_mb":99999999}`, 422}, // beyond the whole budget
 		{"PATCH", "/v1/instances/c1", `{}`, 422},
 		{"PATCH", "/v1/instances/none", `{"memory_mb":48}`, 404},

@@ -19,8 +19,9 @@ import (
 
 var metricRef = regexp.MustCompile(`\bredis_[a-z0-9_]+`)
 
-// exportedNames scrapes a running agent that has an instance which
-// crashed once (so every series exists) and returns the sample names.
+// exportedNames scrapes a running agent that has an instance (with TLS)
+// which crashed once (so every series exists) and returns the sample
+// names.
 func exportedNames(t *testing.T) map[string]bool {
 	t.Helper()
 	testenv.RedisServer(t)
@@ -29,12 +30,17 @@ func exportedNames(t *testing.T) map[string]bool {
 	// A backup target, and a backup taken: the backup series exist.
 	flags, env := backupOpts(testenv.StartS3(t), "dash-vm", "--backup-schedule", "24h")
 	a := runAgent(t, agentOpts{dataDir: dataDir, env: env, extra: append([]string{"--health-interval", "20ms"}, flags...)})
-	in := mustProvision(t, a, "dash")
+	// With TLS, for the certificate's expiry.
+	var in instance
+	if code := a.do("PUT", "/v1/instances/dash", `{"memory_mb":32,"persistence":"aof-always","tls":"optional"}`, &in); code != 201 {
+		t.Fatalf("provision dash = %d", code)
+	}
 	syscall.Kill(in.PID, syscall.SIGKILL)
 	names := map[string]bool{}
 	deadline := time.Now().Add(10 * time.Second)
 	backedUp := false
-	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] || !names["redis_agent_backup_last_success_bytes"] {
+	for !names["redis_agent_instance_restarts_total"] || !names["redis_up"] || !names["redis_db_keys"] || !names["redis_agent_backup_last_success_bytes"] ||
+		!names["redis_agent_instance_tls_cert_expiry_timestamp_seconds"] {
 		if !backedUp && names["redis_up"] {
 			var inst instance
 			if a.do("GET", "/v1/instances/dash", "", &inst); inst.State == "running" {

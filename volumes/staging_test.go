@@ -160,7 +160,7 @@ func TestRemoveStaging(t *testing.T) {
 			t.Fatalf("staging dir still there after RemoveStaging #%d", i+1)
 		}
 	}
-	if got := tree(t, l.Dir(id)); strings.Join(got, ",") != "data/,data/dump.rdb=live" {
+	if got := tree(t, l.Dir(id)); strings.Join(got, ",") != "data/,data/dump.rdb=live,tls/" {
 		t.Errorf("instance dir after RemoveStaging = %v, want the live data only", got)
 	}
 }
@@ -284,7 +284,7 @@ func TestExchangeWithoutStaging(t *testing.T) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Exchange without a staged data dir = %v, want ENOENT", err)
 	}
-	if got := strings.Join(tree(t, l.Dir(id)), ","); got != "data/,data/dump.rdb=live" {
+	if got := strings.Join(tree(t, l.Dir(id)), ","); got != "data/,data/dump.rdb=live,tls/" {
 		t.Fatalf("a failed Exchange changed the instance dir: %s", got)
 	}
 	if l.Restored(id) || l.Staging(id) {
@@ -318,7 +318,7 @@ func TestFinishRestore(t *testing.T) {
 		if l.Staging(id) || exists(l.StagingDir(id)) {
 			t.Fatalf("staging dir (the previous data) still there after FinishRestore #%d", i+1)
 		}
-		if got := strings.Join(tree(t, l.Dir(id)), ","); got != "data/,data/appendonlydir/,data/appendonlydir/appendonly.aof.manifest=m,data/dump.rdb=new" {
+		if got := strings.Join(tree(t, l.Dir(id)), ","); got != "data/,data/appendonlydir/,data/appendonlydir/appendonly.aof.manifest=m,data/dump.rdb=new,tls/" {
 			t.Fatalf("instance dir after FinishRestore #%d = %s, want the restored data only", i+1, got)
 		}
 	}

@@ -9,6 +9,7 @@
 //	<data-root>/<id>/redis.conf   0640, written by the agent
 //	<data-root>/<id>/users.acl    0640, ACL users, passwords as sha256 only
 //	<data-root>/<id>/data/        0700, owned by the instance's Redis user
+//	<data-root>/<id>/tls/         0750, its TLS certificate, key and CA (0640)
 //	<log-root>/<id>.log           0640, redis-server log, owned by it
 //
 // The Redis user is the instance's own (a uid per instance) or, without
@@ -70,6 +71,11 @@ func (l Layout) ACLPath(id string) string { return filepath.Join(l.DataRoot, id,
 
 // DataDir is the directory redis-server writes its RDB and AOF into.
 func (l Layout) DataDir(id string) string { return filepath.Join(l.DataRoot, id, "data") }
+
+// TLSDir is where the instance's TLS certificate, key and CA are: a
+// directory of their own, which the instance's Landlock policy may read
+// whatever files a certificate renewal puts in it later.
+func (l Layout) TLSDir(id string) string { return filepath.Join(l.DataRoot, id, "tls") }
 
 // LogPath is the instance's redis-server log file.
 func (l Layout) LogPath(id string) string { return filepath.Join(l.LogRoot, id+".log") }
@@ -201,6 +207,12 @@ func (l Layout) Create(id string, o Owner) error {
 	if err := mkdir(l.DataDir(id), 0o700, o); err != nil {
 		return err
 	}
+	if err := mkdir(l.TLSDir(id), 0o750, Owner{-1, o.GID}); err != nil {
+		return err
+	}
+	if err := removeStaleTemps(l.TLSDir(id)); err != nil {
+		return err
+	}
 	f, err := os.OpenFile(l.LogPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return fmt.Errorf("create log file: %w", err)
@@ -237,7 +249,13 @@ func (l Layout) Reown(id string, o Owner) error {
 	if err := chown(l.LogPath(id), o); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	for _, f := range []string{l.Dir(id), l.ConfPath(id), l.ACLPath(id)} {
+	reads := []string{l.Dir(id), l.ConfPath(id), l.ACLPath(id), l.TLSDir(id)}
+	if ents, err := os.ReadDir(l.TLSDir(id)); err == nil {
+		for _, e := range ents {
+			reads = append(reads, filepath.Join(l.TLSDir(id), e.Name()))
+		}
+	}
+	for _, f := range reads {
 		if err := chown(f, Owner{-1, o.GID}); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}

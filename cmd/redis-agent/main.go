@@ -194,6 +194,9 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.StringVar(&cfg.TLSCert, "tls-cert", env("TLS_CERT", ""), "PEM certificate: serve the API over HTTPS (env REDIS_AGENT_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", env("TLS_KEY", ""), "PEM key of --tls-cert (env REDIS_AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "PEM CA: client certificates it signed authenticate /v1 (mTLS) (env REDIS_AGENT_TLS_CLIENT_CA)")
+	fs.StringVar(&cfg.Agent.InstanceCACert, "instance-ca-cert", env("INSTANCE_CA_CERT", ""), "PEM certificate of the CA that signs the instances' TLS certificates; default the agent's own, made in <data-dir>/tls at its first start (env REDIS_AGENT_INSTANCE_CA_CERT)")
+	fs.StringVar(&cfg.Agent.InstanceCAKey, "instance-ca-key", env("INSTANCE_CA_KEY", ""), "PEM key of --instance-ca-cert (env REDIS_AGENT_INSTANCE_CA_KEY)")
+	fs.DurationVar(&cfg.Agent.CertValidity, "instance-cert-validity", envDuration("INSTANCE_CERT_VALIDITY", 0), "validity of an instance's TLS certificate, renewed live once a third is left; default 2160h (90 days) (env REDIS_AGENT_INSTANCE_CERT_VALIDITY)")
 	fs.BoolVar(&cfg.MetricsAuth, "metrics-auth", env("METRICS_AUTH", "") == "true", "put /metrics behind the API's authentication (env REDIS_AGENT_METRICS_AUTH=true)")
 	fs.IntVar(&cfg.MaxUploads, "max-uploads", envInt("MAX_UPLOADS", cfg.MaxUploads), "most restores (snapshot uploads) in progress at once; one more is answered 503 with Retry-After (env REDIS_AGENT_MAX_UPLOADS)")
 	b := &cfg.Agent.Backup

@@ -45,6 +45,7 @@ func run() error {
 	fs.IntVar(&cfg.BrokerSamples, "broker-samples", 50, "provisions and deletes through the broker, and as many directly")
 	fs.IntVar(&cfg.DrainInstances, "drain", 20, "AOF instances on the agent the broker drains")
 	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
+	fs.IntVar(&cfg.BenchRequests, "bench-requests", 200000, "redis-benchmark requests of each TLS figure")
 	fs.StringVar(&cfg.VersityGW, "versitygw", versityGW(), "the Versity S3 gateway the backup figures run against; empty to leave them out ("+`go install github.com/versity/versitygw/cmd/versitygw@v1.8.0`+")")
 	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
@@ -55,6 +56,7 @@ func run() error {
 		cfg.SnapshotMB, cfg.RolloutInstances = 4, 3
 		cfg.IOMB, cfg.IODuration = 4, time.Second
 		cfg.BrokerSamples, cfg.DrainInstances, cfg.DrainMB = 5, 2, 2
+		cfg.BenchRequests = 20000
 	}
 	var err error
 	if cfg.RedisServer, err = exec.LookPath("redis-server"); err != nil {

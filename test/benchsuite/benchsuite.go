@@ -69,6 +69,9 @@ type Config struct {
 	// moves besides it.
 	SnapshotMB       int
 	RolloutInstances int
+	// BenchRequests is redis-benchmark's -n in the TLS scenario (0 is
+	// 200000); its handshake figure runs for APIDuration.
+	BenchRequests int
 	// VersityGW is the Versity S3 gateway binary the backup figures run
 	// against; "" leaves them out.
 	VersityGW string
@@ -215,6 +218,13 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
 	if err := s.launcherCost(cfg.Samples, cfg.Kills); err != nil {
 		return res, fmt.Errorf("launcher cost: %w", err)
+	}
+	requests := cfg.BenchRequests
+	if requests <= 0 {
+		requests = 200000
+	}
+	if err := s.tlsThroughput(requests, cfg.APIDuration); err != nil {
+		return res, fmt.Errorf("TLS: %w", err)
 	}
 
 	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
@@ -783,6 +793,7 @@ func (r Result) Markdown(command string) string {
 		r.Started.UTC().Format("2006-01-02 15:04 MST"), command, r.Took.Round(time.Second), r.Machine)
 	b.WriteString("Reference: a bare `redis-server` (minimal config, no persistence) exec'd and polled every millisecond until it answers PING, measured in the same run. Provisions use `{\"memory_mb\":16,\"persistence\":\"none\"}`.\n\n")
 	b.WriteString("Snapshot and restore: an AOF instance filled with 1 KiB random values, its snapshot downloaded (GET, sha256 checked) and restored into a second instance (PUT, until 200 with the instance ready on the data); their references are a bare redis-server SAVE of the same data and a bare redis-server start that loads the same RDB. Rolling upgrade: the agent's redis-server is a symlink, pointed at a copy of the binary before `POST /v1/rollout`; each instance is PINGed by its binding user on a fresh connection every 2 ms, and its unavailability is the longest gap between two answers (so ~3 ms is the floor).\n\n")
+	b.WriteString("TLS: `redis-benchmark -t set,get -P 16 -c 50 -d 64` on an instance with `\"tls\":\"optional\"` as its binding user, on its plain port and on its TLS port (`--tls --cacert` with the binding's `ca_cert`), each next to a bare redis-server with the same two listeners (an ECDSA P-256 certificate of a CA of its own, `tls-auth-clients no`) in the same run; handshakes are full TLS handshakes (no session resumption), each on a new connection verified against the CA, from 4 dialers a core.\n\n")
 	b.WriteString("IO neighbours: a quiet `aof-always` instance (each SET fsynced before its answer) SETs small keys on one connection, alone and then next to a noisy AOF tenant whose data set (1 KiB random values) the agent snapshots in a loop (`GET .../snapshot`: a BGSAVE, the IO of an AOF rewrite) while a writer overwrites its keys (its AOF grows, and is rewritten when it doubles), in two rounds that alternate the noisy tenant without an IO limit and with `PATCH {\"io\":{\"write_bps\":...}}`; the noisy tenant's snapshots a second show what the limit costs it. Left out where the agent limits no IO (not root, no IO controller).\n\n")
 	b.WriteString(r.brokerNote())
 	b.WriteString(r.Table())
