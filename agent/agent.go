@@ -76,8 +76,11 @@ type Service struct {
 	// cg manages the instances' cgroups; limits.None when off or
 	// unavailable.
 	cg cgroups
-	// loader proves a restore's file before it is swapped in.
+	// loader proves a restore's file while it is received.
 	loader snapshotLoader
+	// loaderMB is the memory of the restore loaders running, in MiB: it
+	// counts in the memory budget beside the records' reservations.
+	loaderMB atomic.Int64
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool

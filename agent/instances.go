@@ -110,7 +110,8 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		CreatedAt:     time.Now().UTC(),
 	}
 	rec, err = s.store.Create(rec, func(u state.Usage) (int, error) {
-		if free := s.cfg.MemoryBudgetMB - u.MemoryMB; spec.MemoryMB > free {
+		// Restore loaders running hold memory too (reserveLoader).
+		if free := s.cfg.MemoryBudgetMB - u.MemoryMB - int(s.loaderMB.Load()); spec.MemoryMB > free {
 			return 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free: %w",
 				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
 		}
@@ -568,8 +569,8 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 		Instances:        u.Instances,
 		PortsTotal:       s.cfg.PortMax - s.cfg.PortMin + 1,
 		MemoryTotalMB:    s.cfg.MemoryBudgetMB,
-		MemoryReservedMB: u.MemoryMB,
-		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB, 0),
+		MemoryReservedMB: u.MemoryMB + int(s.loaderMB.Load()),
+		MemoryFreeMB:     max(s.cfg.MemoryBudgetMB-u.MemoryMB-int(s.loaderMB.Load()), 0),
 	}
 	t, err := s.roll.target(ctx)
 	if err != nil {

@@ -148,8 +148,8 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			}
 			rdb := snapshotBytes(t, s, "src-"+mode)
 			_, err := os.Stat(filepath.Join(s.layout.DataDir("src-"+mode), rdbName))
-			if kept := err == nil; kept != (mode == apitype.PersistenceRDB) {
-				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
+			if kept := err == nil; kept && mode != apitype.PersistenceRDB {
+				t.Errorf("the snapshot left dump.rdb in the data dir of a %s instance", mode)
 			}
 
 			sum := sha256.Sum256(rdb)
@@ -267,9 +267,9 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 		sha  string
 		says string
 	}{
-		{"garbage", []byte("this is not an RDB file at all\n"), "", "redis-check-rdb"},
-		{"truncated", good[:len(good)/2], "", "redis-check-rdb"},
-		{"flipped byte", flip(good, len(good)/3), "", "redis-check-rdb"},
+		{"garbage", []byte("this is not an RDB file at all\n"), "", "cannot load the snapshot"},
+		{"truncated", good[:len(good)/2], "", "cannot load the snapshot"},
+		{"flipped byte", flip(good, len(good)/3), "", "cannot load the snapshot"},
 		{"empty", nil, "", "empty"},
 		{"wrong sha256", good, strings.Repeat("ab", 32), "sha256"},
 		{"malformed sha256", good, "xyz", "sha256"},
@@ -728,9 +728,10 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	}
 }
 
-// The loader's socket lives in the instance's staging directory, whose
-// path can be longer than a socket address holds (107 bytes): an instance
-// with the longest id, under a deep data dir, restores all the same.
+// The loader's socket lives in a directory of the uploads named after the
+// instance, whose path can be longer than a socket address holds (107
+// bytes): an instance with the longest id, under a deep data dir, restores
+// all the same.
 func TestRestoreLongPaths(t *testing.T) {
 	cfg := testConfig(t, 4)
 	cfg.DataDir = filepath.Join(cfg.DataDir, strings.Repeat("d", 40))
@@ -739,7 +740,7 @@ func TestRestoreLongPaths(t *testing.T) {
 	}
 	s := startService(t, cfg)
 	id := "long-" + strings.Repeat("i", 59)
-	if sock := filepath.Join(s.layout.StagingDir(id), "loader.sock"); len(sock) <= 107 {
+	if sock := filepath.Join(s.layout.UploadDir(), id+".0123456789.loader", "loader.sock"); len(sock) <= 107 {
 		t.Fatalf("the test's socket path is only %d bytes", len(sock))
 	}
 	c, _ := bound(t, s, id, Spec{MemoryMB: 16})

@@ -194,6 +194,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descMemoryTotal, prometheus.GaugeValue, float64(s.cfg.MemoryBudgetMB)*(1<<20))
 	if u, err := s.store.Usage(); err == nil {
 		ch <- prometheus.MustNewConstMetric(descPortsAllocated, prometheus.GaugeValue, float64(u.Instances))
-		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB)*(1<<20))
+		ch <- prometheus.MustNewConstMetric(descMemoryReserved, prometheus.GaugeValue, float64(u.MemoryMB+int(s.loaderMB.Load()))*(1<<20))
 	}
 }

@@ -140,6 +140,11 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 		return outcomeForwarding, nil
 	}
 	s.finishRestore(rec, m)
+	// A loader killed with a crashed agent during an upload leaves its
+	// cgroup (and no staging directory, which finishRestore goes by).
+	if err := s.cg.Remove(loaderGroup(rec.ID)); err != nil {
+		log.Error("remove the restore loader's cgroup", "err", err)
+	}
 	adopt := s.findProcess(rec, m)
 	confHash, err := s.writeFiles(rec)
 	if err != nil {
@@ -183,10 +188,14 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 }
 
 // killLoaders kills restore loaders a crashed agent left running (they
-// die with the agent unless that failed) and takes them out of procs.
+// die with the agent unless that failed) and takes them out of procs:
+// those of this agent, in a directory of the uploads (which ClearUploads
+// has removed already: the title still names it), and those of an older
+// one, in an instance's staging directory.
 func (s *Service) killLoaders(procs map[string]supervisor.Process) {
 	for conf, p := range procs {
-		if filepath.Base(conf) != "loader.conf" || filepath.Base(filepath.Dir(conf)) != "restore" {
+		dir := filepath.Dir(conf)
+		if filepath.Base(conf) != "loader.conf" || filepath.Base(dir) != "restore" && !s.layout.IsLoaderDir(dir) {
 			continue
 		}
 		delete(procs, conf)

@@ -69,7 +69,7 @@ func (s *Service) Resize(ctx context.Context, id string, memoryMB int) (Instance
 	// that reconcile rewrites, and a live maxmemory (and cgroup limit) the
 	// first health check after the process is adopted finds and sets.
 	rec, err = s.store.Admit(id, func(r *state.Instance, u state.Usage) error {
-		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB); memoryMB > free {
+		if free := s.cfg.MemoryBudgetMB - (u.MemoryMB - r.MemoryMB) - int(s.loaderMB.Load()); memoryMB > free {
 			return fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free for this instance: %w",
 				memoryMB, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
 		}

@@ -421,9 +421,6 @@ func (s *suite) launchAgent() error {
 		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
 		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 1024), "--log-level", level, "--log-format", "json",
 		"--restart-stable-after", "200ms"}
-	if p := s.checkRDB(); p != "" {
-		args = append(args, "--redis-check-rdb", p)
-	}
 	args = append(args, s.cfg.AgentArgs...)
 	args = append(args, s.extra...)
 	a.cmd = exec.Command(s.cfg.Agent, args...)
