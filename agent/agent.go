@@ -78,6 +78,12 @@ type Service struct {
 	cg cgroups
 	// loader proves a restore's file while it is received.
 	loader snapshotLoader
+	// boot is the order of starts of the reconcile under way (only
+	// Reconcile sets it, before the API serves), nil after.
+	boot atomic.Pointer[bootOrder]
+	// booting is set from the start of Reconcile until its order of
+	// starts is through: the process records share commits meanwhile.
+	booting atomic.Bool
 	// loaderMB is the memory of the restore loaders running, in MiB: it
 	// counts in the memory budget beside the records' reservations.
 	loaderMB atomic.Int64

@@ -70,6 +70,9 @@ type Config struct {
 	Restart supervisor.Policy
 	// Health is the hang detection of running instances.
 	Health supervisor.Health
+	// bootTurns is how many starts run at once at boot; 0 is
+	// bootStartsPerCPU per core (a test sets it).
+	bootTurns int
 	// Cgroups is "auto" (a cgroup per instance where the host allows it,
 	// with a log line when it does not) or "off".
 	Cgroups string

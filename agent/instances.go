@@ -231,6 +231,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		StopTimeout:  s.cfg.StopTimeout,
 		Health:       s.cfg.Health,
 		Adopt:        adopt,
+		StartGate:    s.startGate(rec.ID),
 		Restarts:     rec.Restarts,
 		Logger:       log,
 		OnEvent:      func(ev supervisor.Event) { s.persistEvent(id, ev) },
@@ -250,6 +251,15 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	s.instances[id] = in
 	s.mu.Unlock()
 	return in
+}
+
+// startGate is the start gate of id in the order of starts of a
+// reconcile under way (bootOrder), nil otherwise.
+func (s *Service) startGate(id string) <-chan struct{} {
+	if b := s.boot.Load(); b != nil {
+		return b.gate(id)
+	}
+	return nil
 }
 
 // binaryOf is the redis-server rec's instance runs: the one it was
@@ -283,7 +293,12 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		s.recordExe(id, ev.Process.PID)
 		return
 	}
-	_, err := s.store.Update(id, func(r *state.Instance) error {
+	update := func(fn func(*state.Instance) error) error { _, err := s.store.Update(id, fn); return err }
+	if s.booting.Load() {
+		// A thousand starts at once: their records share commits.
+		update = func(fn func(*state.Instance) error) error { return s.store.UpdateBatched(id, fn) }
+	}
+	err := update(func(r *state.Instance) error {
 		switch ev.Kind {
 		case supervisor.Started:
 			r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime

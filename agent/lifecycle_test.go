@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -955,4 +956,52 @@ func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
 	if l := s.layout; l.Staging("pk-dst") || l.Restored("pk-dst") || l.RestoreFailed("pk-dst") {
 		t.Fatal("the restore left its staging directory or a marker")
 	}
+}
+
+// After a power loss (the agent and every redis-server killed) the next
+// agent starts the instances in the order of their data on disk, smallest
+// first, so many at once; the record of each process is written.
+func TestBootStartsSmallestFirst(t *testing.T) {
+	cfg := testConfig(t, 4)
+	s := startService(t, cfg)
+	sizes := map[string]int{"big": 2000, "none": 0, "small": 20}
+	for id, keys := range sizes {
+		c, _ := bound(t, s, id, Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
+		fill(t, c, keys, 100)
+	}
+	time.Sleep(1100 * time.Millisecond) // appendfsync everysec
+	list, _ := s.List(context.Background())
+	shutdown(t, s, false)
+	for _, in := range list {
+		syscallKill(t, in.PID)
+	}
+	for _, in := range list {
+		testenv.Eventually(t, in.ID+" gone", 5*time.Second, func() bool { return syscall.Kill(in.PID, 0) != nil || isZombie(in.PID) })
+	}
+
+	cfg.bootTurns = 1
+	s = startService(t, cfg)
+	started := map[string]time.Time{}
+	for id := range sizes {
+		testenv.Eventually(t, id+" running", 10*time.Second, func() bool { return mustGet(t, s, id).State == "running" })
+		started[id] = s.runtime(id).sup.Status().StartedAt
+		if rec, err := s.store.Get(id); err != nil || rec.PID != mustGet(t, s, id).PID {
+			t.Fatalf("record of %s: pid %d (%v), running %d", id, rec.PID, err, mustGet(t, s, id).PID)
+		}
+	}
+	if !started["none"].Before(started["small"]) || !started["small"].Before(started["big"]) {
+		t.Fatalf("started none %v, small %v, big %v: want the smallest data first", started["none"], started["small"], started["big"])
+	}
+	if s.booting.Load() {
+		t.Fatal("still booting after every start")
+	}
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && (b[i+2] == 'Z' || b[i+2] == 'X')
 }

@@ -165,6 +165,11 @@ type Config struct {
 	// Adopt, when set, is a live process from a previous agent to watch
 	// instead of spawning one. It must have been checked with Verify.
 	Adopt *Process
+	// StartGate, when set, holds the first spawn until it is closed (the
+	// agent's order of starts at boot): Run waits for it, as starting with
+	// no process, and a Stop or Replace meanwhile is served (a Replace
+	// spawns at once).
+	StartGate <-chan struct{}
 	// Restarts is the restart count so far (persisted by the agent).
 	Restarts int
 	// OnEvent is called for each event, from the supervisor goroutine. It
