@@ -78,8 +78,14 @@ type Service struct {
 	// cg manages the instances' cgroups; limits.None when off or
 	// unavailable.
 	cg cgroups
-	// loader proves a restore's file before it is swapped in.
+	// loader proves a restore's file while it is received.
 	loader snapshotLoader
+	// boot is the order of starts of the reconcile under way (only
+	// Reconcile sets it, before the API serves), nil after.
+	boot atomic.Pointer[bootOrder]
+	// booting is set from the start of Reconcile until its order of
+	// starts is through: the process records share commits meanwhile.
+	booting atomic.Bool
 	// dataOnTmpfs is set when the data root is on tmpfs, where instances'
 	// files are memory charged to their cgroups.
 	dataOnTmpfs bool

@@ -36,8 +36,9 @@ type Config struct {
 	PortMin, PortMax int
 	// RedisServer is the redis-server executable.
 	RedisServer string
-	// RedisCheckRDB is the redis-check-rdb executable a restore checks its
-	// file with; "" means the one beside RedisServer, else from PATH.
+	// RedisCheckRDB is not used any more (a restore's loader checks the
+	// file as it arrives); the flag is accepted so existing configurations
+	// start.
 	RedisCheckRDB string
 	// BindHost is the address every redis-server listens on.
 	BindHost string
@@ -55,8 +56,9 @@ type Config struct {
 	// InstanceUIDs is "auto" (as root, a uid and gid per instance from a
 	// block of UIDRangeFor(DataDir)), "MIN-MAX" (from that range) or "off".
 	InstanceUIDs string
-	// Confine is "on" (every redis-server and redis-check-rdb is started
-	// through Launcher, which confines it: package confine) or "off".
+	// Confine is "on" (every redis-server, the restore loaders included,
+	// is started through Launcher, which confines it: package confine) or
+	// "off".
 	Confine string
 	// Launcher is the redis-agent-launch executable.
 	Launcher string
@@ -68,6 +70,9 @@ type Config struct {
 	Restart supervisor.Policy
 	// Health is the hang detection of running instances.
 	Health supervisor.Health
+	// bootTurns is how many starts run at once at boot; 0 is
+	// bootStartsPerCPU per core (a test sets it).
+	bootTurns int
 	// Cgroups is "auto" (a cgroup per instance where the host allows it,
 	// with a log line when it does not) or "off".
 	Cgroups string
@@ -185,22 +190,6 @@ func defaultLauncher() string {
 	}
 	p, _ := exec.LookPath("redis-agent-launch")
 	return p
-}
-
-// checkRDB returns the redis-check-rdb to use.
-func (c Config) checkRDB() (string, error) {
-	if c.RedisCheckRDB != "" {
-		return c.RedisCheckRDB, nil
-	}
-	beside := filepath.Join(filepath.Dir(c.RedisServer), "redis-check-rdb")
-	if _, err := os.Stat(beside); err == nil {
-		return beside, nil
-	}
-	p, err := exec.LookPath("redis-check-rdb")
-	if err != nil {
-		return "", fmt.Errorf("redis-check-rdb is neither beside %s nor in PATH (set --redis-check-rdb): %w", c.RedisServer, err)
-	}
-	return p, nil
 }
 
 // defaultBudgetMB is 75 % of MemTotal, or 1 GiB when it cannot be read.

@@ -14,6 +14,7 @@ const (
 	FaultDeleteRemoved     = "delete.removed"     // files removed, record still there
 	FaultBindRecorded      = "bind.recorded"      // binding in the record, not yet in Redis
 	FaultUnbindRecorded    = "unbind.recorded"    // binding gone from the record, still in Redis
+	FaultRestoreLoaded     = "restore.loaded"     // new data received and loaded by the loader, still running; nothing staged
 	FaultRestoreStaged     = "restore.staged"     // new data staged and checked, old data live
 	FaultRestoreSwapped    = "restore.swapped"    // data directories swapped, no process running
 	FaultBackupUploaded    = "backup.uploaded"    // a backup's RDB in the bucket, its manifest and record not yet
@@ -36,5 +37,5 @@ var FaultPoints = []string{
 	FaultProvisionRecorded, FaultProvisionFiles, FaultSpawnUnrecorded, FaultProvisionReady,
 	FaultDeleteMarked, FaultDeleteStopped, FaultDeleteRemoved,
 	FaultBindRecorded, FaultUnbindRecorded,
-	FaultRestoreStaged, FaultRestoreSwapped,
+	FaultRestoreLoaded, FaultRestoreStaged, FaultRestoreSwapped,
 }

@@ -286,6 +286,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		StopTimeout:  s.cfg.StopTimeout,
 		Health:       s.cfg.Health,
 		Adopt:        adopt,
+		StartGate:    s.startGate(rec.ID),
 		Restarts:     rec.Restarts,
 		Logger:       log,
 		OnEvent:      func(ev supervisor.Event) { s.persistEvent(id, ev) },
@@ -308,6 +309,15 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	s.instances[id] = in
 	s.mu.Unlock()
 	return in
+}
+
+// startGate is the start gate of id in the order of starts of a
+// reconcile under way (bootOrder), nil otherwise.
+func (s *Service) startGate(id string) <-chan struct{} {
+	if b := s.boot.Load(); b != nil {
+		return b.gate(id)
+	}
+	return nil
 }
 
 // binaryOf is the redis-server rec's instance runs: the one it was
@@ -341,7 +351,12 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		s.recordExe(id, ev.Process.PID)
 		return
 	}
-	_, err := s.store.Update(id, func(r *state.Instance) error {
+	update := func(fn func(*state.Instance) error) error { _, err := s.store.Update(id, fn); return err }
+	if s.booting.Load() {
+		// A thousand starts at once: their records share commits.
+		update = func(fn func(*state.Instance) error) error { return s.store.UpdateBatched(id, fn) }
+	}
+	err := update(func(r *state.Instance) error {
 		switch ev.Kind {
 		case supervisor.Started:
 			r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime
@@ -731,11 +746,34 @@ func (s *Service) view(rec state.Instance) Instance {
 // interval).
 const limitsEvery = 6
 
-// check is the health check: INFO on the kept admin connection (it answers
-// while loading, and BUSY during a long script, both alive) plus the
-// process's RSS and CPU from /proc. What it sees is cached for metrics,
-// so a scrape does no I/O to instances.
+// infoEvery is how many health checks go by between two INFOs of an
+// instance (30 s at the default interval): the checks between are a PING.
+// An idle agent's CPU is its health checks, and INFO (a few KiB to write
+// and parse, and /proc read beside it) costs twice a PING.
+const infoEvery = 3
+
+// check is the health check: on the kept admin connection, PING or, every
+// infoEvery-th time (the first included, and whenever the last INFO of
+// this process is missing or failed), INFO plus the process's RSS and CPU
+// from /proc. Either answers while loading, and BUSY during a long
+// script, both alive. What INFO sees is cached for metrics, so a scrape
+// does no I/O to instances; a failed PING marks the cache not ok (the
+// metrics show the instance down) and makes the next check an INFO.
 func (in *instance) check(ctx context.Context, pid int) error {
+	n := in.checks.Add(1) - 1
+	last := in.stats.Load()
+	if n%infoEvery != 0 && last != nil && last.pid == pid && last.ok {
+		err := in.admin.Ping(ctx)
+		if err != nil {
+			failed := *last
+			failed.ok = false
+			in.stats.CompareAndSwap(last, &failed)
+		}
+		if in.aclPending.Load() && in.drift != nil {
+			in.drift()
+		}
+		return err
+	}
 	info, err := in.admin.Info(ctx)
 	st := &instanceStats{pid: pid, ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
@@ -743,7 +781,7 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	// The cgroup's limits (four files) every limitsEvery-th check, the
 	// first included: at 1000 instances every check would be a tenth of
 	// the agent's idle CPU.
-	drifted := in.aclPending.Load() || (in.checks.Add(1)-1)%limitsEvery == 0 && in.limitsDrift()
+	drifted := in.aclPending.Load() || n%limitsEvery == 0 && in.limitsDrift()
 	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
 		drifted = true
 	}

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -148,8 +149,8 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			}
 			rdb := snapshotBytes(t, s, "src-"+mode)
 			_, err := os.Stat(filepath.Join(s.layout.DataDir("src-"+mode), rdbName))
-			if kept := err == nil; kept != (mode == apitype.PersistenceRDB) {
-				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
+			if kept := err == nil; kept && mode != apitype.PersistenceRDB {
+				t.Errorf("the snapshot left dump.rdb in the data dir of a %s instance", mode)
 			}
 
 			sum := sha256.Sum256(rdb)
@@ -267,9 +268,9 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 		sha  string
 		says string
 	}{
-		{"garbage", []byte("this is not an RDB file at all\n"), "", "redis-check-rdb"},
-		{"truncated", good[:len(good)/2], "", "redis-check-rdb"},
-		{"flipped byte", flip(good, len(good)/3), "", "redis-check-rdb"},
+		{"garbage", []byte("this is not an RDB file at all\n"), "", "cannot load the snapshot"},
+		{"truncated", good[:len(good)/2], "", "cannot load the snapshot"},
+		{"flipped byte", flip(good, len(good)/3), "", "cannot load the snapshot"},
 		{"empty", nil, "", "empty"},
 		{"wrong sha256", good, strings.Repeat("ab", 32), "sha256"},
 		{"malformed sha256", good, "xyz", "sha256"},
@@ -728,9 +729,10 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	}
 }
 
-// The loader's socket lives in the instance's staging directory, whose
-// path can be longer than a socket address holds (107 bytes): an instance
-// with the longest id, under a deep data dir, restores all the same.
+// The loader's socket lives in a directory of the uploads named after the
+// instance, whose path can be longer than a socket address holds (107
+// bytes): an instance with the longest id, under a deep data dir, restores
+// all the same.
 func TestRestoreLongPaths(t *testing.T) {
 	cfg := testConfig(t, 4)
 	cfg.DataDir = filepath.Join(cfg.DataDir, strings.Repeat("d", 40))
@@ -739,7 +741,7 @@ func TestRestoreLongPaths(t *testing.T) {
 	}
 	s := startService(t, cfg)
 	id := "long-" + strings.Repeat("i", 59)
-	if sock := filepath.Join(s.layout.StagingDir(id), "loader.sock"); len(sock) <= 107 {
+	if sock := filepath.Join(s.layout.UploadDir(), id+".0123456789.loader", "loader.sock"); len(sock) <= 107 {
 		t.Fatalf("the test's socket path is only %d bytes", len(sock))
 	}
 	c, _ := bound(t, s, id, Spec{MemoryMB: 16})
@@ -954,4 +956,52 @@ func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
 	if l := s.layout; l.Staging("pk-dst") || l.Restored("pk-dst") || l.RestoreFailed("pk-dst") {
 		t.Fatal("the restore left its staging directory or a marker")
 	}
+}
+
+// After a power loss (the agent and every redis-server killed) the next
+// agent starts the instances in the order of their data on disk, smallest
+// first, so many at once; the record of each process is written.
+func TestBootStartsSmallestFirst(t *testing.T) {
+	cfg := testConfig(t, 4)
+	s := startService(t, cfg)
+	sizes := map[string]int{"big": 2000, "none": 0, "small": 20}
+	for id, keys := range sizes {
+		c, _ := bound(t, s, id, Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
+		fill(t, c, keys, 100)
+	}
+	time.Sleep(1100 * time.Millisecond) // appendfsync everysec
+	list, _ := s.List(context.Background())
+	shutdown(t, s, false)
+	for _, in := range list {
+		syscallKill(t, in.PID)
+	}
+	for _, in := range list {
+		testenv.Eventually(t, in.ID+" gone", 5*time.Second, func() bool { return syscall.Kill(in.PID, 0) != nil || isZombie(in.PID) })
+	}
+
+	cfg.bootTurns = 1
+	s = startService(t, cfg)
+	started := map[string]time.Time{}
+	for id := range sizes {
+		testenv.Eventually(t, id+" running", 10*time.Second, func() bool { return mustGet(t, s, id).State == "running" })
+		started[id] = s.runtime(id).sup.Status().StartedAt
+		if rec, err := s.store.Get(id); err != nil || rec.PID != mustGet(t, s, id).PID {
+			t.Fatalf("record of %s: pid %d (%v), running %d", id, rec.PID, err, mustGet(t, s, id).PID)
+		}
+	}
+	if !started["none"].Before(started["small"]) || !started["small"].Before(started["big"]) {
+		t.Fatalf("started none %v, small %v, big %v: want the smallest data first", started["none"], started["small"], started["big"])
+	}
+	if s.booting.Load() {
+		t.Fatal("still booting after every start")
+	}
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && (b[i+2] == 'Z' || b[i+2] == 'X')
 }

@@ -171,3 +171,36 @@ func TestMetricsSeriesAtZero(t *testing.T) {
 		t.Fatalf("restart series of a deleted instance: %d, want 0", n)
 	}
 }
+
+// The health checks are PINGs, with an INFO (the metrics' figures) every
+// third one and after a PING that failed.
+func TestHealthChecksInfoEveryThird(t *testing.T) {
+	cfg := testConfig(t, 2)
+	cfg.Health = supervisor.Health{Interval: 20 * time.Millisecond, Timeout: time.Second, Failures: 3}
+	s := startService(t, cfg)
+	ctx := context.Background()
+	if _, _, err := s.Provision(ctx, "hc", Spec{MemoryMB: 16, Persistence: "none"}); err != nil {
+		t.Fatal(err)
+	}
+	in := s.runtime("hc")
+	calls := func() (ping, info int) {
+		f, err := in.admin.Fields(ctx, "commandstats")
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Sscanf(f["cmdstat_ping"], "calls=%d", &ping)
+		fmt.Sscanf(f["cmdstat_info"], "calls=%d", &info)
+		return ping, info
+	}
+	p0, i0 := calls()
+	testenv.Eventually(t, "30 checks", 10*time.Second, func() bool { return in.checks.Load() >= 30 })
+	p1, i1 := calls()
+	// Each calls() is an INFO of its own.
+	pings, infos := p1-p0, i1-i0-1
+	if infos < 5 || pings < 2*infos-4 || pings > 2*infos+4 {
+		t.Fatalf("%d PINGs and %d INFOs in the checks; want two PINGs an INFO", pings, infos)
+	}
+	if st := in.stats.Load(); st == nil || !st.ok || st.info.MaxMemory != 16<<20 {
+		t.Fatalf("cached stats %+v; want those of an INFO", st)
+	}
+}

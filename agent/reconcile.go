@@ -58,12 +58,15 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		wg       sync.WaitGroup
 		sem      = make(chan struct{}, reconcileWorkers)
 	)
+	boot := newBootOrder()
+	s.boot.Store(boot)
+	s.booting.Store(true)
 	for _, rec := range recs {
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			o, err := s.reconcileOne(rec, m)
+			o, err := s.reconcileOne(rec, m, boot)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil && firstErr == nil {
@@ -73,11 +76,25 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	// The records whose process changed, in one commit: a thousand
+	// commits (a thousand fsyncs) were most of an agent start after a
+	// power loss. No process has been started yet: a crash before it
+	// leaves the records as they were, for the next reconcile.
+	if err := s.store.UpdateEach(boot.updates); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	s.boot.Store(nil)
 	s.mu.Lock()
 	for _, in := range s.instances {
 		go in.sup.Run(s.ctx) // also on error: Close waits for every Run
 	}
 	s.mu.Unlock()
+	// The instances to start wait at their gates, let through in their
+	// order (bootOrder).
+	s.background(func(ctx context.Context) {
+		boot.run(ctx, s.cfg.bootTurns, s.runtime)
+		s.booting.Store(false)
+	})
 	s.resumeMoves(recs)
 	if firstErr != nil {
 		return firstErr
@@ -125,8 +142,9 @@ const (
 var outcomes = []outcome{outcomeAdopted, outcomeStarted, outcomeDeleted, outcomeForwarding}
 
 // reconcileOne brings one record's instance in line and says what it did.
-// An error is the state store's, which stops reconcile.
-func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) {
+// An error is the state store's, which stops reconcile. The change of its
+// record, and its start when it needs one, go into boot.
+func (s *Service) reconcileOne(rec state.Instance, m *machine, boot *bootOrder) (outcome, error) {
 	log := s.log.With("instance", rec.ID)
 	if rec.Phase == state.PhaseDeleting {
 		if err := s.destroy(rec.ID); err != nil {
@@ -146,6 +164,11 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 		return outcomeForwarding, nil
 	}
 	s.finishRestore(rec, m)
+	// A loader killed with a crashed agent during an upload leaves its
+	// cgroup (and no staging directory, which finishRestore goes by).
+	if err := s.cg.Remove(loaderGroup(rec.ID)); err != nil {
+		log.Error("remove the restore loader's cgroup", "err", err)
+	}
 	adopt := s.findProcess(rec, m)
 	if r, err := s.ensureCert(rec); err != nil {
 		log.Error("cannot issue the instance's TLS certificate; it runs without TLS until it can", "err", err)
@@ -167,11 +190,10 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 	if adopt != nil {
 		pid, start = adopt.PID, adopt.StartTime
 	}
-	// A bbolt write transaction commits (and fsyncs) even when nothing
-	// changed, so only records whose process changed are written.
+	// Only records whose process changed are written, all in one commit
+	// after the loop (Reconcile).
 	if rec.PID != pid || rec.StartTime != start || rec.Binary == "" {
-		var err error
-		if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error {
+		fix := func(r *state.Instance) error {
 			r.PID, r.StartTime = pid, start
 			if r.Binary == "" {
 				// A record from before rollouts: its process was started
@@ -180,9 +202,12 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 				r.BinaryID, _ = binaryID(r.Binary)
 			}
 			return nil
-		}); err != nil {
-			return outcomeLeft, err
 		}
+		fix(&rec)
+		boot.update(rec.ID, fix)
+	}
+	if adopt == nil {
+		boot.enroll(rec.ID, s.layout.DataSize(rec.ID))
 	}
 	// Run starts after the loop: the supervisors' first probes would
 	// otherwise compete with reconcile for the CPU.
@@ -194,10 +219,14 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine) (outcome, error) 
 }
 
 // killLoaders kills restore loaders a crashed agent left running (they
-// die with the agent unless that failed) and takes them out of procs.
+// die with the agent unless that failed) and takes them out of procs:
+// those of this agent, in a directory of the uploads (which ClearUploads
+// has removed already: the title still names it), and those of an older
+// one, in an instance's staging directory.
 func (s *Service) killLoaders(procs map[string]supervisor.Process) {
 	for conf, p := range procs {
-		if filepath.Base(conf) != "loader.conf" || filepath.Base(filepath.Dir(conf)) != "restore" {
+		dir := filepath.Dir(conf)
+		if filepath.Base(conf) != "loader.conf" || filepath.Base(dir) != "restore" && !s.layout.IsLoaderDir(dir) {
 			continue
 		}
 		delete(procs, conf)

@@ -6,23 +6,22 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	gohash "hash"
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
+	"sync"
 	"time"
 
-	"github.com/redis-agent/redis-agent/confine"
+	"golang.org/x/sys/unix"
 
 	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/redis"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
-	"github.com/redis-agent/redis-agent/volumes"
 )
 
 // Snapshot is a fresh RDB of an instance, open for reading from its start.
@@ -38,12 +37,15 @@ type Snapshot struct {
 // dbfilename).
 const rdbName = "dump.rdb"
 
-// Snapshot makes a fresh, consistent RDB of instance id (BGSAVE through
-// the admin user, waited for) and returns it open. Snapshots of one
-// instance are taken one at a time. It works in every persistence mode:
-// where the RDB is not the instance's own persistence (aof, aof-always,
-// none) the file is unlinked once open, so none is left to be loaded at a
-// later start.
+// Snapshot makes a fresh, consistent RDB of instance id and returns it
+// open. Snapshots of one instance are taken one at a time. It works in
+// every persistence mode. The RDB comes the way a replica gets its first
+// one (redis.StreamRDB: the server forks and writes it to the socket) into
+// an unlinked file of the agent's, hashed as it arrives: nothing is
+// written to the instance's disk, and nothing waits for an fsync, which a
+// SAVE or BGSAVE spends most of its time on. When that fails (no client
+// slot for one more connection, say) it falls back to BGSAVE through the
+// admin user, waited for.
 func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err := validateID("instance", id); err != nil {
 		return nil, err
@@ -55,6 +57,50 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
+	how := "replication"
+	snap, err := s.streamSnapshot(ctx, id, in)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("snapshot %q: %w", id, err)
+		}
+		s.log.Warn("snapshot by replication failed; saving with BGSAVE", "instance", id, "err", err)
+		how = "bgsave"
+		if snap, err = s.saveSnapshot(ctx, rec, in); err != nil {
+			return nil, err
+		}
+	}
+	s.metrics.observe("snapshot", start)
+	s.log.Info("snapshot taken", "instance", id, "bytes", snap.Size, "by", how, "took", time.Since(start).Round(time.Millisecond))
+	return snap, nil
+}
+
+// streamSnapshot copies a fresh RDB of in into a new, unlinked file.
+func (s *Service) streamSnapshot(ctx context.Context, id string, in *instance) (*Snapshot, error) {
+	f, err := s.layout.CreateScratch(id)
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	n, err := in.admin.StreamRDB(ctx, io.MultiWriter(f, h))
+	if err == nil && n == 0 {
+		err = errors.New("the server sent an empty RDB")
+	}
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// saveSnapshot makes the RDB with BGSAVE through the admin user, waited
+// for, and opens it. Where the RDB is not the instance's own persistence
+// (aof, aof-always, none) the file is unlinked once open, so none is left
+// to be loaded at a later start.
+func (s *Service) saveSnapshot(ctx context.Context, rec state.Instance, in *instance) (*Snapshot, error) {
+	id := rec.ID
 	if err := in.admin.Save(ctx); err != nil {
 		return nil, fmt.Errorf("snapshot %q: %w", id, err)
 	}
@@ -77,8 +123,6 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 		f.Close()
 		return nil, fmt.Errorf("snapshot %q: read %s: %w", id, path, err)
 	}
-	s.metrics.observe("snapshot", start)
-	s.log.Info("snapshot taken", "instance", id, "bytes", n, "took", time.Since(start).Round(time.Millisecond))
 	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
@@ -114,48 +158,61 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 }
 
 // Restore replaces the data of instance id with the RDB read from body.
-// Nothing changes until the file is known good: its sha256 matches want
-// (when given), redis-check-rdb accepts it, and a loader (the instance's
-// redis-server binary, on a unix socket, in a cgroup of its own) loads it
-// within the instance's maxmemory and, for the aof modes, writes the AOF
-// from the loaded data. Any of these failing is ErrInvalid, with the old
-// data untouched. Then the instance is stopped gracefully, the staged data
-// directory swapped in with one atomic rename, and started; if it does not
-// become ready the old directory is swapped back. Bindings are unaffected:
-// the ACL file is not in the data directory.
+// Nothing changes until the file is known good. While it is received
+// (written to a file of its own, hashed when want is given) it is fed to a
+// loader, the instance's redis-server binary as a replica on a unix
+// socket, in a cgroup of its own limited like the instance, whose memory
+// counts in the memory budget while it runs: the RDB must load (with
+// redis-check-rdb's checks and its checksum), and its data set fit in the
+// instance's maxmemory. Any of these failing is ErrInvalid, with the old
+// data untouched. The received file then becomes the staged data as it
+// is, read once and written once: for the aof modes the base of a new
+// multi-part AOF (its manifest names it alone), else dump.rdb; fsynced
+// unless the mode keeps nothing. Then the instance is stopped gracefully,
+// the staged data directory swapped in with one atomic rename, and
+// started; if it does not become ready the old directory is swapped back.
+// Bindings are unaffected: the ACL file is not in the data directory.
 //
-// The body is received and checked before the instance's lock is taken:
+// The body is received and loaded before the instance's lock is taken:
 // a slow upload holds up no deletion, bind or rollout of the instance.
 func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size int64, want string) (Instance, error) {
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, err
 	}
 	start := time.Now()
-	rec, _, err := s.runningInstance(ctx, id)
+	rec, in, err := s.runningInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
 	}
-	upload, size, err := s.receive(ctx, rec, body, size, want)
+	release, err := s.reserveLoader(rec)
+	if err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	upload, size, used, err := s.receive(ctx, rec, in, body, size, want, release)
 	if upload != "" {
 		defer os.Remove(upload) // gone already once staged
 	}
 	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
-	staged := time.Now()
+	received := time.Now()
 
 	unlock := s.locks.lock(id)
 	defer unlock()
 	// Again under the lock: it may have been deleted or resized meanwhile.
-	rec, in, err := s.runningInstance(ctx, id)
+	rec, in, err = s.runningInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
 	}
 	if limit := limits.MemoryFor(rec.MemoryMB); size > limit {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, tooLarge(limit, rec.MemoryMB))
 	}
+	if used > int64(rec.MemoryMB)<<20 { // resized meanwhile
+		return Instance{}, fmt.Errorf("restore %q: %w", id, tooMuchData(used, rec.MemoryMB))
+	}
 	log := s.log.With("instance", id)
-	if err := s.layout.CreateStaging(id, s.ownerOf(rec)); err != nil {
+	owner := s.ownerOf(rec)
+	if err := s.layout.CreateStaging(id, owner); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
 	swapped := false
@@ -169,26 +226,10 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	if err := s.quotaFile(rec, upload); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: the instance's disk quota has no room for the snapshot: %w", id, err)
 	}
-	if err := os.Rename(upload, filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
+	if err := s.stage(rec, upload); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}
-	if rec.Persistence == apitype.PersistenceRDB {
-		// The file is the instance's data from the swap on. In the other
-		// modes it is only read (by the loader, the first start) and then
-		// removed: flushing it to disk would only cost.
-		if err := volumes.SyncFile(filepath.Join(s.layout.StagedDataDir(id), rdbName)); err != nil {
-			return Instance{}, fmt.Errorf("restore %q: %w", id, err)
-		}
-	}
-	job := loadJob{ID: id, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB, Persistence: rec.Persistence, Limits: s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO),
-		Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
-	// The loader holds a second copy of the data set while it runs.
-	release := s.reserveTransient(rec.MemoryMB)
-	err = s.loader.Load(ctx, job)
-	release()
-	if err != nil {
-		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
-	}
+	staged := time.Now()
 	crashAt(FaultRestoreStaged)
 
 	// From here the instance goes down: the caller hanging up must not
@@ -220,7 +261,7 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	s.dropRDB(rec)
 	s.metrics.observe("restore", start)
 	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond),
-		"received_and_checked", staged.Sub(start).Round(time.Millisecond), "loaded", down.Sub(staged).Round(time.Millisecond),
+		"received_and_loaded", received.Sub(start).Round(time.Millisecond), "staged", staged.Sub(received).Round(time.Millisecond),
 		"unavailable", unavailable.Round(time.Millisecond))
 	return s.view(rec), nil
 }
@@ -242,66 +283,331 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 	return s.layout.RemoveStaging(id)
 }
 
-// receive writes body to a new file in the uploads directory and checks
-// it: size (an RDB larger than the instance's whole memory limit cannot be
-// its data set), sha256 and redis-check-rdb. A declared size (negative:
+// stage moves the received RDB at upload into rec's staging directory as
+// the data its instance starts on: for the aof modes the base of a new
+// multi-part AOF, which the manifest names alone (Redis 7 with appendonly
+// ignores an RDB beside no AOF), else dump.rdb. Except without
+// persistence, the data is on disk when it returns: it is the instance's
+// from the exchange on, and a crash after the exchange must find it whole.
+func (s *Service) stage(rec state.Instance, upload string) error {
+	owner := s.ownerOf(rec)
+	durable := rec.Persistence != apitype.PersistenceNone
+	if !apitype.IsAOF(rec.Persistence) {
+		return s.layout.StageFile(rec.ID, upload, rdbName, durable, owner)
+	}
+	if err := s.layout.StageFile(rec.ID, upload, filepath.Join(redis.AOFDir, redis.AOFBase), durable, owner); err != nil {
+		return err
+	}
+	return s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFManifest), redis.AOFManifestOfBase(), owner)
+}
+
+// reserveLoader counts a restore loader of rec's instance in the memory
+// budget (its data set may take the instance's memory_mb) until release
+// is called: a provision or a resize meanwhile sees that much less free.
+// With no room for it, ErrCapacity.
+func (s *Service) reserveLoader(rec state.Instance) (release func(), err error) {
+	mb := int64(rec.MemoryMB)
+	// In a write transaction that changes nothing (no commit): admissions
+	// are serialised by the store, so two cannot both take the last room.
+	_, err = s.store.Admit(rec.ID, func(_ *state.Instance, u state.Usage) error {
+		if free := int64(s.cfg.MemoryBudgetMB-u.MemoryMB) - s.transientMB.Load(); mb > free {
+			return fmt.Errorf("a restore loads the snapshot beside the running instance: %d MiB more than the instance's, and %d of %d MiB of the memory budget are free: %w",
+				mb, max(free, 0), s.cfg.MemoryBudgetMB, ErrCapacity)
+		}
+		s.transientMB.Add(mb)
+		return nil
+	})
+	if err != nil {
+		return nil, notFound(rec.ID, err)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { s.transientMB.Add(-mb) }) }, nil
+}
+
+// receiveBuffer is the size of the copies from the body to the file and
+// the loader.
+const receiveBuffer = 1 << 20
+
+// receive writes body to a new file in the uploads directory, feeding it
+// to a loader as it goes, and checks it: size (an RDB larger than the
+// instance's whole memory limit cannot be its data set), sha256 (when
+// want is given), and the loader's verdict. A declared size (negative:
 // unknown) over the limit is refused before anything is written. It
-// returns the file's path (also on an error, when it was created) and size.
-func (s *Service) receive(ctx context.Context, rec state.Instance, body io.Reader, declared int64, want string) (string, int64, error) {
+// returns the file's path (also on an error, when it was created), size
+// and the used_memory of the loaded data set. The file is on disk when it
+// returns, unless rec keeps no data. gone is called once the loader is
+// gone: before it returns an error, after it returns otherwise.
+func (s *Service) receive(ctx context.Context, rec state.Instance, in *instance, body io.Reader, declared int64, want string, gone func()) (_ string, _ int64, _ int64, err error) {
+	defer func() {
+		if gone != nil {
+			gone()
+		}
+	}()
 	if want != "" && !validSHA256(want) {
-		return "", 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
+		return "", 0, 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
 	}
 	limit := limits.MemoryFor(rec.MemoryMB)
 	if declared > limit {
-		return "", 0, tooLarge(limit, rec.MemoryMB)
+		return "", 0, 0, tooLarge(limit, rec.MemoryMB)
 	}
 	f, err := s.layout.CreateUpload(rec.ID)
 	if err != nil {
-		return "", 0, err
+		return "", 0, 0, err
 	}
 	defer f.Close()
 	path := f.Name()
-	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
-	if err != nil {
-		var werr *fs.PathError
-		if errors.As(err, &werr) && werr.Path == path {
-			return path, n, fmt.Errorf("store the snapshot: %w", err) // our disk, not the caller
+	// The loader starts while the body arrives into the file; a feeder
+	// passes the file on to it as it grows: the body comes at the speed
+	// of the network and the disk, the loader parses at its own.
+	durable := rec.Persistence != apitype.PersistenceNone
+	file := &failWriter{w: &writeBack{f: f, on: durable}}
+	grow := newFollow(file)
+	job := loadJob{ID: rec.ID, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB,
+		Limits: s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO), Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
+	var ld loading
+	started := make(chan error, 1)
+	fed := make(chan error, 1)
+	go func() {
+		l, err := s.loader.Start(ctx, job)
+		if err != nil {
+			grow.abort(err)
+			started <- err
+			return
 		}
-		return path, n, fmt.Errorf("the snapshot could not be read whole (%d bytes read): %v: %w", n, err, ErrInvalid)
+		ld = l
+		started <- nil
+		r, err := grow.reader(path)
+		if err == nil {
+			feed := &failWriter{w: l}
+			_, err = io.CopyBuffer(feed, r, make([]byte, receiveBuffer))
+			if feed.err != nil {
+				err = errLoaderStopped
+			}
+			r.Close()
+		}
+		if err != nil {
+			grow.abort(err)
+		}
+		fed <- err
+	}()
+	writers := []io.Writer{grow}
+	var h gohash.Hash
+	if want != "" {
+		h = sha256.New()
+		writers = append(writers, h)
 	}
-	if n > limit {
-		return path, n, tooLarge(limit, rec.MemoryMB)
+	n, err := io.CopyBuffer(io.MultiWriter(writers...), io.LimitReader(body, limit+1), make([]byte, receiveBuffer))
+	grow.finish(err)
+	if serr := <-started; serr != nil {
+		return path, n, 0, fmt.Errorf("restore loader: %w", serr)
 	}
-	if n == 0 {
-		return path, 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
+	// The loader is closed (killed, waited for, its memory freed) while
+	// the restore goes on when all went well, else before the answer.
+	defer func() {
+		if err != nil {
+			ld.Close()
+			return
+		}
+		done := gone
+		gone = nil
+		s.bgMu.Lock()
+		defer s.bgMu.Unlock()
+		if s.ctx.Err() != nil { // shutting down: Close waits for no more
+			ld.Close()
+			done()
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			ld.Close()
+			done()
+		}()
+	}()
+	ferr := <-fed
+	switch {
+	case file.err != nil:
+		return path, n, 0, fmt.Errorf("store the snapshot: %w", file.err) // our disk, not the caller
+	case errors.Is(ferr, errLoaderStopped):
+		if _, lerr := ld.Loaded(ctx); lerr != nil {
+			return path, n, 0, lerr
+		}
+		return path, n, 0, fmt.Errorf("restore loader: %w", ferr)
+	case err != nil && !errors.Is(err, errFeedStopped):
+		return path, n, 0, fmt.Errorf("the snapshot could not be read whole (%d bytes read): %v: %w", n, err, ErrInvalid)
+	case ferr != nil:
+		return path, n, 0, fmt.Errorf("feed the restore loader: %w", ferr)
+	case n > limit:
+		return path, n, 0, tooLarge(limit, rec.MemoryMB)
+	case n == 0:
+		return path, 0, 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); want != "" && !strings.EqualFold(got, want) {
-		return path, n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
-	}
-	if o := s.ownerOf(rec); o.UID >= 0 {
-		if err := f.Chown(o.UID, o.GID); err != nil {
-			return path, n, err
+	if got := ""; h != nil {
+		if got = hex.EncodeToString(h.Sum(nil)); !strings.EqualFold(got, want) {
+			return path, n, 0, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
 		}
 	}
-	check, err := s.cfg.checkRDB()
+	// The flush to disk (begun while the body came, see writeBack) ends
+	// while the loader finishes.
+	synced := make(chan error, 1)
+	go func() {
+		if durable {
+			synced <- f.Sync()
+		} else {
+			synced <- nil
+		}
+	}()
+	used, err := ld.Loaded(ctx)
+	if err == nil && used > int64(rec.MemoryMB)<<20 {
+		err = tooMuchData(used, rec.MemoryMB)
+	}
+	if err == nil {
+		crashAt(FaultRestoreLoaded)
+	}
+	if serr := <-synced; err == nil && serr != nil {
+		err = fmt.Errorf("store the snapshot: %w", serr)
+	}
+	return path, n, used, err
+}
+
+// errLoaderStopped is a feeder's error when the loader stopped taking the
+// RDB (it refused it, or died); errFeedStopped the body's copy's when the
+// feeder stopped.
+var (
+	errLoaderStopped = errors.New("the restore loader stopped taking the snapshot")
+	errFeedStopped   = errors.New("the feed of the restore loader stopped")
+)
+
+// follow is a file written by one goroutine and read, as it grows, by
+// another: the body of a restore and its feeder.
+type follow struct {
+	w    io.Writer
+	mu   sync.Mutex
+	cond *sync.Cond
+	n    int64 // bytes written
+	done bool  // no more writes
+	werr error // why the writes ended early
+	rerr error // why the reader gave up: the writes stop
+}
+
+func newFollow(w io.Writer) *follow {
+	f := &follow{w: w}
+	f.cond = sync.NewCond(&f.mu)
+	return f
+}
+
+// Write writes to the file, unless the reader gave up.
+func (f *follow) Write(p []byte) (int, error) {
+	f.mu.Lock()
+	stopped := f.rerr != nil
+	f.mu.Unlock()
+	if stopped {
+		return 0, errFeedStopped
+	}
+	n, err := f.w.Write(p)
+	f.mu.Lock()
+	f.n += int64(n)
+	f.cond.Broadcast()
+	f.mu.Unlock()
+	return n, err
+}
+
+// finish says the writes are over; err, when set, that they ended early.
+func (f *follow) finish(err error) {
+	f.mu.Lock()
+	f.done, f.werr = true, err
+	f.cond.Broadcast()
+	f.mu.Unlock()
+}
+
+// abort stops the writes (the reader has no use for more).
+func (f *follow) abort(err error) {
+	f.mu.Lock()
+	f.rerr = err
+	f.mu.Unlock()
+}
+
+// reader opens path (the file being written) for reading as it grows.
+func (f *follow) reader(path string) (*followReader, error) {
+	r, err := os.Open(path)
 	if err != nil {
-		return path, n, err
+		return nil, err
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	cmd := confine.Command(cctx, s.launcher, s.policy(confine.Policy{Exec: []string{check}, ReadOnly: []string{path}}), check, path)
-	cmd.Env = redis.Env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.credOf(rec)}
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	if errors.As(err, &exit) && cctx.Err() == nil {
-		return path, n, fmt.Errorf("redis-check-rdb refuses the snapshot: %s: %w", checkVerdict(out), ErrInvalid)
+	return &followReader{follow: f, r: r}, nil
+}
+
+type followReader struct {
+	*follow
+	r   *os.File
+	off int64
+}
+
+func (r *followReader) Read(p []byte) (int, error) {
+	r.mu.Lock()
+	for r.off >= r.n && !r.done {
+		r.cond.Wait()
 	}
-	if err != nil {
-		return path, n, fmt.Errorf("run %s: %w", check, err)
+	avail, done, werr := r.n-r.off, r.done, r.werr
+	r.mu.Unlock()
+	if avail == 0 && done {
+		if werr != nil {
+			return 0, werr
+		}
+		return 0, io.EOF
 	}
-	return path, n, nil
+	n, err := r.r.ReadAt(p[:min(int64(len(p)), avail)], r.off)
+	r.off += int64(n)
+	if err == io.EOF && n > 0 {
+		err = nil
+	}
+	return n, err
+}
+
+func (r *followReader) Close() error { return r.r.Close() }
+
+// failWriter remembers its writer's error, so that a copy's error can be
+// told apart from its reader's.
+type failWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (w *failWriter) Write(p []byte) (int, error) {
+	n, err := w.w.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// writeBackEvery is how much a writeBack writes between two starts of
+// writeback.
+const writeBackEvery = 8 << 20
+
+// writeBack writes to a file and, when on, starts the kernel's writeback
+// of each writeBackEvery bytes as they are written (sync_file_range, which
+// does not wait), so that the fsync at the end finds little left to write:
+// the file goes to disk at the disk's speed while it arrives.
+type writeBack struct {
+	f           *os.File
+	on          bool
+	off, synced int64
+}
+
+func (w *writeBack) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.off += int64(n)
+	if w.on && w.off-w.synced >= writeBackEvery {
+		// Best effort: the fsync at the end is what counts.
+		unix.SyncFileRange(int(w.f.Fd()), w.synced, w.off-w.synced, unix.SYNC_FILE_RANGE_WRITE)
+		w.synced = w.off
+	}
+	return n, err
+}
+
+func tooMuchData(used int64, memoryMB int) error {
+	return fmt.Errorf("the snapshot's data set uses %.1f MiB, more than the instance's memory_mb %d (resize it first): %w",
+		float64(used)/(1<<20), memoryMB, ErrInvalid)
 }
 
 func tooLarge(limit int64, memoryMB int) error {
@@ -312,26 +618,4 @@ func tooLarge(limit int64, memoryMB int) error {
 func validSHA256(s string) bool {
 	b, err := hex.DecodeString(s)
 	return err == nil && len(b) == sha256.Size
-}
-
-// checkVerdict picks the lines of redis-check-rdb's output that say what
-// is wrong (it prints a report with [offset] prefixes).
-func checkVerdict(out []byte) string {
-	var keep []string
-	for _, l := range strings.Split(string(out), "\n") {
-		l = strings.TrimSpace(l)
-		if strings.Contains(l, "--- RDB ERROR DETECTED ---") || strings.Contains(l, "Wrong signature") ||
-			strings.Contains(l, "Unexpected EOF") || strings.Contains(l, "Internal error") ||
-			strings.Contains(l, "Invalid") || strings.Contains(l, "CRC") {
-			keep = append(keep, l)
-		}
-	}
-	if len(keep) == 0 {
-		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-		keep = lines[max(0, len(lines)-2):]
-	}
-	if len(keep) > 4 {
-		keep = keep[:4]
-	}
-	return strings.Join(keep, "; ")
 }

@@ -166,7 +166,7 @@ func Render(c Conf) []byte {
 		}
 		line("appendonly yes")
 		line("appendfsync %s", fsync)
-		line(`appenddirname "appendonlydir"`)
+		line("appenddirname %s", quote(AOFDir))
 		line(`save ""`)
 	case c.Persistence == apitype.PersistenceRDB:
 		line("appendonly no")
@@ -180,6 +180,23 @@ func Render(c Conf) []byte {
 }
 
 func quote(s string) string { return strconv.Quote(s) }
+
+// The multi-part AOF of an instance (Redis 7), as Render names it (the
+// appendfilename is Redis's default, appendonly.aof): in
+// AOFDir of the data directory, the manifest AOFManifest lists a base and
+// incremental files. A base in RDB form (aof-use-rdb-preamble) is a whole
+// RDB file.
+const (
+	AOFDir      = "appendonlydir"
+	AOFManifest = "appendonly.aof.manifest"
+	AOFBase     = "appendonly.aof.1.base.rdb"
+)
+
+// AOFManifestOfBase is a manifest that lists AOFBase alone: an instance
+// started on it loads the base (an RDB) and opens a new incremental file.
+func AOFManifestOfBase() []byte {
+	return []byte("file " + AOFBase + " seq 1 type b\n")
+}
 
 // User is one ACL user of an instance.
 type User struct {
@@ -270,13 +287,19 @@ func NewPassword() string {
 }
 
 // RenderLoader returns the redis.conf of a loader: a short-lived server
-// that loads dir/dump.rdb, reachable only on the unix socket at socket with
-// the default user (the socket's directory is 0700), saving nothing by
-// itself. A relative socket is relative to dir (Redis binds it after
-// changing to dir), which keeps it within the 107 bytes of a socket
-// address however deep dir is. It uses the instances' AOF names, so an AOF it writes (EnableAOF)
-// is one an instance loads.
-func RenderLoader(dir, socket string) []byte {
+// in dir, reachable only on the unix socket at socket with the default
+// user (the socket's directory is 0700), saving nothing, that loads an RDB
+// as a replica does on its first sync from a primary that asks for
+// masterauth (a Feed: REPLICAOF its address once the loader answers):
+// from the socket as it arrives (repl-diskless-load), every structure
+// read and the whole against its checksum (CRC64), with no timeout
+// shorter than an upload may take. The deep check of every listpack,
+// ziplist and intset (sanitize-dump-payload yes, redis-check-rdb's) is not
+// made: it slows the load by half, and buys nothing against the one who
+// uploads, a tenant who may RESTORE any payload into the instance anyway. A relative socket is relative to dir
+// (Redis binds it after changing to dir), which keeps it within the 107
+// bytes of a socket address however deep dir is.
+func RenderLoader(dir, socket, masterauth string) []byte {
 	var b strings.Builder
 	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
 	line("# A redis-agent restore loader. Written by redis-agent.")
@@ -294,8 +317,10 @@ func RenderLoader(dir, socket string) []byte {
 	line("enable-module-command no")
 	line("maxmemory 0")
 	line("appendonly no")
-	line(`appenddirname "appendonlydir"`)
 	line(`dbfilename "dump.rdb"`)
 	line(`save ""`)
+	line("masterauth %s", quote(masterauth))
+	line("repl-diskless-load on-empty-db")
+	line("repl-timeout 3600")
 	return []byte(b.String())
 }

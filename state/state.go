@@ -444,70 +444,131 @@ func (s *Store) Admit(id string, fn func(*Instance, Usage) error) (Instance, err
 func (s *Store) update(id string, withUsage bool, fn func(*Instance, Usage) error) (Instance, error) {
 	var out Instance
 	err := s.write(func(tx *bolt.Tx) error {
-		inst, err := get(tx, id)
+		inst, changed, err := apply(tx, id, withUsage, fn)
 		if err != nil {
 			return err
-		}
-		before, _ := json.Marshal(inst)
-		var u Usage
-		if withUsage {
-			if u, err = usage(tx); err != nil {
-				return err
-			}
-		}
-		if err := fn(&inst, u); err != nil {
-			return err
-		}
-		if inst.ID != id {
-			return fmt.Errorf("instance %q: update may not change the id", id)
 		}
 		out = inst
-		after, err := json.Marshal(inst)
-		if err != nil {
-			return err
-		}
-		if string(before) == string(after) {
+		if !changed {
 			// Rolled back, not committed: a bbolt commit writes and
 			// fsyncs its meta page even when nothing changed (every
 			// instance's Ready event at an agent start came here).
 			return errUnchanged
 		}
-		var old struct {
-			Port     int `json:"port"`
-			TLSPort  int `json:"tls_port"`
-			MemoryMB int `json:"memory_mb"`
-		}
-		_ = json.Unmarshal(before, &old)
-		if old.Port != inst.Port {
-			return fmt.Errorf("instance %q: update may not change the port", id)
-		}
-		if old.TLSPort != inst.TLSPort {
-			ports := tx.Bucket(bucketPorts)
-			if p := inst.TLSPort; p != 0 {
-				if owner := ports.Get(portKey(p)); owner != nil || p == inst.Port {
-					return fmt.Errorf("instance %q: port %d is already held by a record", id, p)
-				}
-				if err := ports.Put(portKey(p), []byte(id)); err != nil {
-					return err
-				}
-			}
-			if p := old.TLSPort; p != 0 && string(ports.Get(portKey(p))) == id {
-				if err := ports.Delete(portKey(p)); err != nil {
-					return err
-				}
-			}
-		}
-		if old.MemoryMB != inst.MemoryMB {
-			if err := tx.Bucket(bucketReserved).Put([]byte(id), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
-				return err
-			}
-		}
-		return tx.Bucket(bucketInstances).Put([]byte(id), after)
+		return nil
 	})
 	if errors.Is(err, errUnchanged) {
 		err = nil
 	}
 	return out, err
+}
+
+// UpdateBatched is Update, committed together with the other
+// UpdateBatched calls of the moment (bbolt's Batch: the calls of up to
+// 10 ms share one commit, one fsync): for many writes at once, such as a
+// thousand starts at an agent's boot. Each call returns once its change
+// is on disk, as Update does; a lone call waits the 10 ms.
+func (s *Store) UpdateBatched(id string, fn func(*Instance) error) error {
+	var fnErr error
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		_, _, fnErr = apply(tx, id, false, func(inst *Instance, _ Usage) error { return fn(inst) })
+		return fnErr
+	})
+	switch {
+	case err == nil:
+		s.writeErr.Store(nil)
+	case fnErr == nil:
+		s.writeErr.Store(&err)
+	}
+	return err
+}
+
+// UpdateEach is Update of many records in one transaction, one commit
+// (one fsync): fns holds the function of each id. Nothing is written when
+// one of them fails, or none changes its record. A missing record is
+// ErrNotFound.
+func (s *Store) UpdateEach(fns map[string]func(*Instance) error) error {
+	if len(fns) == 0 {
+		return nil
+	}
+	err := s.write(func(tx *bolt.Tx) error {
+		any := false
+		for id, fn := range fns {
+			_, changed, err := apply(tx, id, false, func(inst *Instance, _ Usage) error { return fn(inst) })
+			if err != nil {
+				return err
+			}
+			any = any || changed
+		}
+		if !any {
+			return errUnchanged
+		}
+		return nil
+	})
+	if errors.Is(err, errUnchanged) {
+		err = nil
+	}
+	return err
+}
+
+// apply applies fn to the record of id in tx and writes it when it
+// changed.
+func apply(tx *bolt.Tx, id string, withUsage bool, fn func(*Instance, Usage) error) (Instance, bool, error) {
+	inst, err := get(tx, id)
+	if err != nil {
+		return inst, false, err
+	}
+	before, _ := json.Marshal(inst)
+	var u Usage
+	if withUsage {
+		if u, err = usage(tx); err != nil {
+			return inst, false, err
+		}
+	}
+	if err := fn(&inst, u); err != nil {
+		return inst, false, err
+	}
+	if inst.ID != id {
+		return inst, false, fmt.Errorf("instance %q: update may not change the id", id)
+	}
+	after, err := json.Marshal(inst)
+	if err != nil {
+		return inst, false, err
+	}
+	if string(before) == string(after) {
+		return inst, false, nil
+	}
+	var old struct {
+		Port     int `json:"port"`
+		TLSPort  int `json:"tls_port"`
+		MemoryMB int `json:"memory_mb"`
+	}
+	_ = json.Unmarshal(before, &old)
+	if old.Port != inst.Port {
+		return inst, false, fmt.Errorf("instance %q: update may not change the port", id)
+	}
+	if old.TLSPort != inst.TLSPort {
+		ports := tx.Bucket(bucketPorts)
+		if p := inst.TLSPort; p != 0 {
+			if owner := ports.Get(portKey(p)); owner != nil || p == inst.Port {
+				return inst, false, fmt.Errorf("instance %q: port %d is already held by a record", id, p)
+			}
+			if err := ports.Put(portKey(p), []byte(id)); err != nil {
+				return inst, false, err
+			}
+		}
+		if p := old.TLSPort; p != 0 && string(ports.Get(portKey(p))) == id {
+			if err := ports.Delete(portKey(p)); err != nil {
+				return inst, false, err
+			}
+		}
+	}
+	if old.MemoryMB != inst.MemoryMB {
+		if err := tx.Bucket(bucketReserved).Put([]byte(id), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
+			return inst, false, err
+		}
+	}
+	return inst, true, tx.Bucket(bucketInstances).Put([]byte(id), after)
 }
 
 // errUnchanged ends an update that changed nothing without a commit.

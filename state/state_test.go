@@ -332,3 +332,31 @@ func TestUpdateWithoutChangeDoesNotCommit(t *testing.T) {
 		t.Fatalf("Update of an absent record = %v", err)
 	}
 }
+
+// UpdateEach writes many records in one transaction, or none when one
+// function fails.
+func TestUpdateEach(t *testing.T) {
+	s := open(t)
+	for _, id := range []string{"a", "b", "c"} {
+		if _, err := s.Create(Instance{ID: id, MemoryMB: 1}, func(u Usage) (int, error) { return 10000 + u.Instances, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setPID := func(pid int) func(*Instance) error { return func(r *Instance) error { r.PID = pid; return nil } }
+	if err := s.UpdateEach(map[string]func(*Instance) error{"a": setPID(1), "b": setPID(2)}); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	err := s.UpdateEach(map[string]func(*Instance) error{"a": setPID(7), "c": func(*Instance) error { return boom }})
+	if !errors.Is(err, boom) {
+		t.Fatalf("UpdateEach with a failing function = %v", err)
+	}
+	if err := s.UpdateEach(map[string]func(*Instance) error{"zz": setPID(1)}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("UpdateEach of a missing record = %v, want ErrNotFound", err)
+	}
+	for id, want := range map[string]int{"a": 1, "b": 2, "c": 0} {
+		if r, err := s.Get(id); err != nil || r.PID != want {
+			t.Fatalf("%s: pid %d (%v), want %d", id, r.PID, err, want)
+		}
+	}
+}

@@ -1,6 +1,9 @@
 package supervisor
 
-import "time"
+import (
+	"sync"
+	"time"
+)
 
 // Clock is where the loop's time comes from: the time stamps of starts
 // and exits (their difference is the run the restart policy judges),
@@ -12,8 +15,16 @@ type Clock interface {
 	Now() time.Time
 	// NewTimer fires once, after d.
 	NewTimer(d time.Duration) Timer
-	// NewTicker fires every d, dropping ticks a slow receiver misses.
+	// NewTicker fires every d, dropping ticks a slow receiver misses, at
+	// the instants that are whole multiples of d in Unix time (the first
+	// within d from now): every ticker of one period ticks together.
 	NewTicker(d time.Duration) Timer
+}
+
+// untilNext is the time from now to the next whole multiple of d in Unix
+// time (d itself when now is one).
+func untilNext(now time.Time, d time.Duration) time.Duration {
+	return d - time.Duration(now.UnixNano()%int64(d))
 }
 
 // Timer is a timer or a ticker of a Clock.
@@ -31,14 +42,54 @@ func (realClock) Now() time.Time { return time.Now() }
 
 func (realClock) NewTimer(d time.Duration) Timer { return realTimer{time.NewTimer(d)} }
 
-func (realClock) NewTicker(d time.Duration) Timer { return realTicker{time.NewTicker(d)} }
+// NewTicker's ticks on a common grid are what keeps an idle agent idle:
+// a thousand supervisors' health checks come in one burst per interval,
+// which the runtime and the kernel serve with a few wakeups, where ticks
+// spread over the interval wake the process a hundred times a second.
+func (realClock) NewTicker(d time.Duration) Timer {
+	if d <= 0 {
+		panic("supervisor: non-positive ticker period")
+	}
+	t := &realTicker{c: make(chan time.Time, 1), d: d}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.t = time.AfterFunc(untilNext(time.Now(), d), t.fire)
+	return t
+}
 
 type realTimer struct{ t *time.Timer }
 
 func (t realTimer) C() <-chan time.Time { return t.t.C }
 func (t realTimer) Stop()               { t.t.Stop() }
 
-type realTicker struct{ t *time.Ticker }
+// realTicker sends a tick, if the last one was taken, and sets its timer
+// to the next instant of the grid: late ticks do not shift the grid.
+type realTicker struct {
+	c       chan time.Time
+	d       time.Duration
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
 
-func (t realTicker) C() <-chan time.Time { return t.t.C }
-func (t realTicker) Stop()               { t.t.Stop() }
+func (t *realTicker) fire() {
+	now := time.Now()
+	select {
+	case t.c <- now:
+	default:
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.stopped {
+		t.t.Reset(untilNext(now, t.d))
+	}
+}
+
+func (t *realTicker) C() <-chan time.Time { return t.c }
+
+func (t *realTicker) Stop() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.stopped = true
+	t.t.Stop()
+}

@@ -24,7 +24,9 @@ type fakeTimer struct {
 	period time.Duration // a ticker's; 0 for a timer
 }
 
-func newFakeClock() *fakeClock { return &fakeClock{now: time.Now()} }
+// newFakeClock starts at a whole second, as a test's intervals divide
+// one: a ticker's first tick is a whole period after the start.
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_800_000_000, 0)} }
 
 func (c *fakeClock) Now() time.Time {
 	c.mu.Lock()
@@ -38,7 +40,10 @@ func (c *fakeClock) NewTicker(d time.Duration) Timer {
 	if d <= 0 {
 		panic("fakeClock: non-positive ticker period")
 	}
-	return c.add(d, d)
+	c.mu.Lock()
+	first := untilNext(c.now, d)
+	c.mu.Unlock()
+	return c.add(first, d)
 }
 
 func (c *fakeClock) add(d, period time.Duration) *fakeTimer {
@@ -156,5 +161,34 @@ func TestBackoffRunsOnTheClock(t *testing.T) {
 		if n := clk.Advance(time.Millisecond); n != 1 {
 			t.Fatalf("after exit %d: %d timers fired at the end of the backoff, want 1", step.restarts, n)
 		}
+	}
+}
+
+// The real clock's tickers tick on one grid: two made apart both tick at
+// whole multiples of their period, and a stopped one no more.
+func TestRealTickersShareAGrid(t *testing.T) {
+	const d = 100 * time.Millisecond
+	a := realClock{}.NewTicker(d)
+	defer a.Stop()
+	time.Sleep(d / 3)
+	b := realClock{}.NewTicker(d)
+	// Made a third of a period apart, both tick at the multiples of d.
+	for range 3 {
+		for _, tick := range []time.Time{<-a.C(), <-b.C()} {
+			if off := time.Duration(tick.UnixNano() % int64(d)); off > 30*time.Millisecond {
+				t.Fatalf("a tick %v after a multiple of %v", off, d)
+			}
+		}
+	}
+	b.Stop()
+	time.Sleep(2 * d)
+	select {
+	case <-b.C():
+		select {
+		case <-b.C():
+			t.Fatal("a stopped ticker still ticks")
+		case <-time.After(2 * d):
+		}
+	default:
 	}
 }

@@ -58,6 +58,18 @@ func (s *Supervisor) Run(ctx context.Context) {
 
 	if a := s.cfg.Adopt; a != nil {
 		l.watchAdopted(*a)
+	} else if gate := s.cfg.StartGate; gate != nil {
+		select {
+		case <-gate:
+			l.start()
+		case <-ctx.Done():
+			return
+		case req := <-s.stopCh:
+			l.onStop(req)
+			return
+		case req := <-s.restartCh:
+			l.onReplace(req)
+		}
 	} else {
 		l.start()
 	}

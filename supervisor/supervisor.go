@@ -165,6 +165,11 @@ type Config struct {
 	// Adopt, when set, is a live process from a previous agent to watch
 	// instead of spawning one. It must have been checked with Verify.
 	Adopt *Process
+	// StartGate, when set, holds the first spawn until it is closed (the
+	// agent's order of starts at boot): Run waits for it, as starting with
+	// no process, and a Stop or Replace meanwhile is served (a Replace
+	// spawns at once).
+	StartGate <-chan struct{}
 	// Restarts is the restart count so far (persisted by the agent).
 	Restarts int
 	// OnEvent is called for each event, from the supervisor goroutine. It
@@ -192,8 +197,9 @@ type Health struct {
 // (two failed checks 10 s apart, each waiting 4 s): long enough for a
 // legitimately slow command, and a Lua script past busy-reply-threshold
 // answers BUSY, which counts as alive. At 1000 instances the checks are
-// most of an idle agent's CPU, which the 10 s interval keeps near 5 % of a
-// core.
+// most of an idle agent's CPU: the 10 s interval, and the ticks every
+// supervisor's ticker shares (Clock.NewTicker), so that they come in one
+// burst a round, keep it near 1 % of a core.
 func DefaultHealth() Health {
 	return Health{Interval: 10 * time.Second, Timeout: 4 * time.Second, Failures: 2}
 }

@@ -347,6 +347,15 @@ func TestHealthChecks(t *testing.T) {
 			s, _, _ := newSup(t, tt.mode, a, func(c *Config) {
 				health(c)
 				c.StopTimeout = 2 * time.Second
+				// Alive until the test says otherwise: the fake's Ping
+				// answers a process once (its readiness), and checks
+				// failing before the test looks would race it.
+				c.Check = func(ctx context.Context, _ int) error {
+					if e := a.after.Load(); e != nil {
+						return *e
+					}
+					return nil
+				}
 			})
 			first := waitState(t, s, Running, 5*time.Second).Process
 			if tt.stop {

@@ -68,7 +68,7 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				mustProvision(t, a, "victim")
 				creds["victim/app"] = mustBind(t, a, "victim", "app")
 				method, path = "DELETE", "/v1/instances/victim/bindings/app"
-			case agent.FaultRestoreStaged, agent.FaultRestoreSwapped:
+			case agent.FaultRestoreLoaded, agent.FaultRestoreStaged, agent.FaultRestoreSwapped:
 				// The victim's data "old" is replaced by a snapshot of the
 				// bystander's, "new".
 				mustProvision(t, a, "victim")
@@ -108,12 +108,15 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			if method == "PUT" && strings.HasSuffix(path, "/snapshot") {
 				// Reconcile kept the data of the side the crash was on,
 				// and cleared the restore's leftovers.
-				want := map[string]string{agent.FaultRestoreStaged: "old", agent.FaultRestoreSwapped: "new"}[point]
+				want := map[string]string{agent.FaultRestoreLoaded: "old", agent.FaultRestoreStaged: "old", agent.FaultRestoreSwapped: "new"}[point]
 				if got := redisClient(t, creds["victim/app"]).Get(t.Context(), "k").Val(); got != want {
 					t.Fatalf("after a crash at %s the victim holds %q, want %q", point, got, want)
 				}
 				if _, err := os.Stat(filepath.Join(dataDir, "instances", "victim", "restore")); !os.IsNotExist(err) {
 					t.Fatalf("the restore's staging directory is still there: %v", err)
+				}
+				if left, _ := os.ReadDir(filepath.Join(dataDir, "instances", "_uploads")); len(left) != 0 {
+					t.Fatalf("the restore's upload or loader directory is still there: %v", left)
 				}
 			}
 
@@ -146,7 +149,7 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				if _, err := os.Stat(filepath.Join(dataDir, "instances", "victim")); !os.IsNotExist(err) {
 					t.Fatalf("victim directory still there: %v", err)
 				}
-			case "PUT " + agent.FaultRestoreStaged, "PUT " + agent.FaultRestoreSwapped:
+			case "PUT " + agent.FaultRestoreLoaded, "PUT " + agent.FaultRestoreStaged, "PUT " + agent.FaultRestoreSwapped:
 				if code != 200 {
 					t.Fatalf("retried restore = %d %s", code, answer)
 				}

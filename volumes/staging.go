@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,8 +14,7 @@ import (
 // A restore builds the instance's next data directory next to the live
 // one and swaps the two in one rename(2):
 //
-//	<data-root>/<id>/restore/        0700 Redis user: the loader's config
-//	                                 and log (root's, 0640) and socket
+//	<data-root>/<id>/restore/        0700 Redis user
 //	<data-root>/<id>/restore/data/   0700 Redis user: the next data dir
 //
 // Exchange swaps <id>/data and <id>/restore/data atomically
@@ -166,6 +166,96 @@ func (l Layout) CreateUpload(id string) (*os.File, error) {
 	f, err := os.CreateTemp(l.UploadDir(), id+".*.rdb")
 	if err != nil {
 		return nil, fmt.Errorf("create upload file: %w", err)
+	}
+	return f, nil
+}
+
+// StageFile moves the file at from (an upload) into the staged data
+// directory of id at rel (a path relative to it, whose directories it
+// creates, 0700, o's), and hands it to o. With durable, the file and every
+// name on the way to it are on disk when it returns: the staged data is
+// the instance's once exchanged, and a crash after the exchange must find
+// it whole.
+func (l Layout) StageFile(id, from, rel string, durable bool, o Owner) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	to := filepath.Join(l.StagedDataDir(id), rel)
+	dirs := []string{l.StagedDataDir(id)}
+	for d := filepath.Dir(to); d != l.StagedDataDir(id); d = filepath.Dir(d) {
+		dirs = append(dirs, d)
+	}
+	for i := len(dirs) - 1; i > 0; i-- {
+		if err := mkdir(dirs[i], 0o700, o); err != nil {
+			return err
+		}
+	}
+	if err := chown(from, o); err != nil {
+		return err
+	}
+	if err := os.Rename(from, to); err != nil {
+		return fmt.Errorf("stage %s: %w", rel, err)
+	}
+	if !durable {
+		return nil
+	}
+	if err := SyncFile(to); err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		if err := syncDir(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// StageNewFile writes a new file of data at rel in the staged data
+// directory of id (atomically, fsynced, o's; its directory must exist).
+func (l Layout) StageNewFile(id, rel string, data []byte, o Owner) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	return WriteFileAtomic(filepath.Join(l.StagedDataDir(id), rel), data, 0o600, o)
+}
+
+// CreateLoaderDir makes a new directory in UploadDir for a restore
+// loader of instance id (its config, log and socket), 0700, o's. It goes
+// with the uploads: ClearUploads removes it at start.
+func (l Layout) CreateLoaderDir(id string, o Owner) (string, error) {
+	if err := ValidateID(id); err != nil {
+		return "", err
+	}
+	if err := mkdir(l.UploadDir(), 0o711, Unowned); err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp(l.UploadDir(), id+".*.loader")
+	if err != nil {
+		return "", fmt.Errorf("create loader directory: %w", err)
+	}
+	if err := mkdir(dir, 0o700, o); err != nil {
+		os.RemoveAll(dir)
+		return "", err
+	}
+	return dir, nil
+}
+
+// IsLoaderDir reports whether dir is one CreateLoaderDir makes.
+func (l Layout) IsLoaderDir(dir string) bool {
+	return filepath.Dir(dir) == l.UploadDir() && strings.HasSuffix(dir, ".loader")
+}
+
+// CreateScratch creates a new file in UploadDir, the agent's own, and
+// unlinks it: it lives as long as it is open (a snapshot on its way out
+// of instance id).
+func (l Layout) CreateScratch(id string) (*os.File, error) {
+	f, err := l.CreateUpload(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("unlink %s: %w", f.Name(), err)
 	}
 	return f, nil
 }

@@ -321,6 +321,29 @@ func (l Layout) Remove(id string) error {
 	return nil
 }
 
+// DataSize is the size of the files in id's data directory and the
+// directories in it (the AOF's), in bytes: what its redis-server loads at
+// a start. What cannot be read counts as nothing.
+func (l Layout) DataSize(id string) int64 {
+	var n int64
+	var walk func(dir string, depth int)
+	walk = func(dir string, depth int) {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			switch {
+			case e.Type().IsRegular():
+				if fi, err := e.Info(); err == nil {
+					n += fi.Size()
+				}
+			case e.IsDir() && depth == 0:
+				walk(filepath.Join(dir, e.Name()), 1)
+			}
+		}
+	}
+	walk(l.DataDir(id), 0)
+	return n
+}
+
 // Exists reports whether the instance directory exists.
 func (l Layout) Exists(id string) bool {
 	_, err := os.Stat(l.Dir(id))

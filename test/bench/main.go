@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -47,9 +48,30 @@ func run() error {
 	fs.IntVar(&cfg.DrainMB, "drain-mb", 10, "data in each drained instance, MiB")
 	fs.IntVar(&cfg.BenchRequests, "bench-requests", 200000, "redis-benchmark requests of each TLS figure")
 	fs.StringVar(&cfg.VersityGW, "versitygw", versityGW(), "the Versity S3 gateway the backup figures run against; empty to leave them out ("+`go install github.com/versity/versitygw/cmd/versitygw@v1.8.0`+")")
-	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none")
+
+	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none (the default with -only)")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
+	only := fs.String("only", "", "comma-separated scenarios to run (the bare start references always run): "+strings.Join(benchsuite.Scenarios, ","))
+	agentArgs := fs.String("agent-args", "", "flags added to the agent's, space-separated (say, --pprof-listen 127.0.0.1:6060)")
+	agentLog := fs.String("agent-log", "", "file to append the agent's log to, at level info")
 	flag.Parse()
+	cfg.AgentArgs = strings.Fields(*agentArgs)
+	if *agentLog != "" {
+		f, err := os.OpenFile(*agentLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		cfg.AgentLog = f
+	}
+	if *only != "" {
+		for _, o := range strings.Split(*only, ",") {
+			if !slices.Contains(benchsuite.Scenarios, o) {
+				return fmt.Errorf("-only: no scenario %q: want some of %s", o, strings.Join(benchsuite.Scenarios, ","))
+			}
+			cfg.Only = append(cfg.Only, o)
+		}
+	}
 	if *quick {
 		cfg.Samples, cfg.Kills, cfg.Density, cfg.Concurrency = 5, 5, 10, 4
 		cfg.Idle, cfg.APIDuration, cfg.APIClients = time.Second, time.Second, 4
@@ -73,6 +95,11 @@ func run() error {
 		return err
 	}
 	fmt.Print(res.Table())
+	outSet := false
+	fs.Visit(func(f *flag.Flag) { outSet = outSet || f.Name == "out" })
+	if len(cfg.Only) > 0 && !outSet {
+		*out = "" // a part of the table does not replace the whole page
+	}
 	if *out != "" {
 		command := "make bench"
 		if *quick {

@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -82,8 +83,39 @@ type Config struct {
 	IODuration time.Duration
 	// IOLimitMBs is the noisy tenant's write limit in MiB/s; 0 is 20.
 	IOLimitMBs int
+	// Only, when not empty, names the scenarios to run (Scenarios lists
+	// them); the bare start references always run. A scenario that needs
+	// another's instances runs that one too (api and restart need
+	// density, rollout needs snapshot).
+	Only []string
 	// Log receives progress lines.
 	Log io.Writer
+	// AgentArgs are flags added to every start of the agent (say,
+	// --pprof-listen to profile it).
+	AgentArgs []string
+	// AgentLog, when set, receives the agent's own log at level info (it
+	// says how long each step of a restore or snapshot took); otherwise
+	// the agent logs warnings only, kept for an error.
+	AgentLog io.Writer
+}
+
+// Scenarios are the names Config.Only takes, in the order they run.
+var Scenarios = []string{"provision", "tls", "concurrent", "crash", "launcher", "snapshot", "backup", "io", "rollout", "density", "api", "restart", "coldboot", "broker"}
+
+// needs are the scenarios a scenario cannot run without.
+var needs = map[string][]string{"rollout": {"snapshot"}, "backup": {"snapshot"}, "api": {"density"}, "restart": {"density"}, "coldboot": {"density"}}
+
+// runs reports whether scenario name is to run.
+func (c Config) runs(name string) bool {
+	if len(c.Only) == 0 {
+		return true
+	}
+	for _, o := range c.Only {
+		if o == name || slices.Contains(needs[o], name) {
+			return true
+		}
+	}
+	return false
 }
 
 // Row is one figure of the table.
@@ -192,71 +224,102 @@ func Run(ctx context.Context, cfg Config) (res Result, err error) {
 	if err := s.startAgent(); err != nil {
 		return res, err
 	}
-	prov, del, err := s.provisionDelete(cfg.Samples)
-	if err != nil {
-		return res, err
+	if cfg.runs("provision") {
+		prov, del, err := s.provisionDelete(cfg.Samples)
+		if err != nil {
+			return res, err
+		}
+		s.add(Row{Figure: "provision (PUT -> 201 ready), sequential, p50", Value: ms(pct(prov, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 2x bare"})
+		s.add(Row{Figure: "provision, sequential, p99", Value: ms(pct(prov, 99)), Unit: "ms", Reference: ms(pct(bare, 99))})
+		s.add(Row{Figure: "delete (DELETE -> 200), p50", Value: ms(pct(del, 50)), Unit: "ms"})
+		s.add(Row{Figure: "delete, p99", Value: ms(pct(del, 99)), Unit: "ms"})
 	}
-	s.add(Row{Figure: "provision (PUT -> 201 ready), sequential, p50", Value: ms(pct(prov, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 2x bare"})
-	s.add(Row{Figure: "provision, sequential, p99", Value: ms(pct(prov, 99)), Unit: "ms", Reference: ms(pct(bare, 99))})
-	s.add(Row{Figure: "delete (DELETE -> 200), p50", Value: ms(pct(del, 50)), Unit: "ms"})
-	s.add(Row{Figure: "delete, p99", Value: ms(pct(del, 99)), Unit: "ms"})
-
-	conc, err := s.provisionConcurrent(cfg.Samples, cfg.Concurrency)
-	if err != nil {
-		return res, err
-	}
-	// Its reference is as many bare redis-servers started at once: on a
-	// small machine the starts themselves compete for the cores.
-	s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p50", cfg.Concurrency), Value: ms(pct(conc, 50)), Unit: "ms", Reference: ms(pct(bareConc, 50))})
-	s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p99", cfg.Concurrency), Value: ms(pct(conc, 99)), Unit: "ms", Reference: ms(pct(bareConc, 99))})
-
-	rec, err := s.crashRecovery(cfg.Kills)
-	if err != nil {
-		return res, err
-	}
-	s.add(Row{Figure: "crash recovery (SIGKILL -> binding PING), p50", Value: ms(pct(rec, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 3x bare"})
-	s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
-	if err := s.launcherCost(cfg.Samples, cfg.Kills); err != nil {
-		return res, fmt.Errorf("launcher cost: %w", err)
-	}
-	requests := cfg.BenchRequests
-	if requests <= 0 {
-		requests = 200000
-	}
-	if err := s.tlsThroughput(requests, cfg.APIDuration); err != nil {
-		return res, fmt.Errorf("TLS: %w", err)
-	}
-
-	if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
-		return res, err
-	}
-	if s.s3 != nil {
-		if err := s.backupScenario(ctx, "snap-src", s.snapMiB, s.snapOut); err != nil {
-			return res, fmt.Errorf("backup: %w", err)
+	if cfg.runs("tls") {
+		requests := cfg.BenchRequests
+		if requests <= 0 {
+			requests = 200000
+		}
+		if err := s.tlsThroughput(requests, cfg.APIDuration); err != nil {
+			return res, fmt.Errorf("TLS: %w", err)
 		}
 	}
-	if err := s.ioNeighbours(ctx, cfg.IOMB, cfg.IOLimitMBs, cfg.IODuration); err != nil {
-		return res, fmt.Errorf("IO neighbours: %w", err)
-	}
-	if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
-		return res, err
+
+	if cfg.runs("concurrent") {
+		conc, err := s.provisionConcurrent(cfg.Samples, cfg.Concurrency)
+		if err != nil {
+			return res, err
+		}
+		// Its reference is as many bare redis-servers started at once: on a
+		// small machine the starts themselves compete for the cores.
+		s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p50", cfg.Concurrency), Value: ms(pct(conc, 50)), Unit: "ms", Reference: ms(pct(bareConc, 50))})
+		s.add(Row{Figure: fmt.Sprintf("provision, %d concurrent callers, p99", cfg.Concurrency), Value: ms(pct(conc, 99)), Unit: "ms", Reference: ms(pct(bareConc, 99))})
 	}
 
-	if err := s.density(cfg.Density, cfg.Idle); err != nil {
-		return res, err
+	if cfg.runs("crash") {
+		rec, err := s.crashRecovery(cfg.Kills)
+		if err != nil {
+			return res, err
+		}
+		s.add(Row{Figure: "crash recovery (SIGKILL -> binding PING), p50", Value: ms(pct(rec, 50)), Unit: "ms", Reference: ms(bareP50), Aim: "<= 3x bare"})
+		s.add(Row{Figure: "crash recovery, p99", Value: ms(pct(rec, 99)), Unit: "ms"})
 	}
-	if err := s.api(cfg.APIDuration, cfg.APIClients); err != nil {
-		return res, err
+	if cfg.runs("launcher") {
+		if err := s.launcherCost(cfg.Samples, cfg.Kills); err != nil {
+			return res, fmt.Errorf("launcher cost: %w", err)
+		}
 	}
-	if err := s.agentRestart(); err != nil {
-		return res, err
+
+	if cfg.runs("snapshot") {
+		if err := s.snapshotRestore(ctx, cfg.SnapshotMB); err != nil {
+			return res, err
+		}
+		if s.s3 != nil && cfg.runs("backup") {
+			if err := s.backupScenario(ctx, "snap-src", s.snapMiB, s.snapOut); err != nil {
+				return res, fmt.Errorf("backup: %w", err)
+			}
+		}
 	}
-	if err := s.deleteAll(); err != nil {
-		return res, err
+	if cfg.runs("io") {
+		if err := s.ioNeighbours(ctx, cfg.IOMB, cfg.IOLimitMBs, cfg.IODuration); err != nil {
+			return res, fmt.Errorf("IO neighbours: %w", err)
+		}
+	}
+	if cfg.runs("rollout") {
+		if err := s.rollingUpgrade(ctx, cfg.RolloutInstances); err != nil {
+			return res, err
+		}
+	} else if cfg.runs("snapshot") {
+		if _, err := s.remove("snap-src"); err != nil {
+			return res, err
+		}
+	}
+
+	if cfg.runs("density") {
+		if err := s.density(cfg.Density, cfg.Idle); err != nil {
+			return res, err
+		}
+		if cfg.runs("api") {
+			if err := s.api(cfg.APIDuration, cfg.APIClients); err != nil {
+				return res, err
+			}
+		}
+		if cfg.runs("restart") {
+			if err := s.agentRestart(); err != nil {
+				return res, err
+			}
+		}
+		if cfg.runs("coldboot") {
+			if err := s.coldBoot(ctx, cfg.Density); err != nil {
+				return res, fmt.Errorf("cold boot: %w", err)
+			}
+		}
+		if err := s.deleteAll(); err != nil {
+			return res, err
+		}
 	}
 	s.stopAgent(syscall.SIGTERM)
 	s.agent = nil
-	if cfg.Broker != "" {
+	if cfg.Broker != "" && cfg.runs("broker") {
 		if err := s.brokerScenarios(ctx); err != nil {
 			return res, fmt.Errorf("broker: %w", err)
 		}
@@ -344,8 +407,9 @@ func (s *suite) bareStart(n, workers int) ([]time.Duration, error) {
 }
 
 // resp sends AUTH (when user is set) and one command on a fresh
-// connection and reports whether every reply was positive.
-func resp(addr, user, pass, cmd string) bool {
+// connection and reports whether every reply was a simple string (+OK,
+// +PONG).
+func resp(addr, user, pass string, cmd ...string) bool {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return false
@@ -358,7 +422,10 @@ func resp(addr, user, pass, cmd string) bool {
 		req = fmt.Appendf(req, "*3\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", len(user), user, len(pass), pass)
 		n++
 	}
-	req = fmt.Appendf(req, "*1\r\n$%d\r\n%s\r\n", len(cmd), cmd)
+	req = fmt.Appendf(req, "*%d\r\n", len(cmd))
+	for _, a := range cmd {
+		req = fmt.Appendf(req, "$%d\r\n%s\r\n", len(a), a)
+	}
 	if _, err := c.Write(req); err != nil {
 		return false
 	}
@@ -373,6 +440,15 @@ func resp(addr, user, pass, cmd string) bool {
 }
 
 func (s *suite) startAgent() error {
+	if err := s.launchAgent(); err != nil {
+		return err
+	}
+	_, err := s.waitReady()
+	return err
+}
+
+// launchAgent starts the agent and returns without waiting for it.
+func (s *suite) launchAgent() error {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
@@ -380,27 +456,28 @@ func (s *suite) startAgent() error {
 	listen := ln.Addr().String()
 	ln.Close()
 	a := &agentProc{base: "http://" + listen, exited: make(chan struct{}), log: &bytes.Buffer{}}
+	level, out := "warn", io.Writer(a.log)
+	if s.cfg.AgentLog != nil {
+		level, out = "info", io.MultiWriter(a.log, s.cfg.AgentLog)
+	}
 	args := []string{"--listen", listen, "--data-dir", s.data, "--redis-server", s.bin(),
 		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
-		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 2*s.cfg.IOMB + 1024), "--log-level", "warn", "--log-format", "json",
+		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 2*s.cfg.IOMB + 1024), "--log-level", level, "--log-format", "json",
 		"--restart-stable-after", "200ms"}
-	if p := s.checkRDB(); p != "" {
-		args = append(args, "--redis-check-rdb", p)
-	}
+	args = append(args, s.cfg.AgentArgs...)
 	args = append(args, s.extra...)
 	a.cmd = exec.Command(s.cfg.Agent, args...)
 	if s.s3 != nil {
 		a.cmd.Args = append(a.cmd.Args, s.s3.agentFlags()...)
 		a.cmd.Env = append(os.Environ(), s.s3.agentEnv()...)
 	}
-	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
+	a.cmd.Stdout, a.cmd.Stderr = out, out
 	if err := a.cmd.Start(); err != nil {
 		return err
 	}
 	go func() { a.cmd.Wait(); close(a.exited) }()
 	s.agent = a
-	_, err = s.waitReady()
-	return err
+	return nil
 }
 
 func (s *suite) waitReady() (time.Duration, error) {
@@ -453,9 +530,17 @@ func (s *suite) do(method, path, body string) (int, []byte, error) {
 	return resp.StatusCode, b, err
 }
 
+// spec is the instance of the provision and crash figures: no
+// persistence, as the bare reference has none.
 const spec = `{"memory_mb":16,"persistence":"none"}`
 
-func (s *suite) provision(id string) (time.Duration, error) {
+// denseSpec is an instance of the density and cold boot figures: the
+// default persistence (aof).
+const denseSpec = `{"memory_mb":16,"persistence":"aof"}`
+
+func (s *suite) provision(id string) (time.Duration, error) { return s.provisionSpec(id, spec) }
+
+func (s *suite) provisionSpec(id, spec string) (time.Duration, error) {
 	t0 := time.Now()
 	code, body, err := s.do("PUT", "/v1/instances/"+id, spec)
 	d := time.Since(t0)
@@ -616,12 +701,21 @@ func parallel(n, workers int, fn func(i int) error) error {
 	return <-errs
 }
 
-// density fills the port range, then watches the idle agent.
+// density fills the port range, then watches the idle agent, and says
+// what the instances take: their processes' PSS (shared pages counted
+// once in all), and the machine's used memory (MemTotal - MemAvailable)
+// after provisioning them less before, which is what a VM sized for them
+// needs besides (the kernel's part, sockets and cgroups, included; other
+// work on the machine in the meantime too).
 func (s *suite) density(n int, idle time.Duration) error {
 	s.logf("density: %d instances", n)
+	usedBefore, err := memUsed()
+	if err != nil {
+		return err
+	}
 	t0 := time.Now()
-	err := parallel(n, 16, func(i int) error {
-		_, err := s.provision(fmt.Sprintf("dense-%04d", i))
+	err = parallel(n, 16, func(i int) error {
+		_, err := s.provisionSpec(fmt.Sprintf("dense-%04d", i), denseSpec)
 		return err
 	})
 	if err != nil {
@@ -643,17 +737,56 @@ func (s *suite) density(n int, idle time.Duration) error {
 		rss, cpu1 = procUsage(pid)
 		*out = 100 * (cpu1 - cpu0) / time.Since(w0).Seconds()
 	}
-	var redisRSS float64
-	for p := range redisUnder(s.data) {
-		r, _ := procUsage(p)
-		redisRSS += r
+	usedAfter, err := memUsed()
+	if err != nil {
+		return err
 	}
-	s.add(Row{Figure: fmt.Sprintf("agent RSS at %d instances", n), Value: rss / (1 << 20), Unit: "MiB", Aim: "<= 100 MiB"})
-	s.add(Row{Figure: fmt.Sprintf("agent idle CPU at %d, first %v after provisioning", n, idle), Value: cpuFirst, Unit: "%", Aim: "<= 5 % of a core"})
-	s.add(Row{Figure: fmt.Sprintf("agent idle CPU at %d, the %v after", n, idle), Value: cpuNext, Unit: "%", Aim: "<= 5 % of a core"})
-	s.add(Row{Figure: fmt.Sprintf("all redis-servers' RSS at %d", n), Value: redisRSS / (1 << 20), Unit: "MiB"})
-	s.add(Row{Figure: "mean redis-server RSS", Value: redisRSS / (1 << 20) / float64(n), Unit: "MiB"})
+	var redisPSS, redisRSS float64
+	servers := redisUnder(s.data)
+	for p := range servers {
+		pss, rss, err := smapsRollup(p)
+		if err != nil {
+			return err
+		}
+		redisPSS += pss
+		redisRSS += rss
+	}
+	mib := float64(1 << 20)
+	s.add(Row{Figure: fmt.Sprintf("agent RSS at %d instances", n), Value: rss / mib, Unit: "MiB", Aim: "<= 100 MiB"})
+	s.add(Row{Figure: fmt.Sprintf("agent idle CPU at %d, first %v after provisioning", n, idle), Value: cpuFirst, Unit: "%", Aim: "<= 2 % of a core"})
+	s.add(Row{Figure: fmt.Sprintf("agent idle CPU at %d, the %v after", n, idle), Value: cpuNext, Unit: "%", Aim: "<= 2 % of a core"})
+	s.add(Row{Figure: fmt.Sprintf("memory of the %d idle instances: machine's used memory after - before provisioning", n), Value: (usedAfter - usedBefore) / mib, Unit: "MiB", Aim: "MemTotal - MemAvailable"})
+	s.add(Row{Figure: "  per instance", Value: (usedAfter - usedBefore) / mib / float64(n), Unit: "MiB"})
+	s.add(Row{Figure: fmt.Sprintf("  their redis-servers' PSS, all %d", len(servers)), Value: redisPSS / mib, Unit: "MiB", Aim: "shared pages counted once"})
+	s.add(Row{Figure: "  per instance (PSS)", Value: redisPSS / mib / float64(max(len(servers), 1)), Unit: "MiB"})
+	s.add(Row{Figure: "  per instance RSS (its shared pages counted in each: not its cost)", Value: redisRSS / mib / float64(max(len(servers), 1)), Unit: "MiB"})
 	return nil
+}
+
+// memUsed is the machine's used memory, MemTotal - MemAvailable, in bytes.
+func memUsed() (float64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	var total, avail float64
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		kb, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "MemTotal:":
+			total = kb * 1024
+		case "MemAvailable:":
+			avail = kb * 1024
+		}
+	}
+	if total == 0 || avail == 0 {
+		return 0, errors.New("no MemTotal or MemAvailable in /proc/meminfo")
+	}
+	return total - avail, nil
 }
 
 // api measures GET /v1/instances/{id} throughput and /metrics scrapes.

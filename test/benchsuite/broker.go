@@ -238,9 +238,6 @@ func (s *suite) brokerScenarios(ctx context.Context) (err error) {
 		args := []string{"--listen", listen, "--data-dir", data, "--redis-server", s.cfg.RedisServer,
 			"--port-min", strconv.Itoa(lo), "--port-max", strconv.Itoa(lo + per - 1),
 			"--memory-budget-mb", strconv.Itoa(budget), "--log-level", "warn", "--log-format", "json"}
-		if p := s.checkRDB(); p != "" {
-			args = append(args, "--redis-check-rdb", p)
-		}
 		p, err := startProc(name, s.cfg.Agent, listen, args, nil, filepath.Join(f.dir, name+".log"))
 		if err != nil {
 			return err

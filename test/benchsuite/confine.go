@@ -91,7 +91,20 @@ func (s *suite) idleMemory(id string) (pss, rss float64, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(in.PID) + "/smaps_rollup")
+	if pss, rss, err = smapsRollup(in.PID); err != nil {
+		return 0, 0, err
+	}
+	_, err = s.remove(id)
+	return pss, rss, err
+}
+
+// smapsRollup reads a process's PSS and RSS, in bytes, from
+// /proc/<pid>/smaps_rollup. PSS counts each page shared by n processes
+// (the binary, the libraries) as 1/n of a page: summed over processes it
+// is what they take together, where RSS counts a shared page in full in
+// every process.
+func smapsRollup(pid int) (pss, rss float64, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps_rollup")
 	if err != nil {
 		return 0, 0, err
 	}
@@ -109,10 +122,9 @@ func (s *suite) idleMemory(id string) (pss, rss float64, err error) {
 		}
 	}
 	if pss == 0 {
-		return 0, 0, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", in.PID)
+		return 0, 0, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", pid)
 	}
-	_, err = s.remove(id)
-	return pss, rss, err
+	return pss, rss, nil
 }
 
 // launcherAlone times the launcher by itself: an exec of true through it,

@@ -1,0 +1,270 @@
+package benchsuite
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// coldBoot is a power loss of a full agent: the density instances, each
+// with a binding and a key in its AOF, lose the agent and every
+// redis-server at once (SIGKILL, all of them), and the agent is started
+// again; timed from its exec until every binding answers PING (AUTH and
+// PING on a fresh connection). Its reference is a plain start of as many
+// bare redis-servers at once, each on a copy of an instance's AOF
+// directory and ACL file (taken while everything was down), on that
+// instance's port, timed the same way. The instances come back on a
+// third start of the agent, for the scenarios after.
+func (s *suite) coldBoot(ctx context.Context, n int) error {
+	s.logf("cold boot of %d instances: binding each and writing a key", n)
+	type target struct {
+		id   string
+		port int
+		c    creds
+	}
+	ts := make([]target, n)
+	err := parallel(n, 16, func(i int) error {
+		id := fmt.Sprintf("dense-%04d", i)
+		c, err := s.bindApp(id)
+		if err != nil {
+			return err
+		}
+		if !resp(c.addr(), c.Username, c.Password, "SET", "boot", id) {
+			return fmt.Errorf("SET on %s failed", id)
+		}
+		ts[i] = target{id: id, port: c.Port, c: c}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	time.Sleep(1100 * time.Millisecond) // appendfsync everysec: every key on disk
+
+	s.logf("cold boot: power loss")
+	if err := s.powerLoss(); err != nil {
+		return err
+	}
+	bareDir := filepath.Join(s.cfg.Dir, "coldboot")
+	confs := make([]string, n)
+	for i, t := range ts {
+		dir := filepath.Join(bareDir, t.id)
+		inst := filepath.Join(s.data, "instances", t.id)
+		if err := copyTree(filepath.Join(inst, "data", "appendonlydir"), filepath.Join(dir, "appendonlydir")); err != nil {
+			return err
+		}
+		if err := copyFile(filepath.Join(inst, "users.acl"), filepath.Join(dir, "users.acl")); err != nil {
+			return err
+		}
+		confs[i] = filepath.Join(dir, "redis.conf")
+		conf := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nappendonly yes\nappenddirname appendonlydir\nsave \"\"\naclfile %s\nlogfile %s\n",
+			t.port, dir, filepath.Join(dir, "users.acl"), filepath.Join(dir, "redis.log"))
+		if err := os.WriteFile(confs[i], []byte(conf), 0o644); err != nil {
+			return err
+		}
+	}
+	all := make([]creds, n)
+	for i, t := range ts {
+		all[i] = t.c
+	}
+
+	s.logf("cold boot: agent start")
+	cpu0 := machineCPU()
+	t0 := time.Now()
+	if err := s.launchAgent(); err != nil {
+		return err
+	}
+	readyC := make(chan time.Duration, 1)
+	go func() { d, _ := s.waitReady(); readyC <- d }()
+	agentTimes, err := answering(all, t0, 5*time.Minute)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	ready := <-readyC
+	agentCPU := machineCPU() - cpu0
+	_, agentOwn := procUsage(s.agent.cmd.Process.Pid)
+	serversCPU := 0.0
+	for pid := range redisUnder(s.data) {
+		_, c := procUsage(pid)
+		serversCPU += c
+	}
+
+	s.logf("cold boot: power loss, then %d bare redis-servers at once", n)
+	if err := s.powerLoss(); err != nil {
+		return err
+	}
+	cmds := make([]*exec.Cmd, n)
+	defer func() {
+		for _, c := range cmds {
+			if c != nil && c.Process != nil {
+				c.Process.Kill()
+				c.Wait()
+			}
+		}
+	}()
+	cpu0 = machineCPU()
+	t0 = time.Now()
+	for i := range cmds {
+		cmds[i] = exec.Command(s.cfg.RedisServer, confs[i])
+		if err := cmds[i].Start(); err != nil {
+			return err
+		}
+	}
+	bareTimes, err := answering(all, t0, 5*time.Minute)
+	if err != nil {
+		return fmt.Errorf("bare: %w", err)
+	}
+	bareCPU := machineCPU() - cpu0
+	bareServers := 0.0
+	for _, c := range cmds {
+		_, u := procUsage(c.Process.Pid)
+		bareServers += u
+	}
+	for i, c := range cmds {
+		c.Process.Kill()
+		c.Wait()
+		cmds[i] = nil
+	}
+	os.RemoveAll(bareDir)
+
+	s.add(Row{Figure: fmt.Sprintf("cold boot of %d AOF instances (power loss): agent start -> every binding answers PING", n), Value: pct(agentTimes, 100).Seconds(), Unit: "s",
+		Reference: pct(bareTimes, 100).Seconds(), Aim: fmt.Sprintf("<= 1.5x; ref: %d bare redis-servers started at once on copies of the AOFs", n)})
+	s.add(Row{Figure: "  half of them answering (p50)", Value: pct(agentTimes, 50).Seconds(), Unit: "s", Reference: pct(bareTimes, 50).Seconds()})
+	s.add(Row{Figure: "  the first answering", Value: pct(agentTimes, 0).Seconds(), Unit: "s", Reference: pct(bareTimes, 0).Seconds()})
+	s.add(Row{Figure: "  agent start -> /readyz 200", Value: ready.Seconds(), Unit: "s"})
+	s.add(Row{Figure: "  CPU the machine spent meanwhile (all processes)", Value: agentCPU, Unit: "s", Reference: bareCPU, Aim: fmt.Sprintf("%d cores", runtime.NumCPU())})
+	s.add(Row{Figure: "    of which the redis-servers' (their launcher's included)", Value: serversCPU, Unit: "s", Reference: bareServers})
+	s.add(Row{Figure: "    of which the agent's (its whole life: reconcile, starts, checks)", Value: agentOwn, Unit: "s"})
+
+	s.logf("cold boot: the agent again, for what follows")
+	return s.startAgent()
+}
+
+// machineCPU is the CPU time the machine has spent, all cores and modes
+// but idle and iowait, in seconds (/proc/stat).
+func machineCPU() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	var busy float64
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseFloat(v, 64)
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy / 100
+}
+
+// powerLoss SIGKILLs the agent and every redis-server under its data
+// directory at once, and waits until they are gone.
+func (s *suite) powerLoss() error {
+	servers := redisUnder(s.data)
+	if s.agent != nil {
+		s.agent.cmd.Process.Signal(syscall.SIGKILL)
+	}
+	for pid := range servers {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if s.agent != nil {
+		<-s.agent.exited
+		s.agent = nil
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(redisUnder(s.data)) > 0 || len(redisUnder(filepath.Join(s.cfg.Dir, "coldboot"))) > 0 {
+		if time.Now().After(deadline) {
+			return errors.New("redis-servers still there 30 s after SIGKILL")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// answering polls every binding in cs (AUTH and PING on a fresh
+// connection; 16 pollers, each going round its share, with 10 ms between
+// rounds: more often, the polls would take the CPU the starts need) until
+// each has answered once, and returns how long after t0 each first did.
+func answering(cs []creds, t0 time.Time, timeout time.Duration) ([]time.Duration, error) {
+	const pollers = 16
+	out := make([]time.Duration, len(cs))
+	var wg sync.WaitGroup
+	errs := make(chan error, pollers)
+	for w := range pollers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var pending []int
+			for i := w; i < len(cs); i += pollers {
+				pending = append(pending, i)
+			}
+			for len(pending) > 0 {
+				left := pending[:0]
+				for _, i := range pending {
+					if resp(cs[i].addr(), cs[i].Username, cs[i].Password, "PING") {
+						out[i] = time.Since(t0)
+					} else {
+						left = append(left, i)
+					}
+				}
+				pending = left
+				if time.Since(t0) > timeout {
+					errs <- fmt.Errorf("%d bindings not answering after %v", len(pending), timeout)
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return out, <-errs
+}
+
+// copyTree copies the regular files of directory from into a new
+// directory to.
+func copyTree(from, to string) error {
+	if err := os.MkdirAll(to, 0o755); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(from)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if e.Type().IsRegular() {
+			if err := copyFile(filepath.Join(from, e.Name()), filepath.Join(to, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(to)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
