@@ -1,7 +1,7 @@
 # redis-agent. `make test` is the test command the README and CI use.
 GO ?= go
 
-.PHONY: build test fuzz chaos bench microbench generate run clean
+.PHONY: build test vmtest fuzz chaos bench microbench generate run clean
 
 # redis-agent-launch, which every redis-server starts through, is built
 # static and small: the step costs little more than an exec.
@@ -15,6 +15,12 @@ build:
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
+
+# The agent under systemd and cgroup v2, in a Debian 12 guest under qemu
+# (test/vm): needs root, qemu-system-x86, debootstrap and e2fsprogs. The
+# guest image is built once (about two minutes) and kept under build/vm.
+vmtest:
+	REDIS_AGENT_VMTEST=1 $(GO) test -count=1 -v -timeout 40m ./test/vm/
 
 # Short runs of every fuzz target (CI runs this after the tests).
 FUZZTIME ?= 10s

@@ -67,8 +67,17 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	notify(log, daemon.SdNotifyReady+"\n"+statusLine(svc.InstanceStates()))
 	// Instances still on another redis-server binary than the configured
-	// one move to it now, one at a time, in the background.
-	svc.AutoRollout(ctx)
+	// one move to it now, one at a time, in the background. Even the
+	// rollout's start (redis-server --version, a read of every record) is
+	// off the main loop's path: systemd's watchdog counts from READY=1,
+	// and on a host busy starting every instance after a power-off it
+	// took longer than WatchdogSec, so systemd killed a healthy agent.
+	rolled := make(chan struct{})
+	go func() {
+		defer close(rolled)
+		svc.AutoRollout(ctx)
+	}()
+	defer func() { <-rolled }() // before svc.Close
 
 	if err := mainLoop(ctx, svc, beat, serveErr, log); err != nil {
 		return err
