@@ -240,6 +240,20 @@ func (l Layout) CreateLoaderDir(id string, o Owner) (string, error) {
 	return dir, nil
 }
 
+// LoaderDirIDs are the instances that have a directory of CreateLoaderDir
+// in UploadDir.
+func (l Layout) LoaderDirIDs() map[string]bool {
+	ids := map[string]bool{}
+	entries, _ := os.ReadDir(l.UploadDir())
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), ".loader")
+		if i := strings.LastIndexByte(name, '.'); ok && e.IsDir() && i > 0 {
+			ids[name[:i]] = true
+		}
+	}
+	return ids
+}
+
 // IsLoaderDir reports whether dir is one CreateLoaderDir makes.
 func (l Layout) IsLoaderDir(dir string) bool {
 	return filepath.Dir(dir) == l.UploadDir() && strings.HasSuffix(dir, ".loader")
