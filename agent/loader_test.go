@@ -22,7 +22,7 @@ type fakeLoading struct {
 	closed bool
 }
 
-func (l *fakeLoading) Write(p []byte) (int, error)          { return l.got.Write(p) }
+func (l *fakeLoading) Write(p []byte) (int, error)           { return l.got.Write(p) }
 func (l *fakeLoading) Loaded(context.Context) (int64, error) { return 1 << 20, l.err }
 func (l *fakeLoading) Close()                                { l.closed = true }
 

@@ -81,6 +81,12 @@ func (f *fakeService) Resize(_ context.Context, id string, mb int) (agent.Instan
 	}
 	return agent.Instance{ID: id, MemoryMB: mb}, f.errFor(id)
 }
+func (f *fakeService) SnapshotStream(_ context.Context, id string) (*agent.SnapshotStream, error) {
+	if err := f.errFor(id); err != nil {
+		return nil, err
+	}
+	return nil, agent.ErrConflict
+}
 func (f *fakeService) Snapshot(_ context.Context, id string) (*agent.Snapshot, error) {
 	if err := f.errFor(id); err != nil {
 		return nil, err

@@ -13,6 +13,10 @@ import (
 	"time"
 )
 
+// eofMarkLen is the length of the mark that ends an RDB of unknown length
+// in a full synchronisation ("$EOF:<mark>" before it, the mark after).
+const eofMarkLen = 40
+
 // Feed is the primary's side of one full synchronisation: a replica
 // (REPLICAOF the feed's address, masterauth its password) that connects
 // and asks to sync is sent an RDB of unknown length, written to the

@@ -259,21 +259,6 @@ func (l Layout) IsLoaderDir(dir string) bool {
 	return filepath.Dir(dir) == l.UploadDir() && strings.HasSuffix(dir, ".loader")
 }
 
-// CreateScratch creates a new file in UploadDir, the agent's own, and
-// unlinks it: it lives as long as it is open (a snapshot on its way out
-// of instance id).
-func (l Layout) CreateScratch(id string) (*os.File, error) {
-	f, err := l.CreateUpload(id)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Remove(f.Name()); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("unlink %s: %w", f.Name(), err)
-	}
-	return f, nil
-}
-
 // ClearUploads removes every file in UploadDir: at agent start no upload
 // is under way.
 func (l Layout) ClearUploads() error {

@@ -268,4 +268,3 @@ func copyFile(from, to string) error {
 	}
 	return out.Close()
 }
-
