@@ -315,7 +315,7 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 // instance's maxmemory. Any of these failing is ErrInvalid, with the old
 // data untouched. The received file then becomes the staged data as it
 // is, read once and written once: for the aof modes the base of a new
-// multi-part AOF (its manifest names it alone), else dump.rdb; fsynced
+// multi-part AOF (beside an empty incremental file), else dump.rdb; fsynced
 // unless the mode keeps nothing. Then the instance is stopped gracefully,
 // the staged data directory swapped in with one atomic rename, and
 // started; if it does not become ready the old directory is swapped back.
@@ -430,10 +430,11 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 
 // stage moves the received RDB at upload into rec's staging directory as
 // the data its instance starts on: for the aof modes the base of a new
-// multi-part AOF, which the manifest names alone (Redis 7 with appendonly
-// ignores an RDB beside no AOF), else dump.rdb. Except without
-// persistence, the data is on disk when it returns: it is the instance's
-// from the exchange on, and a crash after the exchange must find it whole.
+// multi-part AOF, with an empty incremental file and the manifest that
+// names the two (Redis 7 with appendonly ignores an RDB beside no AOF),
+// else dump.rdb. Except without persistence, the data is on disk when it
+// returns: it is the instance's from the exchange on, and a crash after
+// the exchange must find it whole.
 func (s *Service) stage(rec state.Instance, upload string) error {
 	owner := s.ownerOf(rec)
 	durable := rec.Persistence != apitype.PersistenceNone
@@ -441,6 +442,9 @@ func (s *Service) stage(rec state.Instance, upload string) error {
 		return s.layout.StageFile(rec.ID, upload, rdbName, durable, owner)
 	}
 	if err := s.layout.StageFile(rec.ID, upload, filepath.Join(redis.AOFDir, redis.AOFBase), durable, owner); err != nil {
+		return err
+	}
+	if err := s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFIncr), nil, owner); err != nil {
 		return err
 	}
 	return s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFManifest), redis.AOFManifestOfBase(), owner)
@@ -524,7 +528,7 @@ func (s *Service) receive(ctx context.Context, rec state.Instance, in *instance,
 		r, err := grow.reader(path)
 		if err == nil {
 			feed := &failWriter{w: l}
-			_, err = io.CopyBuffer(feed, r, make([]byte, receiveBuffer))
+			_, err = r.WriteTo(feed)
 			if feed.err != nil {
 				err = errLoaderStopped
 			}
@@ -708,6 +712,33 @@ func (r *followReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// WriteTo copies the file to w as it grows, through w's ReadFrom when it
+// has one (a socket's: sendfile, the bytes not copied through this
+// process), to the end of the writes.
+func (r *followReader) WriteTo(w io.Writer) (int64, error) {
+	if _, err := r.r.Seek(r.off, io.SeekStart); err != nil {
+		return 0, err
+	}
+	var total int64
+	for {
+		r.mu.Lock()
+		for r.off >= r.n && !r.done {
+			r.cond.Wait()
+		}
+		avail, done, werr := r.n-r.off, r.done, r.werr
+		r.mu.Unlock()
+		if avail == 0 && done {
+			return total, werr
+		}
+		n, err := io.Copy(w, &io.LimitedReader{R: r.r, N: avail})
+		r.off += n
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
 func (r *followReader) Close() error { return r.r.Close() }
 
 // failWriter remembers its writer's error, so that a copy's error can be
@@ -719,6 +750,21 @@ type failWriter struct {
 
 func (w *failWriter) Write(p []byte) (int, error) {
 	n, err := w.w.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// ReadFrom is its writer's ReadFrom, when it has one.
+func (w *failWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var err error
+	if rf, ok := w.w.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{w.w}, r)
+	}
 	if err != nil && w.err == nil {
 		w.err = err
 	}

@@ -131,6 +131,14 @@ func (fc *FeedConn) handshake(password string) error {
 // Write sends RDB bytes to the replica.
 func (fc *FeedConn) Write(p []byte) (int, error) { return fc.c.Write(p) }
 
+// ReadFrom sends the replica what r holds: from a file, by sendfile.
+func (fc *FeedConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := fc.c.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(fc.c, r)
+}
+
 // End sends the end mark and waits until the replica has loaded what it
 // was sent: nil at its first REPLCONF ACK (a replica acknowledges the RDB
 // once it has loaded it), an error when it closes the connection first (it
