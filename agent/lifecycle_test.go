@@ -149,8 +149,8 @@ func TestSnapshotRestoreEveryMode(t *testing.T) {
 			}
 			rdb := snapshotBytes(t, s, "src-"+mode)
 			_, err := os.Stat(filepath.Join(s.layout.DataDir("src-"+mode), rdbName))
-			if kept := err == nil; kept && mode != apitype.PersistenceRDB {
-				t.Errorf("the snapshot left dump.rdb in the data dir of a %s instance", mode)
+			if kept := err == nil; kept != (mode == apitype.PersistenceRDB) {
+				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
 			}
 
 			sum := sha256.Sum256(rdb)
@@ -1004,4 +1004,55 @@ func isZombie(pid int) bool {
 	}
 	i := bytes.LastIndexByte(b, ')')
 	return i > 0 && i+2 < len(b) && (b[i+2] == 'Z' || b[i+2] == 'X')
+}
+
+// A snapshot read while it is made is the instance's data set whole, its
+// sha256 the one said at the end, in every persistence mode; the
+// instance's lock is held until it is closed, and a stopped instance is
+// refused before anything is made.
+func TestSnapshotStream(t *testing.T) {
+	s := startService(t, testConfig(t, 6))
+	ctx := context.Background()
+	for _, mode := range []string{apitype.PersistenceAOF, apitype.PersistenceRDB, apitype.PersistenceNone} {
+		t.Run(mode, func(t *testing.T) {
+			src, _ := bound(t, s, "ss-"+mode, Spec{MemoryMB: 64, Persistence: mode})
+			fill(t, src, 20000, 1000) // ~20 MiB: read while written
+			st, err := s.SnapshotStream(ctx, "ss-"+mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			locked := make(chan struct{})
+			go func() { unlock := s.locks.lock("ss-" + mode); unlock(); close(locked) }()
+			b, err := io.ReadAll(st)
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-locked:
+				t.Fatal("the instance's lock was free before Close")
+			case <-time.After(50 * time.Millisecond):
+			}
+			sum := sha256.Sum256(b)
+			if hex.EncodeToString(sum[:]) != st.SHA256() {
+				t.Fatalf("SHA256 %s, the body's %x", st.SHA256(), sum)
+			}
+			st.Close()
+			<-locked
+			dst, _ := bound(t, s, "sd-"+mode, Spec{MemoryMB: 64, Persistence: mode})
+			if _, err := s.Restore(ctx, "sd-"+mode, bytes.NewReader(b), int64(len(b)), st.SHA256()); err != nil {
+				t.Fatal(err)
+			}
+			checkFilled(t, dst, 20000, 1000)
+			_, err = os.Stat(filepath.Join(s.layout.DataDir("ss-"+mode), rdbName))
+			if kept := err == nil; kept != (mode == apitype.PersistenceRDB) {
+				t.Errorf("dump.rdb left in the source's data dir: %v; want it only for rdb", kept)
+			}
+			if m, _ := filepath.Glob(filepath.Join(s.layout.DataDir("ss-"+mode), "temp-*")); len(m) != 0 {
+				t.Errorf("temp files left: %v", m)
+			}
+		})
+	}
+	if _, err := s.SnapshotStream(ctx, "absent"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("stream of an absent instance = %v, want ErrNotFound", err)
+	}
 }

@@ -223,6 +223,15 @@ func (p *loaderProcess) Write(b []byte) (int, error) {
 	return n, err
 }
 
+// ReadFrom feeds it r (a file: by sendfile).
+func (p *loaderProcess) ReadFrom(r io.Reader) (int64, error) {
+	n, err := p.conn.ReadFrom(r)
+	if err != nil {
+		p.fed = false
+	}
+	return n, err
+}
+
 // Loaded waits for the loader to acknowledge the RDB, then reads its
 // used_memory.
 func (p *loaderProcess) Loaded(ctx context.Context) (int64, error) {

@@ -26,7 +26,10 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// Restores' bodies a crash cut off: no upload survives the agent.
+	// Restores' bodies a crash cut off: no upload survives the agent. A
+	// loader's directory left there names an instance whose loader's
+	// cgroup may be left too.
+	loaders := s.layout.LoaderDirIDs()
 	if err := s.layout.ClearUploads(); err != nil {
 		s.log.Error("remove interrupted uploads", "err", err)
 	}
@@ -42,7 +45,7 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read listening sockets: %w", err)
 	}
-	m := &machine{procs: procs, listeners: listeners}
+	m := &machine{procs: procs, listeners: listeners, loaders: loaders}
 	owned := map[string]bool{}
 	for _, rec := range recs {
 		owned[rec.ID] = true
@@ -166,8 +169,10 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine, boot *bootOrder) 
 	s.finishRestore(rec, m)
 	// A loader killed with a crashed agent during an upload leaves its
 	// cgroup (and no staging directory, which finishRestore goes by).
-	if err := s.cg.Remove(loaderGroup(rec.ID)); err != nil {
-		log.Error("remove the restore loader's cgroup", "err", err)
+	if m.loaders[rec.ID] {
+		if err := s.cg.Remove(loaderGroup(rec.ID)); err != nil {
+			log.Error("remove the restore loader's cgroup", "err", err)
+		}
 	}
 	adopt := s.findProcess(rec, m)
 	if r, err := s.ensureCert(rec); err != nil {
@@ -295,6 +300,8 @@ func (s *Service) finishRestore(rec state.Instance, m *machine) {
 type machine struct {
 	procs     map[string]supervisor.Process
 	listeners supervisor.Listeners
+	// loaders are the instances whose restore loader left its directory.
+	loaders map[string]bool
 }
 
 // findProcess returns the live process of rec: the recorded one if it

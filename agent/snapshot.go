@@ -9,10 +9,12 @@ import (
 	gohash "hash"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -38,14 +40,13 @@ type Snapshot struct {
 const rdbName = "dump.rdb"
 
 // Snapshot makes a fresh, consistent RDB of instance id and returns it
-// open. Snapshots of one instance are taken one at a time. It works in
-// every persistence mode. The RDB comes the way a replica gets its first
-// one (redis.StreamRDB: the server forks and writes it to the socket) into
-// an unlinked file of the agent's, hashed as it arrives: nothing is
-// written to the instance's disk, and nothing waits for an fsync, which a
-// SAVE or BGSAVE spends most of its time on. When that fails (no client
-// slot for one more connection, say) it falls back to BGSAVE through the
-// admin user, waited for.
+// open, with its size and sha256. Snapshots of one instance are taken one
+// at a time. It works in every persistence mode. The RDB is a BGSAVE's
+// (SCHEDULE, through the admin user), read while its fork writes it
+// (saveReader): it is hashed as it is written, so the snapshot is ready as
+// soon as the save is. Where the RDB is not the instance's own persistence
+// (aof, aof-always, none) the file is unlinked, so none is left to be
+// loaded at a later start.
 func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err := validateID("instance", id); err != nil {
 		return nil, err
@@ -57,73 +58,220 @@ func (s *Service) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	how := "replication"
-	snap, err := s.streamSnapshot(ctx, id, in)
+	r := s.startSave(ctx, rec, in)
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	if err == nil {
+		_, err = r.f.Seek(0, io.SeekStart)
+	}
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("snapshot %q: %w", id, err)
-		}
-		s.log.Warn("snapshot by replication failed; saving with BGSAVE", "instance", id, "err", err)
-		how = "bgsave"
-		if snap, err = s.saveSnapshot(ctx, rec, in); err != nil {
-			return nil, err
-		}
+		r.close()
+		return nil, fmt.Errorf("snapshot %q: %w", id, err)
 	}
 	s.metrics.observe("snapshot", start)
-	s.log.Info("snapshot taken", "instance", id, "bytes", snap.Size, "by", how, "took", time.Since(start).Round(time.Millisecond))
-	return snap, nil
+	s.log.Info("snapshot taken", "instance", id, "bytes", n, "took", time.Since(start).Round(time.Millisecond))
+	return &Snapshot{File: r.f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
-// streamSnapshot copies a fresh RDB of in into a new, unlinked file.
-func (s *Service) streamSnapshot(ctx context.Context, id string, in *instance) (*Snapshot, error) {
-	f, err := s.layout.CreateScratch(id)
-	if err != nil {
-		return nil, err
-	}
-	h := sha256.New()
-	n, err := in.admin.StreamRDB(ctx, io.MultiWriter(f, h))
-	if err == nil && n == 0 {
-		err = errors.New("the server sent an empty RDB")
-	}
-	if err == nil {
-		_, err = f.Seek(0, io.SeekStart)
-	}
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+// SnapshotStream is a fresh RDB of an instance, read while its fork writes
+// it (the RDB of Snapshot, without the wait for its end).
+type SnapshotStream struct {
+	r      *saveReader
+	h      gohash.Hash
+	cancel context.CancelFunc
+	unlock func()
+	once   sync.Once
+	sum    string
+	start  time.Time
+	n      int64
+	log    *slog.Logger
 }
 
-// saveSnapshot makes the RDB with BGSAVE through the admin user, waited
-// for, and opens it. Where the RDB is not the instance's own persistence
-// (aof, aof-always, none) the file is unlinked once open, so none is left
-// to be loaded at a later start.
-func (s *Service) saveSnapshot(ctx context.Context, rec state.Instance, in *instance) (*Snapshot, error) {
-	id := rec.ID
-	if err := in.admin.Save(ctx); err != nil {
-		return nil, fmt.Errorf("snapshot %q: %w", id, err)
+// Read reads the RDB; it returns io.EOF once the whole RDB has been read,
+// the save's error when it fails.
+func (st *SnapshotStream) Read(p []byte) (int, error) {
+	n, err := st.r.Read(p)
+	st.h.Write(p[:n])
+	st.n += int64(n)
+	if err == io.EOF {
+		st.sum = hex.EncodeToString(st.h.Sum(nil))
 	}
-	path := filepath.Join(s.layout.DataDir(id), rdbName)
-	f, err := os.Open(path)
+	return n, err
+}
+
+// SHA256 is the hex sha256 of the RDB, once Read has returned io.EOF.
+func (st *SnapshotStream) SHA256() string { return st.sum }
+
+// Close ends the stream: the save is waited for (a BGSAVE is not
+// stopped: it is the instance's as much as ours), the file closed and
+// the instance's lock released.
+func (st *SnapshotStream) Close() error {
+	st.once.Do(func() {
+		st.cancel()
+		st.r.close()
+		st.unlock()
+		if st.sum != "" {
+			st.log.Info("snapshot streamed", "bytes", st.n, "took", time.Since(st.start).Round(time.Millisecond))
+		}
+	})
+	return nil
+}
+
+// SnapshotStream is Snapshot, read while the RDB is written. The
+// instance's lock is held until Close. Errors before the save (an absent
+// or stopped instance) are returned at once.
+func (s *Service) SnapshotStream(ctx context.Context, id string) (*SnapshotStream, error) {
+	if err := validateID("instance", id); err != nil {
+		return nil, err
+	}
+	unlock := s.locks.lock(id)
+	rec, in, err := s.runningInstance(ctx, id)
 	if err != nil {
-		return nil, fmt.Errorf("snapshot %q: %w", id, err)
+		unlock()
+		return nil, err
 	}
-	if rec.Persistence != apitype.PersistenceRDB {
-		if err := os.Remove(path); err != nil {
-			s.log.Warn("snapshot file left in the data directory", "instance", id, "err", err)
+	ctx, cancel := context.WithCancel(ctx)
+	return &SnapshotStream{r: s.startSave(ctx, rec, in), h: sha256.New(), cancel: cancel, unlock: unlock, start: time.Now(),
+		log: s.log.With("instance", id)}, nil
+}
+
+// startSave starts a BGSAVE of in and returns a reader of its RDB.
+func (s *Service) startSave(ctx context.Context, rec state.Instance, in *instance) *saveReader {
+	r := &saveReader{ctx: ctx, dir: s.layout.DataDir(rec.ID), done: make(chan struct{}),
+		unlink: rec.Persistence != apitype.PersistenceRDB, log: s.log.With("instance", rec.ID)}
+	r.before = r.temps()
+	go func() {
+		defer close(r.done)
+		r.err = in.admin.Save(ctx)
+	}()
+	return r
+}
+
+// saveReader reads the RDB a BGSAVE writes while its fork writes it: the
+// fork's temp-<pid>.rdb in the data directory, found once it appears (one
+// that was there before the save began, a stale one or that of a save the
+// new one waits for, is not taken), read up to what is written so far
+// and, once the save is over (renamed to dump.rdb), to its end; or
+// dump.rdb itself when the save ended before its temp file was seen. The
+// file is the instance's, shared with its persistence in rdb mode (a later
+// save renames another over it, not into it), else unlinked once the save
+// is over.
+type saveReader struct {
+	ctx    context.Context
+	dir    string
+	before map[string]uint64 // temp files there at the start, by inode
+	log    *slog.Logger
+	unlink bool
+	done   chan struct{}
+	err    error // the save's, once done is closed
+	f      *os.File
+	off    int64
+}
+
+// savePoll is how often a saveReader looks for more of the RDB.
+const savePoll = time.Millisecond
+
+func (r *saveReader) Read(p []byte) (int, error) {
+	for {
+		if r.f == nil {
+			r.f = r.find()
+		}
+		if r.f != nil {
+			n, err := r.f.ReadAt(p, r.off)
+			r.off += int64(n)
+			if n > 0 {
+				return n, nil
+			}
+			if err != io.EOF {
+				return 0, err
+			}
+		}
+		select {
+		case <-r.done:
+			if r.err != nil {
+				return 0, r.err
+			}
+			if r.f == nil {
+				// Over before its temp file was seen: the whole RDB is
+				// dump.rdb now.
+				f, err := os.Open(filepath.Join(r.dir, rdbName))
+				if err != nil {
+					return 0, err
+				}
+				r.f = f
+				r.removeDump()
+				continue
+			}
+			r.removeDump()
+			n, err := r.f.ReadAt(p, r.off)
+			r.off += int64(n)
+			if n > 0 {
+				return n, nil
+			}
+			return 0, err // io.EOF: all of it
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		case <-time.After(savePoll):
 		}
 	}
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err == nil {
-		_, err = f.Seek(0, io.SeekStart)
+}
+
+// temps are the BGSAVE temp files (temp-<pid>.rdb; a replica's sync
+// writes temp-<time>.<pid>.rdb) in the data directory, with their inodes.
+func (r *saveReader) temps() map[string]uint64 {
+	out := map[string]uint64{}
+	entries, _ := os.ReadDir(r.dir)
+	for _, e := range entries {
+		name, ok := strings.CutPrefix(e.Name(), "temp-")
+		if name, ok = strings.CutSuffix(name, ".rdb"); !ok || name == "" || strings.Trim(name, "0123456789") != "" {
+			continue
+		}
+		if info, err := e.Info(); err == nil {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				out[e.Name()] = st.Ino
+			}
+		}
 	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("snapshot %q: read %s: %w", id, path, err)
+	return out
+}
+
+// find opens the fork's temp file, when it is there.
+func (r *saveReader) find() *os.File {
+	for name, ino := range r.temps() {
+		if old, ok := r.before[name]; ok && old == ino {
+			continue
+		}
+		f, err := os.Open(filepath.Join(r.dir, name))
+		if err != nil {
+			continue // renamed meanwhile: dump.rdb is read at the end
+		}
+		return f
 	}
-	return &Snapshot{File: f, Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+	return nil
+}
+
+// removeDump unlinks the RDB where it is not the instance's persistence
+// (its data is read from the open file).
+func (r *saveReader) removeDump() {
+	if !r.unlink {
+		return
+	}
+	r.unlink = false
+	if err := os.Remove(filepath.Join(r.dir, rdbName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		r.log.Warn("snapshot file left in the data directory", "err", err)
+	}
+}
+
+// close waits for the save to end, unlinks its file where it is not the
+// instance's persistence, and closes it.
+func (r *saveReader) close() {
+	<-r.done
+	if r.err == nil {
+		r.removeDump()
+	}
+	if r.f != nil {
+		r.f.Close()
+	}
 }
 
 // dropRDB removes the RDB of an instance without persistence once its
@@ -167,7 +315,7 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 // instance's maxmemory. Any of these failing is ErrInvalid, with the old
 // data untouched. The received file then becomes the staged data as it
 // is, read once and written once: for the aof modes the base of a new
-// multi-part AOF (its manifest names it alone), else dump.rdb; fsynced
+// multi-part AOF (beside an empty incremental file), else dump.rdb; fsynced
 // unless the mode keeps nothing. Then the instance is stopped gracefully,
 // the staged data directory swapped in with one atomic rename, and
 // started; if it does not become ready the old directory is swapped back.
@@ -285,10 +433,11 @@ func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
 
 // stage moves the received RDB at upload into rec's staging directory as
 // the data its instance starts on: for the aof modes the base of a new
-// multi-part AOF, which the manifest names alone (Redis 7 with appendonly
-// ignores an RDB beside no AOF), else dump.rdb. Except without
-// persistence, the data is on disk when it returns: it is the instance's
-// from the exchange on, and a crash after the exchange must find it whole.
+// multi-part AOF, with an empty incremental file and the manifest that
+// names the two (Redis 7 with appendonly ignores an RDB beside no AOF),
+// else dump.rdb. Except without persistence, the data is on disk when it
+// returns: it is the instance's from the exchange on, and a crash after
+// the exchange must find it whole.
 func (s *Service) stage(rec state.Instance, upload string) error {
 	owner := s.ownerOf(rec)
 	durable := rec.Persistence != apitype.PersistenceNone
@@ -296,6 +445,9 @@ func (s *Service) stage(rec state.Instance, upload string) error {
 		return s.layout.StageFile(rec.ID, upload, rdbName, durable, owner)
 	}
 	if err := s.layout.StageFile(rec.ID, upload, filepath.Join(redis.AOFDir, redis.AOFBase), durable, owner); err != nil {
+		return err
+	}
+	if err := s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFIncr), nil, owner); err != nil {
 		return err
 	}
 	return s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFManifest), redis.AOFManifestOfBase(), owner)
@@ -379,7 +531,7 @@ func (s *Service) receive(ctx context.Context, rec state.Instance, in *instance,
 		r, err := grow.reader(path)
 		if err == nil {
 			feed := &failWriter{w: l}
-			_, err = io.CopyBuffer(feed, r, make([]byte, receiveBuffer))
+			_, err = r.WriteTo(feed)
 			if feed.err != nil {
 				err = errLoaderStopped
 			}
@@ -563,6 +715,33 @@ func (r *followReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// WriteTo copies the file to w as it grows, through w's ReadFrom when it
+// has one (a socket's: sendfile, the bytes not copied through this
+// process), to the end of the writes.
+func (r *followReader) WriteTo(w io.Writer) (int64, error) {
+	if _, err := r.r.Seek(r.off, io.SeekStart); err != nil {
+		return 0, err
+	}
+	var total int64
+	for {
+		r.mu.Lock()
+		for r.off >= r.n && !r.done {
+			r.cond.Wait()
+		}
+		avail, done, werr := r.n-r.off, r.done, r.werr
+		r.mu.Unlock()
+		if avail == 0 && done {
+			return total, werr
+		}
+		n, err := io.Copy(w, &io.LimitedReader{R: r.r, N: avail})
+		r.off += n
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
 func (r *followReader) Close() error { return r.r.Close() }
 
 // failWriter remembers its writer's error, so that a copy's error can be
@@ -574,6 +753,21 @@ type failWriter struct {
 
 func (w *failWriter) Write(p []byte) (int, error) {
 	n, err := w.w.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// ReadFrom is its writer's ReadFrom, when it has one.
+func (w *failWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	var err error
+	if rf, ok := w.w.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(r)
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{w.w}, r)
+	}
 	if err != nil && w.err == nil {
 		w.err = err
 	}

@@ -43,6 +43,7 @@ type Service interface {
 	CA(ctx context.Context) ([]byte, error)
 	SetIO(ctx context.Context, id string, io apitype.IOSetting) (apitype.Instance, error)
 	Snapshot(ctx context.Context, id string) (*agent.Snapshot, error)
+	SnapshotStream(ctx context.Context, id string) (*agent.SnapshotStream, error)
 	Restore(ctx context.Context, id string, rdb io.Reader, size int64, sha256 string) (apitype.Instance, error)
 	StartRollout(ctx context.Context, instances []string) (apitype.Rollout, error)
 	SetDraining(ctx context.Context, on bool) error

@@ -95,6 +95,12 @@ func (f *fakeService) Configure(_ context.Context, id string, set apitype.Settin
 func (f *fakeService) CA(context.Context) ([]byte, error) {
 	return []byte("-----BEGIN CERTIFICATE-----\n"), nil
 }
+func (f *fakeService) SnapshotStream(_ context.Context, id string) (*agent.SnapshotStream, error) {
+	if err := f.errFor(id); err != nil {
+		return nil, err
+	}
+	return nil, agent.ErrConflict
+}
 func (f *fakeService) Snapshot(_ context.Context, id string) (*agent.Snapshot, error) {
 	if err := f.errFor(id); err != nil {
 		return nil, err

@@ -6,6 +6,7 @@ import (
 	"mime"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gorilla/mux"
@@ -252,6 +253,10 @@ const restoreAnswer = 3 * time.Hour
 
 func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 	id := mux.Vars(r)["id"]
+	if acceptsTrailers(r) {
+		s.streamSnapshot(w, r, id)
+		return
+	}
 	snap, err := s.svc.Snapshot(r.Context(), id)
 	if err != nil {
 		s.fail(w, r, err)
@@ -270,6 +275,43 @@ func (s *server) getSnapshot(w http.ResponseWriter, r *http.Request) {
 	if _, err := io.Copy(w, io.LimitReader(snap.File, snap.Size)); err != nil {
 		s.log.Warn("snapshot download cut short", "instance", id, "err", err)
 	}
+}
+
+// acceptsTrailers reports whether the client said it takes trailer fields
+// in a chunked answer (TE: trailers, RFC 9110).
+func acceptsTrailers(r *http.Request) bool {
+	for _, v := range r.Header.Values("TE") {
+		for _, t := range strings.Split(v, ",") {
+			t, _, _ = strings.Cut(t, ";")
+			if strings.EqualFold(strings.TrimSpace(t), "trailers") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// streamSnapshot sends the RDB as it is made, chunked, its sha256 in a
+// trailer. A making that fails half-way breaks the transfer off, so the
+// client sees an error, not an end.
+func (s *server) streamSnapshot(w http.ResponseWriter, r *http.Request, id string) {
+	st, err := s.svc.SnapshotStream(r.Context(), id)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	defer st.Close()
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(snapshotTransfer))
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Content-Disposition", `attachment; filename="`+id+`.rdb"`)
+	h.Set("Trailer", apitype.SnapshotSHA256Header)
+	w.WriteHeader(http.StatusOK)
+	if _, err := io.Copy(w, st); err != nil {
+		s.log.Warn("snapshot stream cut short", "instance", id, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	h.Set(apitype.SnapshotSHA256Header, st.SHA256())
 }
 
 func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {

@@ -476,6 +476,21 @@ func (mr *MockServiceMockRecorder) Snapshot(ctx, id any) *gomock.Call {
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "Snapshot", reflect.TypeOf((*MockService)(nil).Snapshot), ctx, id)
 }
 
+// SnapshotStream mocks base method.
+func (m *MockService) SnapshotStream(ctx context.Context, id string) (*agent.SnapshotStream, error) {
+	m.ctrl.T.Helper()
+	ret := m.ctrl.Call(m, "SnapshotStream", ctx, id)
+	ret0, _ := ret[0].(*agent.SnapshotStream)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SnapshotStream indicates an expected call of SnapshotStream.
+func (mr *MockServiceMockRecorder) SnapshotStream(ctx, id any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SnapshotStream", reflect.TypeOf((*MockService)(nil).SnapshotStream), ctx, id)
+}
+
 // StartMove mocks base method.
 func (m *MockService) StartMove(ctx context.Context, id string) (apitype.Primary, error) {
 	m.ctrl.T.Helper()

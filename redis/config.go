@@ -190,12 +190,14 @@ const (
 	AOFDir      = "appendonlydir"
 	AOFManifest = "appendonly.aof.manifest"
 	AOFBase     = "appendonly.aof.1.base.rdb"
+	AOFIncr     = "appendonly.aof.1.incr.aof"
 )
 
-// AOFManifestOfBase is a manifest that lists AOFBase alone: an instance
-// started on it loads the base (an RDB) and opens a new incremental file.
+// AOFManifestOfBase is a manifest that lists AOFBase and an (empty)
+// AOFIncr: an instance started on it loads the base (an RDB) and appends
+// to the incremental file, with no manifest of its own to write first.
 func AOFManifestOfBase() []byte {
-	return []byte("file " + AOFBase + " seq 1 type b\n")
+	return []byte("file " + AOFBase + " seq 1 type b\nfile " + AOFIncr + " seq 1 type i\n")
 }
 
 // User is one ACL user of an instance.

@@ -13,6 +13,10 @@ import (
 	"time"
 )
 
+// eofMarkLen is the length of the mark that ends an RDB of unknown length
+// in a full synchronisation ("$EOF:<mark>" before it, the mark after).
+const eofMarkLen = 40
+
 // Feed is the primary's side of one full synchronisation: a replica
 // (REPLICAOF the feed's address, masterauth its password) that connects
 // and asks to sync is sent an RDB of unknown length, written to the
@@ -126,6 +130,14 @@ func (fc *FeedConn) handshake(password string) error {
 
 // Write sends RDB bytes to the replica.
 func (fc *FeedConn) Write(p []byte) (int, error) { return fc.c.Write(p) }
+
+// ReadFrom sends the replica what r holds: from a file, by sendfile.
+func (fc *FeedConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := fc.c.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(fc.c, r)
+}
 
 // End sends the end mark and waits until the replica has loaded what it
 // was sent: nil at its first REPLCONF ACK (a replica acknowledges the RDB

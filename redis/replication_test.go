@@ -16,6 +16,13 @@ import (
 // filled in) with users.
 func startConf(t *testing.T, c Conf, users []User) int {
 	t.Helper()
+	port, _ := startConfDir(t, c, users)
+	return port
+}
+
+// startConfDir is startConf, and says the server's data directory.
+func startConfDir(t *testing.T, c Conf, users []User) (int, string) {
+	t.Helper()
 	testenv.RedisServer(t)
 	dir := t.TempDir()
 	c.Bind, c.Port, c.Dir = "127.0.0.1", testenv.FreePort(t), dir
@@ -31,7 +38,7 @@ func startConf(t *testing.T, c Conf, users []User) int {
 		t.Fatal(err)
 	}
 	runRedis(t, conf)
-	return c.Port
+	return c.Port, dir
 }
 
 // A replica logs in to its primary as a replication user that may run

@@ -122,13 +122,13 @@ func (s *Supervisor) probe(r *running, from time.Time) {
 				return
 			case <-time.After(wait):
 			}
-			// Poll every tenth of the time the start has taken so far
+			// Poll every twentieth of the time the start has taken so far
 			// (every millisecond while it is still plausible: redis-server
 			// answers ~8 ms after exec), so that its answer, or the end
-			// of a load, is seen within a tenth of its time, at most every
+			// of a load, is seen within 5 % of its time, at most every
 			// 50 ms: a machine starting a thousand at once spends its CPU
 			// on the starts, not on connections refused.
-			wait = min(max(time.Since(from)/10, time.Millisecond), 50*time.Millisecond)
+			wait = min(max(time.Since(from)/20, time.Millisecond), 50*time.Millisecond)
 		}
 	}()
 }

@@ -46,6 +46,34 @@ func (a *agentProc) snapshot(id string) []byte {
 	return b
 }
 
+// snapshotStreamed GETs id's snapshot as it is made (TE: trailers): the
+// answer is chunked, with no length, and the sha256 in a trailer.
+func (a *agentProc) snapshotStreamed(id string) []byte {
+	a.t.Helper()
+	req, err := http.NewRequest("GET", a.base+"/v1/instances/"+id+"/snapshot", nil)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	req.Header.Set("TE", "trailers")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		a.t.Fatalf("GET snapshot of %s = %d %.200q %v", id, resp.StatusCode, b, err)
+	}
+	sum := sha256.Sum256(b)
+	if got, want := hex.EncodeToString(sum[:]), resp.Trailer.Get("X-Snapshot-Sha256"); got != want {
+		a.t.Fatalf("streamed snapshot sha256 %s, trailer says %q", got, want)
+	}
+	if resp.ContentLength != -1 || resp.Header.Get("X-Snapshot-Sha256") != "" || !bytes.HasPrefix(b, []byte("REDIS")) {
+		a.t.Fatalf("streamed snapshot headers %v for %d bytes starting %q", resp.Header, len(b), b[:min(len(b), 9)])
+	}
+	return b
+}
+
 // restore uploads rdb into id with X-Snapshot-Sha256: sum (none when "")
 // and returns the status and body.
 func (a *agentProc) restore(id string, rdb []byte, sum string) (int, string) {
@@ -152,6 +180,10 @@ func TestMigrationBetweenAgents(t *testing.T) {
 	t0 := time.Now()
 	rdb := a.snapshot("mig")
 	out := time.Since(t0)
+	// Read as it is made: another save of the same data, the same keys.
+	if streamed := a.snapshotStreamed("mig"); len(streamed) < len(rdb)*9/10 || len(streamed) > len(rdb)*11/10 {
+		t.Fatalf("streamed snapshot %d bytes, the buffered one %d", len(streamed), len(rdb))
+	}
 
 	if code := b.do("PUT", "/v1/instances/mig", spec, nil); code != 201 {
 		t.Fatalf("provision on B = %d", code)

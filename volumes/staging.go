@@ -240,24 +240,23 @@ func (l Layout) CreateLoaderDir(id string, o Owner) (string, error) {
 	return dir, nil
 }
 
+// LoaderDirIDs are the instances that have a directory of CreateLoaderDir
+// in UploadDir.
+func (l Layout) LoaderDirIDs() map[string]bool {
+	ids := map[string]bool{}
+	entries, _ := os.ReadDir(l.UploadDir())
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), ".loader")
+		if i := strings.LastIndexByte(name, '.'); ok && e.IsDir() && i > 0 {
+			ids[name[:i]] = true
+		}
+	}
+	return ids
+}
+
 // IsLoaderDir reports whether dir is one CreateLoaderDir makes.
 func (l Layout) IsLoaderDir(dir string) bool {
 	return filepath.Dir(dir) == l.UploadDir() && strings.HasSuffix(dir, ".loader")
-}
-
-// CreateScratch creates a new file in UploadDir, the agent's own, and
-// unlinks it: it lives as long as it is open (a snapshot on its way out
-// of instance id).
-func (l Layout) CreateScratch(id string) (*os.File, error) {
-	f, err := l.CreateUpload(id)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Remove(f.Name()); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("unlink %s: %w", f.Name(), err)
-	}
-	return f, nil
 }
 
 // ClearUploads removes every file in UploadDir: at agent start no upload

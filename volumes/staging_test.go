@@ -388,3 +388,37 @@ func TestUploads(t *testing.T) {
 		t.Fatalf("ClearUploads with nothing there: %v", err)
 	}
 }
+
+// A loader's directory is in the uploads, named after its instance (an id
+// with dots too), and goes with them.
+func TestLoaderDirs(t *testing.T) {
+	l := newInstance(t, "a.b")
+	dirs := map[string]string{}
+	for _, id := range []string{"a.b", "c"} {
+		dir, err := l.CreateLoaderDir(id, Unowned)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 || !l.IsLoaderDir(dir) {
+			t.Fatalf("loader dir %s: %v %v", dir, st, err)
+		}
+		dirs[id] = dir
+	}
+	if f, err := l.CreateUpload("c"); err != nil {
+		t.Fatal(err)
+	} else {
+		f.Close()
+	}
+	if got := l.LoaderDirIDs(); len(got) != 2 || !got["a.b"] || !got["c"] {
+		t.Fatalf("LoaderDirIDs = %v", got)
+	}
+	if l.IsLoaderDir(l.StagingDir("c")) {
+		t.Fatal("a staging directory taken for a loader's")
+	}
+	if err := l.ClearUploads(); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.LoaderDirIDs(); len(got) != 0 {
+		t.Fatalf("LoaderDirIDs after ClearUploads = %v", got)
+	}
+}

@@ -195,9 +195,15 @@ func waitPersistenceIdle(ctx context.Context, c *goredis.Client) error {
 }
 
 // download streams id's snapshot from the agent at base to path, checks
-// its sha256 and returns its size.
+// its sha256 and returns its size. It takes the snapshot as it is made
+// (TE: trailers: chunked, the sha256 in a trailer).
 func (s *suite) download(base, id, path string) (int64, error) {
-	resp, err := s.client.Get(base + "/v1/instances/" + id + "/snapshot")
+	req, err := http.NewRequest("GET", base+"/v1/instances/"+id+"/snapshot", nil)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("TE", "trailers")
+	resp, err := s.client.Do(req)
 	if err != nil {
 		return 0, err
 	}
@@ -216,7 +222,11 @@ func (s *suite) download(base, id, path string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if got, want := hex.EncodeToString(h.Sum(nil)), resp.Header.Get("X-Snapshot-Sha256"); got != want {
+	want := resp.Trailer.Get("X-Snapshot-Sha256")
+	if want == "" {
+		want = resp.Header.Get("X-Snapshot-Sha256")
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != want {
 		return 0, fmt.Errorf("snapshot sha256 %s, header says %q", got, want)
 	}
 	return n, f.Close()

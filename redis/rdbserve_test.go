@@ -16,65 +16,13 @@ import (
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
-// A snapshot by replication is the server's data set as an RDB, of every
-// persistence mode, and writes nothing to the server's disk.
-func TestStreamRDB(t *testing.T) {
-	ctx := context.Background()
-	for _, mode := range []string{apitype.PersistenceAOF, apitype.PersistenceNone} {
-		t.Run(mode, func(t *testing.T) {
-			admin := NewPassword()
-			port := startConf(t, Conf{Persistence: mode}, []User{{Name: AdminUser, PasswordHash: HashPassword(admin), Admin: true}})
-			a := NewAdmin("127.0.0.1", port, admin)
-			defer a.Close()
-			waitUp(t, a)
-			for i := range 300 {
-				if _, err := a.Do(ctx, "SET", "k"+strconv.Itoa(i), strings.Repeat("v", i)); err != nil {
-					t.Fatal(err)
-				}
-			}
-			var b bytes.Buffer
-			n, err := a.StreamRDB(ctx, &b)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if n != int64(b.Len()) || !bytes.HasPrefix(b.Bytes(), []byte("REDIS")) {
-				t.Fatalf("StreamRDB = %d bytes (%d written), starting %q", n, b.Len(), b.Bytes()[:min(9, b.Len())])
-			}
-			// A second one, at once, is a fresh one too.
-			var c bytes.Buffer
-			if _, err := a.StreamRDB(ctx, &c); err != nil {
-				t.Fatalf("a second StreamRDB: %v", err)
-			}
-			dir := t.TempDir()
-			path := filepath.Join(dir, "dump.rdb")
-			writeFile(t, path, b.Bytes())
-			if got := checkRDB(t, path); got != 300 {
-				t.Fatalf("the RDB holds %d keys, want 300", got)
-			}
-			// No save to disk (rdb_saves counts those).
-			testenv.Eventually(t, "the fork reaped", 5*time.Second, func() bool {
-				f, err := a.Fields(ctx, "persistence")
-				return err == nil && f["rdb_bgsave_in_progress"] == "0" && f["rdb_saves"] == "0"
-			})
-			if n, _ := a.Do(ctx, "DBSIZE"); n.Int != 300 {
-				t.Fatalf("DBSIZE after = %d", n.Int)
-			}
-		})
-	}
-	wrong := NewAdmin("127.0.0.1", startConf(t, Conf{Persistence: apitype.PersistenceNone}, []User{{Name: AdminUser, PasswordHash: HashPassword("right"), Admin: true}}), "wrong")
-	testenv.Eventually(t, "the server up", 5*time.Second, func() bool { return !Unreachable(wrong.Ping(ctx)) })
-	if _, err := wrong.StreamRDB(ctx, &bytes.Buffer{}); err == nil {
-		t.Fatal("StreamRDB with a wrong password succeeded")
-	}
-}
-
 // A loader (RenderLoader) made a replica of a Feed loads the RDB fed to
 // it as it arrives and acknowledges it; one it cannot load it refuses, by
 // closing the link or exiting, and the Feed says so.
 func TestFeedLoader(t *testing.T) {
 	ctx := context.Background()
 	admin := NewPassword()
-	port := startConf(t, Conf{Persistence: apitype.PersistenceNone}, []User{{Name: AdminUser, PasswordHash: HashPassword(admin), Admin: true}})
+	port, srcDir := startConfDir(t, Conf{Persistence: apitype.PersistenceNone}, []User{{Name: AdminUser, PasswordHash: HashPassword(admin), Admin: true}})
 	src := NewAdmin("127.0.0.1", port, admin)
 	defer src.Close()
 	waitUp(t, src)
@@ -83,9 +31,14 @@ func TestFeedLoader(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var good bytes.Buffer
-	if _, err := src.StreamRDB(ctx, &good); err != nil {
+	if err := src.Save(ctx); err != nil {
 		t.Fatal(err)
+	}
+	var good bytes.Buffer
+	if b, err := os.ReadFile(filepath.Join(srcDir, "dump.rdb")); err != nil {
+		t.Fatal(err)
+	} else {
+		good.Write(b)
 	}
 	feed := func(t *testing.T, rdb []byte) (error, int64) {
 		f, err := ListenFeed("127.0.0.1")
@@ -139,12 +92,12 @@ func TestFeedLoader(t *testing.T) {
 		}
 	}
 	bad := map[string][]byte{
-		"garbage":      []byte("this is not an RDB file at all\n"),
-		"truncated":    good.Bytes()[:good.Len()/2],
+		"garbage":   []byte("this is not an RDB file at all\n"),
+		"truncated": good.Bytes()[:good.Len()/2],
 		// Cut in a value whose length says more is to come than the end
 		// mark and anything after it.
 		"cut in a value": good.Bytes()[:bytes.Index(good.Bytes(), []byte(strings.Repeat("x", 100)))+50],
-		"flipped byte": flipByte(good.Bytes(), good.Len()/3),
+		"flipped byte":   flipByte(good.Bytes(), good.Len()/3),
 	}
 	for name, b := range bad {
 		t.Run(name, func(t *testing.T) {
