@@ -53,7 +53,10 @@ func (realClock) NewTicker(d time.Duration) Timer {
 	t := &realTicker{c: make(chan time.Time, 1), d: d}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.t = time.AfterFunc(untilNext(time.Now(), d), t.fire)
+	now := time.Now()
+	wait := untilNext(now, d)
+	t.at = now.Add(wait)
+	t.t = time.AfterFunc(wait, t.fire)
 	return t
 }
 
@@ -62,26 +65,30 @@ type realTimer struct{ t *time.Timer }
 func (t realTimer) C() <-chan time.Time { return t.t.C }
 func (t realTimer) Stop()               { t.t.Stop() }
 
-// realTicker sends a tick, if the last one was taken, and sets its timer
-// to the next instant of the grid: late ticks do not shift the grid.
+// realTicker sends a tick, the instant of the grid it was due at, if the
+// last one was taken, and sets its timer to the next instant of the grid:
+// late ticks do not shift the grid.
 type realTicker struct {
 	c       chan time.Time
 	d       time.Duration
 	mu      sync.Mutex
 	t       *time.Timer
+	at      time.Time // the instant the timer is set for
 	stopped bool
 }
 
 func (t *realTicker) fire() {
-	now := time.Now()
-	select {
-	case t.c <- now:
-	default:
-	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	select {
+	case t.c <- t.at:
+	default:
+	}
 	if !t.stopped {
-		t.t.Reset(untilNext(now, t.d))
+		now := time.Now()
+		wait := untilNext(now, t.d)
+		t.at = now.Add(wait)
+		t.t.Reset(wait)
 	}
 }
 

@@ -172,11 +172,16 @@ func TestRealTickersShareAGrid(t *testing.T) {
 	defer a.Stop()
 	time.Sleep(d / 3)
 	b := realClock{}.NewTicker(d)
-	// Made a third of a period apart, both tick at the multiples of d.
+	// Made a third of a period apart, both tick at the multiples of d (a
+	// tick is the instant it was due at, however late the machine let it
+	// fire).
 	for range 3 {
 		for _, tick := range []time.Time{<-a.C(), <-b.C()} {
-			if off := time.Duration(tick.UnixNano() % int64(d)); off > 30*time.Millisecond {
+			if off := time.Duration(tick.UnixNano() % int64(d)); off != 0 {
 				t.Fatalf("a tick %v after a multiple of %v", off, d)
+			}
+			if late := time.Since(tick); late < 0 {
+				t.Fatalf("a tick of %v came %v early", tick, -late)
 			}
 		}
 	}

@@ -49,7 +49,7 @@ func run() error {
 	fs.IntVar(&cfg.BenchRequests, "bench-requests", 200000, "redis-benchmark requests of each TLS figure")
 	fs.StringVar(&cfg.VersityGW, "versitygw", versityGW(), "the Versity S3 gateway the backup figures run against; empty to leave them out ("+`go install github.com/versity/versitygw/cmd/versitygw@v1.8.0`+")")
 
-	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none (the default with -only)")
+	out := fs.String("out", "docs/benchmarks.md", "Markdown page to write; empty for none (with -only, none but another file than docs/benchmarks.md)")
 	quick := fs.Bool("quick", false, "a smoke run of a few seconds (overrides the sizes)")
 	only := fs.String("only", "", "comma-separated scenarios to run (the bare start references always run): "+strings.Join(benchsuite.Scenarios, ","))
 	agentArgs := fs.String("agent-args", "", "flags added to the agent's, space-separated (say, --pprof-listen 127.0.0.1:6060)")
@@ -97,7 +97,7 @@ func run() error {
 	fmt.Print(res.Table())
 	outSet := false
 	fs.Visit(func(f *flag.Flag) { outSet = outSet || f.Name == "out" })
-	if len(cfg.Only) > 0 && !outSet {
+	if len(cfg.Only) > 0 && (!outSet || *out == "docs/benchmarks.md") {
 		*out = "" // a part of the table does not replace the whole page
 	}
 	if *out != "" {

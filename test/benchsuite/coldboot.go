@@ -85,7 +85,7 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 	}
 	readyC := make(chan time.Duration, 1)
 	go func() { d, _ := s.waitReady(); readyC <- d }()
-	agentTimes, err := answering(all, t0, 5*time.Minute)
+	agentTimes, err := answering(all, t0, 2*time.Minute)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
@@ -103,25 +103,44 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 		return err
 	}
 	cmds := make([]*exec.Cmd, n)
+	exited := make([]chan struct{}, n)
 	defer func() {
-		for _, c := range cmds {
-			if c != nil && c.Process != nil {
+		for i, c := range cmds {
+			if c != nil {
 				c.Process.Kill()
-				c.Wait()
+				<-exited[i]
 			}
 		}
 	}()
+	// A bare redis-server that exits (its port taken by something else on
+	// the machine, say) ends the figure with its log, not with a wait.
+	gone := make(chan int, n)
 	cpu0 = machineCPU()
 	t0 = time.Now()
 	for i := range cmds {
-		cmds[i] = exec.Command(s.cfg.RedisServer, confs[i])
-		if err := cmds[i].Start(); err != nil {
+		c := exec.Command(s.cfg.RedisServer, confs[i])
+		if err := c.Start(); err != nil {
 			return err
 		}
+		cmds[i], exited[i] = c, make(chan struct{})
+		go func() { c.Wait(); close(exited[i]); gone <- i }()
 	}
-	bareTimes, err := answering(all, t0, 5*time.Minute)
-	if err != nil {
-		return fmt.Errorf("bare: %w", err)
+	var bareTimes []time.Duration
+	polled := make(chan error, 1)
+	go func() {
+		var err error
+		bareTimes, err = answering(all, t0, 2*time.Minute)
+		polled <- err
+	}()
+	select {
+	case err := <-polled:
+		if err != nil {
+			return fmt.Errorf("bare: %w", err)
+		}
+	case i := <-gone:
+		tail, _ := os.ReadFile(filepath.Join(filepath.Dir(confs[i]), "redis.log"))
+		<-polled
+		return fmt.Errorf("bare redis-server of %s exited: %s", ts[i].id, tail[max(0, len(tail)-600):])
 	}
 	bareCPU := machineCPU() - cpu0
 	bareServers := 0.0
@@ -131,7 +150,7 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 	}
 	for i, c := range cmds {
 		c.Process.Kill()
-		c.Wait()
+		<-exited[i]
 		cmds[i] = nil
 	}
 	os.RemoveAll(bareDir)
@@ -220,7 +239,7 @@ func answering(cs []creds, t0 time.Time, timeout time.Duration) ([]time.Duration
 				}
 				pending = left
 				if time.Since(t0) > timeout {
-					errs <- fmt.Errorf("%d bindings not answering after %v", len(pending), timeout)
+					errs <- fmt.Errorf("%d bindings not answering after %v, %s among them", len(pending), timeout, cs[pending[0]].addr())
 					return
 				}
 				time.Sleep(10 * time.Millisecond)
