@@ -763,26 +763,27 @@ func (s *suite) density(n int, idle time.Duration) error {
 	return nil
 }
 
+// kbFields reads the "Name: <n> kB" lines of a /proc file (meminfo,
+// smaps_rollup) as bytes by name, the colon kept.
+func kbFields(b []byte) map[string]float64 {
+	out := map[string]float64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			out[f[0]] = kb * 1024
+		}
+	}
+	return out
+}
+
 // memUsed is the machine's used memory, MemTotal - MemAvailable, in bytes.
 func memUsed() (float64, error) {
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
 		return 0, err
 	}
-	var total, avail float64
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "MemTotal:":
-			total = kb * 1024
-		case "MemAvailable:":
-			avail = kb * 1024
-		}
-	}
+	kb := kbFields(b)
+	total, avail := kb["MemTotal:"], kb["MemAvailable:"]
 	if total == 0 || avail == 0 {
 		return 0, errors.New("no MemTotal or MemAvailable in /proc/meminfo")
 	}

@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -108,19 +107,8 @@ func smapsRollup(pid int) (pss, rss float64, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "Pss:":
-			pss = kb * 1024
-		case "Rss:":
-			rss = kb * 1024
-		}
-	}
+	kb := kbFields(b)
+	pss, rss = kb["Pss:"], kb["Rss:"]
 	if pss == 0 {
 		return 0, 0, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", pid)
 	}
