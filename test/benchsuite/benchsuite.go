@@ -173,6 +173,10 @@ func (s *suite) logf(format string, args ...any) {
 
 func (s *suite) add(r Row) {
 	s.rows = append(s.rows, r)
+	if r.Reference != 0 {
+		s.logf("  %-44s %10.2f %-5s (ref %.2f, %.2fx)", r.Figure, r.Value, r.Unit, r.Reference, r.Ratio())
+		return
+	}
 	s.logf("  %-44s %10.2f %-5s", r.Figure, r.Value, r.Unit)
 }
 
