@@ -2,8 +2,8 @@
 // restarts and deletes instances by combining the state store, the port
 // allocator, the per-instance volumes, the Redis config renderer and one
 // supervisor per instance, and at start it reconciles what the state says
-// with what runs on the machine. Restores prove their file with a loader
-// (loader.go) and rollouts are a type of their own (rollout.go); serving
+// with what runs on the machine. Restores load their file in a candidate
+// that becomes the instance (candidate.go) and rollouts are a type of their own (rollout.go); serving
 // the API and talking to systemd are package server's.
 //
 // Every operation writes its intent to the state store before it has a
@@ -78,8 +78,6 @@ type Service struct {
 	// cg manages the instances' cgroups; limits.None when off or
 	// unavailable.
 	cg cgroups
-	// loader proves a restore's file while it is received.
-	loader snapshotLoader
 	// boot is the order of starts of the reconcile under way (only
 	// Reconcile sets it, before the API serves), nil after.
 	boot atomic.Pointer[bootOrder]
@@ -114,7 +112,8 @@ type Service struct {
 	// bk is the backup target and its schedule; nil without a target.
 	bk *backups
 	// transientMB is memory counted against the budget for as long as
-	// something runs beside the instances: BGSAVE forks, restore loaders.
+	// something runs beside the instances: BGSAVE forks, restores'
+	// candidates.
 	transientMB atomic.Int64
 	// wg counts the Service's goroutines other than the supervisors' (a
 	// rollout, a live sync, an interrupted provision's finish): Close waits
@@ -155,6 +154,9 @@ type instance struct {
 	// io is the record's IO setting, for the cgroup limits' drift check.
 	io    atomic.Pointer[apitype.IOSetting]
 	drift func()
+	// side is set while a restore's candidate shares the cgroup with
+	// the running process: the cgroup has room for both (liveLimits).
+	side atomic.Bool
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
@@ -283,7 +285,6 @@ func New(cfg Config) (*Service, error) {
 	if s.quotaNote != "" {
 		s.notes = append(s.notes, s.quotaNote)
 	}
-	s.loader = &redisLoader{layout: s.layout, launcher: s.launcher, policy: s.policy, cg: s.cg, log: log}
 	s.roll = &rollouts{binary: cfg.RedisServer, keptDir: filepath.Join(cfg.DataDir, "binaries"),
 		store: store, locks: &s.locks, layout: s.layout, log: log, host: s}
 	if cfg.Backup.Target.Enabled() {

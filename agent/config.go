@@ -36,8 +36,8 @@ type Config struct {
 	PortMin, PortMax int
 	// RedisServer is the redis-server executable.
 	RedisServer string
-	// RedisCheckRDB is not used any more (a restore's loader checks the
-	// file as it arrives); the flag is accepted so existing configurations
+	// RedisCheckRDB is not used any more (a restore's candidate checks
+	// the file as it loads it); the flag is accepted so existing configurations
 	// start.
 	RedisCheckRDB string
 	// BindHost is the address every redis-server listens on.
@@ -56,7 +56,7 @@ type Config struct {
 	// InstanceUIDs is "auto" (as root, a uid and gid per instance from a
 	// block of UIDRangeFor(DataDir)), "MIN-MAX" (from that range) or "off".
 	InstanceUIDs string
-	// Confine is "on" (every redis-server, the restore loaders included,
+	// Confine is "on" (every redis-server, restores' candidates included,
 	// is started through Launcher, which confines it: package confine) or
 	// "off".
 	Confine string

@@ -178,13 +178,7 @@ func (s *Service) startCommand(id string) func(binary, conf string) (*exec.Cmd, 
 		}
 		// A new user is a new quota project.
 		s.applyQuota(rec)
-		p := s.policy(confine.Policy{
-			Exec: []string{binary},
-			// The tls directory, not its files: a renewal adds new
-			// ones, which the running server reads on CONFIG SET.
-			ReadOnly:  []string{conf, s.layout.ACLPath(id), s.layout.TLSDir(id)},
-			ReadWrite: []string{s.layout.DataDir(id), s.layout.LogPath(id)},
-		})
+		p := s.serverPolicy(id, binary, s.layout.DataDir(id), conf)
 		cmd := confine.Command(context.Background(), s.launcher, p, binary, conf)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.credOf(rec)}
 		return cmd, nil

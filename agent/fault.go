@@ -14,9 +14,9 @@ const (
 	FaultDeleteRemoved     = "delete.removed"     // files removed, record still there
 	FaultBindRecorded      = "bind.recorded"      // binding in the record, not yet in Redis
 	FaultUnbindRecorded    = "unbind.recorded"    // binding gone from the record, still in Redis
-	FaultRestoreLoaded     = "restore.loaded"     // new data received and loaded by the loader, still running; nothing staged
-	FaultRestoreStaged     = "restore.staged"     // new data staged and checked, old data live
-	FaultRestoreSwapped    = "restore.swapped"    // data directories swapped, no process running
+	FaultRestoreStaged     = "restore.staged"     // new data received and staged, no candidate yet, old data live
+	FaultRestoreLoaded     = "restore.loaded"     // the candidate loaded the staged data and runs beside the old process
+	FaultRestoreSwapped    = "restore.swapped"    // old process stopped, data directories swapped, the candidate not yet on the ports
 	FaultBackupUploaded    = "backup.uploaded"    // a backup's RDB in the bucket, its manifest and record not yet
 )
 

@@ -144,7 +144,7 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 	}
 	rec, err = s.store.CreatePorts(rec, func(u state.Usage) (int, int, error) {
 		if free := s.cfg.MemoryBudgetMB - u.MemoryMB - int(s.transientMB.Load()); spec.MemoryMB > free {
-			return 0, 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' loaders now): %w",
+			return 0, 0, fmt.Errorf("memory_mb %d does not fit: %d of %d MiB of the memory budget are free (%d MiB held by backups' forks and restores' candidates now): %w",
 				spec.MemoryMB, max(free, 0), s.cfg.MemoryBudgetMB, s.transientMB.Load(), ErrCapacity)
 		}
 		port, err := s.alloc.Next(u.PortHeld)
@@ -264,7 +264,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
 	in.limitsDrift = func() bool {
-		d, err := s.cg.Differs(id, s.limitsFor(int(in.memoryMB.Load()), rec.Persistence, in.io.Load()))
+		d, err := s.cg.Differs(id, s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load()))
 		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
@@ -414,6 +414,18 @@ func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSett
 	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
 }
 
+// liveLimits are limitsFor of instance id as its cgroup has them now:
+// while a restore's candidate shares it with the running process, with
+// the memory and pids of a second one.
+func (s *Service) liveLimits(id string, memoryMB int, persistence string, io *apitype.IOSetting) limits.Limits {
+	l := s.limitsFor(memoryMB, persistence, io)
+	if in := s.runtime(id); in != nil && in.side.Load() {
+		l.MemoryBytes *= 2
+		l.Pids *= 2
+	}
+	return l
+}
+
 // confine puts the process of id into the instance's cgroup. A failure is
 // logged: the instance runs, unconfined, rather than not at all.
 func (s *Service) confine(id string, pid int) {
@@ -424,7 +436,7 @@ func (s *Service) confine(id string, pid int) {
 	if err != nil {
 		return
 	}
-	if err := s.cg.Apply(id, pid, s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {
+	if err := s.cg.Apply(id, pid, s.liveLimits(id, rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {
 		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
 	}
 }
@@ -815,11 +827,11 @@ func (in *instance) settled(ctx context.Context) supervisor.Status {
 }
 
 // waitReady waits until the process of in answers PING after a start.
-// Its only deadline is loaderTimeout: the supervisor itself gives up on a
+// Its only deadline is candidateTimeout: the supervisor itself gives up on a
 // start that does not answer within ReadyTimeout, except while the server
 // is loading its data set, which takes as long as the data set is large.
 func (in *instance) waitReady(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, loaderTimeout)
+	ctx, cancel := context.WithTimeout(ctx, candidateTimeout)
 	defer cancel()
 	return in.sup.WaitReady(ctx)
 }

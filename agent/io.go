@@ -10,7 +10,7 @@ import (
 )
 
 // IO limits: every instance's redis-server (and its BGSAVE and AOF
-// rewrite children, and a restore's loader) is throttled on the block
+// rewrite children, and a restore's candidate) is throttled on the block
 // device of the data directory, with the agent's defaults (Config.IO*)
 // where the instance's own setting (state.Instance.IO) sets nothing.
 

@@ -268,7 +268,9 @@ func TestRestoreRefusesBadFiles(t *testing.T) {
 		sha  string
 		says string
 	}{
-		{"garbage", []byte("this is not an RDB file at all\n"), "", "cannot load the snapshot"},
+		{"garbage", []byte("this is not an RDB file at all\n"), "", "not an RDB file"},
+		{"an RDB's header, then garbage", []byte("REDIS0010 and then this is not an RDB file at all\n"), "", "cannot load the snapshot"},
+		{"an AOF", []byte("*1\r\n$8\r\nFLUSHALL\r\n"), "", "not an RDB file"},
 		{"truncated", good[:len(good)/2], "", "cannot load the snapshot"},
 		{"flipped byte", flip(good, len(good)/3), "", "cannot load the snapshot"},
 		{"empty", nil, "", "empty"},
@@ -729,10 +731,9 @@ func TestInPlaceUpgradeGoesBackToTheReplacedFile(t *testing.T) {
 	}
 }
 
-// The loader's socket lives in a directory of the uploads named after the
-// instance, whose path can be longer than a socket address holds (107
-// bytes): an instance with the longest id, under a deep data dir, restores
-// all the same.
+// The candidate's socket lives in the staged data directory, whose path
+// can be longer than a socket address holds (107 bytes): an instance with
+// the longest id, under a deep data dir, restores all the same.
 func TestRestoreLongPaths(t *testing.T) {
 	cfg := testConfig(t, 4)
 	cfg.DataDir = filepath.Join(cfg.DataDir, strings.Repeat("d", 40))
@@ -741,7 +742,7 @@ func TestRestoreLongPaths(t *testing.T) {
 	}
 	s := startService(t, cfg)
 	id := "long-" + strings.Repeat("i", 59)
-	if sock := filepath.Join(s.layout.UploadDir(), id+".0123456789.loader", "loader.sock"); len(sock) <= 107 {
+	if sock := filepath.Join(s.layout.StagedDataDir(id), candidateSocket); len(sock) <= 107 {
 		t.Fatalf("the test's socket path is only %d bytes", len(sock))
 	}
 	c, _ := bound(t, s, id, Spec{MemoryMB: 16})
@@ -921,40 +922,6 @@ func TestReconcileFinishesASwapBack(t *testing.T) {
 	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 300, 20)
 	if l.Staging("sb") || l.RestoreFailed("sb") {
 		t.Fatal("the failed restored data or its marker is left")
-	}
-}
-
-// Restored data the instance does not start on (here a redis-server
-// wrapper refuses a data directory with the restore's marker; the loader
-// it lets through) is swapped back out: the restore fails, the old data
-// serves again, and nothing of the restore is left.
-func TestRestoreThatDoesNotStartPutsTheOldDataBack(t *testing.T) {
-	cfg := testConfig(t, 6)
-	real := cfg.RedisServer
-	cfg.RedisServer = filepath.Join(testenvDir(t), "redis-server-picky")
-	script := "#!/bin/sh\ncase \"$1\" in *loader.conf) exec " + real + " \"$@\";; esac\n" +
-		"if [ -e .restored ]; then echo 'refusing restored data' >&2; exit 1; fi\nexec " + real + " \"$@\"\n"
-	if err := os.WriteFile(cfg.RedisServer, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	s := startService(t, cfg)
-	ctx := context.Background()
-	src, _ := bound(t, s, "pk-src", Spec{MemoryMB: 32})
-	fill(t, src, 100, 10)
-	rdb := snapshotBytes(t, s, "pk-src")
-	dst, _, cr := boundCreds(t, s, "pk-dst", Spec{MemoryMB: 32, Persistence: apitype.PersistenceAOF})
-	fill(t, dst, 300, 20)
-
-	_, err := s.Restore(ctx, "pk-dst", bytes.NewReader(rdb), -1, "")
-	if err == nil || !strings.Contains(err.Error(), "the old data is back") {
-		t.Fatalf("restore of data the instance does not start on = %v", err)
-	}
-	if in := mustGet(t, s, "pk-dst"); in.State != "running" {
-		t.Fatalf("pk-dst is %s after the failed restore", in.State)
-	}
-	checkFilled(t, client(t, cr.Port, cr.Username, cr.Password), 300, 20)
-	if l := s.layout; l.Staging("pk-dst") || l.Restored("pk-dst") || l.RestoreFailed("pk-dst") {
-		t.Fatal("the restore left its staging directory or a marker")
 	}
 }
 

@@ -138,7 +138,7 @@ var (
 	descBackupLastSize = instanceDesc("redis_agent_backup_last_success_bytes", "Size of the instance's last successful backup.")
 	descBackupInterval = instanceDesc("redis_agent_backup_interval_seconds", "The period of the instance's backup schedule; absent when it has none (off).")
 	descBackupRunning  = prometheus.NewDesc("redis_agent_backups_running", "Backups in progress.", nil, nil)
-	descTransient      = prometheus.NewDesc("redis_agent_memory_transient_bytes", "Memory budget held for now by backups' BGSAVE forks and restores' loaders.", nil, nil)
+	descTransient      = prometheus.NewDesc("redis_agent_memory_transient_bytes", "Memory budget held for now by backups' BGSAVE forks and restores' candidates.", nil, nil)
 	descDisk           = instanceDesc("redis_agent_instance_disk_bytes", "Disk the instance's files take (allocated bytes, as du counts them), by kind: data (its directory: RDB, AOF, config) and log (its log and the rotated ones); measured every --disk-interval.", "kind")
 	descDiskReserved   = instanceDesc("redis_agent_instance_disk_reserved_bytes", "What the instance's files may take, by kind: data (its directory: the worst case of its files for its maxmemory and persistence) and log (--log-max-size x (--log-keep + 1)); the disk budget counts the log part when the logs are on the data file system.", "kind")
 	descDiskQuota      = instanceDesc("redis_agent_instance_disk_quota_bytes", "The project quota on the instance's data directory, where the file system enforces one.")

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/redis-agent/redis-agent/internal/procfs"
 	"github.com/redis-agent/redis-agent/state"
 	"github.com/redis-agent/redis-agent/supervisor"
 )
@@ -223,28 +224,54 @@ func (s *Service) reconcileOne(rec state.Instance, m *machine, boot *bootOrder) 
 	return outcomeStarted, nil
 }
 
-// killLoaders kills restore loaders a crashed agent left running (they
-// die with the agent unless that failed) and takes them out of procs:
-// those of this agent, in a directory of the uploads (which ClearUploads
-// has removed already: the title still names it), and those of an older
-// one, in an instance's staging directory.
+// killLoaders kills the restore processes a crashed agent left running and
+// takes them out of procs: candidates (their title names candidate.conf
+// in an instance's staging directory), which load staged data and must
+// not outlive the restore that started them, and the loaders of older
+// agents (in a directory of the uploads, which ClearUploads has removed
+// already: the title still names it, or in a staging directory). It
+// returns once they are gone: a candidate's data directory may be the
+// live one, which reconcile starts the instance on next.
 func (s *Service) killLoaders(procs map[string]supervisor.Process) {
+	var killed []supervisor.Process
 	for conf, p := range procs {
-		dir := filepath.Dir(conf)
-		if filepath.Base(conf) != "loader.conf" || filepath.Base(dir) != "restore" && !s.layout.IsLoaderDir(dir) {
+		dir, base := filepath.Dir(conf), filepath.Base(conf)
+		inStaging := filepath.Base(dir) == "restore"
+		if !(base == candidateConf && inStaging) && !(base == "loader.conf" && (inStaging || s.layout.IsLoaderDir(dir))) {
 			continue
 		}
 		delete(procs, conf)
 		if supervisor.Verify(p, conf) != nil {
 			continue
 		}
-		s.log.Warn("killing the loader of an interrupted restore", "pid", p.PID, "config", conf)
+		s.log.Warn("killing the redis-server of an interrupted restore", "pid", p.PID, "config", conf)
 		// Its process group: an AOF rewrite it forked too.
 		if err := syscall.Kill(-p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-			s.log.Error("kill loader", "pid", p.PID, "err", err)
+			s.log.Error("kill the restore's redis-server", "pid", p.PID, "err", err)
+			continue
+		}
+		killed = append(killed, p)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, p := range killed {
+		for alive(p) {
+			if time.Now().After(deadline) {
+				s.log.Error("the redis-server of an interrupted restore survives SIGKILL", "pid", p.PID)
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
 	}
 }
+
+// alive reports whether p still runs (not a zombie, not reused).
+func alive(p supervisor.Process) bool {
+	st, err := procfs.ReadStat(p.PID)
+	return err == nil && !st.Gone() && st.StartTime == p.StartTime
+}
+
+// loaderGroup is the cgroup an older agent gave id's restore loader.
+func loaderGroup(id string) string { return "_restore-" + id }
 
 // finishRestore settles a restore a crash interrupted. The staging
 // directory's marker tells which data directory is live: if the swap

@@ -166,6 +166,8 @@ type saveReader struct {
 	err    error // the save's, once done is closed
 	f      *os.File
 	off    int64
+	// whole is set once the fork has renamed f to dump.rdb.
+	whole bool
 }
 
 // savePoll is how often a saveReader looks for more of the RDB.
@@ -177,6 +179,7 @@ func (r *saveReader) Read(p []byte) (int, error) {
 			r.f = r.find()
 		}
 		if r.f != nil {
+			whole := r.whole
 			n, err := r.f.ReadAt(p, r.off)
 			r.off += int64(n)
 			if n > 0 {
@@ -184,6 +187,9 @@ func (r *saveReader) Read(p []byte) (int, error) {
 			}
 			if err != io.EOF {
 				return 0, err
+			}
+			if whole {
+				return 0, io.EOF
 			}
 		}
 		select {
@@ -214,6 +220,16 @@ func (r *saveReader) Read(p []byte) (int, error) {
 		case <-time.After(savePoll):
 		}
 	}
+}
+
+// renamed reports whether the fork has renamed the temp file being read
+// to dump.rdb, which it does last, once the file is whole and fsynced.
+func (r *saveReader) renamed() bool {
+	var open, dump syscall.Stat_t
+	if syscall.Fstat(int(r.f.Fd()), &open) != nil || syscall.Stat(filepath.Join(r.dir, rdbName), &dump) != nil {
+		return false
+	}
+	return open.Ino == dump.Ino && open.Dev == dump.Dev
 }
 
 // temps are the BGSAVE temp files (temp-<pid>.rdb; a replica's sync
@@ -306,37 +322,41 @@ func (s *Service) runningInstance(ctx context.Context, id string) (state.Instanc
 }
 
 // Restore replaces the data of instance id with the RDB read from body.
-// Nothing changes until the file is known good. While it is received
-// (written to a file of its own, hashed when want is given) it is fed to a
-// loader, the instance's redis-server binary as a replica on a unix
-// socket, in a cgroup of its own limited like the instance, whose memory
-// counts in the memory budget while it runs: the RDB must load (with
-// redis-check-rdb's checks and its checksum), and its data set fit in the
-// instance's maxmemory. Any of these failing is ErrInvalid, with the old
-// data untouched. The received file then becomes the staged data as it
+// Nothing changes until the file is known good, and the old data serves
+// until then. The body is received into a file of its own (hashed when
+// want is given, its size bounded by the instance's memory limit) before
+// the instance's lock is taken: a slow upload holds up no deletion, bind
+// or rollout of the instance. The file then becomes the staged data as it
 // is, read once and written once: for the aof modes the base of a new
-// multi-part AOF (beside an empty incremental file), else dump.rdb; fsynced
-// unless the mode keeps nothing. Then the instance is stopped gracefully,
-// the staged data directory swapped in with one atomic rename, and
-// started; if it does not become ready the old directory is swapped back.
-// Bindings are unaffected: the ACL file is not in the data directory.
-//
-// The body is received and loaded before the instance's lock is taken:
-// a slow upload holds up no deletion, bind or rollout of the instance.
+// multi-part AOF (beside an empty incremental file), else dump.rdb. A
+// candidate, the instance's own redis-server on the instance's own config
+// and the staged data directory (candidate.go), loads it, in the
+// instance's cgroup with room for it and counted in the memory budget
+// meanwhile, while the file goes to disk (unless the mode keeps nothing):
+// the RDB must load, structure and checksum, and its data set fit in the
+// instance's maxmemory, else ErrInvalid, with the old data untouched and
+// the instance never down. Then the supervisor stops the old process
+// gracefully, the staged data directory is swapped in with one atomic
+// rename, and the candidate is moved onto the instance's ports: the
+// instance is down for that alone. Bindings are unaffected: the ACL file
+// is not in the data directory.
 func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size int64, want string) (Instance, error) {
 	if err := validateID("instance", id); err != nil {
 		return Instance{}, err
 	}
 	start := time.Now()
-	rec, in, err := s.runningInstance(ctx, id)
+	rec, _, err := s.restorableInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
 	}
-	release, err := s.reserveLoader(rec)
+	release, err := s.reserveCandidate(rec)
 	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
 	}
-	upload, size, used, err := s.receive(ctx, rec, in, body, size, want, release)
+	// Released once the restore is over: the old process is gone then,
+	// or the candidate.
+	defer release()
+	upload, size, err := s.receive(ctx, rec, body, size, want)
 	if upload != "" {
 		defer os.Remove(upload) // gone already once staged
 	}
@@ -348,15 +368,12 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	unlock := s.locks.lock(id)
 	defer unlock()
 	// Again under the lock: it may have been deleted or resized meanwhile.
-	rec, in, err = s.runningInstance(ctx, id)
+	rec, in, err := s.restorableInstance(ctx, id)
 	if err != nil {
 		return Instance{}, err
 	}
 	if limit := limits.MemoryFor(rec.MemoryMB); size > limit {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, tooLarge(limit, rec.MemoryMB))
-	}
-	if used > int64(rec.MemoryMB)<<20 { // resized meanwhile
-		return Instance{}, fmt.Errorf("restore %q: %w", id, tooMuchData(used, rec.MemoryMB))
 	}
 	log := s.log.With("instance", id)
 	owner := s.ownerOf(rec)
@@ -374,90 +391,146 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	if err := s.quotaFile(rec, upload); err != nil {
 		return Instance{}, fmt.Errorf("restore %q: the instance's disk quota has no room for the snapshot: %w", id, err)
 	}
-	if err := s.stage(rec, upload); err != nil {
+	staged, err := s.stage(rec, upload)
+	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: stage the snapshot: %w", id, err)
 	}
-	staged := time.Now()
 	crashAt(FaultRestoreStaged)
+
+	// The file goes to disk while the candidate loads it.
+	synced := make(chan error, 1)
+	go func() {
+		if rec.Persistence == apitype.PersistenceNone {
+			synced <- nil
+			return
+		}
+		synced <- s.layout.SyncStaged(id, staged)
+	}()
+	c, err := s.startCandidate(rec, in)
+	if err != nil {
+		<-synced
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	defer c.stop()
+	used, err := c.waitLoaded(ctx)
+	if err == nil && used > int64(rec.MemoryMB)<<20 {
+		err = tooMuchData(used, rec.MemoryMB)
+	}
+	if serr := <-synced; err == nil && serr != nil {
+		err = fmt.Errorf("store the snapshot: %w", serr)
+	}
+	if err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
+	loaded := time.Now()
+	crashAt(FaultRestoreLoaded)
 
 	// From here the instance goes down: the caller hanging up must not
 	// leave it half-way.
 	ctx = context.WithoutCancel(ctx)
 	down := time.Now()
-	if err := in.sup.Replace(ctx, "", func() error {
+	err = in.sup.Handover(ctx, c.cmd, func() error {
+		// The old process is gone: one process's room in the cgroup, for
+		// the candidate, which the supervisor confines again as it
+		// starts watching it.
+		in.side.Store(false)
 		err := s.layout.Exchange(id)
 		// Which side is live is what the marker says, error or not.
-		swapped = s.layout.Restored(id)
-		if err == nil {
-			crashAt(FaultRestoreSwapped)
+		if swapped = s.layout.Restored(id); !swapped {
+			c.stop()
+			return err
 		}
-		return err
-	}); err != nil {
-		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+		crashAt(FaultRestoreSwapped)
+		if err == nil {
+			err = c.becomeInstance(ctx, rec)
+		}
+		if err != nil {
+			// Not the instance: the old data goes back, and the
+			// supervisor starts it.
+			c.stop()
+			if rerr := s.putBack(id); rerr != nil {
+				return fmt.Errorf("%w; and the old data could not be put back: %v", err, rerr)
+			}
+			swapped = false
+			return fmt.Errorf("%w; the old data is back", err)
+		}
+		c.taken = true
+		return nil
+	})
+	if err != nil {
+		return Instance{}, fmt.Errorf("restore %q: the restored data's redis-server did not take over: %w", id, err)
 	}
 	if err := in.waitReady(ctx); err != nil {
-		log.Error("restored data does not start; putting the old data back", "err", err)
-		if rerr := s.swapBack(ctx, in, id); rerr != nil {
-			return Instance{}, fmt.Errorf("restore %q: the restored data did not start (%w), nor did the old data again: %v", id, err, rerr)
-		}
-		return Instance{}, fmt.Errorf("restore %q: the restored data did not start: %w; the old data is back", id, err)
+		return Instance{}, fmt.Errorf("restore %q: the restored data's redis-server took over, and then: %w", id, err)
 	}
 	unavailable := time.Since(down)
-	if err := s.layout.FinishRestore(id); err != nil {
+	if prev, err := s.layout.FinishRestoreLater(id); err != nil {
 		log.Warn("previous data left behind; reconcile removes it", "err", err)
+	} else if prev != "" {
+		// After the answer: the files of the previous data set.
+		s.background(func(context.Context) {
+			if err := os.RemoveAll(prev); err != nil {
+				log.Warn("previous data left behind; the next start removes it", "dir", prev, "err", err)
+			}
+		})
 	}
 	s.dropRDB(rec)
 	s.metrics.observe("restore", start)
 	log.Info("restored", "bytes", size, "took", time.Since(start).Round(time.Millisecond),
-		"received_and_loaded", received.Sub(start).Round(time.Millisecond), "staged", staged.Sub(received).Round(time.Millisecond),
+		"received", received.Sub(start).Round(time.Millisecond), "loaded", loaded.Sub(received).Round(time.Millisecond),
 		"unavailable", unavailable.Round(time.Millisecond))
 	return s.view(rec), nil
 }
 
-// swapBack puts the previous data directory back after restored data did
-// not start, and waits for the instance to be ready on it. The restored
-// data is marked failed first, so a crash on the way back makes reconcile
-// finish it rather than keep the restored data.
-func (s *Service) swapBack(ctx context.Context, in *instance, id string) error {
+// restorableInstance is runningInstance for a restore, which an instance
+// replicating from a primary (a move's target) refuses: its data comes
+// from there.
+func (s *Service) restorableInstance(ctx context.Context, id string) (state.Instance, *instance, error) {
+	rec, in, err := s.runningInstance(ctx, id)
+	if err == nil && rec.ReplicaOf != nil {
+		return rec, nil, fmt.Errorf("instance %q replicates from %s:%d (a move under way); its data comes from there: %w",
+			id, rec.ReplicaOf.Host, rec.ReplicaOf.Port, ErrConflict)
+	}
+	return rec, in, err
+}
+
+// putBack exchanges the previous data directory of id back in after
+// restored data did not take over. The restored data is marked failed
+// first, so a crash on the way back makes reconcile finish it rather than
+// keep the restored data.
+func (s *Service) putBack(id string) error {
 	if err := s.layout.MarkRestoreFailed(id); err != nil {
 		return err
 	}
-	if err := in.sup.Replace(ctx, "", func() error { return s.layout.Exchange(id) }); err != nil {
-		return err
-	}
-	if err := in.waitReady(ctx); err != nil {
-		return err
-	}
-	return s.layout.RemoveStaging(id)
+	return s.layout.Exchange(id)
 }
 
 // stage moves the received RDB at upload into rec's staging directory as
 // the data its instance starts on: for the aof modes the base of a new
 // multi-part AOF, with an empty incremental file and the manifest that
 // names the two (Redis 7 with appendonly ignores an RDB beside no AOF),
-// else dump.rdb. Except without persistence, the data is on disk when it
-// returns: it is the instance's from the exchange on, and a crash after
-// the exchange must find it whole.
-func (s *Service) stage(rec state.Instance, upload string) error {
+// else dump.rdb. It returns the staged file's path in the staged
+// directory, which SyncStaged puts on disk.
+func (s *Service) stage(rec state.Instance, upload string) (string, error) {
 	owner := s.ownerOf(rec)
-	durable := rec.Persistence != apitype.PersistenceNone
 	if !apitype.IsAOF(rec.Persistence) {
-		return s.layout.StageFile(rec.ID, upload, rdbName, durable, owner)
+		return rdbName, s.layout.StageFile(rec.ID, upload, rdbName, owner)
 	}
-	if err := s.layout.StageFile(rec.ID, upload, filepath.Join(redis.AOFDir, redis.AOFBase), durable, owner); err != nil {
-		return err
+	base := filepath.Join(redis.AOFDir, redis.AOFBase)
+	if err := s.layout.StageFile(rec.ID, upload, base, owner); err != nil {
+		return "", err
 	}
 	if err := s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFIncr), nil, owner); err != nil {
-		return err
+		return "", err
 	}
-	return s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFManifest), redis.AOFManifestOfBase(), owner)
+	return base, s.layout.StageNewFile(rec.ID, filepath.Join(redis.AOFDir, redis.AOFManifest), redis.AOFManifestOfBase(), owner)
 }
 
-// reserveLoader counts a restore loader of rec's instance in the memory
-// budget (its data set may take the instance's memory_mb) until release
-// is called: a provision or a resize meanwhile sees that much less free.
-// With no room for it, ErrCapacity.
-func (s *Service) reserveLoader(rec state.Instance) (release func(), err error) {
+// reserveCandidate counts a restore's candidate of rec's instance in the
+// memory budget (its data set may take the instance's memory_mb) until
+// release is called: a provision or a resize meanwhile sees that much
+// less free. With no room for it, ErrCapacity.
+func (s *Service) reserveCandidate(rec state.Instance) (release func(), err error) {
 	mb := int64(rec.MemoryMB)
 	// In a write transaction that changes nothing (no commit): admissions
 	// are serialised by the store, so two cannot both take the last room.
@@ -476,273 +549,87 @@ func (s *Service) reserveLoader(rec state.Instance) (release func(), err error) 
 	return func() { once.Do(func() { s.transientMB.Add(-mb) }) }, nil
 }
 
-// receiveBuffer is the size of the copies from the body to the file and
-// the loader.
+// receiveBuffer is the size of the copies from the body to the file.
 const receiveBuffer = 1 << 20
 
-// receive writes body to a new file in the uploads directory, feeding it
-// to a loader as it goes, and checks it: size (an RDB larger than the
-// instance's whole memory limit cannot be its data set), sha256 (when
-// want is given), and the loader's verdict. A declared size (negative:
-// unknown) over the limit is refused before anything is written. It
-// returns the file's path (also on an error, when it was created), size
-// and the used_memory of the loaded data set. The file is on disk when it
-// returns, unless rec keeps no data. gone is called once the loader is
-// gone: before it returns an error, after it returns otherwise.
-func (s *Service) receive(ctx context.Context, rec state.Instance, in *instance, body io.Reader, declared int64, want string, gone func()) (_ string, _ int64, _ int64, err error) {
-	defer func() {
-		if gone != nil {
-			gone()
-		}
-	}()
+// receive writes body to a new file in the uploads directory and checks
+// it: size (an RDB larger than the instance's whole memory limit cannot
+// be its data set), that it is an RDB (its magic), and sha256 (when want
+// is given). A declared size (negative: unknown) over the limit is
+// refused before anything is written. It returns the file's path (also on
+// an error, when it was created) and size. Unless rec keeps no data, the
+// kernel is writing the file back as it arrives (writeBack), so that
+// SyncStaged finds little left.
+func (s *Service) receive(ctx context.Context, rec state.Instance, body io.Reader, declared int64, want string) (_ string, _ int64, err error) {
 	if want != "" && !validSHA256(want) {
-		return "", 0, 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
+		return "", 0, fmt.Errorf("sha256 %q: %w: want 64 hex digits", want, ErrInvalid)
 	}
 	limit := limits.MemoryFor(rec.MemoryMB)
 	if declared > limit {
-		return "", 0, 0, tooLarge(limit, rec.MemoryMB)
+		return "", 0, tooLarge(limit, rec.MemoryMB)
 	}
 	f, err := s.layout.CreateUpload(rec.ID)
 	if err != nil {
-		return "", 0, 0, err
+		return "", 0, err
 	}
 	defer f.Close()
 	path := f.Name()
-	// The loader starts while the body arrives into the file; a feeder
-	// passes the file on to it as it grows: the body comes at the speed
-	// of the network and the disk, the loader parses at its own.
-	durable := rec.Persistence != apitype.PersistenceNone
-	file := &failWriter{w: &writeBack{f: f, on: durable}}
-	grow := newFollow(file)
-	job := loadJob{ID: rec.ID, Binary: in.sup.Binary(), MemoryMB: rec.MemoryMB,
-		Limits: s.limitsFor(rec.MemoryMB, rec.Persistence, rec.IO), Owner: s.ownerOf(rec), Cred: s.credOf(rec)}
-	var ld loading
-	started := make(chan error, 1)
-	fed := make(chan error, 1)
-	go func() {
-		l, err := s.loader.Start(ctx, job)
-		if err != nil {
-			grow.abort(err)
-			started <- err
-			return
-		}
-		ld = l
-		started <- nil
-		r, err := grow.reader(path)
-		if err == nil {
-			feed := &failWriter{w: l}
-			_, err = r.WriteTo(feed)
-			if feed.err != nil {
-				err = errLoaderStopped
-			}
-			r.Close()
-		}
-		if err != nil {
-			grow.abort(err)
-		}
-		fed <- err
-	}()
-	writers := []io.Writer{grow}
+	file := &failWriter{w: &writeBack{f: f, on: rec.Persistence != apitype.PersistenceNone}}
+	magic := &rdbMagic{}
+	writers := []io.Writer{file, magic}
 	var h gohash.Hash
 	if want != "" {
 		h = sha256.New()
 		writers = append(writers, h)
 	}
 	n, err := io.CopyBuffer(io.MultiWriter(writers...), io.LimitReader(body, limit+1), make([]byte, receiveBuffer))
-	grow.finish(err)
-	if serr := <-started; serr != nil {
-		return path, n, 0, fmt.Errorf("restore loader: %w", serr)
-	}
-	// The loader is closed (killed, waited for, its memory freed) while
-	// the restore goes on when all went well, else before the answer.
-	defer func() {
-		if err != nil {
-			ld.Close()
-			return
-		}
-		done := gone
-		gone = nil
-		s.bgMu.Lock()
-		defer s.bgMu.Unlock()
-		if s.ctx.Err() != nil { // shutting down: Close waits for no more
-			ld.Close()
-			done()
-			return
-		}
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			ld.Close()
-			done()
-		}()
-	}()
-	ferr := <-fed
 	switch {
 	case file.err != nil:
-		return path, n, 0, fmt.Errorf("store the snapshot: %w", file.err) // our disk, not the caller
-	case errors.Is(ferr, errLoaderStopped):
-		if _, lerr := ld.Loaded(ctx); lerr != nil {
-			return path, n, 0, lerr
-		}
-		return path, n, 0, fmt.Errorf("restore loader: %w", ferr)
-	case err != nil && !errors.Is(err, errFeedStopped):
-		return path, n, 0, fmt.Errorf("the snapshot could not be read whole (%d bytes read): %v: %w", n, err, ErrInvalid)
-	case ferr != nil:
-		return path, n, 0, fmt.Errorf("feed the restore loader: %w", ferr)
+		return path, n, fmt.Errorf("store the snapshot: %w", file.err) // our disk, not the caller
+	case err != nil:
+		return path, n, fmt.Errorf("the snapshot could not be read whole (%d bytes read): %v: %w", n, err, ErrInvalid)
 	case n > limit:
-		return path, n, 0, tooLarge(limit, rec.MemoryMB)
+		return path, n, tooLarge(limit, rec.MemoryMB)
 	case n == 0:
-		return path, 0, 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
+		return path, 0, fmt.Errorf("the snapshot is empty: %w: send an RDB file as the body", ErrInvalid)
+	}
+	if err := magic.check(); err != nil {
+		return path, n, err
 	}
 	if got := ""; h != nil {
 		if got = hex.EncodeToString(h.Sum(nil)); !strings.EqualFold(got, want) {
-			return path, n, 0, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
+			return path, n, fmt.Errorf("the snapshot's sha256 is %s, not %s: %w (damaged in transit?)", got, want, ErrInvalid)
 		}
 	}
-	// The flush to disk (begun while the body came, see writeBack) ends
-	// while the loader finishes.
-	synced := make(chan error, 1)
-	go func() {
-		if durable {
-			synced <- f.Sync()
-		} else {
-			synced <- nil
-		}
-	}()
-	used, err := ld.Loaded(ctx)
-	if err == nil && used > int64(rec.MemoryMB)<<20 {
-		err = tooMuchData(used, rec.MemoryMB)
-	}
-	if err == nil {
-		crashAt(FaultRestoreLoaded)
-	}
-	if serr := <-synced; err == nil && serr != nil {
-		err = fmt.Errorf("store the snapshot: %w", serr)
-	}
-	return path, n, used, err
+	return path, n, nil
 }
 
-// errLoaderStopped is a feeder's error when the loader stopped taking the
-// RDB (it refused it, or died); errFeedStopped the body's copy's when the
-// feeder stopped.
-var (
-	errLoaderStopped = errors.New("the restore loader stopped taking the snapshot")
-	errFeedStopped   = errors.New("the feed of the restore loader stopped")
-)
-
-// follow is a file written by one goroutine and read, as it grows, by
-// another: the body of a restore and its feeder.
-type follow struct {
-	w    io.Writer
-	mu   sync.Mutex
-	cond *sync.Cond
-	n    int64 // bytes written
-	done bool  // no more writes
-	werr error // why the writes ended early
-	rerr error // why the reader gave up: the writes stop
+// rdbMagic keeps the first bytes written to it, an RDB's "REDIS" and
+// four digits of version: an AOF base that is not an RDB would be read
+// as commands, which a restore does not take.
+type rdbMagic struct {
+	head []byte
 }
 
-func newFollow(w io.Writer) *follow {
-	f := &follow{w: w}
-	f.cond = sync.NewCond(&f.mu)
-	return f
-}
-
-// Write writes to the file, unless the reader gave up.
-func (f *follow) Write(p []byte) (int, error) {
-	f.mu.Lock()
-	stopped := f.rerr != nil
-	f.mu.Unlock()
-	if stopped {
-		return 0, errFeedStopped
+func (m *rdbMagic) Write(p []byte) (int, error) {
+	if k := 9 - len(m.head); k > 0 {
+		m.head = append(m.head, p[:min(k, len(p))]...)
 	}
-	n, err := f.w.Write(p)
-	f.mu.Lock()
-	f.n += int64(n)
-	f.cond.Broadcast()
-	f.mu.Unlock()
-	return n, err
+	return len(p), nil
 }
 
-// finish says the writes are over; err, when set, that they ended early.
-func (f *follow) finish(err error) {
-	f.mu.Lock()
-	f.done, f.werr = true, err
-	f.cond.Broadcast()
-	f.mu.Unlock()
-}
-
-// abort stops the writes (the reader has no use for more).
-func (f *follow) abort(err error) {
-	f.mu.Lock()
-	f.rerr = err
-	f.mu.Unlock()
-}
-
-// reader opens path (the file being written) for reading as it grows.
-func (f *follow) reader(path string) (*followReader, error) {
-	r, err := os.Open(path)
-	if err != nil {
-		return nil, err
+func (m *rdbMagic) check() error {
+	h := m.head
+	if len(h) < 9 || string(h[:5]) != "REDIS" {
+		return fmt.Errorf("the snapshot is not an RDB file (it does not start with REDIS and a version): %w", ErrInvalid)
 	}
-	return &followReader{follow: f, r: r}, nil
-}
-
-type followReader struct {
-	*follow
-	r   *os.File
-	off int64
-}
-
-func (r *followReader) Read(p []byte) (int, error) {
-	r.mu.Lock()
-	for r.off >= r.n && !r.done {
-		r.cond.Wait()
-	}
-	avail, done, werr := r.n-r.off, r.done, r.werr
-	r.mu.Unlock()
-	if avail == 0 && done {
-		if werr != nil {
-			return 0, werr
-		}
-		return 0, io.EOF
-	}
-	n, err := r.r.ReadAt(p[:min(int64(len(p)), avail)], r.off)
-	r.off += int64(n)
-	if err == io.EOF && n > 0 {
-		err = nil
-	}
-	return n, err
-}
-
-// WriteTo copies the file to w as it grows, through w's ReadFrom when it
-// has one (a socket's: sendfile, the bytes not copied through this
-// process), to the end of the writes.
-func (r *followReader) WriteTo(w io.Writer) (int64, error) {
-	if _, err := r.r.Seek(r.off, io.SeekStart); err != nil {
-		return 0, err
-	}
-	var total int64
-	for {
-		r.mu.Lock()
-		for r.off >= r.n && !r.done {
-			r.cond.Wait()
-		}
-		avail, done, werr := r.n-r.off, r.done, r.werr
-		r.mu.Unlock()
-		if avail == 0 && done {
-			return total, werr
-		}
-		n, err := io.Copy(w, &io.LimitedReader{R: r.r, N: avail})
-		r.off += n
-		total += n
-		if err != nil {
-			return total, err
+	for _, c := range h[5:9] {
+		if c < '0' || c > '9' {
+			return fmt.Errorf("the snapshot is not an RDB file (its version %q is not 4 digits): %w", h[5:9], ErrInvalid)
 		}
 	}
+	return nil
 }
-
-func (r *followReader) Close() error { return r.r.Close() }
 
 // failWriter remembers its writer's error, so that a copy's error can be
 // told apart from its reader's.
@@ -753,21 +640,6 @@ type failWriter struct {
 
 func (w *failWriter) Write(p []byte) (int, error) {
 	n, err := w.w.Write(p)
-	if err != nil && w.err == nil {
-		w.err = err
-	}
-	return n, err
-}
-
-// ReadFrom is its writer's ReadFrom, when it has one.
-func (w *failWriter) ReadFrom(r io.Reader) (int64, error) {
-	var n int64
-	var err error
-	if rf, ok := w.w.(io.ReaderFrom); ok {
-		n, err = rf.ReadFrom(r)
-	} else {
-		n, err = io.Copy(struct{ io.Writer }{w.w}, r)
-	}
 	if err != nil && w.err == nil {
 		w.err = err
 	}

@@ -484,7 +484,7 @@ type Credentials struct {
 
 // Capacity is what a broker needs to place the next instance on this VM
 // (GET /v1/capacity). The memory reserved is the records' memory_mb and
-// that of the restore loaders running (each its instance's memory_mb).
+// that of the restores' candidates running (each its instance's memory_mb).
 type Capacity struct {
 	Instances        int `json:"instances"`
 	PortsTotal       int `json:"ports_total"`

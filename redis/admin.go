@@ -63,7 +63,7 @@ func (a *Admin) UseTLS(tlsPort int, conf *tls.Config) {
 }
 
 // dial opens a new connection to the server: over TLS when the server
-// requires it, on the unix socket of a loader, else plain TCP.
+// requires it, on the unix socket of a restore's candidate, else plain TCP.
 func (a *Admin) dial(ctx context.Context) (net.Conn, error) {
 	if t := a.tls.Load(); t != nil {
 		d := tls.Dialer{Config: t.conf}
@@ -171,10 +171,10 @@ func (a *Admin) ConfigGet(ctx context.Context, names ...string) (map[string]stri
 }
 
 // NewSocketAdmin returns an Admin for a server listening on the unix socket
-// at path with its default user (no AUTH): the agent's short-lived loader
-// servers, reachable only through a socket in a 0700 directory.
-func NewSocketAdmin(path string) *Admin {
-	return &Admin{addr: path, sem: make(chan struct{}, 1)}
+// at path, as the agent's admin user with password (a restore's
+// candidate, which has the instance's ACL file).
+func NewSocketAdmin(path, password string) *Admin {
+	return &Admin{addr: path, user: AdminUser, secret: password, sem: make(chan struct{}, 1)}
 }
 
 // Close drops the control connection.

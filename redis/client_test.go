@@ -9,7 +9,7 @@ func (a *Admin) client() *goredis.Client {
 	o := &goredis.Options{Addr: a.addr, Username: a.user, Password: a.secret,
 		MaxRetries: -1, DisableIdentity: true, Protocol: 2, PoolSize: 1}
 	if len(a.addr) > 0 && a.addr[0] == '/' {
-		o.Network, o.Username = "unix", ""
+		o.Network = "unix"
 	}
 	return goredis.NewClient(o)
 }

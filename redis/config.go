@@ -288,41 +288,31 @@ func NewPassword() string {
 	return hex.EncodeToString(b[:])
 }
 
-// RenderLoader returns the redis.conf of a loader: a short-lived server
-// in dir, reachable only on the unix socket at socket with the default
-// user (the socket's directory is 0700), saving nothing, that loads an RDB
-// as a replica does on its first sync from a primary that asks for
-// masterauth (a Feed: REPLICAOF its address once the loader answers):
-// from the socket as it arrives (repl-diskless-load), every structure
-// read and the whole against its checksum (CRC64), with no timeout
-// shorter than an upload may take. The deep check of every listpack,
-// ziplist and intset (sanitize-dump-payload yes, redis-check-rdb's) is not
-// made: it slows the load by half, and buys nothing against the one who
-// uploads, a tenant who may RESTORE any payload into the instance anyway. A relative socket is relative to dir
-// (Redis binds it after changing to dir), which keeps it within the 107
-// bytes of a socket address however deep dir is.
-func RenderLoader(dir, socket, masterauth string) []byte {
+// RenderCandidate returns the redis.conf of a restore's candidate: the
+// instance's own config at conf, with the data directory dir (a staged
+// one) and no TCP or TLS port, reachable only on the unix socket at
+// socket (relative to dir, where Redis binds it: it stays within the 107
+// bytes of a socket address however deep dir is). It loads the staged
+// data at its start as the instance would, as the instance's users (its
+// ACL file); once it has, the agent moves it onto the instance's ports
+// and data directory (CONFIG SET port, tls-port, proc-title-template)
+// and it is the instance. Its title names this config until then, so an
+// agent that restarts knows it for a candidate, not the instance.
+func RenderCandidate(conf, dir, socket string) []byte {
 	var b strings.Builder
 	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
-	line("# A redis-agent restore loader. Written by redis-agent.")
+	line("# A redis-agent restore candidate. Written by redis-agent.")
+	line("include %s", quote(conf))
 	line("port 0")
+	line("tls-port 0")
+	line("dir %s", quote(dir))
 	line("unixsocket %s", quote(socket))
 	line("unixsocketperm 700")
-	line("daemonize no")
-	line(`pidfile ""`)
 	line(`proc-title-template "{title} {listen-addr} {config-file}"`)
-	line("dir %s", quote(dir))
-	line(`logfile ""`)
-	line("always-show-logo no")
-	line("enable-protected-configs no")
-	line("enable-debug-command no")
-	line("enable-module-command no")
-	line("maxmemory 0")
-	line("appendonly no")
-	line(`dbfilename "dump.rdb"`)
-	line(`save ""`)
-	line("masterauth %s", quote(masterauth))
-	line("repl-diskless-load on-empty-db")
-	line("repl-timeout 3600")
 	return []byte(b.String())
 }
+
+// InstanceTitle is the proc-title-template of an instance whose config
+// is conf, set on a candidate when it becomes the instance (its config
+// file is the candidate's): the title Render's template gives.
+func InstanceTitle(conf string) string { return "{title} {listen-addr} " + conf }

@@ -3,6 +3,7 @@ package redis
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
@@ -431,18 +433,36 @@ func portOf(t *testing.T, server map[string]string) int {
 	return p
 }
 
-// runLoader starts a server on RenderLoader's config (the config
-// NewSocketAdmin is for) and returns its directory and socket.
-func runLoader(t *testing.T) (dir, sock string) {
+// runCandidate starts a server on RenderCandidate's config over an
+// instance's (Render, with an admin user whose password is "pw") and
+// returns the candidate's data directory, socket, the instance's config
+// and port.
+func runCandidate(t *testing.T) (dir, sock, conf string, port int) {
 	t.Helper()
-	dir = t.TempDir()
-	sock = filepath.Join(dir, "redis.sock")
-	conf := filepath.Join(dir, "loader.conf")
-	if err := os.WriteFile(conf, RenderLoader(dir, sock, "unused"), 0o600); err != nil {
+	testenv.RedisServer(t)
+	root := t.TempDir()
+	dir = filepath.Join(root, "staged")
+	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	runRedis(t, conf)
-	return dir, sock
+	port = testenv.FreePort(t)
+	c := Conf{Bind: "127.0.0.1", Port: port, Dir: filepath.Join(root, "data"), LogFile: filepath.Join(root, "log"), ACLFile: filepath.Join(root, "users.acl"), MemoryMB: 16, Persistence: apitype.PersistenceRDB}
+	if err := os.Mkdir(c.Dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(c.ACLFile, RenderACL([]User{{Name: AdminUser, PasswordHash: HashPassword("pw"), Admin: true}}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conf = filepath.Join(root, "redis.conf")
+	if err := os.WriteFile(conf, Render(c), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cand := filepath.Join(root, "candidate.conf")
+	if err := os.WriteFile(cand, RenderCandidate(conf, dir, "restore.sock"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	runRedis(t, cand)
+	return dir, filepath.Join(dir, "restore.sock"), conf, port
 }
 
 // waitFields waits until a answers INFO.
@@ -460,9 +480,13 @@ func waitFields(t *testing.T, a *Admin) {
 	})
 }
 
-func TestNewSocketAdmin(t *testing.T) {
-	dir, sock := runLoader(t)
-	a := NewSocketAdmin(sock)
+// A candidate listens on its socket only, in its own data directory, as
+// the instance's users: the admin user works there, the default user does
+// not; CONFIG SET moves it onto the instance's port and gives it the
+// instance's title.
+func TestCandidateOverTheSocket(t *testing.T) {
+	dir, sock, conf, port := runCandidate(t)
+	a := NewSocketAdmin(sock, "pw")
 	defer a.Close()
 	ctx := context.Background()
 	waitFields(t, a)
@@ -471,15 +495,16 @@ func TestNewSocketAdmin(t *testing.T) {
 		t.Fatal(err)
 	}
 	if f["tcp_port"] != "0" {
-		t.Fatalf("tcp_port = %q: the loader must listen on the socket only", f["tcp_port"])
+		t.Fatalf("tcp_port = %q: the candidate must listen on the socket only", f["tcp_port"])
 	}
-	// The default user, no AUTH: data commands and admin commands work.
-	c := goredis.NewClient(&goredis.Options{Network: "unix", Addr: sock, DisableIdentity: true, MaxRetries: -1})
-	defer c.Close()
-	for i := range 5 {
-		if err := c.Set(ctx, "s"+strconv.Itoa(i), "v", 0).Err(); err != nil {
-			t.Fatal(err)
-		}
+	if d := configGet(t, a, "dir"); d != dir {
+		t.Fatalf("dir = %q, want the staged %q", d, dir)
+	}
+	// The instance's ACL: no default user.
+	anon := goredis.NewClient(&goredis.Options{Network: "unix", Addr: sock, DisableIdentity: true, MaxRetries: -1})
+	defer anon.Close()
+	if err := anon.Set(ctx, "k", "v", 0).Err(); err == nil {
+		t.Fatal("the default user wrote to the candidate")
 	}
 	if err := a.SetMaxmemory(ctx, 8); err != nil {
 		t.Fatalf("SetMaxmemory over the socket: %v", err)
@@ -490,26 +515,44 @@ func TestNewSocketAdmin(t *testing.T) {
 	if err := a.Save(ctx); err != nil {
 		t.Fatalf("Save over the socket: %v", err)
 	}
-	if n := checkRDB(t, filepath.Join(dir, "dump.rdb")); n != 5 {
-		t.Errorf("RDB holds %d keys, want 5", n)
+	if _, err := os.Stat(filepath.Join(dir, "dump.rdb")); err != nil {
+		t.Fatalf("the candidate saved elsewhere than its data directory: %v", err)
+	}
+	if err := a.SetConfig(ctx, "port", strconv.Itoa(port)); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.SetConfig(ctx, "proc-title-template", InstanceTitle(conf)); err != nil {
+		t.Fatal(err)
+	}
+	tcp := NewAdmin("127.0.0.1", port, "pw")
+	defer tcp.Close()
+	if err := tcp.Ping(ctx); err != nil {
+		t.Fatalf("PING on the instance's port after CONFIG SET port: %v", err)
+	}
+	pid, _ := strconv.Atoi(f["process_id"])
+	title, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if want := fmt.Sprintf(" 127.0.0.1:%d %s", port, conf); !strings.HasSuffix(strings.TrimRight(string(title), "\x00 "), want) {
+		t.Fatalf("title %q, want it to end with %q", title, want)
 	}
 	if err := a.Shutdown(ctx, true); err != nil {
 		t.Fatalf("Shutdown over the socket: %v", err)
 	}
 	if _, err := a.Fields(ctx, "server"); err == nil {
-		t.Fatal("the loader still answers after SHUTDOWN")
+		t.Fatal("the candidate still answers after SHUTDOWN")
 	}
 }
 
-// Ping is the one Admin method that does not go through go-redis: for an
-// Admin from NewSocketAdmin it dials the socket and sends no AUTH.
+// Ping over the socket logs in as the admin user.
 func TestSocketAdminPing(t *testing.T) {
-	_, sock := runLoader(t)
-	a := NewSocketAdmin(sock)
+	_, sock, _, _ := runCandidate(t)
+	a := NewSocketAdmin(sock, "pw")
 	defer a.Close()
 	waitFields(t, a)
 	if err := a.Ping(context.Background()); err != nil {
 		t.Fatalf("Ping of a socket admin whose server answers INFO: %v", err)
+	}
+	if err := NewSocketAdmin(sock, "wrong").Ping(context.Background()); err == nil {
+		t.Fatal("Ping with a wrong password succeeded")
 	}
 }
 

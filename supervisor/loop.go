@@ -154,6 +154,29 @@ func (l *loop) start() {
 		s.cfg.OnEvent(Event{Kind: Exited, Exit: ex, State: st.State, Restarts: st.Restarts})
 		return
 	}
+	l.watchStarted(r)
+}
+
+// takeOver watches cmd, a redis-server the caller started (Handover), as
+// if the loop had spawned it.
+func (l *loop) takeOver(cmd *exec.Cmd) {
+	s := l.s
+	l.stopBackoff()
+	pid := cmd.Process.Pid
+	p, err := identify(pid)
+	if err != nil {
+		p = Process{PID: pid} // gone already: the watch reaps it
+	}
+	r := &running{p: p, cmd: cmd, started: s.cfg.Clock.Now()}
+	r.watch = watchExit(p)
+	s.probe(r, time.Now())
+	s.log.Info("took over a loaded redis-server", "pid", pid)
+	l.watchStarted(r)
+}
+
+// watchStarted makes r, just started, the process the loop watches.
+func (l *loop) watchStarted(r *running) {
+	s := l.s
 	l.cur = r
 	st := l.transition(Starting, func(st *Status) {
 		st.Process, st.StartedAt, st.NextStart = r.p, r.started, time.Time{}
@@ -216,7 +239,11 @@ func (l *loop) onReplace(req restartRequest) {
 		if req.binary != "" {
 			s.update(func(st *Status) { st.Binary = req.binary })
 		}
-		l.start()
+		if req.next != nil && berr == nil {
+			l.takeOver(req.next)
+		} else {
+			l.start()
+		}
 		err = berr
 	}
 	req.done <- err

@@ -249,7 +249,10 @@ type stopRequest struct {
 type restartRequest struct {
 	binary  string
 	between func() error
-	done    chan error
+	// next, when set, is the process to watch after between instead of
+	// one to spawn (Handover).
+	next *exec.Cmd
+	done chan error
 }
 
 // New returns a Supervisor for cfg; nothing runs until Run.
@@ -382,12 +385,29 @@ func (s *Supervisor) Restart(ctx context.Context) error {
 // the instance is never left down: the caller undoes its change and
 // replaces again.
 func (s *Supervisor) Replace(ctx context.Context, binary string, between func() error) error {
+	return s.request(ctx, restartRequest{binary: binary, between: between, done: make(chan error, 1)})
+}
+
+// Handover is Replace with a process the caller started instead of a
+// spawn: a redis-server on the instance's config that has loaded its data
+// already (a restore's, in a staged data directory), so the instance is
+// down only from the old process's stop to the end of between, which
+// moves next onto the instance's ports and data directory. next must not
+// have been waited for; from a nil between error on it is the
+// supervisor's, which reaps it. On an error from between next stays the
+// caller's, who must have stopped it, and the supervisor spawns a process
+// as Replace does.
+func (s *Supervisor) Handover(ctx context.Context, next *exec.Cmd, between func() error) error {
+	return s.request(ctx, restartRequest{between: between, next: next, done: make(chan error, 1)})
+}
+
+// request hands the loop req and waits for its answer.
+func (s *Supervisor) request(ctx context.Context, req restartRequest) error {
 	// A select picks at random among ready cases: an ended ctx must not
 	// lose to a ready loop and restart the process anyway.
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	req := restartRequest{binary: binary, between: between, done: make(chan error, 1)}
 	select {
 	case s.restartCh <- req:
 	case <-s.done:

@@ -144,6 +144,31 @@ func (l Layout) FinishRestore(id string) error {
 	return l.RemoveStaging(id)
 }
 
+// FinishRestoreLater is FinishRestore leaving the removal of the previous
+// data's files, which takes as long as they are large, for later: the
+// staging directory is moved into UploadDir with one rename, and its new
+// path returned for the caller to remove after answering (ClearUploads
+// removes it at the next start otherwise). Where the move fails (another
+// quota project: EXDEV) it is removed in place, and the path is "".
+func (l Layout) FinishRestoreLater(id string) (string, error) {
+	if err := ValidateID(id); err != nil {
+		return "", err
+	}
+	if err := os.Remove(filepath.Join(l.DataDir(id), RestoreMarker)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("remove restore marker: %w", err)
+	}
+	if err := mkdir(l.UploadDir(), 0o711, Unowned); err == nil {
+		to, err := os.MkdirTemp(l.UploadDir(), id+".*.previous")
+		if err == nil {
+			if err := os.Rename(l.StagingDir(id), filepath.Join(to, "restore")); err == nil {
+				return to, syncDir(l.Dir(id))
+			}
+			os.Remove(to)
+		}
+	}
+	return "", l.RemoveStaging(id)
+}
+
 // A restore's body is received, before the instance's lock is taken, into
 // its own file in <data-root>/_uploads/ (0750, group of the Redis user; "_"
 // starts no instance id), checked there, and renamed into the staging
@@ -172,19 +197,14 @@ func (l Layout) CreateUpload(id string) (*os.File, error) {
 
 // StageFile moves the file at from (an upload) into the staged data
 // directory of id at rel (a path relative to it, whose directories it
-// creates, 0700, o's), and hands it to o. With durable, the file and every
-// name on the way to it are on disk when it returns: the staged data is
-// the instance's once exchanged, and a crash after the exchange must find
-// it whole.
-func (l Layout) StageFile(id, from, rel string, durable bool, o Owner) error {
+// creates, 0700, o's), and hands it to o. It is not on disk yet: SyncStaged
+// makes it so.
+func (l Layout) StageFile(id, from, rel string, o Owner) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
 	to := filepath.Join(l.StagedDataDir(id), rel)
-	dirs := []string{l.StagedDataDir(id)}
-	for d := filepath.Dir(to); d != l.StagedDataDir(id); d = filepath.Dir(d) {
-		dirs = append(dirs, d)
-	}
+	dirs := stagedDirs(l.StagedDataDir(id), to)
 	for i := len(dirs) - 1; i > 0; i-- {
 		if err := mkdir(dirs[i], 0o700, o); err != nil {
 			return err
@@ -196,18 +216,36 @@ func (l Layout) StageFile(id, from, rel string, durable bool, o Owner) error {
 	if err := os.Rename(from, to); err != nil {
 		return fmt.Errorf("stage %s: %w", rel, err)
 	}
-	if !durable {
-		return nil
+	return nil
+}
+
+// SyncStaged puts the staged file at rel of id, and every name on the way
+// to it, on disk: the staged data is the instance's once exchanged, and a
+// crash after the exchange must find it whole.
+func (l Layout) SyncStaged(id, rel string) error {
+	if err := ValidateID(id); err != nil {
+		return err
 	}
+	to := filepath.Join(l.StagedDataDir(id), rel)
 	if err := SyncFile(to); err != nil {
 		return err
 	}
-	for _, d := range dirs {
+	for _, d := range stagedDirs(l.StagedDataDir(id), to) {
 		if err := syncDir(d); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// stagedDirs are root, then the directories from the file at path's up to
+// root's child (created in reverse order).
+func stagedDirs(root, path string) []string {
+	dirs := []string{root}
+	for d := filepath.Dir(path); d != root; d = filepath.Dir(d) {
+		dirs = append(dirs, d)
+	}
+	return dirs
 }
 
 // StageNewFile writes a new file of data at rel in the staged data
@@ -219,29 +257,9 @@ func (l Layout) StageNewFile(id, rel string, data []byte, o Owner) error {
 	return WriteFileAtomic(filepath.Join(l.StagedDataDir(id), rel), data, 0o600, o)
 }
 
-// CreateLoaderDir makes a new directory in UploadDir for a restore
-// loader of instance id (its config, log and socket), 0700, o's. It goes
-// with the uploads: ClearUploads removes it at start.
-func (l Layout) CreateLoaderDir(id string, o Owner) (string, error) {
-	if err := ValidateID(id); err != nil {
-		return "", err
-	}
-	if err := mkdir(l.UploadDir(), 0o711, Unowned); err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp(l.UploadDir(), id+".*.loader")
-	if err != nil {
-		return "", fmt.Errorf("create loader directory: %w", err)
-	}
-	if err := mkdir(dir, 0o700, o); err != nil {
-		os.RemoveAll(dir)
-		return "", err
-	}
-	return dir, nil
-}
-
-// LoaderDirIDs are the instances that have a directory of CreateLoaderDir
-// in UploadDir.
+// LoaderDirIDs are the instances that have a restore loader's directory
+// in UploadDir (<id>.<random>.loader): older agents proved a restore's
+// file with a loader of its own there, whose cgroup a crash may have left.
 func (l Layout) LoaderDirIDs() map[string]bool {
 	ids := map[string]bool{}
 	entries, _ := os.ReadDir(l.UploadDir())
@@ -254,7 +272,8 @@ func (l Layout) LoaderDirIDs() map[string]bool {
 	return ids
 }
 
-// IsLoaderDir reports whether dir is one CreateLoaderDir makes.
+// IsLoaderDir reports whether dir is an older agent's restore loader's
+// directory.
 func (l Layout) IsLoaderDir(dir string) bool {
 	return filepath.Dir(dir) == l.UploadDir() && strings.HasSuffix(dir, ".loader")
 }

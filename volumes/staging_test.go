@@ -324,6 +324,44 @@ func TestFinishRestore(t *testing.T) {
 	}
 }
 
+// FinishRestoreLater leaves the instance as FinishRestore does at once,
+// and the previous data whole in the uploads, which ClearUploads removes.
+func TestFinishRestoreLater(t *testing.T) {
+	const id = "inst-1"
+	l := newInstance(t, id)
+	writeFile(t, filepath.Join(l.DataDir(id), "dump.rdb"), "old")
+	if err := l.CreateStaging(id, Unowned); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(l.StagedDataDir(id), "dump.rdb"), "new")
+	if err := l.Exchange(id); err != nil {
+		t.Fatal(err)
+	}
+	prev, err := l.FinishRestoreLater(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Restored(id) || l.Staging(id) {
+		t.Fatal("marker or staging directory left in the instance")
+	}
+	if got := strings.Join(tree(t, l.Dir(id)), ","); got != "data/,data/dump.rdb=new,tls/" {
+		t.Fatalf("instance dir = %s, want the restored data only", got)
+	}
+	if filepath.Dir(prev) != l.UploadDir() || len(l.LoaderDirIDs()) != 0 {
+		t.Fatalf("previous data moved to %s, want a directory of the uploads not taken for a loader's", prev)
+	}
+	if b, err := os.ReadFile(filepath.Join(prev, "restore", "data", "dump.rdb")); err != nil || string(b) != "old" {
+		t.Fatalf("the previous data in %s: %q %v", prev, b, err)
+	}
+	if err := l.ClearUploads(); err != nil || exists(prev) {
+		t.Fatalf("ClearUploads left %s (%v)", prev, err)
+	}
+	// Never restored: nothing to do.
+	if prev, err := l.FinishRestoreLater(id); err != nil || prev != "" && exists(filepath.Join(prev, "restore")) {
+		t.Fatalf("FinishRestoreLater without a restore = %q, %v", prev, err)
+	}
+}
+
 // After a crash, Restored tells which directory is live: the marker
 // travels with the staged directory.
 func TestRestoredAfterInterruptedRestore(t *testing.T) {
@@ -389,20 +427,21 @@ func TestUploads(t *testing.T) {
 	}
 }
 
-// A loader's directory is in the uploads, named after its instance (an id
-// with dots too), and goes with them.
+// An older agent's loader's directory is in the uploads, named after its
+// instance (an id with dots too), and goes with them.
 func TestLoaderDirs(t *testing.T) {
 	l := newInstance(t, "a.b")
-	dirs := map[string]string{}
+	if err := os.MkdirAll(l.UploadDir(), 0o711); err != nil {
+		t.Fatal(err)
+	}
 	for _, id := range []string{"a.b", "c"} {
-		dir, err := l.CreateLoaderDir(id, Unowned)
+		dir, err := os.MkdirTemp(l.UploadDir(), id+".*.loader")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 || !l.IsLoaderDir(dir) {
-			t.Fatalf("loader dir %s: %v %v", dir, st, err)
+		if !l.IsLoaderDir(dir) {
+			t.Fatalf("loader dir %s not known for one", dir)
 		}
-		dirs[id] = dir
 	}
 	if f, err := l.CreateUpload("c"); err != nil {
 		t.Fatal(err)

@@ -153,7 +153,7 @@ func parse(args []string, out io.Writer) (settings, error) {
 	fs.IntVar(&cfg.Agent.PortMin, "port-min", envInt("PORT_MIN", cfg.Agent.PortMin), "lowest port for instances (env REDIS_AGENT_PORT_MIN)")
 	fs.IntVar(&cfg.Agent.PortMax, "port-max", envInt("PORT_MAX", cfg.Agent.PortMax), "highest port for instances (env REDIS_AGENT_PORT_MAX)")
 	fs.StringVar(&cfg.Agent.RedisServer, "redis-server", env("REDIS_SERVER", cfg.Agent.RedisServer), "redis-server executable; default from PATH (env REDIS_AGENT_REDIS_SERVER)")
-	fs.StringVar(&cfg.Agent.RedisCheckRDB, "redis-check-rdb", env("REDIS_CHECK_RDB", cfg.Agent.RedisCheckRDB), "not used any more: a restore's loader checks the file as it arrives; accepted so existing configurations start (env REDIS_AGENT_REDIS_CHECK_RDB)")
+	fs.StringVar(&cfg.Agent.RedisCheckRDB, "redis-check-rdb", env("REDIS_CHECK_RDB", cfg.Agent.RedisCheckRDB), "not used any more: a restore's candidate checks the file as it loads it; accepted so existing configurations start (env REDIS_AGENT_REDIS_CHECK_RDB)")
 	fs.StringVar(&cfg.Agent.BindHost, "bind", env("BIND", cfg.Agent.BindHost), "address every redis-server listens on (env REDIS_AGENT_BIND)")
 	fs.StringVar(&cfg.Agent.AdvertiseHost, "advertise-host", env("ADVERTISE_HOST", cfg.Agent.AdvertiseHost), "host given in credentials; default the bind address (env REDIS_AGENT_ADVERTISE_HOST)")
 	fs.IntVar(&cfg.Agent.DefaultMemoryMB, "default-memory-mb", envInt("DEFAULT_MEMORY_MB", cfg.Agent.DefaultMemoryMB), "maxmemory of an instance provisioned without one (env REDIS_AGENT_DEFAULT_MEMORY_MB)")

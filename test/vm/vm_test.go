@@ -433,7 +433,7 @@ func scenario(t *testing.T, v *VM, api *agentAPI, fig *figures, unitCgroup strin
 	insts = api.instances()
 	checkCgroups("after crash restarts")
 
-	step("a restore: its loader runs in a cgroup of its own, removed after")
+	step("a restore: its candidate loads in the instance's cgroup and becomes the instance, the cgroup's limits one instance's again")
 	if err := clients["c"].Set(context.Background(), "restored", "yes", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -443,12 +443,15 @@ func scenario(t *testing.T, v *VM, api *agentAPI, fig *figures, unitCgroup strin
 	}
 	start := time.Now()
 	api.raw("PUT", "/v1/instances/c/snapshot", rdb, "application/octet-stream")
-	fig.add("restore of a small snapshot (loader in its own cgroup, then a restart)", ms(time.Since(start)))
+	fig.add("restore of a small snapshot (a candidate in the instance's cgroup, then the hand-over)", ms(time.Since(start)))
 	if got, err := clients["c"].Get(context.Background(), "restored").Result(); err != nil || got != "yes" {
 		t.Fatalf("after the restore: GET restored = %q %v", got, err)
 	}
 	if out := v.Run("ls /sys/fs/cgroup/redis-agent/"); strings.Contains(out, "_restore") {
-		t.Fatalf("the loader's cgroup is left: %s", out)
+		t.Fatalf("a restore's cgroup is left: %s", out)
+	}
+	if after := api.instances()["c"]; after.PID == insts["c"].PID || after.Restarts != insts["c"].Restarts+1 {
+		t.Fatalf("after the restore: pid %d -> %d, restarts %d -> %d; want the candidate in the old one's place", insts["c"].PID, after.PID, insts["c"].Restarts, after.Restarts)
 	}
 	insts = api.instances()
 	checkCgroups("after the restore")
