@@ -10,6 +10,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -1022,4 +1023,78 @@ func TestSnapshotStream(t *testing.T) {
 	if _, err := s.SnapshotStream(ctx, "absent"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("stream of an absent instance = %v, want ErrNotFound", err)
 	}
+}
+
+// A snapshot stream ends when the fork renames its file to dump.rdb (its
+// last step, once the file is whole and fsynced), not when the server
+// notes the save's end, up to a serverCron later: here at hz 1, the
+// server still says the save is in progress when the stream has ended,
+// in at least one of three tries (its cron may fall just between).
+func TestSnapshotStreamEndsAtTheRename(t *testing.T) {
+	s := startService(t, testConfig(t, 2))
+	ctx := context.Background()
+	src, _ := bound(t, s, "sr", Spec{MemoryMB: 64, Persistence: apitype.PersistenceAOF})
+	fill(t, src, 5000, 1000)
+	in := s.runtime("sr")
+	if _, err := in.admin.Do(ctx, "CONFIG", "SET", "hz", "1"); err != nil {
+		t.Fatal(err)
+	}
+	early := 0
+	for range 3 {
+		st, err := s.SnapshotStream(ctx, "sr")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := in.admin.Fields(ctx, "persistence")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f["rdb_bgsave_in_progress"] == "1" {
+			early++
+		}
+		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != st.SHA256() {
+			t.Fatalf("SHA256 %s, the body's %x", st.SHA256(), sum)
+		}
+		st.Close()
+		// Whole: it restores.
+		if n, want := rdbKeys(t, b), int(src.DBSize(ctx).Val()); n != want {
+			t.Fatalf("the streamed RDB holds %d keys, the instance %d", n, want)
+		}
+		// The server notes the end at its next cron; the next save waits.
+		testenv.Eventually(t, "the save noted", 3*time.Second, func() bool {
+			f, err := in.admin.Fields(ctx, "persistence")
+			return err == nil && f["rdb_bgsave_in_progress"] == "0"
+		})
+	}
+	if early == 0 {
+		t.Fatal("every stream ended only once the server had noted the save's end")
+	}
+	if _, err := os.Stat(filepath.Join(s.layout.DataDir("sr"), rdbName)); err == nil {
+		t.Error("dump.rdb left in the data dir of an aof instance")
+	}
+}
+
+// rdbKeys counts the keys of an RDB with redis-check-rdb.
+func rdbKeys(t *testing.T, rdb []byte) int {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "dump.rdb")
+	if err := os.WriteFile(path, rdb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("redis-check-rdb", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis-check-rdb: %v\n%s", err, out)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if before, ok := strings.CutSuffix(strings.TrimSpace(line), " keys read"); ok {
+			n, _ := strconv.Atoi(strings.TrimPrefix(before, "[info] "))
+			return n
+		}
+	}
+	t.Fatalf("redis-check-rdb said no key count:\n%s", out)
+	return 0
 }

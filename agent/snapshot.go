@@ -191,6 +191,14 @@ func (r *saveReader) Read(p []byte) (int, error) {
 			if whole {
 				return 0, io.EOF
 			}
+			if r.renamed() {
+				// Whole: read to its end once more, then EOF. The
+				// server's note of the save's end comes up to a
+				// serverCron later (100 ms at hz 10).
+				r.whole = true
+				r.removeDump()
+				continue
+			}
 		}
 		select {
 		case <-r.done:
