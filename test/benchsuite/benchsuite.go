@@ -39,7 +39,8 @@ type Config struct {
 	Agent, RedisServer string
 	// Broker is the redis-broker binary; "" leaves out the broker
 	// scenarios. They run three agents of their own after the others,
-	// each on a third of the ports PortMin to PortMin+Density+Concurrency.
+	// each on a third of the ports of the agent's range and the bare
+	// references'.
 	Broker string
 	// BrokerSamples is the number of provisions and deletes measured
 	// through the broker and, as many, directly on its agent.
@@ -367,7 +368,7 @@ func (s *suite) bareStart(n, workers int) ([]time.Duration, error) {
 	for w := range workers {
 		dir := filepath.Join(s.cfg.Dir, "bare", strconv.Itoa(w))
 		os.MkdirAll(dir, 0o755)
-		port := s.cfg.PortMin + s.cfg.Density + 1 + w
+		port := s.barePort(w)
 		conf, err := bareConf(dir, port)
 		if err != nil {
 			return nil, err
@@ -452,6 +453,18 @@ func (s *suite) startAgent() error {
 }
 
 // launchAgent starts the agent and returns without waiting for it.
+// spareAgentPorts are the agent's ports beyond the density's instances:
+// the instances other scenarios leave by then (the snapshot source) and
+// a TLS instance's second port.
+const spareAgentPorts = 16
+
+// agentPorts is the size of the agent's port range, from PortMin.
+func (s *suite) agentPorts() int { return s.cfg.Density + spareAgentPorts }
+
+// barePort is the i-th port of the bare references (i < Concurrency),
+// above the agent's range.
+func (s *suite) barePort(i int) int { return s.cfg.PortMin + s.agentPorts() + 1 + i }
+
 func (s *suite) launchAgent() error {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -465,7 +478,7 @@ func (s *suite) launchAgent() error {
 		level, out = "info", io.MultiWriter(a.log, s.cfg.AgentLog)
 	}
 	args := []string{"--listen", listen, "--data-dir", s.data, "--redis-server", s.bin(),
-		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.cfg.Density - 1),
+		"--port-min", strconv.Itoa(s.cfg.PortMin), "--port-max", strconv.Itoa(s.cfg.PortMin + s.agentPorts() - 1),
 		"--memory-budget-mb", strconv.Itoa(16*s.cfg.Density + 4*s.cfg.SnapshotMB + 2*s.cfg.IOMB + 1024), "--log-level", level, "--log-format", "json",
 		"--restart-stable-after", "200ms",
 		// The density's 1000 AOF instances reserve 121 MiB of disk each

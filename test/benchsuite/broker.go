@@ -195,7 +195,7 @@ type brokerFleet struct {
 // brokerPorts is how many instance ports each agent of the broker
 // scenarios gets: a third of the suite's range (PortMin up to the bare
 // reference's last port), free once the agent scenarios are done.
-func (s *suite) brokerPorts() int { return (s.cfg.Density + 1 + s.cfg.Concurrency) / brokerAgents }
+func (s *suite) brokerPorts() int { return (s.agentPorts() + 1 + s.cfg.Concurrency) / brokerAgents }
 
 // brokerScenarios runs the broker's figures. Every process it starts is
 // stopped when it returns, and on an error every redis-server of its
@@ -204,7 +204,7 @@ func (s *suite) brokerScenarios(ctx context.Context) (err error) {
 	per := s.brokerPorts()
 	need := max((s.cfg.Density+brokerAgents-1)/brokerAgents, s.cfg.DrainInstances, 1)
 	if per < need || 2*per < s.cfg.DrainInstances+1 {
-		return fmt.Errorf("%d ports per agent (a third of Density+1+Concurrency) is too few for %d instances and a drain of %d", per, s.cfg.Density, s.cfg.DrainInstances)
+		return fmt.Errorf("%d ports per agent (a third of the agent's range, the bare references' and one) is too few for %d instances and a drain of %d", per, s.cfg.Density, s.cfg.DrainInstances)
 	}
 	f := &brokerFleet{dir: filepath.Join(s.cfg.Dir, "broker")}
 	var procs []*proc

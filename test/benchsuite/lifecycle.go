@@ -270,7 +270,7 @@ func (s *suite) bareRDB(path string, keys int) (save, load time.Duration, err er
 	if err := os.WriteFile(filepath.Join(dir, "dump.rdb"), b, 0o644); err != nil {
 		return 0, 0, err
 	}
-	port := s.cfg.PortMin + s.cfg.Density + 1
+	port := s.barePort(0)
 	conf, err := bareConf(dir, port)
 	if err != nil {
 		return 0, 0, err

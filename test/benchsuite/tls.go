@@ -190,7 +190,7 @@ func (s *suite) bareTLS(dir string) (*bareTLSServer, error) {
 		return nil, err
 	}
 	kder, _ := x509.MarshalPKCS8PrivateKey(key)
-	b := &bareTLSServer{port: s.cfg.PortMin + s.cfg.Density + 1, tlsPort: s.cfg.PortMin + s.cfg.Density + 2,
+	b := &bareTLSServer{port: s.barePort(0), tlsPort: s.barePort(1),
 		caFile: filepath.Join(dir, "ca.pem"), pool: x509.NewCertPool()}
 	b.pool.AddCert(caCert)
 	files := map[string][]byte{
