@@ -14,6 +14,7 @@ import (
 	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/internal/testenv"
 	"github.com/redis-agent/redis-agent/limits"
+	"github.com/redis-agent/redis-agent/state"
 )
 
 // candidateWrapper writes a redis-server wrapper that runs body (sh, in the
@@ -216,5 +217,45 @@ func TestRestoreCandidateThatCannotTakeOverPutsTheOldDataBack(t *testing.T) {
 	}
 	if s.runtime("pk-dst").side.Load() || s.transientMB.Load() != 0 {
 		t.Fatal("the restore's room in the cgroup or the budget is still held")
+	}
+}
+
+// An instance in a move refuses a restore, and nothing changes: a move's
+// target (it replicates from its primary) and its source.
+func TestRestoreRefusedDuringAMove(t *testing.T) {
+	s := startService(t, testConfig(t, 2))
+	ctx := context.Background()
+	c, before := bound(t, s, "mv", Spec{MemoryMB: 16})
+	if err := c.Set(ctx, "old", "data", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshotBytes(t, s, "mv")
+	for name, set := range map[string]func(*state.Instance){
+		"source": func(r *state.Instance) {
+			r.Move = &state.Move{State: state.MoveReplicating, User: "mover", StartedAt: time.Now()}
+		},
+		"target": func(r *state.Instance) {
+			r.ReplicaOf = &state.Primary{Host: "192.0.2.1", Port: 6379, User: "mover", Password: "x"}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			rec, err := s.store.Get("mv")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.store.Update("mv", func(r *state.Instance) error { set(r); return nil }); err != nil {
+				t.Fatal(err)
+			}
+			_, err = s.Restore(ctx, "mv", bytes.NewReader(snap), int64(len(snap)), "")
+			if !errors.Is(err, ErrConflict) {
+				t.Fatalf("Restore of a move's %s = %v, want ErrConflict", name, err)
+			}
+			if _, err := s.store.Update("mv", func(r *state.Instance) error { r.Move, r.ReplicaOf = rec.Move, rec.ReplicaOf; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			if in := mustGet(t, s, "mv"); in.PID != before.PID || c.Get(ctx, "old").Val() != "data" || s.layout.Staging("mv") {
+				t.Fatalf("the refused restore changed the instance: pid %d -> %d", before.PID, in.PID)
+			}
+		})
 	}
 }

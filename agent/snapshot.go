@@ -491,15 +491,21 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 }
 
 // restorableInstance is runningInstance for a restore, which an instance
-// replicating from a primary (a move's target) refuses: its data comes
-// from there.
+// in a move refuses: a target replicating from its primary (its data
+// comes from there), and a source (its replica would have to sync again,
+// and a cutover would meet a process that is not the one it fenced).
 func (s *Service) restorableInstance(ctx context.Context, id string) (state.Instance, *instance, error) {
 	rec, in, err := s.runningInstance(ctx, id)
-	if err == nil && rec.ReplicaOf != nil {
+	switch {
+	case err != nil:
+		return rec, nil, err
+	case rec.ReplicaOf != nil:
 		return rec, nil, fmt.Errorf("instance %q replicates from %s:%d (a move under way); its data comes from there: %w",
 			id, rec.ReplicaOf.Host, rec.ReplicaOf.Port, ErrConflict)
+	case rec.Move != nil:
+		return rec, nil, fmt.Errorf("instance %q is being moved (%s); restore it once the move is over: %w", id, rec.Move.State, ErrConflict)
 	}
-	return rec, in, err
+	return rec, in, nil
 }
 
 // putBack exchanges the previous data directory of id back in after
