@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis-agent/redis-agent/apitype"
@@ -196,6 +197,8 @@ type backups struct {
 	// failed is each instance's last failure since its last success, and
 	// how many in a row.
 	failed map[string]backupFailure
+	// ended is set when a backup ends, for the schedule to look again.
+	ended atomic.Bool
 }
 
 type backupFailure struct {
@@ -247,17 +250,32 @@ func (s *Service) nextDue(rec state.Instance, p policy) time.Time {
 func (s *Service) scheduleBackups(ctx context.Context) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
+	// The records are read again only when the store has changed, a
+	// backup has ended (its failure is kept in memory) or the earliest
+	// slot seen has come: decoding a thousand records four times a
+	// second was most of an idle agent's CPU.
+	var (
+		gen    uint64
+		listed bool
+		next   time.Time // the earliest slot not yet due at the last read; zero: none
+	)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		g, gerr := s.store.Generation()
+		ended := s.bk.ended.Swap(false)
+		now := time.Now()
+		if listed && gerr == nil && g == gen && !ended && (next.IsZero() || now.Before(next)) {
+			continue
+		}
 		recs, err := s.store.List()
 		if err != nil {
 			continue
 		}
-		now := time.Now()
+		gen, listed, next = g, gerr == nil, time.Time{}
 		type due struct {
 			id string
 			at time.Time
@@ -268,8 +286,12 @@ func (s *Service) scheduleBackups(ctx context.Context) {
 				continue
 			}
 			at := s.nextDue(rec, s.policyOf(rec))
-			if !at.IsZero() && !at.After(now) {
+			switch {
+			case at.IsZero():
+			case !at.After(now):
 				dues = append(dues, due{rec.ID, at})
+			case next.IsZero() || at.Before(next):
+				next = at
 			}
 		}
 		slices.SortFunc(dues, func(a, b due) int { return a.at.Compare(b.at) })
@@ -277,12 +299,13 @@ func (s *Service) scheduleBackups(ctx context.Context) {
 			select {
 			case s.bk.sem <- struct{}{}:
 			default:
-				d = due{}
-			}
-			if d.id == "" {
-				break
+				// No slot: still due, looked at again at the next tick.
+				next = now
+				continue
 			}
 			if !s.bk.start(d.id) {
+				// Running already (POST .../backups): its end makes the
+				// schedule look again.
 				<-s.bk.sem
 				continue
 			}
@@ -311,6 +334,7 @@ func (b *backups) finish(id string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.running, id)
+	b.ended.Store(true)
 }
 
 func (b *backups) isRunning(id string) bool {

@@ -229,6 +229,15 @@ func (s *Store) Close() error { return s.db.Close() }
 // Path is the file's path.
 func (s *Store) Path() string { return s.db.Path() }
 
+// Generation is the id of the store's last commit: it changes with every
+// write, so a reader that polls the records can tell, for the price of a
+// read transaction, that none has changed since it last read them.
+func (s *Store) Generation() (uint64, error) {
+	var g uint64
+	err := s.db.View(func(tx *bolt.Tx) error { g = uint64(tx.ID()); return nil })
+	return g, err
+}
+
 // write runs fn in a write transaction and remembers whether committing
 // it failed, for Writable.
 func (s *Store) write(fn func(*bolt.Tx) error) error {

@@ -360,3 +360,40 @@ func TestUpdateEach(t *testing.T) {
 		}
 	}
 }
+
+// Generation changes with every commit (batched ones included) and with
+// nothing else: reads and refused writes leave it.
+func TestGeneration(t *testing.T) {
+	s := open(t)
+	gen := func() uint64 {
+		t.Helper()
+		g, err := s.Generation()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g
+	}
+	g0 := gen()
+	if _, err := s.Create(Instance{ID: "a", MemoryMB: 16}, lowest); err != nil {
+		t.Fatal(err)
+	}
+	g1 := gen()
+	if g1 == g0 {
+		t.Fatal("Create left the generation")
+	}
+	s.Get("a")
+	s.List()
+	s.Usage()
+	if _, err := s.Update("a", func(*Instance) error { return errors.New("refused") }); err == nil {
+		t.Fatal("a refused update succeeded")
+	}
+	if g := gen(); g != g1 {
+		t.Fatalf("reads and a refused update moved the generation %d -> %d", g1, g)
+	}
+	if err := s.UpdateBatched("a", func(i *Instance) error { i.PID = 7; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if g := gen(); g == g1 {
+		t.Fatal("a batched update left the generation")
+	}
+}
