@@ -299,10 +299,12 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	// Its directory's quota (an adopted instance's is set again: a resize
 	// an agent crash cut short).
 	s.applyQuota(rec)
-	// An adopted process keeps its cgroup, unless it is not in it or the
-	// cgroup's limits are not the record's (a resize an agent crash cut
-	// short, changed --cpu-shares or --pids-limit).
-	if adopt != nil && (!s.cg.Contains(id, adopt.PID) || in.limitsDrift()) {
+	// An adopted process keeps its cgroup, unless it is not in it. Whether
+	// the cgroup's limits are the record's (a resize an agent crash cut
+	// short, changed --cpu-shares or --pids-limit) syncLive checks once it
+	// is ready, in the background: reading every cgroup's files here was
+	// half of an agent restart's time at a thousand instances.
+	if adopt != nil && !s.cg.Contains(id, adopt.PID) {
 		s.confine(id, adopt.PID)
 	}
 	s.mu.Lock()
