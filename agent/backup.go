@@ -447,13 +447,16 @@ func (s *Service) backup(ctx context.Context, id string) (bk apitype.Backup, err
 		reason = backup.Reason(err)
 		return apitype.Backup{}, storageErr(reason, err)
 	}
+	// The last failure goes before the success is recorded: whoever reads
+	// the record with this backup in it must not see that failure beside
+	// it (they did, for the moment between the two).
+	s.bk.mu.Lock()
+	delete(s.bk.failed, id)
+	s.bk.mu.Unlock()
 	last := &state.LastBackup{Key: key, Time: start, Size: snap.Size, SHA256: snap.SHA256}
 	if rec, err = s.store.Update(id, func(r *state.Instance) error { r.LastBackup = last; return nil }); err != nil {
 		log.Warn("backup taken but not recorded", "key", key, "err", err)
 	}
-	s.bk.mu.Lock()
-	delete(s.bk.failed, id)
-	s.bk.mu.Unlock()
 	took := time.Since(start)
 	s.metrics.observe("backup", start)
 	log.Info("backup taken", "key", key, "bytes", snap.Size, "took", took.Round(time.Millisecond),
