@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/redis-agent/redis-agent/limits"
 	"golang.org/x/sys/unix"
 )
 
@@ -177,6 +179,26 @@ func TestDiskBudget(t *testing.T) {
 	}
 	if _, err := s.Resize(ctx, "b0", 32); err != nil {
 		t.Fatalf("shrinking on a full disk: %v", err)
+	}
+	// A restore's staged copy must fit beside the data: by its declared
+	// size, else by the most an upload may be. Refused, it changes nothing.
+	snap := snapshotBytes(t, s, "small")
+	if _, err := s.Restore(ctx, "small", bytes.NewReader(snap), int64(len(snap)), ""); !errors.Is(err, ErrCapacity) || !strings.Contains(err.Error(), "of disk") {
+		t.Fatalf("a restore on a full disk: %v, want ErrCapacity for the disk", err)
+	}
+	if s.layout.Staging("small") || s.transientMB.Load() != 0 {
+		t.Fatal("the refused restore left a staging directory or held memory")
+	}
+	// Room for the snapshot and a little: the headroom and what the
+	// instances may grow into (free less available) on top.
+	free = 1000 << 20
+	c, _ = s.Capacity(ctx)
+	free = free - c.DiskAvailableBytes + int64(len(snap)) + 1<<20
+	if _, err := s.Restore(ctx, "small", bytes.NewReader(snap), -1, ""); !errors.Is(err, ErrCapacity) {
+		t.Fatalf("a restore of unknown size with room for its size only: %v, want ErrCapacity (it may be up to %d MiB)", err, limits.MemoryFor(64)>>20)
+	}
+	if _, err := s.Restore(ctx, "small", bytes.NewReader(snap), int64(len(snap)), ""); err != nil {
+		t.Fatalf("a restore of declared size with room for it: %v", err)
 	}
 	// A delete gives its reservation back.
 	free = 1000 << 20

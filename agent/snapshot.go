@@ -357,6 +357,17 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 	if err != nil {
 		return Instance{}, err
 	}
+	// The staged data set lies beside the instance's own until the
+	// hand-over: room for it on the disk, beyond what the instances may
+	// grow into (its declared size, else the most an upload may be; a
+	// declared size beyond that is receive's 422).
+	need := limits.MemoryFor(rec.MemoryMB)
+	if size > 0 {
+		need = min(size, need)
+	}
+	if err := s.admitDisk(need, fmt.Sprintf("a restore's snapshot of %s (staged beside the instance's data until the hand-over)", mib(need))); err != nil {
+		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
+	}
 	release, err := s.reserveCandidate(rec)
 	if err != nil {
 		return Instance{}, fmt.Errorf("restore %q: %w", id, err)
