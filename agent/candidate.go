@@ -164,12 +164,17 @@ func (c *candidate) waitLoaded(ctx context.Context) (int64, error) {
 		if err == nil {
 			break
 		}
-		var se redis.ServerError
-		if errors.As(err, &se) {
-			answered = true
-		}
 		if c.exited() {
 			return 0, c.refused()
+		}
+		var se redis.ServerError
+		switch {
+		case errors.As(err, &se) && se.Loading():
+			answered = true
+		case errors.As(err, &se):
+			// It runs, and refuses the agent (its admin user not in its
+			// ACL file, say): no wait makes that pass.
+			return 0, fmt.Errorf("the restore's redis-server refuses the agent: %w", err)
 		}
 		if !answered && time.Now().After(startBy) {
 			return 0, fmt.Errorf("the restore's redis-server did not answer on its socket within %s: %w", candidateStartTimeout, err)

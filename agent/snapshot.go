@@ -457,6 +457,9 @@ func (s *Service) Restore(ctx context.Context, id string, body io.Reader, size i
 		// Which side is live is what the marker says, error or not.
 		if swapped = s.layout.Restored(id); !swapped {
 			c.stop()
+			if err == nil {
+				err = errors.New("the exchange left the restored data out of place")
+			}
 			return err
 		}
 		crashAt(FaultRestoreSwapped)
