@@ -243,6 +243,13 @@ func (s *Store) Generation() (uint64, error) {
 func (s *Store) write(fn func(*bolt.Tx) error) error {
 	var fnErr error
 	err := s.db.Update(func(tx *bolt.Tx) error { fnErr = fn(tx); return fnErr })
+	return s.noteWrite(err, fnErr)
+}
+
+// noteWrite remembers, for Writable, whether the commit of a write
+// transaction failed: err is the transaction's, fnErr its function's (a
+// refusal of the caller's, not a failure of the file). It returns err.
+func (s *Store) noteWrite(err, fnErr error) error {
 	switch {
 	case err == nil:
 		s.writeErr.Store(nil)
@@ -483,13 +490,7 @@ func (s *Store) UpdateBatched(id string, fn func(*Instance) error) error {
 		_, _, fnErr = apply(tx, id, false, func(inst *Instance, _ Usage) error { return fn(inst) })
 		return fnErr
 	})
-	switch {
-	case err == nil:
-		s.writeErr.Store(nil)
-	case fnErr == nil:
-		s.writeErr.Store(&err)
-	}
-	return err
+	return s.noteWrite(err, fnErr)
 }
 
 // UpdateEach is Update of many records in one transaction, one commit
