@@ -115,7 +115,7 @@ func (s *Service) startCandidate(rec state.Instance, in *instance) (c *candidate
 	}
 	c.cmd = cmd
 	pid := cmd.Process.Pid
-	if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte("500"), 0); err != nil {
+	if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(instanceOOMScoreAdj)), 0); err != nil {
 		s.log.Debug("set oom_score_adj", "pid", pid, "err", err)
 	}
 	if err := s.cg.Apply(id, pid, s.liveLimits(id, rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {

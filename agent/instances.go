@@ -278,7 +278,7 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 		LogPath:      s.layout.LogPath(id),
 		Env:          redis.Env,
 		Command:      s.startCommand(id),
-		OOMScoreAdj:  500,
+		OOMScoreAdj:  instanceOOMScoreAdj,
 		Admin:        admin,
 		Check:        in.check,
 		Policy:       s.cfg.Restart,
@@ -415,6 +415,11 @@ func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSett
 	}
 	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
 }
+
+// instanceOOMScoreAdj is every redis-server's oom_score_adj (a restore's
+// candidate's too): under memory pressure the kernel kills a tenant before
+// the agent.
+const instanceOOMScoreAdj = 500
 
 // liveLimits are limitsFor of instance id as its cgroup has them now:
 // while a restore's candidate shares it with the running process, with
