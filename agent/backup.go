@@ -244,20 +244,28 @@ func (s *Service) nextDue(rec state.Instance, p policy) time.Time {
 	return due
 }
 
+// relistAfterChange is the shortest time between two reads of the
+// records for the backup schedule when only the store has changed; a new
+// policy's slot is seen this late at most.
+const relistAfterChange = 2 * time.Second
+
 // scheduleBackups runs until ctx ends: every tick it starts the backups
 // that are due, at most Parallel at a time (the rest wait for the next
 // tick, oldest due first).
 func (s *Service) scheduleBackups(ctx context.Context) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
-	// The records are read again only when the store has changed, a
-	// backup has ended (its failure is kept in memory) or the earliest
-	// slot seen has come: decoding a thousand records four times a
-	// second was most of an idle agent's CPU.
+	// The records are read again only when a backup has ended (its
+	// failure is kept in memory), the earliest slot seen has come, or the
+	// store has changed, that at most every relistAfterChange: decoding a
+	// thousand records four times a second was most of an idle agent's
+	// CPU, and at agent start, with a commit for every instance's start,
+	// a tenth of its CPU.
 	var (
-		gen    uint64
-		listed bool
-		next   time.Time // the earliest slot not yet due at the last read; zero: none
+		gen      uint64
+		listed   bool
+		listedAt time.Time
+		next     time.Time // the earliest slot not yet due at the last read; zero: none
 	)
 	for {
 		select {
@@ -268,14 +276,15 @@ func (s *Service) scheduleBackups(ctx context.Context) {
 		g, gerr := s.store.Generation()
 		ended := s.bk.ended.Swap(false)
 		now := time.Now()
-		if listed && gerr == nil && g == gen && !ended && (next.IsZero() || now.Before(next)) {
+		changed := gerr != nil || g != gen
+		if listed && !ended && (next.IsZero() || now.Before(next)) && (!changed || now.Sub(listedAt) < relistAfterChange) {
 			continue
 		}
 		recs, err := s.store.List()
 		if err != nil {
 			continue
 		}
-		gen, listed, next = g, gerr == nil, time.Time{}
+		gen, listed, listedAt, next = g, gerr == nil, now, time.Time{}
 		type due struct {
 			id string
 			at time.Time

@@ -797,10 +797,11 @@ func (in *instance) check(ctx context.Context, pid int) error {
 	st := &instanceStats{pid: pid, ok: err == nil, info: info, checked: time.Now()}
 	st.rss, st.cpu = procUsage(pid)
 	in.stats.Store(st)
-	// The cgroup's limits (four files) every limitsEvery-th check, the
-	// first included: at 1000 instances every check would be a tenth of
-	// the agent's idle CPU.
-	drifted := in.aclPending.Load() || n%limitsEvery == 0 && in.limitsDrift()
+	// The cgroup's limits (four files) every limitsEvery-th check: at 1000
+	// instances every check would be a tenth of the agent's idle CPU. Not
+	// at the first, which comes just before Ready: the syncLive that every
+	// Ready runs compares them.
+	drifted := in.aclPending.Load() || n > 0 && n%limitsEvery == 0 && in.limitsDrift()
 	if want := in.memoryMB.Load() << 20; err == nil && want > 0 && info.MaxMemory != float64(want) {
 		drifted = true
 	}
