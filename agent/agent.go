@@ -30,6 +30,7 @@ import (
 	"github.com/redis-agent/redis-agent/backup"
 	"github.com/redis-agent/redis-agent/confine"
 	"github.com/redis-agent/redis-agent/forward"
+	"github.com/redis-agent/redis-agent/internal/sdnotify"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/ports"
 	"github.com/redis-agent/redis-agent/redis"
@@ -60,6 +61,9 @@ type Service struct {
 	launcher string
 	support  confine.Support
 	notes    []string
+	// notify receives the instances' READY=1 (nil: their starts are
+	// polled).
+	notify *sdnotify.Listener
 
 	// ctx is the supervisors' lifetime: cancelling it is agent shutdown.
 	ctx    context.Context
@@ -298,6 +302,13 @@ func New(cfg Config) (*Service, error) {
 		log.Info("backups", "target", t.Where(), "schedule", cfg.Backup.Schedule, "keep", cfg.Backup.Keep, "keep_days", cfg.Backup.KeepDays,
 			"parallel", cfg.Backup.Parallel, "agent_name", cfg.Backup.AgentName)
 	}
+	// After the state's lock: one agent binds the socket of a data
+	// directory.
+	if l, err := sdnotify.Listen(filepath.Join(cfg.DataDir, "notify.sock")); err != nil {
+		log.Warn("instances' starts are polled with connections, not told of", "err", err)
+	} else {
+		s.notify = l
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -328,6 +339,9 @@ func (s *Service) Close() error {
 	s.mu.Unlock()
 	// Gone only when no instance's cgroup is left in it.
 	s.cg.RemoveRootIfEmpty()
+	if s.notify != nil {
+		s.notify.Close()
+	}
 	return s.store.Close()
 }
 

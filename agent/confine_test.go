@@ -140,3 +140,32 @@ func TestInstanceUIDs(t *testing.T) {
 		t.Fatalf("c got uid %d; want the deleted a's %d back", c.UID, a.UID)
 	}
 }
+
+// A confined redis-server of its own user tells the agent it is ready
+// (READY=1 to the agent's notify socket, from the pid the kernel
+// vouches for), so later starts are not polled with connections.
+func TestStartsTellTheirReadiness(t *testing.T) {
+	cfg := testConfig(t, 4)
+	s := startService(t, cfg)
+	if s.notify == nil {
+		t.Fatal("no notify socket")
+	}
+	if s.notify.Trusts(cfg.RedisServer) {
+		t.Fatal("trusted before any start")
+	}
+	inst, _, err := s.Provision(t.Context(), "a", Spec{MemoryMB: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() == 0 && procUID(t, inst.PID) == 0 {
+		t.Fatal("the instance runs as root; the test is of an instance user's notice")
+	}
+	testenv.Eventually(t, "the READY=1 of a's redis-server", 5*time.Second, func() bool { return s.notify.Trusts(cfg.RedisServer) })
+	// The next start waits for its notice: still ready, still answering.
+	if _, _, err := s.Provision(t.Context(), "b", Spec{MemoryMB: 16}); err != nil {
+		t.Fatal(err)
+	}
+	if n := dbsize(t, s, "b"); n != 0 {
+		t.Fatalf("dbsize of b %d", n)
+	}
+}

@@ -271,15 +271,20 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	in.policy.Store(policyOf(rec))
 	s.useTLS(in, rec)
 	in.io.Store(rec.IO)
+	env, notify := redis.Env, supervisor.Notifier(nil)
+	if s.notify != nil {
+		env, notify = append(slices.Clip(redis.Env), s.notify.Env()), s.notify
+	}
 	sup := supervisor.New(supervisor.Config{
 		Binary:       s.binaryOf(rec),
 		ConfPath:     s.layout.ConfPath(id),
 		Dir:          s.layout.DataDir(id),
 		LogPath:      s.layout.LogPath(id),
-		Env:          redis.Env,
+		Env:          env,
 		Command:      s.startCommand(id),
 		OOMScoreAdj:  instanceOOMScoreAdj,
 		Admin:        admin,
+		Notify:       notify,
 		Check:        in.check,
 		Policy:       s.cfg.Restart,
 		ReadyTimeout: s.cfg.ReadyTimeout,

@@ -120,7 +120,9 @@ func Render(c Conf) []byte {
 	}
 	line("protected-mode yes")
 	line("daemonize no")
-	line("supervised no")
+	// READY=1 to the agent's socket (NOTIFY_SOCKET in the environment)
+	// once loaded; without the variable, no supervision.
+	line("supervised auto")
 	line(`pidfile ""`)
 	// The agent recognises its processes by the config path in the title.
 	line(`proc-title-template "{title} {listen-addr} {config-file}"`)

@@ -169,7 +169,7 @@ func (l *loop) takeOver(cmd *exec.Cmd) {
 	}
 	r := &running{p: p, cmd: cmd, started: s.cfg.Clock.Now()}
 	r.watch = watchExit(p)
-	s.probe(r, time.Now())
+	s.probe(r, time.Now(), notice{})
 	s.log.Info("took over a loaded redis-server", "pid", pid)
 	l.watchStarted(r)
 }

@@ -148,6 +148,10 @@ type Config struct {
 	// when non-zero, so the kernel prefers it to the agent under pressure.
 	OOMScoreAdj int
 	Admin       Admin
+	// Notify, when set, tells the readiness probe of a spawned process's
+	// READY=1 (sd_notify), so that it need not poll the process with
+	// connections while it starts; Env must point the process at it.
+	Notify Notifier
 	// Check is the periodic health check of a running process, given its
 	// pid; nil means Admin.Ping. Its error is judged like Ping's.
 	Check  func(ctx context.Context, pid int) error
@@ -184,6 +188,15 @@ type Config struct {
 	// Clock times the restart policy and the health checks; nil is the
 	// real clock.
 	Clock Clock
+}
+
+// Notifier is where a spawned process's readiness notification comes
+// from (package sdnotify).
+type Notifier interface {
+	// Expect waits for the READY=1 of process pid, which binary started
+	// at since: ready is closed when it comes, trusted tells that binary
+	// has sent one before, and release ends the wait.
+	Expect(pid int, binary string, since time.Time) (ready <-chan struct{}, trusted bool, release func())
 }
 
 // Health configures hang detection.

@@ -41,6 +41,13 @@ func fakeServer(mode string) {
 		os.WriteFile("ready", nil, 0o600)
 		<-ch
 		os.Exit(0)
+	case "slow": // as sleep, ready only after 300 ms
+		ch := make(chan os.Signal, 1)
+		signal.Notify(ch, syscall.SIGTERM)
+		time.Sleep(300 * time.Millisecond)
+		os.WriteFile("ready", nil, 0o600)
+		<-ch
+		os.Exit(0)
 	case "ignore-term": // needs SIGKILL
 		signal.Ignore(syscall.SIGTERM)
 		os.WriteFile("ready", nil, 0o600)
@@ -119,6 +126,9 @@ func newSup(t *testing.T, mode string, admin Admin, mod func(*Config)) (*Supervi
 	dir := t.TempDir()
 	if fa, ok := admin.(*fakeAdmin); ok {
 		fa.dir = dir
+	}
+	if ca, ok := admin.(*countingAdmin); ok {
+		ca.dir = dir
 	}
 	cfg := Config{
 		Binary:       os.Args[0],
@@ -458,4 +468,99 @@ func TestEnvironment(t *testing.T) {
 			}
 		})
 	}
+}
+
+// fakeNotifier hands the probe a notice the test sends.
+type fakeNotifier struct {
+	trusted  bool
+	ready    chan struct{}
+	mu       sync.Mutex
+	expected []int
+	released int
+}
+
+func (n *fakeNotifier) Expect(pid int, binary string, since time.Time) (<-chan struct{}, bool, func()) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.expected = append(n.expected, pid)
+	return n.ready, n.trusted, func() { n.mu.Lock(); n.released++; n.mu.Unlock() }
+}
+
+// countingAdmin counts the probe's pings.
+type countingAdmin struct {
+	*fakeAdmin
+	pings atomic.Int32
+}
+
+func (a *countingAdmin) Ping(ctx context.Context) error {
+	a.pings.Add(1)
+	return a.fakeAdmin.Ping(ctx)
+}
+
+// A start whose binary has sent READY=1 before is not pinged until its
+// notice comes (or a while has passed: a lost notice is not a failed
+// start); once it comes, one ping finds it ready. One whose binary never
+// has is polled as before, the notice or not.
+func TestNoticeOfReadiness(t *testing.T) {
+	t.Run("trusted", func(t *testing.T) {
+		n := &fakeNotifier{trusted: true, ready: make(chan struct{})}
+		admin := &countingAdmin{fakeAdmin: &fakeAdmin{}}
+		s, _, _ := newSup(t, "sleep", admin, func(c *Config) {
+			c.Notify, c.ReadyTimeout = n, 5*time.Second
+			c.Check = func(context.Context, int) error { return nil } // pings of its own
+		})
+		// The fake server is up within milliseconds; the probe waits
+		// for the notice, at least noticePoll(0), before its first ping.
+		testenv.Eventually(t, "the fake server up", 5*time.Second, func() bool {
+			_, err := os.Stat(filepath.Join(s.cfg.Dir, "ready"))
+			return err == nil
+		})
+		time.Sleep(noticePoll(0) / 2)
+		if p := admin.pings.Load(); p != 0 || s.Status().State != Starting {
+			t.Fatalf("%d pings, state %v, before the notice and before %v", p, s.Status().State, noticePoll(0))
+		}
+		close(n.ready)
+		if err := s.WaitReady(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if p := admin.pings.Load(); p != 1 {
+			t.Fatalf("%d pings to a start that said READY=1, want 1", p)
+		}
+		testenv.Eventually(t, "the wait released", 5*time.Second, func() bool {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			return n.released == 1
+		})
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		if len(n.expected) != 1 || n.expected[0] != s.Status().Process.PID {
+			t.Fatalf("expected %v, pid %d", n.expected, s.Status().Process.PID)
+		}
+	})
+	// A server ready 300 ms after its start: polled all along when its
+	// binary is not trusted, pinged a few times only when it is and the
+	// notice is lost; ready either way.
+	pings := func(t *testing.T, trusted bool) int32 {
+		n := &fakeNotifier{trusted: trusted, ready: make(chan struct{})}
+		admin := &countingAdmin{fakeAdmin: &fakeAdmin{}}
+		s, _, _ := newSup(t, "slow", admin, func(c *Config) {
+			c.Notify, c.ReadyTimeout = n, 5*time.Second
+			c.Check = func(context.Context, int) error { return nil }
+		})
+		if err := s.WaitReady(t.Context()); err != nil {
+			t.Fatalf("a start whose notice never came: %v", err)
+		}
+		return admin.pings.Load()
+	}
+	t.Run("lost", func(t *testing.T) {
+		// At 100, 200, 300, 450, 675 ms...: polled, ~80 by 400 ms.
+		if p := pings(t, true); p > 6 {
+			t.Fatalf("%d pings waiting for a notice, want at most 6", p)
+		}
+	})
+	t.Run("untrusted", func(t *testing.T) {
+		if p := pings(t, false); p < 15 {
+			t.Fatalf("%d pings of an untrusted start that took 300 ms, want it polled (15 or more)", p)
+		}
+	})
 }
