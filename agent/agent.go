@@ -164,6 +164,13 @@ type instance struct {
 	// limitsDrift reports whether the cgroup's limits differ from the
 	// record's.
 	limitsDrift func() bool
+	// confined is the process last put into the cgroup and the limits
+	// given it then, until the syncLive after (its Ready) takes it: that
+	// sync need not read the limits back.
+	confined atomic.Pointer[confinedTo]
+	// justConfined takes confined: whether it is pid, with the limits
+	// the record gives now.
+	justConfined func(pid int) bool
 	// checks counts the health checks.
 	checks atomic.Uint64
 	// aclPending is set while an ACL change could not be applied to the
@@ -184,6 +191,13 @@ type instanceStats struct {
 	rss     float64 // bytes
 	cpu     float64 // seconds, user + system
 	checked time.Time
+}
+
+// confinedTo is a process the agent has just put into its cgroup, with
+// the limits it gave the cgroup.
+type confinedTo struct {
+	pid    int
+	limits limits.Limits
 }
 
 // New opens the state and prepares the directories. It starts nothing:

@@ -264,8 +264,13 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
 	in.limitsDrift = func() bool {
-		d, err := s.cg.Differs(id, s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load()))
+		want := s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load())
+		d, err := s.cg.Differs(id, want)
 		return err == nil && d
+	}
+	in.justConfined = func(pid int) bool {
+		c := in.confined.Swap(nil)
+		return c != nil && c.pid == pid && c.limits == s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load())
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
 	in.policy.Store(policyOf(rec))
@@ -448,8 +453,13 @@ func (s *Service) confine(id string, pid int) {
 	if err != nil {
 		return
 	}
-	if err := s.cg.Apply(id, pid, s.liveLimits(id, rec.MemoryMB, rec.Persistence, rec.IO)); err != nil {
+	l := s.liveLimits(id, rec.MemoryMB, rec.Persistence, rec.IO)
+	if err := s.cg.Apply(id, pid, l); err != nil {
 		s.log.Error("cannot confine redis-server to its cgroup", "instance", id, "pid", pid, "err", err)
+		return
+	}
+	if in := s.runtime(id); in != nil {
+		in.confined.Store(&confinedTo{pid: pid, limits: l})
 	}
 }
 
@@ -493,7 +503,9 @@ func (s *Service) syncLive(ctx context.Context, id string) {
 	// Ready before the first one (a start or an adoption) leaves it to
 	// that check, which comes back here when it does. Setting it blindly
 	// would cost every adopted instance a connection at agent start.
-	if pid := in.sup.Status().Process.PID; pid != 0 && in.limitsDrift() {
+	// The cgroup's limits are read back unless they were given to this
+	// very process a moment ago (the Ready after its start).
+	if pid := in.sup.Status().Process.PID; pid != 0 && !in.justConfined(pid) && in.limitsDrift() {
 		s.log.Warn("cgroup limits differ from the record's; applying them", "instance", id)
 		s.confine(id, pid)
 	}
