@@ -100,7 +100,7 @@ func (s *Service) startCandidate(rec state.Instance, in *instance) (c *candidate
 	cmd := confine.Command(context.Background(), s.launcher, s.serverPolicy(id, binary, dir, conf), binary, conf)
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = redis.Env
+	cmd.Env = append(cmd.Env, redis.Env...) // after the launcher's own (confine.Command)
 	// As the instance's own processes: its own session, and no Pdeathsig,
 	// since it outlives the agent once it is the instance. An agent that
 	// dies before that leaves it running; the next one kills it

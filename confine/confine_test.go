@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/redis-agent/redis-agent/confine/filter"
+	"github.com/redis-agent/redis-agent/internal/testenv"
 )
 
 // The tests confine a child: the test binary run again with childEnv set
@@ -262,4 +264,24 @@ func ExamplePolicy_Args() {
 	p := Policy{Exec: []string{"/usr/bin/redis-server"}, ReadOnly: []string{"/d/i/redis.conf"}, ReadWrite: []string{"/d/i/data"}}
 	fmt.Println(append(p.Args(), "--", "/usr/bin/redis-server", "/d/i/redis.conf"))
 	// Output: [--exec /usr/bin/redis-server --ro /d/i/redis.conf --rw /d/i/data -- /usr/bin/redis-server /d/i/redis.conf]
+}
+
+// The launcher's own environment (one P for its Go runtime) stays its
+// own: the command it execs gets the rest, as it was.
+func TestLauncherEnvIsItsOwn(t *testing.T) {
+	cmd := Command(t.Context(), testenv.Launcher(t), Policy{NoLandlock: true, NoSeccomp: true}, "/usr/bin/env")
+	if !slices.Contains(cmd.Env, "GOMAXPROCS=1") {
+		t.Fatalf("the launcher's Env is %q", cmd.Env)
+	}
+	cmd.Env = append(cmd.Env, "PATH=/usr/bin:/bin", "A=b")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Fields(string(out)), []string{"PATH=/usr/bin:/bin", "A=b"}; !slices.Equal(got, want) {
+		t.Fatalf("the command's environment is %q, want %q", got, want)
+	}
+	if got := commandEnv([]string{"GOMAXPROCS=4", "GOMAXPROCS=1", "X=y"}); !slices.Equal(got, []string{"GOMAXPROCS=4", "X=y"}) {
+		t.Fatalf("commandEnv took %q", got)
+	}
 }

@@ -33,8 +33,10 @@ func (s *Supervisor) spawn() (*running, error) {
 	}
 	cmd.Dir = s.cfg.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// A clean environment: nothing of the agent's (tokens included) leaks.
-	cmd.Env = s.cfg.Env
+	// A clean environment: nothing of the agent's (tokens included)
+	// leaks. Never nil, which would be the agent's; what Command set (the
+	// launcher's own) stays.
+	cmd.Env = append(append([]string{}, cmd.Env...), s.cfg.Env...)
 	// Its own session (and so process group): a Ctrl-C or a signal to the
 	// agent's group must not reach Redis, and Redis may not send the
 	// agent the SIGCONT Linux lets through within a session. No

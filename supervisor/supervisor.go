@@ -137,7 +137,8 @@ type Config struct {
 	// Command, when set, makes the command that runs Binary with ConfPath
 	// before each start: the launcher that confines it, and the user it
 	// runs as in SysProcAttr.Credential (the supervisor adds the rest of
-	// SysProcAttr). Its error fails the start like an exec that fails.
+	// SysProcAttr; an Env it sets comes before Env, for the launcher's
+	// own). Its error fails the start like an exec that fails.
 	// Nil runs Binary ConfPath as the agent's own user.
 	Command func(binary, conf string) (*exec.Cmd, error)
 	// Env is the process's whole environment (the agent passes

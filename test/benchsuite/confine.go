@@ -1,6 +1,7 @@
 package benchsuite
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -8,6 +9,9 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/redis-agent/redis-agent/confine"
+	"github.com/redis-agent/redis-agent/redis"
 )
 
 // confineRounds is how many times the launcher scenario switches between
@@ -125,17 +129,24 @@ func (s *suite) launcherAlone(n int) error {
 		return err
 	}
 	dir := s.cfg.Dir
-	variants := [][]string{
-		{tru},
-		{launcher, "--no-landlock", "--no-seccomp", "--exec", tru, "--", tru},
-		{launcher, "--exec", tru, "--ro", s.bin(), "--rw", dir, "--", tru},
+	// As the agent runs them: confine.Command, and redis.Env.
+	variants := []func() *exec.Cmd{
+		func() *exec.Cmd { return exec.Command(tru) },
+		func() *exec.Cmd {
+			return confine.Command(context.Background(), launcher, confine.Policy{Exec: []string{tru}, NoLandlock: true, NoSeccomp: true}, tru)
+		},
+		func() *exec.Cmd {
+			return confine.Command(context.Background(), launcher, confine.Policy{Exec: []string{tru}, ReadOnly: []string{s.bin()}, ReadWrite: []string{dir}}, tru)
+		},
 	}
 	times := make([][]time.Duration, len(variants))
 	for range n {
 		for i, v := range variants {
+			cmd := v()
+			cmd.Env = append(cmd.Env, redis.Env...)
 			t0 := time.Now()
-			if out, err := exec.Command(v[0], v[1:]...).CombinedOutput(); err != nil {
-				return fmt.Errorf("%q: %v: %s", v, err, out)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("%q: %v: %s", cmd.Args, err, out)
 			}
 			times[i] = append(times[i], time.Since(t0))
 		}
