@@ -509,7 +509,7 @@ func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
 		return "", err
 	}
 	conf := s.conf(rec)
-	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec), o); err != nil {
+	if err := s.layout.WriteRendered(s.layout.ACLPath(rec.ID), acl(rec), o); err != nil {
 		return "", err
 	}
 	if t := s.tlsConf(rec); t != nil {
@@ -517,7 +517,7 @@ func (s *Service) writeFiles(rec state.Instance) (confHash string, err error) {
 			return "", err
 		}
 	}
-	if err := s.layout.WriteConfig(s.layout.ConfPath(rec.ID), conf, o); err != nil {
+	if err := s.layout.WriteRendered(s.layout.ConfPath(rec.ID), conf, o); err != nil {
 		return "", err
 	}
 	return hash(conf), nil

@@ -151,7 +151,7 @@ func (s *Service) Unbind(ctx context.Context, id, bid string) error {
 // change reported undone; it is then retried at every health check until
 // it is applied.
 func (s *Service) applyACL(ctx context.Context, rec state.Instance) error {
-	if err := s.layout.WriteConfig(s.layout.ACLPath(rec.ID), acl(rec), s.ownerOf(rec)); err != nil {
+	if err := s.layout.WriteRendered(s.layout.ACLPath(rec.ID), acl(rec), s.ownerOf(rec)); err != nil {
 		return err
 	}
 	in := s.runtime(rec.ID)

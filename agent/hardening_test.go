@@ -370,3 +370,54 @@ func TestWithoutCgroups(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The files the agent renders from a record (redis.conf, users.acl) are
+// written without fsync: a power loss may leave them empty. Reconcile
+// writes them again from the record before anything starts, so the
+// instance comes back with its data and its binding, and a user unbound
+// before the loss stays locked out.
+func TestPowerLossThatEmptiedTheRenderedFiles(t *testing.T) {
+	cfg := testConfig(t, 2)
+	s := startService(t, cfg)
+	ctx := t.Context()
+	inst, _, err := s.Provision(ctx, "p", Spec{MemoryMB: 16, Persistence: apitype.PersistenceAOFAlways})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, _, err := s.Bind(ctx, "p", "kept", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unbound, _, err := s.Bind(ctx, "p", "unbound", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client(t, kept.Port, kept.Username, kept.Password).Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Unbind(ctx, "p", "unbound"); err != nil {
+		t.Fatal(err)
+	}
+	shutdown(t, s, false)
+	if err := syscall.Kill(inst.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var ws syscall.WaitStatus
+	syscall.Wait4(inst.PID, &ws, 0, nil) // this test's child, since the agent ran in it
+	for _, f := range []string{s.layout.ConfPath("p"), s.layout.ACLPath("p")} {
+		if err := os.Truncate(f, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s = startService(t, cfg)
+	testenv.Eventually(t, "p running again", 10*time.Second, func() bool { return mustGet(t, s, "p").State == apitype.StateRunning })
+	if v, err := client(t, kept.Port, kept.Username, kept.Password).Get(ctx, "k").Result(); err != nil || v != "v" {
+		t.Fatalf("the kept binding after the loss: %q, %v", v, err)
+	}
+	if err := client(t, unbound.Port, unbound.Username, unbound.Password).Ping(ctx).Err(); err == nil {
+		t.Fatal("a user unbound before the loss logs in after it")
+	}
+	if b, _ := os.ReadFile(s.layout.ConfPath("p")); len(b) == 0 {
+		t.Fatal("redis.conf is still empty")
+	}
+}
