@@ -136,10 +136,23 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 	// admitted again: an identical provision is a 200 however full the
 	// disk), under admitMu until the record holds the reservation.
 	s.admitMu.Lock()
+	newUID := false
 	if _, gerr := s.store.Get(id); errors.Is(gerr, state.ErrNotFound) {
 		if err := s.admitDisk(s.reservation(spec.MemoryMB, spec.Persistence), fmt.Sprintf("an instance of %d MiB with persistence %s", spec.MemoryMB, spec.Persistence)); err != nil {
 			s.admitMu.Unlock()
 			return Instance{}, false, err
+		}
+		// Its own user in the record's first commit, not one of its own
+		// after (uidMu until the record holds it).
+		if s.uidsOn() {
+			s.uidMu.Lock()
+			uid, err := s.freeUID()
+			if err != nil {
+				s.uidMu.Unlock()
+				s.admitMu.Unlock()
+				return Instance{}, false, err
+			}
+			rec.UID, newUID = uid, true
 		}
 	}
 	rec, err = s.store.CreatePorts(rec, func(u state.Usage) (int, int, error) {
@@ -161,8 +174,14 @@ func (s *Service) Provision(ctx context.Context, id string, spec Spec) (Instance
 		}
 		return port, tlsPort, err
 	})
+	if newUID {
+		s.uidMu.Unlock()
+	}
 	s.admitMu.Unlock()
 	if err == nil {
+		if newUID {
+			s.log.Info("instance user", "instance", id, "uid", rec.UID)
+		}
 		crashAt(FaultProvisionRecorded)
 	}
 	switch {
@@ -216,6 +235,7 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 	// After an agent crash, reconcile may already supervise the instance:
 	// then only readiness is left to wait for.
 	in := s.runtime(rec.ID)
+	var confHash string
 	if in == nil {
 		// Its own user before its first file.
 		var err error
@@ -225,14 +245,13 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		if rec, err = s.ensureCert(rec); err != nil {
 			return fail(err)
 		}
-		confHash, err := s.writeFiles(rec)
-		if err != nil {
+		// Its ConfigHash is written with the phase, below: a commit
+		// less before the start (the hash only tells reconcile of an
+		// adopted process with an older config).
+		if confHash, err = s.writeFiles(rec); err != nil {
 			return fail(err)
 		}
 		crashAt(FaultProvisionFiles)
-		if rec, err = s.store.Update(rec.ID, func(r *state.Instance) error { r.ConfigHash = confHash; return nil }); err != nil {
-			return fail(err)
-		}
 		in = s.supervise(rec, nil)
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout+time.Second)
@@ -241,7 +260,13 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		return fail(err)
 	}
 	crashAt(FaultProvisionReady)
-	rec, err := s.store.Update(rec.ID, func(r *state.Instance) error { r.Phase = state.PhaseActive; return nil })
+	rec, err := s.store.Update(rec.ID, func(r *state.Instance) error {
+		r.Phase = state.PhaseActive
+		if confHash != "" {
+			r.ConfigHash = confHash
+		}
+		return nil
+	})
 	if err != nil {
 		return fail(err)
 	}
