@@ -260,10 +260,16 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 		return fail(err)
 	}
 	crashAt(FaultProvisionReady)
+	// Its executable in this commit too: the syncLive after its Ready
+	// (which waits for this provision's lock) then has nothing to write.
+	exe, _ := supervisor.Executable(in.sup.Status().Process.PID)
 	rec, err := s.store.Update(rec.ID, func(r *state.Instance) error {
 		r.Phase = state.PhaseActive
 		if confHash != "" {
 			r.ConfigHash = confHash
+		}
+		if exe != "" {
+			r.Exe = exe
 		}
 		return nil
 	})
@@ -384,8 +390,9 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 		// The process may have read an older ACL file or config than the
 		// record says (a bind or resize raced with its start, or it was
 		// adopted).
+		// Its executable too, there (not here, in the supervisor's loop,
+		// whose commit a provision's last one would wait for).
 		s.background(func(ctx context.Context) { s.syncLive(ctx, id) })
-		s.recordExe(id, ev.Process.PID)
 		return
 	}
 	update := func(fn func(*state.Instance) error) error { _, err := s.store.Update(id, fn); return err }
@@ -501,12 +508,17 @@ func (s *Service) classify(id string, in *instance, ex *supervisor.Exit) {
 }
 
 // syncLive brings the live ACL users and maxmemory of id in line with its
-// record, and removes an RDB the process has loaded that its persistence
-// mode does not keep. It takes the id's lock, so it never races a bind, unbind or
-// resize.
+// record, records the executable of its process, and removes an RDB the
+// process has loaded that its persistence mode does not keep. It takes
+// the id's lock, so it never races a bind, unbind or resize.
 func (s *Service) syncLive(ctx context.Context, id string) {
 	unlock := s.locks.lock(id)
 	defer unlock()
+	if in := s.runtime(id); in != nil {
+		if pid := in.sup.Status().Process.PID; pid != 0 {
+			s.recordExe(id, pid)
+		}
+	}
 	rec, err := s.store.Get(id)
 	if err != nil {
 		return
