@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -158,5 +160,76 @@ func TestEarlyReady(t *testing.T) {
 func TestListenRefusesALongPath(t *testing.T) {
 	if _, err := Listen("/" + strings.Repeat("x", 120)); err == nil {
 		t.Fatal("a path too long for a socket address was accepted")
+	}
+}
+
+// A local process that floods the socket (any user may send to it) holds
+// no start back: the receive queue is short and a sender blocks while it
+// is full, so the reader drains it, and a redis-server's READY=1 still
+// comes through; the flood's own READY=1s count for the flooder's pid
+// alone.
+func TestFloodHoldsNoStartBack(t *testing.T) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("no redis-server")
+	}
+	l := listen(t)
+	stop := make(chan struct{})
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	for range 4 {
+		c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: l.path, Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			msg := []byte("STATUS=flood\nREADY=1\n")
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+				if _, err := c.Write(msg); err == nil {
+					sent.Add(1)
+				}
+			}
+		}()
+	}
+	defer func() { close(stop); wg.Wait() }()
+	time.Sleep(50 * time.Millisecond) // the flood under way
+	dir := t.TempDir()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	conf := filepath.Join(dir, "redis.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\nsupervised auto\ndir %s\nsave \"\"\nappendonly no\n", port, dir)), 0o644)
+	since := time.Now()
+	cmd := exec.Command(bin, conf)
+	cmd.Env = []string{l.Env()}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	ready, _, release := l.Expect(cmd.Process.Pid, bin, since)
+	defer release()
+	if !closedWithin(ready, 10*time.Second) {
+		t.Fatalf("no READY=1 from redis-server in 10 s under a flood of %d datagrams", sent.Load())
+	}
+	t.Logf("READY=1 after %v, %d flood datagrams sent meanwhile", time.Since(since).Round(time.Millisecond), sent.Load())
+	if sent.Load() < 100 {
+		t.Fatalf("the flood sent only %d datagrams: no flood", sent.Load())
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.early) > 1 {
+		t.Fatalf("%d early notices kept from one flooding pid", len(l.early))
 	}
 }
