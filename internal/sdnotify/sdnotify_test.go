@@ -24,6 +24,39 @@ func listen(t *testing.T) *Listener {
 	return l
 }
 
+func redisServer(t *testing.T) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("no redis-server")
+	}
+	return bin
+}
+
+// startRedis starts bin on a free port with "supervised auto" and l's
+// socket in its environment, and returns it, its port and the time
+// before its start.
+func startRedis(t *testing.T, l *Listener, bin string) (*exec.Cmd, int, time.Time) {
+	t.Helper()
+	dir := t.TempDir()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	conf := filepath.Join(dir, "redis.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\nsupervised auto\ndir %s\nsave \"\"\nappendonly no\n", port, dir)), 0o644)
+	since := time.Now()
+	cmd := exec.Command(bin, conf)
+	cmd.Env = []string{l.Env()}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, port, since
+}
+
 // send sends msg to the listener from this process.
 func send(t *testing.T, l *Listener, msg string) {
 	t.Helper()
@@ -55,27 +88,9 @@ func closedWithin(ch <-chan struct{}, d time.Duration) bool {
 // READY=1 once it accepts connections: the wait ends, PING answers at
 // once, and its binary is trusted from then on.
 func TestRedisServerSaysReady(t *testing.T) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Skip("no redis-server")
-	}
+	bin := redisServer(t)
 	l := listen(t)
-	dir := t.TempDir()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	conf := filepath.Join(dir, "redis.conf")
-	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\nsupervised auto\ndir %s\nsave \"\"\nappendonly no\n", port, dir)), 0o644)
-	since := time.Now()
-	cmd := exec.Command(bin, conf)
-	cmd.Env = []string{l.Env()}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	cmd, port, since := startRedis(t, l, bin)
 	ready, trusted, release := l.Expect(cmd.Process.Pid, bin, since)
 	defer release()
 	if trusted {
@@ -169,10 +184,7 @@ func TestListenRefusesALongPath(t *testing.T) {
 // comes through; the flood's own READY=1s count for the flooder's pid
 // alone.
 func TestFloodHoldsNoStartBack(t *testing.T) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Skip("no redis-server")
-	}
+	bin := redisServer(t)
 	l := listen(t)
 	stop := make(chan struct{})
 	var sent atomic.Int64
@@ -202,22 +214,7 @@ func TestFloodHoldsNoStartBack(t *testing.T) {
 	}
 	defer func() { close(stop); wg.Wait() }()
 	time.Sleep(50 * time.Millisecond) // the flood under way
-	dir := t.TempDir()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	conf := filepath.Join(dir, "redis.conf")
-	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\nsupervised auto\ndir %s\nsave \"\"\nappendonly no\n", port, dir)), 0o644)
-	since := time.Now()
-	cmd := exec.Command(bin, conf)
-	cmd.Env = []string{l.Env()}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	cmd, _, since := startRedis(t, l, bin)
 	ready, _, release := l.Expect(cmd.Process.Pid, bin, since)
 	defer release()
 	if !closedWithin(ready, 10*time.Second) {
