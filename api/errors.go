@@ -73,6 +73,15 @@ func writeError(w http.ResponseWriter, code int, name, desc string) {
 	writeJSON(w, code, apitype.Error{Code: name, Description: desc})
 }
 
+// reply answers a call's result: v with code, or err as fail maps it.
+func (s *server) reply(w http.ResponseWriter, r *http.Request, code int, v any, err error) {
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, code, v)
+}
+
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {

@@ -36,11 +36,7 @@ func (s *server) instanceLog(w http.ResponseWriter, r *http.Request) {
 	}
 	id := mux.Vars(r)["id"]
 	lines, err := s.svc.Log(r.Context(), id, n)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, apitype.LogLines{ID: id, Lines: lines})
+	s.reply(w, r, http.StatusOK, apitype.LogLines{ID: id, Lines: lines}, err)
 }
 
 func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
@@ -82,11 +78,7 @@ func (s *server) putInstance(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) getInstance(w http.ResponseWriter, r *http.Request) {
 	inst, err := s.svc.Get(r.Context(), mux.Vars(r)["id"])
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, inst)
+	s.reply(w, r, http.StatusOK, inst, err)
 }
 
 func (s *server) deleteInstance(w http.ResponseWriter, r *http.Request) {
@@ -115,11 +107,7 @@ func (s *server) putBinding(w http.ResponseWriter, r *http.Request) {
 func (s *server) getBinding(w http.ResponseWriter, r *http.Request) {
 	v := mux.Vars(r)
 	creds, err := s.svc.Binding(r.Context(), v["id"], v["bid"])
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, creds)
+	s.reply(w, r, http.StatusOK, creds, err)
 }
 
 func (s *server) deleteBinding(w http.ResponseWriter, r *http.Request) {
@@ -138,20 +126,12 @@ func (s *server) restart(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	inst, err := s.svc.Get(r.Context(), id)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, inst)
+	s.reply(w, r, http.StatusOK, inst, err)
 }
 
 func (s *server) capacity(w http.ResponseWriter, r *http.Request) {
 	c, err := s.svc.Capacity(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, c)
+	s.reply(w, r, http.StatusOK, c, err)
 }
 
 func (s *server) orphans(w http.ResponseWriter, r *http.Request) {
@@ -359,20 +339,12 @@ func (s *server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 	} else {
 		inst, err = s.svc.Restore(r.Context(), mux.Vars(r)["id"], r.Body, r.ContentLength, want)
 	}
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, inst)
+	s.reply(w, r, http.StatusOK, inst, err)
 }
 
 func (s *server) getRollout(w http.ResponseWriter, r *http.Request) {
 	st, err := s.svc.RolloutStatus(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, st)
+	s.reply(w, r, http.StatusOK, st, err)
 }
 
 func (s *server) postRollout(w http.ResponseWriter, r *http.Request) {
@@ -381,22 +353,14 @@ func (s *server) postRollout(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st, err := s.svc.StartRollout(r.Context(), req.Instances)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusAccepted, st)
+	s.reply(w, r, http.StatusAccepted, st, err)
 }
 
 func (s *server) postBackup(w http.ResponseWriter, r *http.Request) {
 	// The answer comes once the RDB is in the bucket.
 	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(snapshotTransfer))
 	b, err := s.svc.Backup(r.Context(), mux.Vars(r)["id"])
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, b)
+	s.reply(w, r, http.StatusCreated, b, err)
 }
 
 func (s *server) listBackups(w http.ResponseWriter, r *http.Request) {
