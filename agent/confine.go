@@ -111,13 +111,9 @@ func (s *Service) ensureUID(id string) (state.Instance, error) {
 // freeUID is the lowest uid of the range that no record holds, no user
 // or group of the host's databases has, and no process runs as.
 func (s *Service) freeUID() (int, error) {
-	recs, err := s.store.List()
+	taken, err := s.store.UIDs()
 	if err != nil {
 		return 0, err
-	}
-	taken := make(map[int]bool, len(recs))
-	for _, r := range recs {
-		taken[r.UID] = true
 	}
 	running := processUIDs()
 	for uid := s.uidMin; uid <= s.uidMax; uid++ {

@@ -3,6 +3,7 @@ package state
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -395,5 +396,28 @@ func TestGeneration(t *testing.T) {
 	}
 	if g := gen(); g == g1 {
 		t.Fatal("a batched update left the generation")
+	}
+}
+
+// UIDs are the records' uids, one each, 0 for a record without one.
+func TestUIDs(t *testing.T) {
+	s := open(t)
+	for i, uid := range []int{0, 2000001, 2000002} {
+		if _, err := s.CreatePorts(Instance{ID: fmt.Sprintf("u%d", i), MemoryMB: 16, UID: uid}, func(Usage) (int, int, error) { return 20000 + i, 0, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.UIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := map[int]bool{0: true, 2000001: true, 2000002: true}; !maps.Equal(got, want) {
+		t.Fatalf("UIDs = %v, want %v", got, want)
+	}
+	if err := s.Delete("u2"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.UIDs(); got[2000002] {
+		t.Fatal("a deleted record's uid is still held")
 	}
 }
