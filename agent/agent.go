@@ -161,16 +161,14 @@ type instance struct {
 	// side is set while a restore's candidate shares the cgroup with
 	// the running process: the cgroup has room for both (liveLimits).
 	side atomic.Bool
-	// limitsDrift reports whether the cgroup's limits differ from the
-	// record's.
+	// wantLimits are the cgroup limits the record gives now (liveLimits).
+	wantLimits func() limits.Limits
+	// limitsDrift reports whether the cgroup's limits differ from them.
 	limitsDrift func() bool
 	// confined is the process last put into the cgroup and the limits
-	// given it then, until the syncLive after (its Ready) takes it: that
-	// sync need not read the limits back.
+	// given it then, until the syncLive after (its Ready) takes it
+	// (justConfined): that sync need not read the limits back.
 	confined atomic.Pointer[confinedTo]
-	// justConfined takes confined: whether it is pid, with the limits
-	// the record gives now.
-	justConfined func(pid int) bool
 	// checks counts the health checks.
 	checks atomic.Uint64
 	// aclPending is set while an ACL change could not be applied to the
@@ -198,6 +196,13 @@ type instanceStats struct {
 type confinedTo struct {
 	pid    int
 	limits limits.Limits
+}
+
+// justConfined takes confined: whether it is pid, with the limits the
+// record gives now.
+func (in *instance) justConfined(pid int) bool {
+	c := in.confined.Swap(nil)
+	return c != nil && c.pid == pid && c.limits == in.wantLimits()
 }
 
 // New opens the state and prepares the directories. It starts nothing:

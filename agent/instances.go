@@ -294,14 +294,12 @@ func (s *Service) prepare(rec state.Instance, adopt *supervisor.Process) *instan
 	admin := redis.NewAdmin(s.cfg.BindHost, rec.Port, rec.AdminPassword)
 	id := rec.ID
 	in := &instance{admin: admin, drift: func() { s.background(func(ctx context.Context) { s.syncLive(ctx, id) }) }}
-	in.limitsDrift = func() bool {
-		want := s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load())
-		d, err := s.cg.Differs(id, want)
-		return err == nil && d
+	in.wantLimits = func() limits.Limits {
+		return s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load())
 	}
-	in.justConfined = func(pid int) bool {
-		c := in.confined.Swap(nil)
-		return c != nil && c.pid == pid && c.limits == s.liveLimits(id, int(in.memoryMB.Load()), rec.Persistence, in.io.Load())
+	in.limitsDrift = func() bool {
+		d, err := s.cg.Differs(id, in.wantLimits())
+		return err == nil && d
 	}
 	in.memoryMB.Store(int64(rec.MemoryMB))
 	in.policy.Store(policyOf(rec))
@@ -389,9 +387,9 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	case supervisor.Ready:
 		// The process may have read an older ACL file or config than the
 		// record says (a bind or resize raced with its start, or it was
-		// adopted).
-		// Its executable too, there (not here, in the supervisor's loop,
-		// whose commit a provision's last one would wait for).
+		// adopted). syncLive records its executable too: not here, in the
+		// supervisor's loop, whose commit a provision's last one would
+		// wait for.
 		s.background(func(ctx context.Context) { s.syncLive(ctx, id) })
 		return
 	}
