@@ -103,7 +103,7 @@ func (s *Supervisor) probe(r *running, from time.Time, note notice) {
 			defer note.release()
 		}
 		// The first ping waits for the notice, when it is to be trusted.
-		if note.trusted && note.ready != nil && !s.waitProbe(ctx, r, &note, noticePoll(0)) {
+		if note.trusted && note.ready != nil && !s.waitProbe(ctx, r, &note, s.cfg.noticePoll(0)) {
 			return
 		}
 		deadline := from.Add(s.cfg.ReadyTimeout)
@@ -148,7 +148,7 @@ func (s *Supervisor) probe(r *running, from time.Time, note notice) {
 			// on the starts, not on connections refused.
 			wait := min(max(time.Since(from)/20, time.Millisecond), 50*time.Millisecond)
 			if note.trusted && note.ready != nil {
-				wait = noticePoll(time.Since(from))
+				wait = s.cfg.noticePoll(time.Since(from))
 			}
 			if !s.waitProbe(ctx, r, &note, wait) {
 				return

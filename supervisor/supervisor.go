@@ -189,6 +189,10 @@ type Config struct {
 	// Clock times the restart policy and the health checks; nil is the
 	// real clock.
 	Clock Clock
+
+	// noticePoll, set by tests only, replaces the package's noticePoll:
+	// the wait between two pings of a start a notice is expected of.
+	noticePoll func(elapsed time.Duration) time.Duration
 }
 
 // Notifier is where a spawned process's readiness notification comes
@@ -279,6 +283,9 @@ func New(cfg Config) *Supervisor {
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = realClock{}
+	}
+	if cfg.noticePoll == nil {
+		cfg.noticePoll = noticePoll
 	}
 	if cfg.Env == nil {
 		// Not nil: exec gives a nil Env the agent's environment.
