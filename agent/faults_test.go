@@ -117,23 +117,9 @@ func TestForeignListenerPortIsSkipped(t *testing.T) {
 	assertOnly(t, s, "skip")
 }
 
-// mountTmpfs mounts a small tmpfs (root only) and unmounts it at the end.
-func mountTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs to fill needs root (CI runs as root)")
-	}
-	dir := testenv.TraversableDir(t)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0755", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	return dir
-}
-
 func TestDiskFullGivesClearErrorAndNoHalfState(t *testing.T) {
 	cfg := testConfig(t, 4)
-	cfg.DataDir = mountTmpfs(t, "2m")
+	cfg.DataDir = testenv.Tmpfs(t, "2m")
 	// The disk fills behind the budget's back (it would refuse an
 	// instance of this size on 2 MiB at once).
 	cfg.DiskBudget = "off"
@@ -175,7 +161,7 @@ func TestDiskFullGivesClearErrorAndNoHalfState(t *testing.T) {
 
 func TestReadOnlyDiskGivesClearErrorAndNoHalfState(t *testing.T) {
 	cfg := testConfig(t, 4)
-	cfg.DataDir = mountTmpfs(t, "4m")
+	cfg.DataDir = testenv.Tmpfs(t, "4m")
 	cfg.DiskBudget = "off"
 	s := startService(t, cfg)
 	ctx := context.Background()

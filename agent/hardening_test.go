@@ -256,7 +256,7 @@ func TestCloseWaitsForBackgroundWork(t *testing.T) {
 // over and over.
 func TestTmpfsDataDirFilesFitTheCgroup(t *testing.T) {
 	cfg := testConfig(t, 2)
-	cfg.DataDir = mountTmpfs(t, "400m")
+	cfg.DataDir = testenv.Tmpfs(t, "400m")
 	cfg.DiskHeadroomMB = 0 // the instance's 217 MiB reservation fits in 400
 	s := startService(t, cfg)
 	requireCgroups(t, s)

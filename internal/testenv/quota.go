@@ -17,9 +17,7 @@ import (
 // mount a file system with the quota feature at all.
 func ProjectQuotaFS(t testing.TB, sizeMB int) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loop-mounting an ext4 image with project quotas needs root (CI runs as root)")
-	}
+	needRoot(t, "loop-mounting an ext4 image with project quotas")
 	mkfs, err := exec.LookPath("mkfs.ext4")
 	if err != nil {
 		t.Skip("mkfs.ext4 not installed (apt-get install e2fsprogs)")
@@ -34,8 +32,8 @@ func ProjectQuotaFS(t testing.TB, sizeMB int) string {
 	if out, err := exec.Command(mkfs, "-q", "-F", "-O", "quota,project", img).CombinedOutput(); err != nil {
 		t.Skipf("mkfs.ext4 -O quota,project: %v: %s", err, out)
 	}
-	dir := TraversableDir(t)
-	if out, err := exec.Command("mount", "-o", "loop,prjquota", img, dir).CombinedOutput(); err != nil {
+	dir, out, err := mount(t, "-o", "loop,prjquota", img)
+	if err != nil {
 		why := strings.TrimSpace(string(out))
 		if b, derr := exec.Command("dmesg").Output(); derr == nil {
 			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
@@ -48,12 +46,6 @@ func ProjectQuotaFS(t testing.TB, sizeMB int) string {
 		}
 		t.Skipf("cannot loop-mount an ext4 image with project quotas here (mount -o loop,prjquota: %v): %s", err, why)
 	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Logf("umount %s: %v %s; detaching lazily", dir, err, out)
-			exec.Command("umount", "-l", dir).Run()
-		}
-	})
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
