@@ -82,23 +82,6 @@ func (d *diskState) all() map[string]diskUsage {
 	return out
 }
 
-// filesBytes is the most an instance's data files take: for the aof modes
-// the AOF grows to twice its base before Redis rewrites it (or to
-// auto-aof-rewrite-min-size, 64 MiB), plus the rewrite's new base; for rdb
-// a dump and the one a BGSAVE writes beside it; nothing without
-// persistence. A data set's files are smaller than its maxmemory (an RDB
-// is compact, an AOF base is one), so these bound them.
-func filesBytes(memoryMB int, persistence string) int64 {
-	mb := int64(memoryMB) << 20
-	switch {
-	case apitype.IsAOF(persistence):
-		return 3*mb + 64<<20
-	case persistence == apitype.PersistenceRDB:
-		return 2 * mb
-	}
-	return 0
-}
-
 // dirOverhead is what an instance directory takes besides its data: the
 // directories, the config and the ACL file (a few blocks), rounded up.
 const dirOverhead = 1 << 20
@@ -106,7 +89,7 @@ const dirOverhead = 1 << 20
 // dataReservation is what an instance's directory may take: its files'
 // worst case and the directory's own.
 func dataReservation(memoryMB int, persistence string) int64 {
-	return filesBytes(memoryMB, persistence) + dirOverhead
+	return apitype.DataFilesBytes(memoryMB, persistence) + dirOverhead
 }
 
 // reservation is the disk an instance of memoryMB and persistence may

@@ -146,6 +146,10 @@ func TestDiskBudget(t *testing.T) {
 	if c.DiskTotalBytes != total || c.DiskFreeBytes != free || c.DiskReservedBytes != 3*aof64 || c.DiskUsedBytes <= 0 {
 		t.Fatalf("capacity %+v", c)
 	}
+	// A broker computes a provision's reservation from the capacity alone.
+	if n := c.DiskNeed(64, "aof"); n != aof64 || c.DiskBudgetOff {
+		t.Fatalf("capacity's need of a 64 MiB aof instance %d (budget off %v), want the reservation %d", n, c.DiskBudgetOff, aof64)
+	}
 	// What the three may still grow into is theirs, not a new instance's.
 	if want := free - (3*aof64 - c.DiskUsedBytes) - 100<<20; c.DiskAvailableBytes != want {
 		t.Fatalf("available %d, want %d", c.DiskAvailableBytes, want)
@@ -156,6 +160,11 @@ func TestDiskBudget(t *testing.T) {
 	}
 	if _, err := s.store.Get("b3"); err == nil {
 		t.Fatal("the refused provision left a record")
+	}
+	// The capacity tells a broker so before it asks, and that one
+	// without persistence fits.
+	if c.DiskFits(c.DiskNeed(64, "aof")) || !c.DiskFits(c.DiskNeed(64, "none")) {
+		t.Fatalf("capacity fits aof %v, none %v; want false, true (%d available)", c.DiskFits(c.DiskNeed(64, "aof")), c.DiskFits(c.DiskNeed(64, "none")), c.DiskAvailableBytes)
 	}
 	// One without persistence needs only its directory and logs.
 	if _, _, err := s.Provision(ctx, "small", Spec{MemoryMB: 64, Persistence: "none"}); err != nil {

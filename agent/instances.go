@@ -451,7 +451,7 @@ func (s *Service) recordExe(id string, pid int) {
 func (s *Service) limitsFor(memoryMB int, persistence string, io *apitype.IOSetting) limits.Limits {
 	mem := limits.MemoryFor(memoryMB)
 	if s.dataOnTmpfs {
-		mem += filesBytes(memoryMB, persistence)
+		mem += apitype.DataFilesBytes(memoryMB, persistence)
 	}
 	return limits.Limits{MemoryBytes: mem, CPUShares: s.cfg.CPUShares, CPUQuota: s.cfg.CPUQuota, Pids: s.cfg.Pids, IO: s.ioFor(io)}
 }
@@ -725,6 +725,8 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 		DiskReservedBytes:  b.reserved,
 		DiskUsedBytes:      b.used,
 		DiskAvailableBytes: b.available,
+		DiskOverheadBytes:  s.reservation(0, apitype.PersistenceNone),
+		DiskBudgetOff:      s.cfg.DiskBudget == "off",
 	}
 	if s.bk != nil {
 		c.BackupAgent = s.cfg.Backup.AgentName

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"github.com/redis-agent/redis-agent/apitype"
 	"github.com/redis-agent/redis-agent/limits"
 	"github.com/redis-agent/redis-agent/state"
 )
@@ -38,7 +39,7 @@ func project(rec state.Instance) uint32 { return uint32(rec.UID) }
 // takes (limits.MemoryFor), so that neither a snapshot out nor a restore
 // of an instance within its reservation runs into it.
 func (s *Service) quotaBytes(memoryMB int, persistence string) int64 {
-	return filesBytes(memoryMB, persistence) + dirOverhead + limits.MemoryFor(memoryMB)
+	return apitype.DataFilesBytes(memoryMB, persistence) + dirOverhead + limits.MemoryFor(memoryMB)
 }
 
 // applyQuota puts rec's directory in its project and sets its limit. A

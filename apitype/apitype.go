@@ -515,6 +515,45 @@ type Capacity struct {
 	// headroom: the largest reservation a new instance (or a resize) can
 	// get; beyond it a provision is a 507.
 	DiskAvailableBytes int64 `json:"disk_available_bytes"`
+	// DiskOverheadBytes is what each instance reserves besides its data
+	// files (DataFilesBytes): its directory, and its logs' bound when they
+	// are on the data file system. DiskBudgetOff says the agent does not
+	// hold provisions to the disk budget (--disk-budget off).
+	DiskOverheadBytes int64 `json:"disk_overhead_bytes"`
+	DiskBudgetOff     bool  `json:"disk_budget_off,omitempty"`
+}
+
+// DiskNeed is the disk reservation an instance of memoryMB and
+// persistence gets on the agent whose capacity c is: what a provision of
+// it needs of DiskAvailableBytes.
+func (c Capacity) DiskNeed(memoryMB int, persistence string) int64 {
+	return DataFilesBytes(memoryMB, persistence) + c.DiskOverheadBytes
+}
+
+// DiskFits reports whether the agent whose capacity c is has the disk for
+// a reservation that grows by need: it does not hold provisions to its
+// disk budget, it reported no disk (an agent older than the budget), or
+// need fits in DiskAvailableBytes.
+func (c Capacity) DiskFits(need int64) bool {
+	return c.DiskBudgetOff || c.DiskTotalBytes == 0 || need <= c.DiskAvailableBytes
+}
+
+// DataFilesBytes is the most an instance's data files take, the bound its
+// disk reservation is made of: for the aof modes ("" is aof) the AOF
+// grows to twice its base before Redis rewrites it (or to
+// auto-aof-rewrite-min-size, 64 MiB), plus the rewrite's new base; for
+// rdb a dump and the one a BGSAVE writes beside it; nothing without
+// persistence. A data set's files are smaller than its maxmemory (an RDB
+// is compact, an AOF base is one), so these bound them.
+func DataFilesBytes(memoryMB int, persistence string) int64 {
+	mb := int64(memoryMB) << 20
+	switch {
+	case persistence == "" || IsAOF(persistence):
+		return 3*mb + 64<<20
+	case persistence == PersistenceRDB:
+		return 2 * mb
+	}
+	return 0
 }
 
 // LogLines is the body of GET /v1/instances/{id}/log.

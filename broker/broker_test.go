@@ -202,6 +202,19 @@ func (tb *testBroker) send(method, path, body string, hdr map[string]string, use
 
 const provisionBody = `{"service_id":"svc","plan_id":"p64","organization_guid":"org","space_guid":"space","context":{"platform":"cloudfoundry"}}`
 
+// waitSucceeded waits for operation op on instance id to succeed, and
+// fails at once if it fails.
+func (tb *testBroker) waitSucceeded(id, op string) {
+	tb.t.Helper()
+	testenv.Eventually(tb.t, "operation "+op+" on "+id+" to succeed", 30*time.Second, func() bool {
+		lo := tb.lastOperation(id, op)
+		if lo.body["state"] == opFailed {
+			tb.t.Fatalf("operation %s on %s failed: %v", op, id, lo.body)
+		}
+		return lo.code == 200 && lo.body["state"] == opSucceeded
+	})
+}
+
 func bodyWith(plan string) string { return strings.Replace(provisionBody, `"p64"`, `"`+plan+`"`, 1) }
 
 func credsOf(t *testing.T, a answer) apitype.Credentials {
@@ -412,13 +425,7 @@ func TestPlacementResizeAndMove(t *testing.T) {
 	if c := tb.osb("PUT", "/v2/service_instances/m1/service_bindings/late", `{"service_id":"svc","plan_id":"p256"}`); c.code != 422 || c.body["error"] != codeConcurrency {
 		t.Errorf("bind during the move = %d %v; want 422 ConcurrencyError", c.code, c.body)
 	}
-	testenv.Eventually(t, "the move to finish", 30*time.Second, func() bool {
-		lo := tb.osb("GET", "/v2/service_instances/m1/last_operation?operation="+op, "")
-		if lo.body["state"] == opFailed {
-			t.Fatalf("move failed: %v", lo.body)
-		}
-		return lo.code == 200 && lo.body["state"] == opSucceeded
-	})
+	tb.waitSucceeded("m1", op)
 	if h := holders(t, agents, "m1"); len(h) != 1 || h[0] != "agent-1" {
 		t.Fatalf("after the move m1 is on %v; want agent-1", h)
 	}
@@ -436,6 +443,58 @@ func TestPlacementResizeAndMove(t *testing.T) {
 	fresh := startBroker(t, agentConfigs(agents), nil)
 	if lo := fresh.osb("GET", "/v2/service_instances/m1/last_operation?operation="+op, ""); lo.body["state"] != opSucceeded {
 		t.Fatalf("last_operation from a fresh broker = %v", lo.body)
+	}
+}
+
+// The disk decides a placement as the memory does: an agent whose disk
+// has no room for an instance's reservation is not asked to provision it
+// (no 507 round trip), and a plan change that outgrows its agent's disk
+// is a move, not an in-place resize the agent would refuse.
+func TestPlacementHeedsTheDisk(t *testing.T) {
+	agents := startAgents(t, 2000, 2000)
+	// agent-0's data on a 400 MiB file system of its own: room for one
+	// 64 MiB aof instance (192+64 MiB of files, 1 of directory, 8 of
+	// logs), not two, and not for that one at 256 MiB.
+	cfg := agents[0].cfg
+	cfg.DataDir, cfg.DiskHeadroomMB = testenv.Tmpfs(t, "400m"), 0
+	agents[0].start(t, cfg)
+	tb := startBroker(t, agentConfigs(agents), func(c *Config) { c.Strategy = Pack })
+	var asked atomic.Int32
+	refuse(agents[0], func(r *http.Request) bool {
+		if r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/v1/instances/d2") {
+			asked.Add(1)
+		}
+		return false // counted, not refused
+	})
+
+	if a := tb.osb("PUT", "/v2/service_instances/d1", provisionBody); a.code != 201 {
+		t.Fatalf("provision d1 = %d %v", a.code, a.body)
+	}
+	if h := holders(t, agents, "d1"); len(h) != 1 || h[0] != "agent-0" {
+		t.Fatalf("pack placed d1 on %v; want agent-0 (the fullest with room)", h)
+	}
+	// agent-0 has the memory for a second and is the fuller: pack would
+	// pick it, but its disk has no room.
+	if a := tb.osb("PUT", "/v2/service_instances/d2", provisionBody); a.code != 201 {
+		t.Fatalf("provision d2 = %d %v", a.code, a.body)
+	}
+	if h := holders(t, agents, "d2"); len(h) != 1 || h[0] != "agent-1" {
+		t.Fatalf("d2 on %v; want agent-1 (agent-0's disk is full)", h)
+	}
+	if n := asked.Load(); n != 0 {
+		t.Fatalf("agent-0 was asked %d times to provision d2 it has no disk for", n)
+	}
+	capa, err := agents[0].svc.Capacity(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The memory fits in place; the disk does not: the change is a move.
+	if a := tb.osb("PATCH", "/v2/service_instances/d1", `{"service_id":"svc","plan_id":"p256"}`); a.code != 422 || a.body["error"] != codeAsyncRequired {
+		t.Fatalf("a synchronous update beyond agent-0's disk (%d bytes available) = %d %v; want 422 AsyncRequired (it moves)", capa.DiskAvailableBytes, a.code, a.body)
+	}
+	tb.waitSucceeded("d1", startMoveTo(t, tb, "d1", "p256"))
+	if h := holders(t, agents, "d1"); len(h) != 1 || h[0] != "agent-1" {
+		t.Fatalf("after the move d1 is on %v; want agent-1", h)
 	}
 }
 

@@ -259,14 +259,14 @@ func (f *Fleet) refreshCapacity(ctx context.Context) { f.readCapacity(ctx, false
 // capacities refreshCapacity keeps; when none has room by them, it reads
 // every agent's afresh and picks again: room made behind the broker's back
 // (a delete on an agent, another broker's) is not in what it kept.
-func (f *Fleet) place(ctx context.Context, mb int, strategy Strategy, exclude ...string) (Candidate, []Rejection, bool) {
+func (f *Fleet) place(ctx context.Context, need Need, strategy Strategy, exclude ...string) (Candidate, []Rejection, bool) {
 	f.refreshCapacity(ctx)
-	chosen, rejected, ok := Place(f.candidates(), mb, strategy, exclude...)
+	chosen, rejected, ok := Place(f.candidates(), need, strategy, exclude...)
 	if ok {
 		return chosen, rejected, ok
 	}
 	f.readCapacity(ctx, true)
-	return Place(f.candidates(), mb, strategy, exclude...)
+	return Place(f.candidates(), need, strategy, exclude...)
 }
 
 // readCapacity reads the agents' capacity: all of them with force, else
@@ -304,25 +304,27 @@ func (f *Fleet) readCapacity(ctx context.Context, force bool) {
 // capacityTTL is how long a capacity read serves placements.
 const capacityTTL = time.Second
 
-// reserve adjusts a's capacity for an instance of mb the broker placed
+// reserve adjusts a's capacity for an instance of need the broker placed
 // there.
-func (a *agentState) reserve(mb int) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.capacity.Instances++
-	a.capacity.PortsFree--
-	a.capacity.MemoryReservedMB += mb
-	a.capacity.MemoryFreeMB -= mb
-}
+func (a *agentState) reserve(need Need) { a.adjust(need, 1) }
 
-// release adjusts a's capacity for an instance of mb deleted there.
-func (a *agentState) release(mb int) {
+// release adjusts a's capacity for an instance of need deleted there.
+func (a *agentState) release(need Need) { a.adjust(need, -1) }
+
+// adjust counts n more instances of need in a's capacity (n < 0: fewer).
+// A new instance's disk reservation is all still to grow into, so it
+// comes off the available disk whole.
+func (a *agentState) adjust(need Need, n int) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.capacity.Instances--
-	a.capacity.PortsFree++
-	a.capacity.MemoryReservedMB -= mb
-	a.capacity.MemoryFreeMB += mb
+	c := &a.capacity
+	disk := int64(n) * c.DiskNeed(need.MemoryMB, need.Persistence)
+	c.Instances += n
+	c.PortsFree -= n
+	c.MemoryReservedMB += n * need.MemoryMB
+	c.MemoryFreeMB -= n * need.MemoryMB
+	c.DiskReservedBytes += disk
+	c.DiskAvailableBytes = max(c.DiskAvailableBytes-disk, 0)
 }
 
 // remember records that a holds inst.

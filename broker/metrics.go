@@ -98,13 +98,15 @@ var (
 		"Instances the agent held at the broker's last look.", []string{"agent", "zone"}, nil)
 	descAgentMemoryFree = prometheus.NewDesc("redis_broker_agent_memory_free_bytes",
 		"Free memory budget of the agent at the broker's last look.", []string{"agent", "zone"}, nil)
+	descAgentDiskAvailable = prometheus.NewDesc("redis_broker_agent_disk_available_bytes",
+		"Disk of the agent that a new instance's reservation may take (its disk_available_bytes) at the broker's last look.", []string{"agent", "zone"}, nil)
 )
 
 // fleetCollector reports the fleet as the broker last saw it.
 type fleetCollector struct{ b *Broker }
 
 func (c *fleetCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descAgentUp, descAgentReady, descAgentDraining, descAgentInstances, descAgentMemoryFree} {
+	for _, d := range []*prometheus.Desc{descAgentUp, descAgentReady, descAgentDraining, descAgentInstances, descAgentMemoryFree, descAgentDiskAvailable} {
 		ch <- d
 	}
 }
@@ -124,5 +126,6 @@ func (c *fleetCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAgentDraining, prometheus.GaugeValue, b2f(draining), l...)
 		ch <- prometheus.MustNewConstMetric(descAgentInstances, prometheus.GaugeValue, float64(n), l...)
 		ch <- prometheus.MustNewConstMetric(descAgentMemoryFree, prometheus.GaugeValue, float64(capa.MemoryFreeMB)*(1<<20), l...)
+		ch <- prometheus.MustNewConstMetric(descAgentDiskAvailable, prometheus.GaugeValue, float64(capa.DiskAvailableBytes), l...)
 	}
 }

@@ -25,7 +25,7 @@ import (
 // unavailable is how long the instance took no writes: a replication
 // move's cutover, or a snapshot move's copy (whose writes are lost).
 func (b *Broker) move(ctx context.Context, iid string, src *agentState, want apitype.Spec) (target string, unavailable time.Duration, err error) {
-	chosen, rejected, ok := b.fleet.place(ctx, want.MemoryMB, b.cfg.Strategy, src.cfg.Name)
+	chosen, rejected, ok := b.fleet.place(ctx, needOf(want), b.cfg.Strategy, src.cfg.Name)
 	if !ok {
 		b.metrics.placementFailures.Inc()
 		return "", 0, fmt.Errorf("%w for %d MiB: %s", errNoRoom, want.MemoryMB, rejections(rejected))
@@ -144,7 +144,7 @@ func (b *Broker) replicate(ctx context.Context, iid string, src, dst *agentState
 		return 0, fmt.Errorf("create the replica on %s: %w", dst.cfg.Name, err)
 	}
 	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
-	dst.reserve(want.MemoryMB)
+	dst.reserve(needOf(want))
 	if err := b.copyBindings(ctx, iid, src, dst, cur.Bindings); err != nil {
 		return 0, err
 	}
@@ -253,7 +253,7 @@ func (b *Broker) snapshotMove(ctx context.Context, iid string, src, dst *agentSt
 		return 0, fmt.Errorf("create the instance on %s: %w", dst.cfg.Name, err)
 	}
 	b.metrics.placements.WithLabelValues(dst.cfg.Name).Inc()
-	dst.reserve(want.MemoryMB)
+	dst.reserve(needOf(want))
 	undo := func(cause error) (time.Duration, error) {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
 		defer cancel()

@@ -385,7 +385,7 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 	}
 	var tried []string
 	for {
-		chosen, rejected, ok := b.fleet.place(ctx, spec.MemoryMB, b.cfg.Strategy, tried...)
+		chosen, rejected, ok := b.fleet.place(ctx, needOf(spec), b.cfg.Strategy, tried...)
 		if !ok {
 			b.metrics.placementFailures.Inc()
 			return "", inst, false, fmt.Errorf("%w for %d MiB: %s", errNoRoom, spec.MemoryMB, rejections(rejected))
@@ -399,7 +399,7 @@ func (b *Broker) provisionOn(ctx context.Context, iid string, spec apitype.Spec)
 		case err == nil:
 			b.metrics.placements.WithLabelValues(chosen.Name).Inc()
 			if created {
-				a.reserve(inst.MemoryMB)
+				a.reserve(Need{inst.MemoryMB, inst.Persistence})
 			}
 			a.remember(inst)
 			if kept, ok := b.dedupe(ctx, iid, spec); ok && kept.agent != a {
@@ -729,7 +729,7 @@ func (b *Broker) deleteAll(ctx context.Context, log *slog.Logger, iid string, fo
 			return fmt.Errorf("on %s: %w", l.agent.cfg.Name, err)
 		}
 		l.agent.forget(iid)
-		l.agent.release(l.inst.MemoryMB)
+		l.agent.release(Need{l.inst.MemoryMB, l.inst.Persistence})
 		log.Info("deprovisioned", "agent", l.agent.cfg.Name)
 	}
 	b.metrics.observe("deprovision", t0)
@@ -862,12 +862,14 @@ func (b *Broker) planUpdate(w http.ResponseWriter, r *http.Request, iid string, 
 	u.want.Metadata = newMeta.raw()
 	// An operator's IO limits of the instance go with it.
 	u.want.IO = ioSetting(l.inst)
-	// In place when the persistence stays and the agent has room.
+	// In place when the persistence stays and the agent has room: the
+	// memory it grows by, and the disk its reservation grows by.
 	_, _, _, capa, _, _ := l.agent.snapshot()
 	if fresh, err := l.agent.c.Capacity(r.Context()); err == nil {
 		capa = fresh
 	}
-	u.inPlace = u.want.Persistence == l.inst.Persistence && u.want.MemoryMB-l.inst.MemoryMB <= capa.MemoryFreeMB
+	grows := capa.DiskNeed(u.want.MemoryMB, u.want.Persistence) - capa.DiskNeed(l.inst.MemoryMB, l.inst.Persistence)
+	u.inPlace = u.want.Persistence == l.inst.Persistence && u.want.MemoryMB-l.inst.MemoryMB <= capa.MemoryFreeMB && capa.DiskFits(grows)
 	if (u.upgrade != "" || !u.inPlace) && !acceptsIncomplete(r) {
 		what := "this plan change moves the instance to another agent"
 		if u.upgrade != "" {

@@ -39,12 +39,24 @@ type Rejection struct {
 	Reason string
 }
 
-// Place picks the agent for a new instance of memoryMB among cands:
-// first it filters (ready, not draining, not in exclude, a free port and
-// memoryMB of free memory budget), then it ranks by strategy; ties go to
-// the lower name, so the choice is deterministic. ok is false when no
-// agent has room; rejected lists why each agent was left out.
-func Place(cands []Candidate, memoryMB int, strategy Strategy, exclude ...string) (chosen Candidate, rejected []Rejection, ok bool) {
+// Need is what an instance takes of an agent: its memory budget, and a
+// disk reservation its memory and persistence make (Capacity.DiskNeed).
+type Need struct {
+	MemoryMB    int
+	Persistence string
+}
+
+// needOf is what an instance of spec needs.
+func needOf(spec apitype.Spec) Need { return Need{spec.MemoryMB, spec.Persistence} }
+
+// Place picks the agent for a new instance of need among cands: first it
+// filters (ready, not draining, not in exclude, a free port, the memory
+// in its free memory budget and the disk reservation in its available
+// disk), then it ranks by strategy; ties go to the lower name, so the
+// choice is deterministic. ok is false when no agent has room; rejected
+// lists why each agent was left out.
+func Place(cands []Candidate, need Need, strategy Strategy, exclude ...string) (chosen Candidate, rejected []Rejection, ok bool) {
+	memoryMB := need.MemoryMB
 	var fit []Candidate
 	zoneLoad := map[string]int{}
 	for _, c := range cands {
@@ -61,6 +73,8 @@ func Place(cands []Candidate, memoryMB int, strategy Strategy, exclude ...string
 			reason = "no free port"
 		case c.Capacity.MemoryFreeMB < memoryMB:
 			reason = fmt.Sprintf("%d MiB of memory budget free, %d needed", c.Capacity.MemoryFreeMB, memoryMB)
+		case !c.Capacity.DiskFits(c.Capacity.DiskNeed(memoryMB, need.Persistence)):
+			reason = fmt.Sprintf("%d MiB of disk available, %d needed", c.Capacity.DiskAvailableBytes>>20, (c.Capacity.DiskNeed(memoryMB, need.Persistence)+1<<20-1)>>20)
 		}
 		if reason != "" {
 			rejected = append(rejected, Rejection{c.Name, reason})

@@ -292,7 +292,7 @@ func (b *Broker) recoverOne(ctx context.Context, lost *agentState, bk apitype.Ba
 	}
 	spec := apitype.Spec{MemoryMB: bk.MemoryMB, Persistence: bk.Persistence, Metadata: bk.Metadata,
 		MaxmemoryPolicy: bk.MaxmemoryPolicy, MaxmemoryClients: bk.MaxmemoryClients, TLS: bk.TLS}
-	chosen, rejected, ok := b.fleet.place(ctx, spec.MemoryMB, b.cfg.Strategy, lost.cfg.Name)
+	chosen, rejected, ok := b.fleet.place(ctx, needOf(spec), b.cfg.Strategy, lost.cfg.Name)
 	if !ok {
 		b.metrics.placementFailures.Inc()
 		return "", fmt.Errorf("%w for %d MiB: %s", errNoRoom, spec.MemoryMB, rejections(rejected))
@@ -304,14 +304,14 @@ func (b *Broker) recoverOne(ctx context.Context, lost *agentState, bk apitype.Ba
 	if err != nil {
 		return dst.cfg.Name, fmt.Errorf("provision on %s: %w", dst.cfg.Name, err)
 	}
-	dst.reserve(spec.MemoryMB)
+	dst.reserve(needOf(spec))
 	undo := func(cause error) error {
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.AgentTimeout+30*time.Second)
 		defer cancel()
 		if derr := dst.c.Deprovision(uctx, bk.Instance); derr != nil && !client.IsStatus(derr, http.StatusGone) {
 			return fmt.Errorf("%w (and removing the new copy on %s failed: %v)", cause, dst.cfg.Name, derr)
 		}
-		dst.release(spec.MemoryMB)
+		dst.release(needOf(spec))
 		return cause
 	}
 	rctx, cancel := context.WithTimeout(ctx, 3*time.Hour)
