@@ -206,17 +206,24 @@ func (b *Broker) runDrain(ctx context.Context, a *agentState) {
 }
 
 func (b *Broker) drainStatus(w http.ResponseWriter, r *http.Request) {
+	agentJobStatus(b, w, r, "drain", b.drains.get)
+}
+
+// agentJobStatus answers the GET of the job of kind what (a drain, a
+// recovery) of the agent the path names, which get finds by that name: a
+// 404 for an agent the broker does not know, or a job it has not run.
+func agentJobStatus[T any](b *Broker, w http.ResponseWriter, r *http.Request, what string, get func(agent string) (T, bool)) {
 	name := r.PathValue("name")
 	if b.fleet.agent(name) == nil {
 		writeJSON(w, http.StatusNotFound, osbError{Description: "no agent named " + name})
 		return
 	}
-	dr, ok := b.drains.get(name)
+	job, ok := get(name)
 	if !ok {
-		writeJSON(w, http.StatusNotFound, osbError{Description: "no drain of " + name + " since this broker started"})
+		writeJSON(w, http.StatusNotFound, osbError{Description: "no " + what + " of " + name + " since this broker started"})
 		return
 	}
-	writeJSON(w, http.StatusOK, dr)
+	writeJSON(w, http.StatusOK, job)
 }
 
 // stopDrain clears an agent's draining mark: new instances may be placed

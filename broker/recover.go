@@ -164,17 +164,7 @@ func (b *Broker) startRecover(w http.ResponseWriter, r *http.Request) {
 }
 
 func (b *Broker) recoverStatus(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if b.fleet.agent(name) == nil {
-		writeJSON(w, http.StatusNotFound, osbError{Description: "no agent named " + name})
-		return
-	}
-	rc, ok := b.recoveries.get(name)
-	if !ok {
-		writeJSON(w, http.StatusNotFound, osbError{Description: "no recovery of " + name + " since this broker started"})
-		return
-	}
-	writeJSON(w, http.StatusOK, rc)
+	agentJobStatus(b, w, r, "recovery", b.recoveries.get)
 }
 
 func (b *Broker) runRecover(ctx context.Context, lost *agentState, backupName string) {
