@@ -40,10 +40,7 @@ func (s *Service) Bind(ctx context.Context, id, bid, password string) (Credentia
 	defer unlock()
 
 	created := false
-	rec, err := s.store.Update(id, func(r *state.Instance) error {
-		if r.Phase != state.PhaseActive {
-			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
-		}
+	rec, err := s.updateActive(id, func(r *state.Instance) error {
 		if b, ok := r.Bindings[bid]; ok {
 			if password != "" && password != b.Password {
 				return fmt.Errorf("binding %q of instance %q exists with another password: %w", bid, id, ErrConflict)
@@ -65,7 +62,7 @@ func (s *Service) Bind(ctx context.Context, id, bid, password string) (Credentia
 		return nil
 	})
 	if err != nil {
-		return Credentials{}, false, notFound(id, err)
+		return Credentials{}, false, err
 	}
 	crashAt(FaultBindRecorded)
 	// The record is written first; the ACL file follows from it, here or,

@@ -99,6 +99,20 @@ func notFound(id string, err error) error {
 	return err
 }
 
+// updateActive applies fn to instance id's record, which must be active
+// (ErrConflict while it is being provisioned or deleted), and
+// commits it unless fn fails; ErrNotFound when there is none. The caller
+// holds the instance's lock.
+func (s *Service) updateActive(id string, fn func(*state.Instance) error) (state.Instance, error) {
+	rec, err := s.store.Update(id, func(r *state.Instance) error {
+		if r.Phase != state.PhaseActive {
+			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
+		}
+		return fn(r)
+	})
+	return rec, notFound(id, err)
+}
+
 // Provision creates instance id with spec and returns once its redis-server
 // answers PING. created is false when an identical instance already
 // existed; a different one is ErrConflict.

@@ -173,15 +173,12 @@ func (s *Service) SetIO(ctx context.Context, id string, set apitype.IOSetting) (
 	}
 	unlock := s.locks.lock(id)
 	defer unlock()
-	rec, err := s.store.Update(id, func(r *state.Instance) error {
-		if r.Phase != state.PhaseActive {
-			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
-		}
+	rec, err := s.updateActive(id, func(r *state.Instance) error {
 		r.IO = io
 		return nil
 	})
 	if err != nil {
-		return Instance{}, notFound(id, err)
+		return Instance{}, err
 	}
 	if in := s.runtime(id); in != nil {
 		in.io.Store(io)

@@ -144,15 +144,12 @@ func (s *Service) SetMetadata(ctx context.Context, id string, metadata json.RawM
 	}
 	unlock := s.locks.lock(id)
 	defer unlock()
-	rec, err := s.store.Update(id, func(r *state.Instance) error {
-		if r.Phase != state.PhaseActive {
-			return fmt.Errorf("instance %q is %s: %w", id, r.Phase, ErrConflict)
-		}
+	rec, err := s.updateActive(id, func(r *state.Instance) error {
 		r.Metadata = md
 		return nil
 	})
 	if err != nil {
-		return Instance{}, notFound(id, err)
+		return Instance{}, err
 	}
 	return s.view(rec), nil
 }
