@@ -36,6 +36,21 @@ var migrations = []func(tx *bolt.Tx) error{
 			return res.Put(k, []byte(strconv.Itoa(m.MemoryMB)))
 		})
 	},
+	// 2 -> 3: the uids and persistence indexes, filled from the records.
+	func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketUIDs, bucketPersist} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
+			var inst Instance
+			if err := json.Unmarshal(v, &inst); err != nil {
+				return fmt.Errorf("instance %q: decode: %w", k, err)
+			}
+			return putIndexes(tx, inst)
+		})
+	},
 }
 
 func readVersion(tx *bolt.Tx) (int, error) {

@@ -14,6 +14,12 @@
 //	reserved/
 //	    <id>               -> memory_mb, decimal (index: the memory budget
 //	                          in use, summed without decoding every record)
+//	uids/
+//	    <id>               -> uid, decimal, for a record with one (index:
+//	                          the uids held, for a provision's free one)
+//	persistence/
+//	    <id>               -> persistence mode (index: with reserved, each
+//	                          record's disk reservation, for admission)
 //
 // A port is allocated in the same transaction that writes the record and is
 // free again only when the record is deleted. The indexes change in the
@@ -183,13 +189,15 @@ type Primary struct {
 }
 
 // SchemaVersion is the version this code writes.
-const SchemaVersion = 2
+const SchemaVersion = 3
 
 var (
 	bucketMeta      = []byte("meta")
 	bucketInstances = []byte("instances")
 	bucketPorts     = []byte("ports")
 	bucketReserved  = []byte("reserved")
+	bucketUIDs      = []byte("uids")
+	bucketPersist   = []byte("persistence")
 	keyVersion      = []byte("version")
 	keyDraining     = []byte("draining")
 )
@@ -333,24 +341,50 @@ func (s *Store) List() ([]Instance, error) {
 	return out, err
 }
 
-// UIDs returns the uids the records hold (UID; 0 for none), reading
-// nothing else of them: a provision asks at every start of a user of its
-// own, and decoding a thousand whole records took twice as long.
+// UIDs returns the uids the records hold (their UID, where not 0), from
+// the uids index: a provision of a user of its own asks under the
+// admission lock, and decoding a thousand records for it was a third of
+// the agent's CPU while it provisioned them.
 func (s *Store) UIDs() (map[int]bool, error) {
 	uids := map[int]bool{}
 	err := s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketInstances).ForEach(func(k, v []byte) error {
-			var r struct {
-				UID int `json:"uid"`
+		return tx.Bucket(bucketUIDs).ForEach(func(k, v []byte) error {
+			uid, err := strconv.Atoi(string(v))
+			if err != nil {
+				return fmt.Errorf("uids %q: %w", k, err)
 			}
-			if err := json.Unmarshal(v, &r); err != nil {
-				return fmt.Errorf("record %q: %w", k, err)
-			}
-			uids[r.UID] = true
+			uids[uid] = true
 			return nil
 		})
 	})
 	return uids, err
+}
+
+// Share is what a record takes of the agent's room: its memory and
+// persistence make its disk reservation.
+type Share struct {
+	ID          string
+	MemoryMB    int
+	Persistence string
+}
+
+// Shares returns every record's share, by id, from the reserved and
+// persistence indexes (not decoding the records: a provision's disk
+// admission asks under the admission lock).
+func (s *Store) Shares() ([]Share, error) {
+	var out []Share
+	err := s.db.View(func(tx *bolt.Tx) error {
+		persist := tx.Bucket(bucketPersist)
+		return tx.Bucket(bucketReserved).ForEach(func(k, v []byte) error {
+			mb, err := strconv.Atoi(string(v))
+			if err != nil {
+				return fmt.Errorf("reserved %q: %w", k, err)
+			}
+			out = append(out, Share{ID: string(k), MemoryMB: mb, Persistence: string(persist.Get(k))})
+			return nil
+		})
+	})
+	return out, err
 }
 
 // Usage is what the records hold, for admission decisions.
@@ -446,6 +480,9 @@ func (s *Store) CreatePorts(inst Instance, admit func(Usage) (port, tlsPort int,
 			}
 		}
 		if err := tx.Bucket(bucketReserved).Put([]byte(inst.ID), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
+			return err
+		}
+		if err := putIndexes(tx, inst); err != nil {
 			return err
 		}
 		return put(tx, inst)
@@ -569,9 +606,11 @@ func apply(tx *bolt.Tx, id string, withUsage bool, fn func(*Instance, Usage) err
 		return inst, false, nil
 	}
 	var old struct {
-		Port     int `json:"port"`
-		TLSPort  int `json:"tls_port"`
-		MemoryMB int `json:"memory_mb"`
+		Port        int    `json:"port"`
+		TLSPort     int    `json:"tls_port"`
+		MemoryMB    int    `json:"memory_mb"`
+		UID         int    `json:"uid"`
+		Persistence string `json:"persistence"`
 	}
 	_ = json.Unmarshal(before, &old)
 	if old.Port != inst.Port {
@@ -598,7 +637,29 @@ func apply(tx *bolt.Tx, id string, withUsage bool, fn func(*Instance, Usage) err
 			return inst, false, err
 		}
 	}
+	if old.UID != inst.UID || old.Persistence != inst.Persistence {
+		if err := putIndexes(tx, inst); err != nil {
+			return inst, false, err
+		}
+	}
 	return inst, true, tx.Bucket(bucketInstances).Put([]byte(id), after)
+}
+
+// putIndexes writes inst's entries of the uids and persistence indexes
+// (no uids entry for no uid).
+func putIndexes(tx *bolt.Tx, inst Instance) error {
+	id := []byte(inst.ID)
+	uids := tx.Bucket(bucketUIDs)
+	var err error
+	if inst.UID != 0 {
+		err = uids.Put(id, []byte(strconv.Itoa(inst.UID)))
+	} else {
+		err = uids.Delete(id)
+	}
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bucketPersist).Put(id, []byte(inst.Persistence))
 }
 
 // errUnchanged ends an update that changed nothing without a commit.
@@ -620,8 +681,10 @@ func (s *Store) Delete(id string) error {
 				}
 			}
 		}
-		if err := tx.Bucket(bucketReserved).Delete([]byte(id)); err != nil {
-			return err
+		for _, b := range [][]byte{bucketReserved, bucketUIDs, bucketPersist} {
+			if err := tx.Bucket(b).Delete([]byte(id)); err != nil {
+				return err
+			}
 		}
 		return tx.Bucket(bucketInstances).Delete([]byte(id))
 	})

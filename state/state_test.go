@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -176,7 +177,7 @@ func TestMigrations(t *testing.T) {
 			if err != nil || v != SchemaVersion {
 				return fmt.Errorf("version %d, %v", v, err)
 			}
-			for _, b := range [][]byte{bucketInstances, bucketPorts, bucketReserved} {
+			for _, b := range [][]byte{bucketInstances, bucketPorts, bucketReserved, bucketUIDs, bucketPersist} {
 				if tx.Bucket(b) == nil {
 					return fmt.Errorf("bucket %s missing", b)
 				}
@@ -228,6 +229,42 @@ func TestMigrations(t *testing.T) {
 		}
 		if u, _ := s.Usage(); u.Instances != 1 || u.MemoryMB != 32 {
 			t.Fatalf("Usage after update and delete = %+v", u)
+		}
+	})
+	t.Run("2->3 indexes the uids and persistence of existing records", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state.db")
+		s, err := Open(path, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A version-2 file: records written before the indexes were.
+		for i, r := range []Instance{{ID: "u", UID: 70000, MemoryMB: 64, Persistence: "aof"}, {ID: "n", MemoryMB: 16, Persistence: "none"}} {
+			if _, err := s.Create(r, func(Usage) (int, error) { return 100 + i, nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		err = s.db.Update(func(tx *bolt.Tx) error {
+			tx.DeleteBucket(bucketUIDs)
+			tx.DeleteBucket(bucketPersist)
+			return tx.Bucket(bucketMeta).Put(keyVersion, []byte("2"))
+		})
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err = Open(path, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		uids, err := s.UIDs()
+		if err != nil || len(uids) != 1 || !uids[70000] {
+			t.Fatalf("UIDs after migration = %v, %v; want {70000}", uids, err)
+		}
+		shares, err := s.Shares()
+		want := []Share{{"n", 16, "none"}, {"u", 64, "aof"}}
+		if err != nil || !slices.Equal(shares, want) {
+			t.Fatalf("Shares after migration = %+v, %v; want %+v", shares, err, want)
 		}
 	})
 	t.Run("newer schema refused", func(t *testing.T) {
@@ -399,7 +436,7 @@ func TestGeneration(t *testing.T) {
 	}
 }
 
-// UIDs are the records' uids, one each, 0 for a record without one.
+// UIDs are the uids records hold; a record without one (0) holds none.
 func TestUIDs(t *testing.T) {
 	s := open(t)
 	for i, uid := range []int{0, 2000001, 2000002} {
@@ -411,7 +448,7 @@ func TestUIDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := map[int]bool{0: true, 2000001: true, 2000002: true}; !maps.Equal(got, want) {
+	if want := map[int]bool{2000001: true, 2000002: true}; !maps.Equal(got, want) {
 		t.Fatalf("UIDs = %v, want %v", got, want)
 	}
 	if err := s.Delete("u2"); err != nil {
@@ -420,4 +457,47 @@ func TestUIDs(t *testing.T) {
 	if got, _ := s.UIDs(); got[2000002] {
 		t.Fatal("a deleted record's uid is still held")
 	}
+}
+
+// The uids and persistence indexes follow every change of their records:
+// a create, an update of the uid or the persistence, a delete.
+func TestIndexesFollowTheRecords(t *testing.T) {
+	s := open(t)
+	if _, err := s.Create(Instance{ID: "a", MemoryMB: 64, Persistence: "rdb", UID: 5001}, lowest); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(Instance{ID: "b", MemoryMB: 32, Persistence: "aof"}, lowest); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string, wantUIDs []int, want []Share) {
+		t.Helper()
+		uids, err := s.UIDs()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := slices.Sorted(maps.Keys(uids))
+		if !slices.Equal(got, wantUIDs) {
+			t.Errorf("%s: UIDs %v, want %v", when, got, wantUIDs)
+		}
+		shares, err := s.Shares()
+		if err != nil || !slices.Equal(shares, want) {
+			t.Errorf("%s: Shares %+v, %v; want %+v", when, shares, err, want)
+		}
+	}
+	check("created", []int{5001}, []Share{{"a", 64, "rdb"}, {"b", 32, "aof"}})
+	if _, err := s.Update("b", func(r *Instance) error { r.UID = 5002; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Update("a", func(r *Instance) error { r.UID, r.Persistence = 0, "none"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	check("updated", []int{5002}, []Share{{"a", 64, "none"}, {"b", 32, "aof"}})
+	// A refused update changes no index.
+	if _, err := s.Update("b", func(r *Instance) error { r.UID = 1; return errors.New("no") }); err == nil {
+		t.Fatal("a refused update succeeded")
+	}
+	if err := s.Delete("a"); err != nil {
+		t.Fatal(err)
+	}
+	check("deleted", []int{5002}, []Share{{"b", 32, "aof"}})
 }
