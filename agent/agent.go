@@ -56,6 +56,13 @@ type Service struct {
 	uidMin, uidMax int
 	uidReason      string
 	uidMu          sync.Mutex
+	// procUIDs is the last scan of the running processes' uids, made at
+	// procUIDsAt when deletes was procUIDsDeletes (freeUID, under uidMu);
+	// deletes counts the records deleted.
+	procUIDs        map[int]bool
+	procUIDsAt      time.Time
+	procUIDsDeletes uint64
+	deletes         atomic.Uint64
 	// launcher confines every redis-server ("" runs them unconfined) with
 	// what the kernel supports; notes say what is missing.
 	launcher string
@@ -177,6 +184,9 @@ type instance struct {
 	// policy is the record's maxmemory-policy (a string); a health check
 	// that sees another calls drift.
 	policy atomic.Value
+	// started is the last Started event: a provision's activating commit
+	// records its process (recordStart), its Started event does not.
+	started atomic.Pointer[supervisor.Event]
 }
 
 // instanceStats is one health check's harvest: INFO and /proc figures of

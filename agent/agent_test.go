@@ -113,6 +113,11 @@ func TestProvisionBindUnbind(t *testing.T) {
 	if inst.State != "running" || inst.Port != cfg.PortMin || inst.PID == 0 {
 		t.Fatalf("provisioned instance = %+v; want running on port %d with a pid", inst, cfg.PortMin)
 	}
+	// Its process is in the record from the provision's last commit (its
+	// Started event wrote none), for a restarted agent to adopt.
+	if rec, _ := s.store.Get("inst-a"); rec.PID != inst.PID || rec.StartTime == 0 || rec.Binary != cfg.RedisServer || rec.BinaryID == "" {
+		t.Fatalf("record pid %d start %d binary %q (%q); want pid %d, its start time and %s", rec.PID, rec.StartTime, rec.Binary, rec.BinaryID, inst.PID, cfg.RedisServer)
+	}
 	// Modes of the per-instance files.
 	for path, want := range map[string]fs.FileMode{
 		s.layout.ConfPath("inst-a"): 0o640,

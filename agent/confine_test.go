@@ -139,6 +139,26 @@ func TestInstanceUIDs(t *testing.T) {
 	if c.UID != a.UID {
 		t.Fatalf("c got uid %d; want the deleted a's %d back", c.UID, a.UID)
 	}
+	// A process of b's that outlives it (here one outside its cgroup,
+	// started after the last scan of /proc): b's uid is not handed out
+	// while it runs, though the scan before b's delete, a moment ago,
+	// did not see it.
+	stray := exec.Command("sleep", "60")
+	stray.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(b.UID), Gid: uint32(b.UID)}}
+	if err := stray.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stray.Process.Kill(); stray.Wait() })
+	if err := s.Deprovision(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	d, _, err := s.Provision(ctx, "d", Spec{MemoryMB: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.UID == b.UID || d.UID == c.UID || d.UID == lo {
+		t.Fatalf("d got uid %d; want none of %d (b's, a process of it still runs), %d (c's), %d (in use)", d.UID, b.UID, c.UID, lo)
+	}
 }
 
 // A confined redis-server of its own user tells the agent it is ready

@@ -259,8 +259,13 @@ type budget struct {
 	available int64
 }
 
-// diskBudget computes the budget over recs, the instances that exist.
-func (s *Service) diskBudget(recs []state.Instance) (budget, error) {
+// diskBudget computes the budget over the instances that exist (their
+// records' shares, read from the store's indexes).
+func (s *Service) diskBudget() (budget, error) {
+	recs, err := s.store.Shares()
+	if err != nil {
+		return budget{}, err
+	}
 	usage := s.disk.all()
 	shares := make([]diskUsage, len(recs))
 	for i, rec := range recs {
@@ -301,11 +306,7 @@ func (s *Service) admitDisk(need int64, what string) error {
 	if need <= 0 || s.cfg.DiskBudget == "off" {
 		return nil
 	}
-	recs, err := s.store.List()
-	if err != nil {
-		return err
-	}
-	b, err := s.diskBudget(recs)
+	b, err := s.diskBudget()
 	if err != nil {
 		return err
 	}

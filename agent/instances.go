@@ -278,7 +278,7 @@ func (s *Service) finishProvision(ctx context.Context, rec state.Instance) (Inst
 	// (which waits for this provision's lock) then has nothing to write.
 	exe, _ := supervisor.Executable(in.sup.Status().Process.PID)
 	rec, err := s.store.Update(rec.ID, func(r *state.Instance) error {
-		r.Phase = state.PhaseActive
+		activate(r, in)
 		if confHash != "" {
 			r.ConfigHash = confHash
 		}
@@ -396,6 +396,9 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	}
 	switch ev.Kind {
 	case supervisor.Started:
+		if in := s.runtime(id); in != nil {
+			in.started.Store(&ev)
+		}
 		s.confine(id, ev.Process.PID)
 		crashAt(FaultSpawnUnrecorded)
 	case supervisor.Ready:
@@ -415,11 +418,14 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	err := update(func(r *state.Instance) error {
 		switch ev.Kind {
 		case supervisor.Started:
-			r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime
-			// The file, not just the path: a package upgrade in place
-			// makes a restart run the new binary.
-			r.Binary = ev.Binary
-			r.BinaryID, _ = binaryID(ev.Binary)
+			if r.Phase == state.PhaseProvisioning {
+				// The provision's activating commit records it: a commit
+				// (an fsync, in the supervisor's loop) less per provision.
+				// An agent that dies before finds it as after a crash at
+				// FaultSpawnUnrecorded.
+				return nil
+			}
+			recordStart(r, ev)
 		case supervisor.Exited:
 			if ev.Exit != nil && ev.Exit.Reason != apitype.ReasonStopped {
 				s.metrics.restarts.WithLabelValues(id, ev.Exit.Reason).Inc()
@@ -434,6 +440,24 @@ func (s *Service) persistEvent(id string, ev supervisor.Event) {
 	})
 	if err != nil && !errors.Is(err, state.ErrNotFound) {
 		s.log.Error("persist process event", "instance", id, "err", err)
+	}
+}
+
+// recordStart records in r the process a Started event tells of.
+func recordStart(r *state.Instance, ev supervisor.Event) {
+	r.PID, r.StartTime = ev.Process.PID, ev.Process.StartTime
+	// The file, not just the path: a package upgrade in place makes a
+	// restart run the new binary.
+	r.Binary = ev.Binary
+	r.BinaryID, _ = binaryID(ev.Binary)
+}
+
+// activate makes a provisioning record r active, with the process in
+// started (the Started event its record skipped), if one started.
+func activate(r *state.Instance, in *instance) {
+	r.Phase = state.PhaseActive
+	if ev := in.started.Load(); ev != nil {
+		recordStart(r, *ev)
 	}
 }
 
@@ -606,6 +630,9 @@ func (s *Service) destroy(id string) error {
 		s.clearQuota(rec)
 	}
 	crashAt(FaultDeleteRemoved)
+	// Its uid is free once the record is gone: a freeUID from then on
+	// looks at /proc again, after its processes ended.
+	s.deletes.Add(1)
 	if err := s.store.Delete(id); err != nil && !errors.Is(err, state.ErrNotFound) {
 		return err
 	}
@@ -719,11 +746,7 @@ func (s *Service) Capacity(ctx context.Context) (Capacity, error) {
 	if err != nil {
 		return Capacity{}, err
 	}
-	recs, err := s.store.List()
-	if err != nil {
-		return Capacity{}, err
-	}
-	b, err := s.diskBudget(recs)
+	b, err := s.diskBudget()
 	if err != nil {
 		return Capacity{}, err
 	}

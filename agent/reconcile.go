@@ -385,7 +385,7 @@ func (s *Service) finishInterrupted(ctx context.Context, id string) {
 	defer unlock()
 	_, err := s.store.Update(id, func(r *state.Instance) error {
 		if r.Phase == state.PhaseProvisioning {
-			r.Phase = state.PhaseActive
+			activate(r, in)
 		}
 		return nil
 	})
