@@ -197,11 +197,16 @@ func killRedisUnder(t *testing.T, dir string) {
 		}
 		// And the (now empty) cgroups of instances the test left behind.
 		time.Sleep(20 * time.Millisecond)
+		// The root's own subdirectories, not the instances directory's:
+		// a test that removes the data directory (a VM lost) leaves the
+		// cgroups of what it held.
 		root := agent.Config{DataDir: dir}.CgroupParent()
-		entries, _ := os.ReadDir(filepath.Join(dir, "instances"))
 		for _, c := range []string{"memory", "cpu", "pids", "blkio", ""} {
-			for _, e := range entries {
-				os.Remove(filepath.Join("/sys/fs/cgroup", c, root, e.Name()))
+			groups, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", c, root))
+			for _, g := range groups {
+				if g.IsDir() {
+					os.Remove(filepath.Join("/sys/fs/cgroup", c, root, g.Name()))
+				}
 			}
 			os.Remove(filepath.Join("/sys/fs/cgroup", c, root))
 		}

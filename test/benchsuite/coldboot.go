@@ -13,6 +13,9 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/redis-agent/redis-agent/confine"
+	"github.com/redis-agent/redis-agent/limits"
 )
 
 // coldBoot is a power loss of a full agent: the density instances, each
@@ -71,9 +74,9 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 			return err
 		}
 	}
-	all := make([]creds, n)
+	all, ids := make([]creds, n), make([]string, n)
 	for i, t := range ts {
-		all[i] = t.c
+		all[i], ids[i] = t.c, t.id
 	}
 
 	s.logf("cold boot: agent start")
@@ -101,58 +104,27 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 	if err := s.powerLoss(); err != nil {
 		return err
 	}
-	cmds := make([]*exec.Cmd, n)
-	exited := make([]chan struct{}, n)
-	defer func() {
-		for i, c := range cmds {
-			if c != nil {
-				c.Process.Kill()
-				<-exited[i]
-			}
-		}
-	}()
-	// A bare redis-server that exits (its port taken by something else on
-	// the machine, say) ends the figure with its log, not with a wait.
-	gone := make(chan int, n)
-	cpu0 = machineCPU()
-	t0 = time.Now()
-	for i := range cmds {
-		c := exec.Command(s.cfg.RedisServer, confs[i])
-		if err := c.Start(); err != nil {
-			return err
-		}
-		cmds[i], exited[i] = c, make(chan struct{})
-		go func() { c.Wait(); close(exited[i]); gone <- i }()
+	bare, err := s.bareBoot(ids, confs, all, nil)
+	if err != nil {
+		return err
 	}
-	var bareTimes []time.Duration
-	polled := make(chan error, 1)
-	go func() {
-		var err error
-		bareTimes, err = answering(all, t0, 2*time.Minute)
-		polled <- err
-	}()
-	select {
-	case err := <-polled:
+	// The same, each through the launcher (Landlock, seccomp) and in a
+	// cgroup of its own with an instance's limits: the isolation's floor,
+	// without the agent.
+	var confined *bootRun
+	if cg, err := limits.New("redis-agent-bench-coldboot"); err != nil {
+		s.logf("cold boot: no confined reference (%v)", err)
+	} else {
+		s.logf("cold boot: %d confined bare redis-servers at once", n)
+		run, err := s.bareBoot(ids, confs, all, cg)
+		cg.RemoveRootIfEmpty()
 		if err != nil {
-			return fmt.Errorf("bare: %w", err)
+			return fmt.Errorf("confined reference: %w", err)
 		}
-	case i := <-gone:
-		tail, _ := os.ReadFile(filepath.Join(filepath.Dir(confs[i]), "redis.log"))
-		<-polled
-		return fmt.Errorf("bare redis-server of %s exited: %s", ts[i].id, tail[max(0, len(tail)-600):])
-	}
-	bareCPU := machineCPU() - cpu0
-	bareServers := 0.0
-	for _, c := range cmds {
-		_, u := procUsage(c.Process.Pid)
-		bareServers += u
-	}
-	for i, c := range cmds {
-		c.Process.Kill()
-		<-exited[i]
-		cmds[i] = nil
+		confined = &run
 	}
 	os.RemoveAll(bareDir)
+	bareTimes, bareCPU, bareServers := bare.times, bare.cpu, bare.servers
 
 	s.add(Row{Figure: fmt.Sprintf("cold boot of %d AOF instances (power loss): agent start -> every binding answers PING", n), Value: pct(agentTimes, 100).Seconds(), Unit: "s",
 		Reference: pct(bareTimes, 100).Seconds(), Aim: fmt.Sprintf("<= 1.5x; ref: %d bare redis-servers started at once on copies of the AOFs", n)})
@@ -162,9 +134,99 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 	s.add(Row{Figure: "  CPU the machine spent meanwhile (all processes)", Value: agentCPU, Unit: "s", Reference: bareCPU, Aim: fmt.Sprintf("%d cores", runtime.NumCPU())})
 	s.add(Row{Figure: "    of which the redis-servers' (their launcher's included)", Value: serversCPU, Unit: "s", Reference: bareServers})
 	s.add(Row{Figure: "    of which the agent's (its whole life: reconcile, starts, checks)", Value: agentOwn, Unit: "s"})
+	if confined != nil {
+		s.add(Row{Figure: "  against confined bare redis-servers: every binding answers PING", Value: pct(agentTimes, 100).Seconds(), Unit: "s",
+			Reference: pct(confined.times, 100).Seconds(), Aim: "ref: the bare ones through redis-agent-launch, each in a cgroup with an instance's limits"})
+		s.add(Row{Figure: "    the confined bare ones against the bare ones", Value: pct(confined.times, 100).Seconds(), Unit: "s", Reference: pct(bareTimes, 100).Seconds(), Aim: "the isolation's own cost"})
+		s.add(Row{Figure: "    CPU the machine spent (confined bare, all processes)", Value: confined.cpu, Unit: "s", Reference: bareCPU})
+	}
 
 	s.logf("cold boot: the agent again, for what follows")
 	return s.startAgent()
+}
+
+// bootRun is a start of bare redis-servers at once: when each answered,
+// the CPU the machine spent meanwhile and the servers' own.
+type bootRun struct {
+	times        []time.Duration
+	cpu, servers float64
+}
+
+// bareBoot starts a redis-server on each of confs at once, times until
+// every binding of all answers, and kills them. With cg, each runs
+// through the launcher, confined to its directory as an instance is, and
+// is put in a cgroup of its own with the limits of an instance of 16 MiB
+// (the density's); the cgroups are removed after.
+func (s *suite) bareBoot(ids, confs []string, all []creds, cg *limits.Manager) (bootRun, error) {
+	var run bootRun
+	n := len(confs)
+	launcher := filepath.Join(filepath.Dir(s.cfg.Agent), "redis-agent-launch")
+	cmds := make([]*exec.Cmd, n)
+	exited := make([]chan struct{}, n)
+	defer func() {
+		for i, c := range cmds {
+			if c != nil {
+				c.Process.Kill()
+				<-exited[i]
+			}
+		}
+		if cg != nil {
+			for _, id := range ids {
+				cg.Remove(id)
+			}
+		}
+	}()
+	// A bare redis-server that exits (its port taken by something else on
+	// the machine, say) ends the figure with its log, not with a wait.
+	gone := make(chan int, n)
+	lim := limits.Limits{MemoryBytes: limits.MemoryFor(16), CPUShares: 1024, Pids: 128}
+	cpu0 := machineCPU()
+	t0 := time.Now()
+	for i := range cmds {
+		c := exec.Command(s.cfg.RedisServer, confs[i])
+		if cg != nil {
+			dir := filepath.Dir(confs[i])
+			c = confine.Command(context.Background(), launcher, confine.Policy{Exec: []string{s.cfg.RedisServer}, ReadWrite: []string{dir}}, s.cfg.RedisServer, confs[i])
+		}
+		if err := c.Start(); err != nil {
+			return run, err
+		}
+		cmds[i], exited[i] = c, make(chan struct{})
+		go func() { c.Wait(); close(exited[i]); gone <- i }()
+		if cg != nil {
+			// As the agent does: once started, into its cgroup.
+			if err := cg.Apply(ids[i], c.Process.Pid, lim); err != nil {
+				return run, fmt.Errorf("cgroup of %s: %w", ids[i], err)
+			}
+		}
+	}
+	polled := make(chan error, 1)
+	go func() {
+		var err error
+		run.times, err = answering(all, t0, 2*time.Minute)
+		polled <- err
+	}()
+	select {
+	case err := <-polled:
+		if err != nil {
+			return run, fmt.Errorf("bare: %w", err)
+		}
+	case i := <-gone:
+		tail, _ := os.ReadFile(filepath.Join(filepath.Dir(confs[i]), "redis.log"))
+		<-polled
+		return run, fmt.Errorf("bare redis-server of %s exited: %s", ids[i], tail[max(0, len(tail)-600):])
+	}
+	run.cpu = machineCPU() - cpu0
+	for _, c := range cmds {
+		_, u := procUsage(c.Process.Pid)
+		run.servers += u
+	}
+	for i, c := range cmds {
+		c.Process.Kill()
+		<-exited[i]
+		cmds[i] = nil
+	}
+	return run, nil
 }
 
 // machineCPU is the CPU time the machine has spent, all cores and modes
