@@ -139,6 +139,7 @@ func (s *suite) coldBoot(ctx context.Context, n int) error {
 			Reference: pct(confined.times, 100).Seconds(), Aim: "ref: the bare ones through redis-agent-launch, each in a cgroup with an instance's limits"})
 		s.add(Row{Figure: "    the confined bare ones against the bare ones", Value: pct(confined.times, 100).Seconds(), Unit: "s", Reference: pct(bareTimes, 100).Seconds(), Aim: "the isolation's own cost"})
 		s.add(Row{Figure: "    CPU the machine spent (confined bare, all processes)", Value: confined.cpu, Unit: "s", Reference: bareCPU})
+		s.add(Row{Figure: "      of which the redis-servers' (confined bare, their launcher's included)", Value: confined.servers, Unit: "s", Reference: bareServers})
 	}
 
 	s.logf("cold boot: the agent again, for what follows")
