@@ -82,6 +82,15 @@ func (s *server) reply(w http.ResponseWriter, r *http.Request, code int, v any, 
 	writeJSON(w, code, v)
 }
 
+// orEmpty is list, or an empty one for nil: a list encodes as [], never
+// as null.
+func orEmpty[T any](list []T) []T {
+	if list == nil {
+		return []T{}
+	}
+	return list
+}
+
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {

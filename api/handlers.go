@@ -53,14 +53,7 @@ func (s *server) readyz(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) listInstances(w http.ResponseWriter, r *http.Request) {
 	list, err := s.svc.List(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if list == nil {
-		list = []apitype.Instance{}
-	}
-	writeJSON(w, http.StatusOK, apitype.InstanceList{Instances: list})
+	s.reply(w, r, http.StatusOK, apitype.InstanceList{Instances: orEmpty(list)}, err)
 }
 
 func (s *server) putInstance(w http.ResponseWriter, r *http.Request) {
@@ -136,14 +129,7 @@ func (s *server) capacity(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) orphans(w http.ResponseWriter, r *http.Request) {
 	list, err := s.svc.Orphans(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if list == nil {
-		list = []apitype.Orphan{}
-	}
-	writeJSON(w, http.StatusOK, apitype.OrphanList{Orphans: list})
+	s.reply(w, r, http.StatusOK, apitype.OrphanList{Orphans: orEmpty(list)}, err)
 }
 
 func (s *server) getCA(w http.ResponseWriter, r *http.Request) {
@@ -366,25 +352,11 @@ func (s *server) postBackup(w http.ResponseWriter, r *http.Request) {
 func (s *server) listBackups(w http.ResponseWriter, r *http.Request) {
 	details := r.URL.Query().Get("details") == "true"
 	list, err := s.svc.Backups(r.Context(), mux.Vars(r)["id"], details)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if list == nil {
-		list = []apitype.Backup{}
-	}
-	writeJSON(w, http.StatusOK, apitype.BackupList{Backups: list})
+	s.reply(w, r, http.StatusOK, apitype.BackupList{Backups: orEmpty(list)}, err)
 }
 
 func (s *server) latestBackups(w http.ResponseWriter, r *http.Request) {
 	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(10 * time.Minute))
 	list, err := s.svc.LatestBackups(r.Context(), r.URL.Query().Get("agent"))
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if list == nil {
-		list = []apitype.Backup{}
-	}
-	writeJSON(w, http.StatusOK, apitype.BackupList{Backups: list})
+	s.reply(w, r, http.StatusOK, apitype.BackupList{Backups: orEmpty(list)}, err)
 }
