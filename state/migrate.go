@@ -36,7 +36,8 @@ var migrations = []func(tx *bolt.Tx) error{
 			return res.Put(k, []byte(strconv.Itoa(m.MemoryMB)))
 		})
 	},
-	// 2 -> 3: the uids and persistence indexes, filled from the records.
+	// 2 -> 3: the uids and persistence indexes, filled from the records
+	// (putIndexes writes their reserved entries again, unchanged).
 	func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketUIDs, bucketPersist} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {

@@ -479,9 +479,6 @@ func (s *Store) CreatePorts(inst Instance, admit func(Usage) (port, tlsPort int,
 				return err
 			}
 		}
-		if err := tx.Bucket(bucketReserved).Put([]byte(inst.ID), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
-			return err
-		}
 		if err := putIndexes(tx, inst); err != nil {
 			return err
 		}
@@ -632,12 +629,7 @@ func apply(tx *bolt.Tx, id string, withUsage bool, fn func(*Instance, Usage) err
 			}
 		}
 	}
-	if old.MemoryMB != inst.MemoryMB {
-		if err := tx.Bucket(bucketReserved).Put([]byte(id), []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
-			return inst, false, err
-		}
-	}
-	if old.UID != inst.UID || old.Persistence != inst.Persistence {
+	if old.MemoryMB != inst.MemoryMB || old.UID != inst.UID || old.Persistence != inst.Persistence {
 		if err := putIndexes(tx, inst); err != nil {
 			return inst, false, err
 		}
@@ -645,10 +637,14 @@ func apply(tx *bolt.Tx, id string, withUsage bool, fn func(*Instance, Usage) err
 	return inst, true, tx.Bucket(bucketInstances).Put([]byte(id), after)
 }
 
-// putIndexes writes inst's entries of the uids and persistence indexes
-// (no uids entry for no uid).
+// putIndexes writes inst's entries of the reserved, uids and persistence
+// indexes (no uids entry for no uid); Delete removes them. The ports
+// index is CreatePorts' and apply's, which check what they take.
 func putIndexes(tx *bolt.Tx, inst Instance) error {
 	id := []byte(inst.ID)
+	if err := tx.Bucket(bucketReserved).Put(id, []byte(strconv.Itoa(inst.MemoryMB))); err != nil {
+		return err
+	}
 	uids := tx.Bucket(bucketUIDs)
 	var err error
 	if inst.UID != 0 {
