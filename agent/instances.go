@@ -389,14 +389,15 @@ func (s *Service) binaryOf(rec state.Instance) string {
 // Started event before anything else, and the exit and restart count of an
 // Exited one.
 func (s *Service) persistEvent(id string, ev supervisor.Event) {
-	if in := s.runtime(id); in != nil && ev.Kind != supervisor.Ready {
+	in := s.runtime(id)
+	if in != nil && ev.Kind != supervisor.Ready {
 		// A new or no process: what was checked of the last one is not
 		// this one's.
 		in.stats.Store(nil)
 	}
 	switch ev.Kind {
 	case supervisor.Started:
-		if in := s.runtime(id); in != nil {
+		if in != nil {
 			in.started.Store(&ev)
 		}
 		s.confine(id, ev.Process.PID)
