@@ -56,11 +56,11 @@ func needOf(spec apitype.Spec) Need { return Need{spec.MemoryMB, spec.Persistenc
 // choice is deterministic. ok is false when no agent has room; rejected
 // lists why each agent was left out.
 func Place(cands []Candidate, need Need, strategy Strategy, exclude ...string) (chosen Candidate, rejected []Rejection, ok bool) {
-	memoryMB := need.MemoryMB
 	var fit []Candidate
 	zoneLoad := map[string]int{}
 	for _, c := range cands {
 		zoneLoad[c.Zone] += c.Capacity.Instances
+		disk := c.Capacity.DiskNeed(need.MemoryMB, need.Persistence)
 		reason := ""
 		switch {
 		case slices.Contains(exclude, c.Name):
@@ -71,10 +71,10 @@ func Place(cands []Candidate, need Need, strategy Strategy, exclude ...string) (
 			reason = "draining"
 		case c.Capacity.PortsFree < 1:
 			reason = "no free port"
-		case c.Capacity.MemoryFreeMB < memoryMB:
-			reason = fmt.Sprintf("%d MiB of memory budget free, %d needed", c.Capacity.MemoryFreeMB, memoryMB)
-		case !c.Capacity.DiskFits(c.Capacity.DiskNeed(memoryMB, need.Persistence)):
-			reason = fmt.Sprintf("%d MiB of disk available, %d needed", c.Capacity.DiskAvailableBytes>>20, (c.Capacity.DiskNeed(memoryMB, need.Persistence)+1<<20-1)>>20)
+		case c.Capacity.MemoryFreeMB < need.MemoryMB:
+			reason = fmt.Sprintf("%d MiB of memory budget free, %d needed", c.Capacity.MemoryFreeMB, need.MemoryMB)
+		case !c.Capacity.DiskFits(disk):
+			reason = fmt.Sprintf("%d MiB of disk available, %d needed", c.Capacity.DiskAvailableBytes>>20, (disk+1<<20-1)>>20)
 		}
 		if reason != "" {
 			rejected = append(rejected, Rejection{c.Name, reason})
