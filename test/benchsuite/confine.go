@@ -119,11 +119,17 @@ func smapsRollup(pid int) (pss, rss float64, err error) {
 	return pss, rss, nil
 }
 
+// launcher is the redis-agent-launch beside the agent under test, the
+// one it runs its redis-servers through.
+func (s *suite) launcher() string {
+	return filepath.Join(filepath.Dir(s.cfg.Agent), "redis-agent-launch")
+}
+
 // launcherAlone times the launcher by itself: an exec of true through it,
 // bare (no layer) and with the layers an instance gets, against an exec of
 // true directly, interleaved, n of each.
 func (s *suite) launcherAlone(n int) error {
-	launcher := filepath.Join(filepath.Dir(s.cfg.Agent), "redis-agent-launch")
+	launcher := s.launcher()
 	tru, err := exec.LookPath("true")
 	if err != nil {
 		return err
